@@ -1,0 +1,107 @@
+"""Chat sessions and their messages: what a conversation leaves behind."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Count, Q, Sum
+from django.db.models.functions import Coalesce
+
+
+class EndReason(models.TextChoices):
+    CLIENT = "client", "Ended by the client"
+    DISCONNECT = "disconnect", "Socket closed"
+    OPERATOR = "operator", "Ended by an operator"
+    ORPHANED = "orphaned", "Server process gone"
+
+
+class Role(models.TextChoices):
+    SYSTEM = "system", "System"
+    USER = "user", "User"
+    ASSISTANT = "assistant", "Assistant"
+
+
+class MessageStatus(models.TextChoices):
+    COMPLETE = "complete", "Complete"
+    CANCELLED = "cancelled", "Cancelled (partial reply)"
+
+
+class ChatSessionQuerySet(models.QuerySet):
+    def live(self) -> ChatSessionQuerySet:
+        return self.filter(ended_at__isnull=True)
+
+    def ended(self) -> ChatSessionQuerySet:
+        return self.filter(ended_at__isnull=False)
+
+    def with_stats(self) -> ChatSessionQuerySet:
+        """Message count and token totals in the same query (the admin's list)."""
+        return self.annotate(
+            message_count=Count("messages", filter=~Q(messages__role=Role.SYSTEM)),
+            total_tokens=Coalesce(Sum("messages__prompt_tokens"), 0)
+            + Coalesce(Sum("messages__completion_tokens"), 0),
+        )
+
+
+class ChatSession(models.Model):
+    """One `chatbot_session_start` … `session_end`; its id is the protocol's session_id."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    model = models.CharField(max_length=200)
+    system_message = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    end_reason = models.CharField(max_length=20, choices=EndReason.choices, blank=True, default="")
+    client_address = models.GenericIPAddressField(null=True, blank=True)
+    # Which server process and which consumer channel hold the live session:
+    # the operator's "end session" reaches it there, and sessions whose
+    # process is gone are ended as orphaned.
+    owner_process = models.CharField(max_length=100, blank=True, default="", db_index=True)
+    owner_channel = models.CharField(max_length=200, blank=True, default="")
+
+    objects = ChatSessionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["model", "-created_at"], name="chat_session_model_idx"),
+            models.Index(fields=["end_reason", "-created_at"], name="chat_session_reason_idx"),
+            models.Index(
+                fields=["owner_process"],
+                condition=Q(ended_at__isnull=True),
+                name="chat_session_live_owner_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.model})"
+
+    @property
+    def is_live(self) -> bool:
+        return self.ended_at is None
+
+
+class ChatMessage(models.Model):
+    """One turn's text, in the order it was said."""
+
+    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=10, choices=Role.choices)
+    content = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    status = models.CharField(
+        max_length=10, choices=MessageStatus.choices, default=MessageStatus.COMPLETE
+    )
+    model = models.CharField(max_length=200, blank=True, default="")
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    latency_ms = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Time from the model call to the last token."
+    )
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["session", "created_at", "id"], name="chat_message_session_idx")]
+
+    def __str__(self) -> str:
+        preview = self.content if len(self.content) <= 60 else self.content[:57] + "..."
+        return f"{self.role}: {preview}"

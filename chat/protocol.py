@@ -1,0 +1,221 @@
+"""The R2D2 WebSocket protocol: incoming frames parsed into typed requests, outgoing frames built.
+
+This is the one place that knows frame shapes. Outgoing frames are JSON objects
+with exactly the keys ``type`` and ``data``, encoded as the original service
+encoded them (``json.dumps`` defaults), so seed clients see the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+
+class ErrorCode:
+    """Machine codes of `error` frames; the README documents each one."""
+
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    BINARY_FRAME = "binary_frame"
+    MISSING_ACTION = "missing_action"
+    UNKNOWN_ACTION = "unknown_action"
+    MISSING_SESSION_ID = "missing_session_id"
+    INVALID_SESSION_ID = "invalid_session_id"
+    SESSION_NOT_FOUND = "session_not_found"
+    SESSION_NOT_OWNED = "session_not_owned"
+    SESSION_ENDED = "session_ended"
+    MISSING_USER_MESSAGE = "missing_user_message"
+    EMPTY_USER_MESSAGE = "empty_user_message"
+    INVALID_FIELD_TYPE = "invalid_field_type"
+    MESSAGE_TOO_LONG = "message_too_long"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    RATE_LIMITED = "rate_limited"
+    QUEUE_FULL = "queue_full"
+    NOTHING_TO_CANCEL = "nothing_to_cancel"
+    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
+    UPSTREAM_SERVER_ERROR = "upstream_server_error"
+    UPSTREAM_BAD_REQUEST = "upstream_bad_request"
+    UPSTREAM_AUTH_FAILED = "upstream_auth_failed"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_STREAM_INTERRUPTED = "upstream_stream_interrupted"
+    UPSTREAM_INVALID_RESPONSE = "upstream_invalid_response"
+    INTERNAL_ERROR = "internal_error"
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; becomes one `error` frame, the socket stays open."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# Requests -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStart:
+    gpt_model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PostMessage:
+    session_id: uuid.UUID
+    user_message: str
+    system_message: str | None
+    stream: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    session_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    session_id: uuid.UUID
+
+
+Request = SessionStart | PostMessage | SessionEnd | Cancel
+
+
+def parse_text(text: str, *, max_message_chars: int) -> Request:
+    """Parse one text frame; raise ProtocolError for anything the protocol does not allow."""
+    try:
+        content = json.loads(text)
+    except ValueError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "The frame is not valid JSON.") from None
+    return parse(content, max_message_chars=max_message_chars)
+
+
+def parse(content: Any, *, max_message_chars: int) -> Request:
+    """Turn one decoded frame into a typed request."""
+    if not isinstance(content, dict):
+        raise ProtocolError(ErrorCode.NOT_AN_OBJECT, "A frame must be a JSON object with an 'action'.")
+    action = content.get("action")
+    if action is None or action == "":
+        raise ProtocolError(ErrorCode.MISSING_ACTION, "The frame has no 'action'.")
+    parser = _PARSERS.get(action) if isinstance(action, str) else None
+    if parser is None:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_ACTION,
+            f"Unknown action; expected one of: {', '.join(_PARSERS)}.",
+        )
+    return parser(content, max_message_chars)
+
+
+def _optional_str(content: dict, key: str) -> str | None:
+    value = content.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ProtocolError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
+    return value
+
+
+def _session_id(content: dict) -> uuid.UUID:
+    value = content.get("session_id")
+    if value is None or value == "":
+        raise ProtocolError(ErrorCode.MISSING_SESSION_ID, "The frame has no 'session_id'.")
+    if not isinstance(value, str):
+        raise ProtocolError(ErrorCode.INVALID_SESSION_ID, "'session_id' must be a UUID string.")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ProtocolError(ErrorCode.INVALID_SESSION_ID, "'session_id' is not a valid UUID.") from None
+
+
+def _parse_session_start(content: dict, max_message_chars: int) -> SessionStart:
+    model = _optional_str(content, "gpt_model")
+    return SessionStart(gpt_model=model.strip() if model and model.strip() else None)
+
+
+def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
+    session_id = _session_id(content)
+    # The seed documents `message` but its clients send `user_message`: take both.
+    key = "user_message" if content.get("user_message") is not None else "message"
+    user_message = content.get(key)
+    if user_message is None:
+        raise ProtocolError(ErrorCode.MISSING_USER_MESSAGE, "The frame has no 'user_message'.")
+    if not isinstance(user_message, str):
+        raise ProtocolError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
+    if not user_message.strip():
+        raise ProtocolError(ErrorCode.EMPTY_USER_MESSAGE, f"'{key}' is empty.")
+    system_message = _optional_str(content, "system_message")
+    for name, text in ((key, user_message), ("system_message", system_message or "")):
+        if len(text) > max_message_chars:
+            raise ProtocolError(
+                ErrorCode.MESSAGE_TOO_LONG,
+                f"'{name}' is {len(text)} characters; the limit is {max_message_chars}.",
+            )
+    stream = content.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ProtocolError(ErrorCode.INVALID_FIELD_TYPE, "'stream' must be true or false.")
+    return PostMessage(
+        session_id=session_id,
+        user_message=user_message,
+        system_message=system_message,
+        stream=stream,
+    )
+
+
+def _parse_session_end(content: dict, max_message_chars: int) -> SessionEnd:
+    return SessionEnd(session_id=_session_id(content))
+
+
+def _parse_cancel(content: dict, max_message_chars: int) -> Cancel:
+    return Cancel(session_id=_session_id(content))
+
+
+_PARSERS = {
+    "chatbot_session_start": _parse_session_start,
+    "chatbot_post_message": _parse_post_message,
+    "chatbot_session_end": _parse_session_end,
+    "chatbot_cancel": _parse_cancel,
+}
+
+
+# Outgoing frames -------------------------------------------------------------
+
+
+def encode(frame_type: str, data: Any = None) -> str:
+    """The text of one outgoing frame: exactly `type` then `data`."""
+    return json.dumps({"type": frame_type, "data": data})
+
+
+def session_start(session_id: uuid.UUID) -> str:
+    return encode("session_start", {"session_id": str(session_id)})
+
+
+def session_end() -> str:
+    return encode("session_end")
+
+
+def session_ended_by_server(session_id: uuid.UUID, reason: str) -> str:
+    """`session_end` the client did not ask for (an operator ended it): says which session and why."""
+    return encode("session_end", {"session_id": str(session_id), "reason": reason})
+
+
+def processing_start() -> str:
+    return encode("processing_start")
+
+
+def processing_end() -> str:
+    return encode("processing_end")
+
+
+def message(text: str) -> str:
+    return encode("message", text)
+
+
+def message_delta(text: str) -> str:
+    return encode("message_delta", text)
+
+
+def error(code: str, message: str) -> str:
+    return encode("error", {"code": code, "message": message})

@@ -1,0 +1,37 @@
+"""HTTP views: the health check."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.db import connection
+from django.http import HttpRequest, JsonResponse
+
+
+def _check_database() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+async def healthz(request: HttpRequest) -> JsonResponse:
+    """200 when the database and the channel layer answer, 503 otherwise (for the load balancer)."""
+    checks: dict[str, str] = {}
+    try:
+        await sync_to_async(_check_database)()
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure means unhealthy
+        checks["database"] = type(exc).__name__
+    try:
+        layer = get_channel_layer()
+        async with asyncio.timeout(3):
+            channel = await layer.new_channel()
+            await layer.send(channel, {"type": "health.ping", "id": uuid.uuid4().hex})
+            await layer.receive(channel)
+        checks["channel_layer"] = "ok"
+    except Exception as exc:
+        checks["channel_layer"] = type(exc).__name__
+    healthy = all(value == "ok" for value in checks.values())
+    return JsonResponse({"status": "ok" if healthy else "unhealthy", "checks": checks}, status=200 if healthy else 503)

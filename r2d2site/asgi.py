@@ -1,0 +1,21 @@
+"""ASGI entry point: HTTP to Django, WebSockets to the chat consumer."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "r2d2site.settings")
+# Django must be set up before anything imports models.
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+
+from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.security import allowed_hosts_origin_validator  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": allowed_hosts_origin_validator(URLRouter(websocket_urlpatterns)),
+    }
+)

@@ -1,0 +1,228 @@
+"""R2D2 settings: one module, every value read from the environment (12-factor).
+
+Unset variables mean the embedded defaults: SQLite, the in-memory channel layer
+and, without OPENAI_API_KEY / OPENAI_BASE_URL, the offline responder. So a
+fresh clone runs with nothing installed but the requirements.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else default
+
+
+def env_list(name: str, default: list[str] | None = None) -> list[str]:
+    value = os.environ.get(name, "")
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    return items or list(default or [])
+
+
+# Local development is the default so that `manage.py runserver` works on a
+# fresh clone; the Elastic Beanstalk bundle sets DJANGO_DEBUG=0.
+DEBUG = env_bool("DJANGO_DEBUG", True)
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set. Production (DJANGO_DEBUG=0) needs a long random "
+            "secret: generate one with `python -c 'import secrets; print(secrets.token_urlsafe(50))'` "
+            "and set it in the environment (for Elastic Beanstalk: `eb setenv DJANGO_SECRET_KEY=...`)."
+        )
+    SECRET_KEY = "django-insecure-r2d2-local-development-only"  # dev only: refused above when DEBUG is off
+
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chat",
+]
+
+MIDDLEWARE = [
+    "chat.middleware.HealthCheckMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "r2d2site.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+ASGI_APPLICATION = "r2d2site.asgi.application"
+WSGI_APPLICATION = None
+
+
+# Database: DATABASE_URL, else Elastic Beanstalk's RDS_* variables, else SQLite.
+def database_config() -> dict:
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if not url and os.environ.get("RDS_HOSTNAME"):
+        from urllib.parse import quote
+
+        url = "postgres://{user}:{password}@{host}:{port}/{name}".format(
+            user=quote(os.environ.get("RDS_USERNAME", ""), safe=""),
+            password=quote(os.environ.get("RDS_PASSWORD", ""), safe=""),
+            host=os.environ["RDS_HOSTNAME"],
+            port=os.environ.get("RDS_PORT", "5432"),
+            name=os.environ.get("RDS_DB_NAME", "ebdb"),
+        )
+    if not url:
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("R2D2_SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
+            # Many async ORM threads write at once; wait for the lock instead of failing.
+            "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+        }
+    config = dj_database_url.parse(url)
+    if config["ENGINE"] == "django.db.backends.postgresql":
+        # Async ORM calls run in threads, each holding a connection: a bounded
+        # pool keeps hundreds of sockets from exhausting max_connections.
+        config["CONN_MAX_AGE"] = 0
+        config.setdefault("OPTIONS", {})["pool"] = {
+            "min_size": env_int("R2D2_DB_POOL_MIN", 2),
+            "max_size": env_int("R2D2_DB_POOL_MAX", 10),
+            "timeout": env_float("R2D2_DB_POOL_TIMEOUT", 30.0),
+        }
+    return config
+
+
+DATABASES = {"default": database_config()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+
+# Channel layer: Redis when REDIS_URL is set, in-memory otherwise.
+REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                # channels-redis silently drops a message sent to a full
+                # channel; the default of 100 is too small for bursts.
+                "capacity": env_int("R2D2_CHANNEL_CAPACITY", 1000),
+                "expiry": 60,
+                "prefix": os.environ.get("R2D2_CHANNEL_PREFIX", "r2d2"),
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": env_int("R2D2_CHANNEL_CAPACITY", 1000)},
+        }
+    }
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+
+# Behind Elastic Beanstalk's HTTPS load balancer.
+if not DEBUG:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", True)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", False)
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+
+
+# The model API.
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "").strip()
+OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "").strip() or None
+
+# R2D2's own knobs (documented in the README).
+R2D2_DEFAULT_MODEL = os.environ.get("R2D2_DEFAULT_MODEL", "").strip() or "gpt-3.5-turbo"
+R2D2_ALLOWED_MODELS = env_list("R2D2_ALLOWED_MODELS")
+R2D2_MAX_CONTEXT_CHARS = env_int("R2D2_MAX_CONTEXT_CHARS", 48_000)
+R2D2_MAX_MESSAGE_CHARS = env_int("R2D2_MAX_MESSAGE_CHARS", 16_000)
+R2D2_MAX_QUEUED_MESSAGES = env_int("R2D2_MAX_QUEUED_MESSAGES", 4)
+R2D2_MAX_SESSIONS_PER_CONNECTION = env_int("R2D2_MAX_SESSIONS_PER_CONNECTION", 8)
+R2D2_RATE_LIMIT_PER_MINUTE = env_int("R2D2_RATE_LIMIT_PER_MINUTE", 30)
+R2D2_UPSTREAM_TIMEOUT = env_float("R2D2_UPSTREAM_TIMEOUT", 60.0)
+R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
+R2D2_LOG_MESSAGE_CONTENT = env_bool("R2D2_LOG_MESSAGE_CONTENT", False)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "chat.logging.JsonFormatter"}},
+    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
+    "root": {"handlers": ["stdout"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
+    "loggers": {
+        # httpx2/openai log request URLs at INFO; keep them quiet.
+        "httpx2": {"level": "WARNING"},
+        "openai": {"level": "WARNING"},
+    },
+}
