@@ -46,6 +46,7 @@ class Reply:
     completion_tokens: int | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
+    headers_received: bool = False  # the model began answering (a later failure cut it off)
 
     @property
     def latency_ms(self) -> int:
@@ -105,14 +106,20 @@ async def generate(
             return
         except TimeoutError:
             raise LLMError(ErrorCode.UPSTREAM_TIMEOUT, "The model did not answer in time.") from None
+        except ValueError:
+            # Unparseable SSE or JSON (pydantic's ValidationError is a ValueError too).
+            logger.warning("model sent an unreadable response", extra={"model": model})
+            raise LLMError(
+                ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model server sent a response R2D2 could not read."
+            ) from None
         except openai.OpenAIError as exc:
-            error = _map_error(exc)
+            error = _map_error(exc, mid_stream=reply.headers_received)
             delay = _retry_delay(exc, attempt)
             # Retry only what may succeed, only before the client saw any text,
             # and only when the wait fits in the remaining time.
             if (
                 delay is None
-                or reply.text
+                or reply.headers_received
                 or attempt >= settings.R2D2_UPSTREAM_RETRIES
                 or time.monotonic() + delay >= deadline
             ):
@@ -147,6 +154,7 @@ async def _stream(model: str, messages: list[dict[str, str]], reply: Reply) -> A
         stream=True,
         stream_options={"include_usage": True},
     )
+    reply.headers_received = True
     finished = False
     async with response:
         async for chunk in response:
@@ -162,9 +170,11 @@ async def _stream(model: str, messages: list[dict[str, str]], reply: Reply) -> A
                     yield text
     if not finished:
         # The connection closed before the model said it was done.
-        raise LLMError(
-            ErrorCode.UPSTREAM_STREAM_INTERRUPTED, "The model's answer was cut off midway."
-        )
+        raise _interrupted()
+
+
+def _interrupted() -> LLMError:
+    return LLMError(ErrorCode.UPSTREAM_STREAM_INTERRUPTED, "The model's answer was cut off midway.")
 
 
 def _retry_delay(exc: openai.OpenAIError, attempt: int) -> float | None:
@@ -182,10 +192,12 @@ def _retry_delay(exc: openai.OpenAIError, attempt: int) -> float | None:
     return None
 
 
-def _map_error(exc: openai.OpenAIError) -> LLMError:
+def _map_error(exc: openai.OpenAIError, *, mid_stream: bool) -> LLMError:
     if isinstance(exc, openai.APITimeoutError):
         return LLMError(ErrorCode.UPSTREAM_TIMEOUT, "The model did not answer in time.")
     if isinstance(exc, openai.APIConnectionError):
+        if mid_stream:
+            return _interrupted()
         return LLMError(ErrorCode.UPSTREAM_UNAVAILABLE, "The model server could not be reached.")
     if isinstance(exc, openai.RateLimitError):
         return LLMError(

@@ -1,0 +1,172 @@
+"""Shared fixtures: the local model server, a live Daphne, and which real services this run has.
+
+The suite runs in two modes (see `.ci/run`): embedded defaults (SQLite, the
+in-memory channel layer) and real services (DATABASE_URL, REDIS_URL). Tests that
+need a real service are marked and skipped, with the reason, when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from tests.fake_llm import FakeLLM
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+TEST_API_KEY = "sk-test-secret-key-0123456789abcdef"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    uses_postgres = settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+    uses_redis = bool(settings.REDIS_URL)
+    for item in items:
+        if "postgres" in item.keywords and not uses_postgres:
+            item.add_marker(pytest.mark.skip(reason="needs PostgreSQL: run with DATABASE_URL set (.ci/run does)"))
+        if "redis" in item.keywords and not uses_redis:
+            item.add_marker(pytest.mark.skip(reason="needs Redis: run with REDIS_URL set (.ci/run does)"))
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(tmp_path_factory) -> None:
+    """SQLite's test database is a file, so a live Daphne process can share it."""
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        db.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
+
+
+@pytest.fixture(scope="session")
+def fake_llm_server() -> Iterator[FakeLLM]:
+    server = FakeLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_llm(fake_llm_server: FakeLLM, settings) -> FakeLLM:
+    """The local model server, emptied, with this process's settings pointed at it."""
+    fake_llm_server.reset()
+    settings.OPENAI_BASE_URL = fake_llm_server.url
+    settings.OPENAI_API_KEY = TEST_API_KEY
+    return fake_llm_server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {port} within {timeout}s")
+
+
+def server_env(fake: FakeLLM | None, **overrides: str) -> dict[str, str]:
+    """The environment of a server process: this run's database and Redis, the fake model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "R2D2_"))}
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        env.pop("DATABASE_URL", None)
+        env["R2D2_SQLITE_PATH"] = str(db["NAME"])
+    else:
+        env["DATABASE_URL"] = "postgres://{USER}@{HOST}:{PORT}/{NAME}".format(
+            USER=db.get("USER") or "postgres", HOST=db.get("HOST") or "127.0.0.1", PORT=db.get("PORT") or 5432,
+            NAME=db["NAME"],
+        )
+    if settings.REDIS_URL:
+        env["REDIS_URL"] = settings.REDIS_URL
+    if fake is not None:
+        env["OPENAI_BASE_URL"] = fake.url
+        env["OPENAI_API_KEY"] = TEST_API_KEY
+    env["DJANGO_SETTINGS_MODULE"] = "r2d2site.settings"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(overrides)
+    return env
+
+
+class LiveServer:
+    """A Daphne process serving r2d2site on a free port, its output kept in a log file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, command: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.env = {**env, "PORT": str(self.port)}
+        self.command = command or [
+            sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "r2d2site.asgi:application",
+        ]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LiveServer:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            self.command, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        wait_for_port(self.port, self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def daphne_factory(transactional_db, fake_llm: FakeLLM, tmp_path: Path):
+    """Start Daphne processes sharing this test's database; `factory(**env)` returns a started one."""
+    servers: list[LiveServer] = []
+
+    def factory(*, command: list[str] | None = None, **overrides: str) -> LiveServer:
+        server = LiveServer(
+            server_env(fake_llm, **overrides), tmp_path / f"daphne-{len(servers)}.log", command=command
+        ).start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def daphne(daphne_factory) -> LiveServer:
+    """One live Daphne with the default settings."""
+    return daphne_factory()

@@ -1,0 +1,88 @@
+"""Frame parsing and building, without a socket."""
+
+import json
+import uuid
+
+import pytest
+
+from chat import protocol
+from chat.protocol import ErrorCode, PostMessage, ProtocolError, SessionStart
+
+SID = "41eb27a0-d382-40c4-ad38-fbd1cb629b7f"
+
+
+def parse(frame):
+    return protocol.parse_text(json.dumps(frame) if not isinstance(frame, str) else frame, max_message_chars=100)
+
+
+def code_of(frame) -> str:
+    with pytest.raises(ProtocolError) as info:
+        parse(frame)
+    return info.value.code
+
+
+def test_seed_frames_encode_byte_for_byte():
+    """Outgoing frames have exactly the seed's bytes: `type` first, then `data`."""
+    assert protocol.session_start(uuid.UUID(SID)) == (
+        '{"type": "session_start", "data": {"session_id": "41eb27a0-d382-40c4-ad38-fbd1cb629b7f"}}'
+    )
+    assert protocol.processing_start() == '{"type": "processing_start", "data": null}'
+    assert protocol.message("In the quiet") == '{"type": "message", "data": "In the quiet"}'
+    assert protocol.processing_end() == '{"type": "processing_end", "data": null}'
+    assert protocol.session_end() == '{"type": "session_end", "data": null}'
+    assert protocol.error("x", "y") == '{"type": "error", "data": {"code": "x", "message": "y"}}'
+
+
+def test_seed_requests_parse():
+    """The seed README's example requests parse into typed requests."""
+    assert parse({"action": "chatbot_session_start", "gpt_model": "gpt-3.5-turbo"}) == SessionStart("gpt-3.5-turbo")
+    assert parse({"action": "chatbot_session_start"}) == SessionStart(None)
+    post = parse(
+        {
+            "action": "chatbot_post_message",
+            "session_id": SID,
+            "system_message": "You are coll robot!",
+            "user_message": "Please write me cool poem.",
+        }
+    )
+    assert post == PostMessage(uuid.UUID(SID), "Please write me cool poem.", "You are coll robot!", False)
+
+
+def test_message_is_an_alias_of_user_message():
+    """The seed documents `message` but sends `user_message`: both are accepted."""
+    post = parse({"action": "chatbot_post_message", "session_id": SID, "message": "hello"})
+    assert post.user_message == "hello"
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("not json", ErrorCode.INVALID_JSON),
+        ("[1, 2]", ErrorCode.NOT_AN_OBJECT),
+        ('"text"', ErrorCode.NOT_AN_OBJECT),
+        ({}, ErrorCode.MISSING_ACTION),
+        ({"action": "dance"}, ErrorCode.UNKNOWN_ACTION),
+        ({"action": 7}, ErrorCode.UNKNOWN_ACTION),
+        ({"action": "chatbot_session_start", "gpt_model": 4}, ErrorCode.INVALID_FIELD_TYPE),
+        ({"action": "chatbot_post_message", "user_message": "hi"}, ErrorCode.MISSING_SESSION_ID),
+        ({"action": "chatbot_post_message", "session_id": "nope", "user_message": "hi"}, ErrorCode.INVALID_SESSION_ID),
+        ({"action": "chatbot_post_message", "session_id": 12, "user_message": "hi"}, ErrorCode.INVALID_SESSION_ID),
+        ({"action": "chatbot_post_message", "session_id": SID}, ErrorCode.MISSING_USER_MESSAGE),
+        ({"action": "chatbot_post_message", "session_id": SID, "user_message": "  "}, ErrorCode.EMPTY_USER_MESSAGE),
+        ({"action": "chatbot_post_message", "session_id": SID, "user_message": 5}, ErrorCode.INVALID_FIELD_TYPE),
+        (
+            {"action": "chatbot_post_message", "session_id": SID, "user_message": "hi", "system_message": []},
+            ErrorCode.INVALID_FIELD_TYPE,
+        ),
+        ({"action": "chatbot_post_message", "session_id": SID, "user_message": "x" * 101}, ErrorCode.MESSAGE_TOO_LONG),
+        (
+            {"action": "chatbot_post_message", "session_id": SID, "user_message": "hi", "stream": "yes"},
+            ErrorCode.INVALID_FIELD_TYPE,
+        ),
+        ({"action": "chatbot_session_end"}, ErrorCode.MISSING_SESSION_ID),
+        ({"action": "chatbot_cancel", "session_id": "x"}, ErrorCode.INVALID_SESSION_ID),
+    ],
+)
+def test_bad_frames_name_their_fault(frame, code):
+    """Each kind of bad input maps to its own documented error code."""
+    assert code_of(frame) == code
