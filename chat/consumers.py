@@ -85,9 +85,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         session = await services.start_session(
             model=model, client_address=self.client_address, owner_channel=self.channel_name
         )
-        self.conversations[session.id] = Conversation(
-            session_id=session.id, model=model, send=self.send_frame
-        )
+        self.conversations[session.id] = Conversation(session_id=session.id, model=model, send=self.send_frame)
         await self.channel_layer.group_add(session_group(session.id), self.channel_name)
         logger.info("session started", extra={"session_id": str(session.id), "model": model})
         await self.send_frame(protocol.session_start(session.id))

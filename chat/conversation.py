@@ -107,9 +107,7 @@ class Conversation:
         cancelled = False
         self._generating, self._cancel_requested = True, False
         try:
-            async for chunk in llm.generate(
-                model=self.model, messages=messages, stream=post.stream, reply=reply
-            ):
+            async for chunk in llm.generate(model=self.model, messages=messages, stream=post.stream, reply=reply):
                 if post.stream:
                     await self._send(protocol.message_delta(chunk))
         except asyncio.CancelledError:

@@ -80,9 +80,7 @@ def get_client() -> openai.AsyncOpenAI:
     return client
 
 
-async def generate(
-    *, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply
-) -> AsyncIterator[str]:
+async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply) -> AsyncIterator[str]:
     """Yield the reply's text chunks (one chunk when not streaming), filling `reply`.
 
     The whole call, retries included, is bounded by R2D2_UPSTREAM_TIMEOUT.

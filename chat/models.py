@@ -38,8 +38,7 @@ class ChatSessionQuerySet(models.QuerySet):
         """Message count and token totals in the same query (the admin's list)."""
         return self.annotate(
             message_count=Count("messages", filter=~Q(messages__role=Role.SYSTEM)),
-            total_tokens=Coalesce(Sum("messages__prompt_tokens"), 0)
-            + Coalesce(Sum("messages__completion_tokens"), 0),
+            total_tokens=Coalesce(Sum("messages__prompt_tokens"), 0) + Coalesce(Sum("messages__completion_tokens"), 0),
         )
 
 
@@ -88,9 +87,7 @@ class ChatMessage(models.Model):
     role = models.CharField(max_length=10, choices=Role.choices)
     content = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
-    status = models.CharField(
-        max_length=10, choices=MessageStatus.choices, default=MessageStatus.COMPLETE
-    )
+    status = models.CharField(max_length=10, choices=MessageStatus.choices, default=MessageStatus.COMPLETE)
     model = models.CharField(max_length=200, blank=True, default="")
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)

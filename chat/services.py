@@ -22,9 +22,7 @@ from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-async def start_session(
-    *, model: str, client_address: str | None, owner_channel: str
-) -> ChatSession:
+async def start_session(*, model: str, client_address: str | None, owner_channel: str) -> ChatSession:
     return await ChatSession.objects.acreate(
         model=model,
         client_address=client_address,
@@ -53,18 +51,14 @@ async def get_session(session_id: uuid.UUID) -> ChatSession | None:
     return await ChatSession.objects.filter(id=session_id).afirst()
 
 
-async def add_user_message(
-    *, session_id: uuid.UUID, content: str, system_message: str | None
-) -> ChatMessage:
+async def add_user_message(*, session_id: uuid.UUID, content: str, system_message: str | None) -> ChatMessage:
     """Save the user's message (and a changed system message) before the model is called."""
 
     def save() -> ChatMessage:
         with transaction.atomic():
             if system_message is not None:
                 ChatSession.objects.filter(id=session_id).update(system_message=system_message)
-                ChatMessage.objects.create(
-                    session_id=session_id, role=Role.SYSTEM, content=system_message
-                )
+                ChatMessage.objects.create(session_id=session_id, role=Role.SYSTEM, content=system_message)
             return ChatMessage.objects.create(session_id=session_id, role=Role.USER, content=content)
 
     if system_message is None:

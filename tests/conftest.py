@@ -87,7 +87,9 @@ def server_env(fake: FakeLLM | None, **overrides: str) -> dict[str, str]:
         env["R2D2_SQLITE_PATH"] = str(db["NAME"])
     else:
         env["DATABASE_URL"] = "postgres://{USER}@{HOST}:{PORT}/{NAME}".format(
-            USER=db.get("USER") or "postgres", HOST=db.get("HOST") or "127.0.0.1", PORT=db.get("PORT") or 5432,
+            USER=db.get("USER") or "postgres",
+            HOST=db.get("HOST") or "127.0.0.1",
+            PORT=db.get("PORT") or 5432,
             NAME=db["NAME"],
         )
     if settings.REDIS_URL:
@@ -109,7 +111,14 @@ class LiveServer:
         self.log_path = log_path
         self.env = {**env, "PORT": str(self.port)}
         self.command = command or [
-            sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "r2d2site.asgi:application",
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "r2d2site.asgi:application",
         ]
         self.process: subprocess.Popen | None = None
 

@@ -18,7 +18,7 @@ async def test_seed_conversation_byte_for_byte(daphne, fake_llm):
     await client.send({"action": "chatbot_session_start", "gpt_model": "gpt-4o-mini"})
     start = await client.recv_text()
     session_id = json.loads(start)["data"]["session_id"]
-    assert start == '{"type": "session_start", "data": {"session_id": "%s"}}' % session_id
+    assert start == f'{{"type": "session_start", "data": {{"session_id": "{session_id}"}}}}'
 
     await client.send(
         {
@@ -121,7 +121,9 @@ async def test_another_connection_cannot_use_a_session(daphne, fake_llm):
     await intruder.send({"action": "chatbot_session_end", "session_id": session_id})
     assert (await intruder.recv())["data"]["code"] == "session_not_owned"
     assert [f["type"] for f in await owner.post(session_id, "still mine")] == [
-        "processing_start", "message", "processing_end",
+        "processing_start",
+        "message",
+        "processing_end",
     ]
     await owner.close()
     await intruder.close()
