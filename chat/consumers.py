@@ -18,14 +18,10 @@ from chat import protocol, services
 from chat.conversation import Conversation
 from chat.limits import TokenBucket
 from chat.models import EndReason
+from chat.operator import session_group
 from chat.protocol import Cancel, ErrorCode, PostMessage, ProtocolError, SessionEnd, SessionStart
 
 logger = logging.getLogger(__name__)
-
-
-def session_group(session_id: uuid.UUID | str) -> str:
-    """The channel-layer group that reaches whichever consumer holds a session."""
-    return f"session.{uuid.UUID(str(session_id)).hex}"
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
