@@ -37,10 +37,29 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings(tmp_path_factory) -> None:
-    """SQLite's test database is a file, so a live Daphne process can share it."""
+    """SQLite's test database is a file, so a live Daphne process can share it; a PostgreSQL
+    test database is named for this run, so two runs on one server never collide."""
     db = settings.DATABASES["default"]
     if db["ENGINE"].endswith("sqlite3"):
         db.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
+    else:
+        db.setdefault("TEST", {})["NAME"] = f"test_r2d2_{os.getpid()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_connection_pools(django_db_setup) -> Iterator[None]:
+    """Open connections (the async ORM's worker thread holds its own) would block the test database's teardown."""
+    yield
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    asyncio.run(sync_to_async(connections.close_all)())
+    for connection in connections.all(initialized_only=True):
+        connection.close()
+        if hasattr(connection, "close_pool"):
+            connection.close_pool()
 
 
 @pytest.fixture(scope="session")
