@@ -80,6 +80,13 @@ def get_client() -> openai.AsyncOpenAI:
     return client
 
 
+async def close_client() -> None:
+    """Close the running loop's client (tests, and anything else whose loop ends)."""
+    client = _clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.close()
+
+
 async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply) -> AsyncIterator[str]:
     """Yield the reply's text chunks (one chunk when not streaming), filling `reply`.
 
