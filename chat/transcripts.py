@@ -1,0 +1,64 @@
+"""A session's transcript as operators export it: JSON for tools, Markdown for people."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from chat.models import ChatMessage, ChatSession, MessageStatus
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value else None
+
+
+def as_dict(session: ChatSession, messages: Iterable[ChatMessage]) -> dict[str, Any]:
+    """The session and every message in order, with the numbers the admin shows."""
+    return {
+        "session_id": str(session.id),
+        "model": session.model,
+        "system_message": session.system_message,
+        "started_at": _iso(session.created_at),
+        "ended_at": _iso(session.ended_at),
+        "end_reason": session.end_reason or None,
+        "client_address": session.client_address,
+        "messages": [
+            {
+                "role": m.role,
+                "content": m.content,
+                "time": _iso(m.created_at),
+                "status": m.status,
+                "model": m.model or None,
+                "prompt_tokens": m.prompt_tokens,
+                "completion_tokens": m.completion_tokens,
+                "latency_ms": m.latency_ms,
+            }
+            for m in messages
+        ],
+    }
+
+
+def as_markdown(session: ChatSession, messages: Iterable[ChatMessage]) -> str:
+    """A readable transcript: a header with the session's facts, then one section per message."""
+    lines = [
+        f"# R2D2 session {session.id}",
+        "",
+        f"- Model: {session.model}",
+        f"- Started: {_iso(session.created_at)}",
+        f"- Ended: {_iso(session.ended_at) or 'still live'}"
+        + (f" ({session.get_end_reason_display()})" if session.end_reason else ""),
+        f"- Client address: {session.client_address or 'unknown'}",
+    ]
+    if session.system_message:
+        lines += ["", "## System message", "", session.system_message]
+    lines += ["", "## Transcript"]
+    for m in messages:
+        facts = [_iso(m.created_at) or ""]
+        if m.prompt_tokens is not None or m.completion_tokens is not None:
+            facts.append(f"{m.prompt_tokens or 0} prompt + {m.completion_tokens or 0} completion tokens")
+        if m.latency_ms is not None:
+            facts.append(f"{m.latency_ms} ms")
+        if m.status == MessageStatus.CANCELLED:
+            facts.append("cancelled, partial reply")
+        lines += ["", f"### {m.get_role_display()} ({', '.join(facts)})", "", m.content]
+    return "\n".join(lines) + "\n"
