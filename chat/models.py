@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 from django.db import models
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import Coalesce
+from django.utils import timezone
 
 
 class EndReason(models.TextChoices):
@@ -102,3 +104,35 @@ class ChatMessage(models.Model):
     def __str__(self) -> str:
         preview = self.content if len(self.content) <= 60 else self.content[:57] + "..."
         return f"{self.role}: {preview}"
+
+
+class ServerProcessQuerySet(models.QuerySet):
+    def alive(self, *, stale_after: float) -> ServerProcessQuerySet:
+        """Processes whose heartbeat is fresher than `stale_after` seconds."""
+        return self.filter(last_seen_at__gte=timezone.now() - timedelta(seconds=stale_after))
+
+    def gone(self, *, stale_after: float) -> ServerProcessQuerySet:
+        return self.filter(last_seen_at__lt=timezone.now() - timedelta(seconds=stale_after))
+
+
+class ServerProcess(models.Model):
+    """A server process that says it is alive: its heartbeat refreshes `last_seen_at` every few seconds.
+
+    A session is held in the memory of the process named by its `owner_process`;
+    when that process's heartbeat goes stale (SIGKILL, crash, lost instance), no
+    one can answer or end the session, so a sweep ends it as orphaned.
+    """
+
+    process_id = models.CharField(max_length=100, primary_key=True)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(db_index=True)
+
+    objects = ServerProcessQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-last_seen_at"]
+
+    def __str__(self) -> str:
+        return self.process_id

@@ -10,12 +10,16 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from chat.liveness import HeartbeatMiddleware  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.security import allowed_hosts_origin_validator  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": allowed_hosts_origin_validator(URLRouter(websocket_urlpatterns)),
-    }
+# The first request or socket starts this process's heartbeat (chat/liveness.py).
+application = HeartbeatMiddleware(
+    ProtocolTypeRouter(
+        {
+            "http": django_asgi_app,
+            "websocket": allowed_hosts_origin_validator(URLRouter(websocket_urlpatterns)),
+        }
+    )
 )

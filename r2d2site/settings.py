@@ -174,7 +174,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = os.environ.get("DJANGO_STATIC_ROOT", "").strip() or BASE_DIR / "staticfiles"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -217,6 +217,12 @@ R2D2_LOG_MESSAGE_CONTENT = env_bool("R2D2_LOG_MESSAGE_CONTENT", False)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+# Liveness of server processes (chat/liveness.py): a process beats every
+# R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
+# its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).
+R2D2_HEARTBEAT_SECONDS = env_float("R2D2_HEARTBEAT_SECONDS", 10.0)
+R2D2_PROCESS_STALE_SECONDS = env_float("R2D2_PROCESS_STALE_SECONDS", 45.0)
+R2D2_ORPHAN_SWEEP_SECONDS = env_float("R2D2_ORPHAN_SWEEP_SECONDS", 60.0)
     "formatters": {"json": {"()": "chat.logging.JsonFormatter"}},
     "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
     "root": {"handlers": ["stdout"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
