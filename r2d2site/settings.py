@@ -144,7 +144,11 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # redis-py 8 reads with a 5 s socket timeout by default, the same as
+                # channels-redis's 5 s BZPOPMIN: every idle consumer's receive then
+                # raised TimeoutError and Daphne closed the socket (1011) about 5 s
+                # after it opened. Reads must outlast the blocking pop.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": env_float("R2D2_REDIS_SOCKET_TIMEOUT", 30.0)}],
                 # channels-redis silently drops a message sent to a full
                 # channel; the default of 100 is too small for bursts.
                 "capacity": env_int("R2D2_CHANNEL_CAPACITY", 1000),
