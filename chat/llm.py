@@ -97,19 +97,19 @@ async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, 
         async for chunk in _offline(messages, reply):
             yield chunk
         return
-    deadline = time.monotonic() + settings.R2D2_UPSTREAM_TIMEOUT
+    deadline = asyncio.get_running_loop().time() + settings.R2D2_UPSTREAM_TIMEOUT
     attempt = 0
     while True:
         try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
-                if stream:
-                    async for chunk in _stream(model, messages, reply):
-                        yield chunk
-                else:
-                    yield await _complete(model, messages, reply)
+            if stream:
+                async for chunk in _stream(model, messages, reply, deadline):
+                    yield chunk
+            else:
+                yield await _complete(model, messages, reply, deadline)
             reply.finished = time.monotonic()
             return
         except TimeoutError:
+            logger.warning("model call timed out", extra={"model": model, "attempt": attempt})
             raise LLMError(ErrorCode.UPSTREAM_TIMEOUT, "The model did not answer in time.") from None
         except ValueError:
             # Unparseable SSE or JSON (pydantic's ValidationError is a ValueError too).
@@ -126,7 +126,7 @@ async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, 
                 delay is None
                 or reply.headers_received
                 or attempt >= settings.R2D2_UPSTREAM_RETRIES
-                or time.monotonic() + delay >= deadline
+                or asyncio.get_running_loop().time() + delay >= deadline
             ):
                 logger.warning(
                     "model call failed",
@@ -137,12 +137,9 @@ async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, 
             await asyncio.sleep(delay)
 
 
-def _loop_time(deadline: float) -> float:
-    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
-
-
-async def _complete(model: str, messages: list[dict[str, str]], reply: Reply) -> str:
-    completion = await get_client().chat.completions.create(model=model, messages=messages)
+async def _complete(model: str, messages: list[dict[str, str]], reply: Reply, deadline: float) -> str:
+    async with asyncio.timeout_at(deadline):
+        completion = await get_client().chat.completions.create(model=model, messages=messages)
     if not completion.choices:
         raise LLMError(ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model returned no answer.")
     reply.text = completion.choices[0].message.content or ""
@@ -152,17 +149,28 @@ async def _complete(model: str, messages: list[dict[str, str]], reply: Reply) ->
     return reply.text
 
 
-async def _stream(model: str, messages: list[dict[str, str]], reply: Reply) -> AsyncIterator[str]:
-    response = await get_client().chat.completions.create(
-        model=model,
-        messages=messages,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
+async def _stream(model: str, messages: list[dict[str, str]], reply: Reply, deadline: float) -> AsyncIterator[str]:
+    """Yield text as it streams in.
+
+    Each wait on the model is bounded by `deadline` separately, so no timeout
+    scope spans a `yield` (the consumer's own awaits are never cancelled by it).
+    """
+    async with asyncio.timeout_at(deadline):
+        response = await get_client().chat.completions.create(
+            model=model,
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
     reply.headers_received = True
     finished = False
     async with response:
-        async for chunk in response:
+        chunks = response.__aiter__()
+        while True:
+            async with asyncio.timeout_at(deadline):
+                chunk = await anext(chunks, None)
+            if chunk is None:
+                break
             if chunk.usage:
                 reply.prompt_tokens = chunk.usage.prompt_tokens
                 reply.completion_tokens = chunk.usage.completion_tokens
@@ -190,15 +198,31 @@ def _retry_delay(exc: openai.OpenAIError, attempt: int) -> float | None:
             return max(0.0, float(retry_after)) if retry_after else 0.5 * 2**attempt
         except ValueError:
             return 0.5 * 2**attempt
-    if isinstance(exc, openai.InternalServerError | openai.APIConnectionError) and not isinstance(
-        exc, openai.APITimeoutError
+    if isinstance(exc, openai.InternalServerError) or (
+        isinstance(exc, openai.APIConnectionError) and (_refused(exc) or not isinstance(exc, openai.APITimeoutError))
     ):
         return 0.25 * 2**attempt
     return None
 
 
+def _refused(exc: BaseException) -> bool:
+    """True when the cause is a refused or reset connection.
+
+    The aiohttp transport reports a refused connection as a connect *timeout*;
+    the cause chain still holds the ConnectionRefusedError.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _map_error(exc: openai.OpenAIError, *, mid_stream: bool) -> LLMError:
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
         return LLMError(ErrorCode.UPSTREAM_TIMEOUT, "The model did not answer in time.")
     if isinstance(exc, openai.APIConnectionError):
         if mid_stream:
