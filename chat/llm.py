@@ -58,6 +58,12 @@ def is_configured() -> bool:
     return bool(settings.OPENAI_API_KEY or settings.OPENAI_BASE_URL)
 
 
+def warn_if_offline() -> None:
+    """Say once, at start-up, that replies will come from the offline responder."""
+    if not is_configured():
+        logger.warning("no model configured (OPENAI_API_KEY, OPENAI_BASE_URL unset): the offline responder answers")
+
+
 _clients: dict[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = {}
 
 

@@ -10,6 +10,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from chat import llm  # noqa: E402
 from chat.liveness import HeartbeatMiddleware  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.security import allowed_hosts_origin_validator  # noqa: E402
@@ -23,3 +24,5 @@ application = HeartbeatMiddleware(
         }
     )
 )
+
+llm.warn_if_offline()
