@@ -1,0 +1,270 @@
+// The R2D2 web chat: one session at a time over this server's WebSocket protocol
+// (published at /asyncapi.yaml). Frames carry no session id, so the page keeps a
+// single session and reads every reply frame as belonging to it.
+"use strict";
+
+(() => {
+  const config = JSON.parse(document.getElementById("r2d2-config").textContent);
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    connection: $("connection"), setup: $("setup"), model: $("model"), system: $("system"), start: $("start"),
+    sessionBar: $("session-bar"), sessionId: $("session-id"), sessionModel: $("session-model"), end: $("end"),
+    notices: $("notices"), log: $("log"), composer: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
+  };
+  const END_REASONS = {
+    operator: "An operator ended this session.",
+    orphaned: "The server that held this session went away.",
+    disconnect: "The connection closed.",
+    client: "Session ended.",
+  };
+
+  const state = {
+    ws: null, connected: false, everConnected: false, retryDelay: 1000, retryTimer: null,
+    starting: false, sessionId: null, pendingSystem: null,
+    reply: null, generating: false, stopRequested: false,
+  };
+
+  // Connection -----------------------------------------------------------------
+
+  function connect() {
+    clearTimeout(state.retryTimer);
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const ws = new WebSocket(`${scheme}://${location.host}/`);
+    state.ws = ws;
+    setConnection("wait", "Connecting…");
+    ws.addEventListener("open", () => {
+      state.connected = true;
+      state.retryDelay = 1000;
+      setConnection("ok", "Connected");
+      if (state.everConnected) notice("info", "Reconnected. Start a new session to carry on.", "connection");
+      else clearNotice("connection");
+      state.everConnected = true;
+      render();
+    });
+    ws.addEventListener("message", (event) => {
+      let frame;
+      try { frame = JSON.parse(event.data); } catch { return showError("The server sent a frame the page could not read."); }
+      handle(frame);
+    });
+    ws.addEventListener("close", () => {
+      if (state.ws !== ws) return;
+      const hadSession = Boolean(state.sessionId);
+      state.connected = false;
+      state.starting = false;
+      finishReply();
+      if (hadSession) endSessionLocally();
+      const seconds = Math.round(state.retryDelay / 1000);
+      setConnection("bad", "Disconnected");
+      notice("warn", (hadSession ? "The connection dropped, which ended your session. " : "The connection dropped. ")
+        + `Reconnecting in ${seconds} s…`, "connection");
+      state.retryTimer = setTimeout(connect, state.retryDelay);
+      state.retryDelay = Math.min(state.retryDelay * 2, 10000);
+      render();
+    });
+  }
+
+  function send(frame) {
+    if (!state.connected) return showError("Not connected to the server; wait for it to reconnect.");
+    state.ws.send(JSON.stringify(frame));
+  }
+
+  // Frames from the server -----------------------------------------------------
+
+  function handle(frame) {
+    const data = frame.data;
+    switch (frame.type) {
+      case "session_start":
+        state.starting = false;
+        state.sessionId = data.session_id;
+        state.pendingSystem = els.system.value.trim() || null;
+        els.sessionId.textContent = data.session_id;
+        els.sessionModel.textContent = els.model.value.trim() || config.defaultModel;
+        els.log.replaceChildren();
+        clearNotice("connection");
+        note(state.pendingSystem ? `Session started. System message: “${state.pendingSystem}”` : "Session started. Say hello.");
+        els.input.focus();
+        break;
+      case "processing_start":
+        state.generating = true;
+        state.stopRequested = false;
+        state.reply = bubble("assistant", "");
+        state.reply.classList.add("pending");
+        break;
+      case "message_delta":
+        if (!state.reply) state.reply = bubble("assistant", "");
+        state.reply.querySelector(".text").textContent += data;
+        state.reply.classList.remove("pending");
+        scrollDown();
+        break;
+      case "message":
+        if (!state.reply) state.reply = bubble("assistant", "");
+        state.reply.querySelector(".text").textContent = data;
+        state.reply.classList.remove("pending");
+        scrollDown();
+        break;
+      case "processing_end":
+        finishReply();
+        break;
+      case "error":
+        state.starting = false;
+        showError(data.message, data.code);
+        break;
+      case "session_end":
+        finishReply();
+        endSessionLocally();
+        note(data && data.reason ? (END_REASONS[data.reason] || `Session ended (${data.reason}).`) : "Session ended.");
+        if (data && data.reason) notice("warn", END_REASONS[data.reason] || "The server ended this session.", "session");
+        break;
+      default:
+        break;
+    }
+    render();
+  }
+
+  function finishReply() {
+    const reply = state.reply;
+    if (reply) {
+      reply.classList.remove("pending");
+      if (state.stopRequested) {
+        reply.classList.add("stopped");
+        const text = reply.querySelector(".text");
+        if (!text.textContent) text.textContent = "(stopped before any reply)";
+        reply.querySelector(".meta").textContent = "R2D2 · stopped";
+      } else if (!reply.querySelector(".text").textContent) {
+        reply.remove();
+      }
+    }
+    state.reply = null;
+    state.generating = false;
+    state.stopRequested = false;
+  }
+
+  function endSessionLocally() {
+    state.sessionId = null;
+    state.pendingSystem = null;
+  }
+
+  // Actions --------------------------------------------------------------------
+
+  els.start.addEventListener("click", () => {
+    const model = els.model.value.trim();
+    state.starting = true;
+    clearNotice("session");
+    send(model ? { action: "chatbot_session_start", gpt_model: model } : { action: "chatbot_session_start" });
+    render();
+  });
+
+  els.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = els.input.value;
+    if (!text.trim() || !state.sessionId || state.generating) return;
+    const frame = { action: "chatbot_post_message", session_id: state.sessionId, user_message: text, stream: true };
+    if (state.pendingSystem) frame.system_message = state.pendingSystem;
+    send(frame);
+    state.pendingSystem = null;
+    bubble("user", text);
+    els.input.value = "";
+    state.generating = true;  // until processing_end; the server queues nothing from this page
+    render();
+  });
+
+  els.input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      els.composer.requestSubmit();
+    }
+  });
+
+  els.stop.addEventListener("click", () => {
+    if (!state.sessionId) return;
+    state.stopRequested = true;
+    send({ action: "chatbot_cancel", session_id: state.sessionId });
+    render();
+  });
+
+  els.end.addEventListener("click", () => {
+    if (state.sessionId) send({ action: "chatbot_session_end", session_id: state.sessionId });
+  });
+
+  // Rendering ------------------------------------------------------------------
+
+  function render() {
+    const inSession = Boolean(state.sessionId);
+    els.setup.hidden = inSession;
+    els.sessionBar.hidden = !inSession;
+    els.start.disabled = !state.connected || state.starting;
+    els.start.textContent = state.starting ? "Starting…" : "Start session";
+    els.input.disabled = !inSession;
+    els.input.placeholder = inSession ? "Message R2D2 (Enter to send, Shift+Enter for a new line)" : "Start a session to chat";
+    els.send.disabled = !inSession || state.generating || !state.connected;
+    els.stop.hidden = !(inSession && state.generating);
+    els.stop.disabled = state.stopRequested;
+    els.end.disabled = !state.connected;
+  }
+
+  function setConnection(kind, text) {
+    els.connection.className = `pill pill-${kind}`;
+    els.connection.textContent = text;
+  }
+
+  function bubble(role, text) {
+    const item = document.createElement("article");
+    item.className = `msg msg-${role}`;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = role === "user" ? "You" : "R2D2";
+    const body = document.createElement("div");
+    body.className = "text";
+    body.textContent = text;
+    item.append(meta, body);
+    els.log.append(item);
+    scrollDown();
+    return item;
+  }
+
+  function note(text) {
+    const item = document.createElement("p");
+    item.className = "note";
+    item.textContent = text;
+    els.log.append(item);
+    scrollDown();
+  }
+
+  function showError(message, code) {
+    const item = document.createElement("div");
+    item.className = "msg msg-error";
+    item.setAttribute("role", "alert");
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = code ? `Error · ${code}` : "Error";
+    const body = document.createElement("div");
+    body.className = "text";
+    body.textContent = message;
+    item.append(meta, body);
+    els.log.append(item);
+    scrollDown();
+  }
+
+  function notice(kind, text, key) {
+    let item = key && els.notices.querySelector(`[data-key="${key}"]`);
+    if (!item) {
+      item = document.createElement("div");
+      if (key) item.dataset.key = key;
+      els.notices.append(item);
+    }
+    item.className = `notice notice-${kind}`;
+    item.textContent = text;
+  }
+
+  function clearNotice(key) {
+    const item = els.notices.querySelector(`[data-key="${key}"]`);
+    if (item) item.remove();
+  }
+
+  function scrollDown() {
+    window.scrollTo(0, document.body.scrollHeight);
+  }
+
+  render();
+  connect();
+})();

@@ -1,0 +1,139 @@
+"""The web chat page, in Debian's Chromium, against a live Daphne and the local model server."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.db import connections
+from playwright.sync_api import expect
+
+from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
+from tests.conftest import ARTIFACTS
+from tests.fake_llm import SECRET_DETAIL, Script
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def in_thread(query):
+    """Run an ORM query off the Playwright thread (its sync API keeps an event loop running there)."""
+
+    def run():
+        try:
+            return query()
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()
+
+
+STORY = "Beep boop. " + " ".join(f"word{n}" for n in range(60))
+
+
+@pytest.mark.django_db
+def test_page_is_served_with_its_own_assets(client):
+    """GET / is the chat page; its script and stylesheet come from this server, not a CDN."""
+    response = client.get("/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert '<script src="/static/chat/chat.js"' in html
+    assert '<link rel="stylesheet" href="/static/chat/chat.css">' in html
+    assert "https://" not in html and "http://" not in html
+
+
+def test_chat_in_a_real_browser(browser_page, daphne, fake_llm):
+    """Start a session, watch a reply stream in, stop one, see an error, end the session, survive a dropped socket."""
+    page = browser_page
+    page.goto(daphne.http_url + "/")
+    expect(page.locator("#connection")).to_have_text("Connected")
+
+    page.fill("#model", "gpt-4o-mini")
+    page.fill("#system", "You are a test droid.")
+    page.click("#start")
+    expect(page.locator("#session-bar")).to_be_visible()
+    session_id = page.locator("#session-id").inner_text()
+    assert in_thread(lambda: ChatSession.objects.get(id=session_id).model) == "gpt-4o-mini"
+
+    # A streamed reply appears piece by piece, then whole.
+    reply_text = "Hello there, I am R2D2 and these words arrive one at a time."
+    fake_llm.enqueue(Script(text=reply_text, token_delay=0.08))
+    page.fill("#input", "Hello, droid")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg-user .text")).to_have_text("Hello, droid")
+    reply = page.locator(".msg-assistant .text").last
+    page.wait_for_function(
+        "([el, full]) => el.textContent.length > 0 && el.textContent.length < full.length",
+        arg=[reply.element_handle(), reply_text],
+    )
+    expect(reply).to_have_text(reply_text)
+    expect(page.locator("#send")).to_be_enabled()
+    request = fake_llm.requests[-1]
+    assert request.body["stream"] is True
+    assert request.messages[0] == {"role": "system", "content": "You are a test droid."}
+
+    # Stop a long reply midway: the partial text stays, marked as stopped, and is saved as cancelled.
+    fake_llm.enqueue(Script(text=STORY, token_delay=0.1))
+    page.fill("#input", "Tell me a long story")
+    page.click("#send")
+    expect(page.locator("#stop")).to_be_visible()
+    story = page.locator(".msg-assistant .text").last
+    expect(story).to_contain_text("word2")
+    page.click("#stop")
+    expect(page.locator(".msg-assistant").last).to_have_class("msg msg-assistant stopped")
+    expect(page.locator(".msg-assistant .meta").last).to_have_text("R2D2 · stopped")
+    expect(page.locator("#stop")).to_be_hidden()
+    shown = story.inner_text()
+    assert STORY.startswith(shown) and len(shown) < len(STORY)
+    assert fake_llm.wait_for(lambda f: f.disconnects == 1)
+    saved = in_thread(lambda: ChatMessage.objects.filter(session_id=session_id, role=Role.ASSISTANT).last())
+    assert saved.status == MessageStatus.CANCELLED and STORY.startswith(saved.content)
+
+    # An upstream failure is shown to the person, with no upstream detail.
+    fake_llm.enqueue(Script(status=401))
+    page.fill("#input", "Are you there?")
+    page.click("#send")
+    error = page.locator(".msg-error").last
+    expect(error).to_contain_text("The server's model credentials were refused.")
+    expect(error.locator(".meta")).to_have_text("Error · upstream_auth_failed")
+    expect(page.locator("#send")).to_be_enabled()
+    assert SECRET_DETAIL not in page.content()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "chat-page.png"), full_page=True)
+
+    # End the session: the page goes back to the start form and the server records why.
+    page.click("#end")
+    expect(page.locator("#setup")).to_be_visible()
+    expect(page.locator(".note").last).to_have_text("Session ended.")
+    assert in_thread(lambda: ChatSession.objects.get(id=session_id).end_reason) == EndReason.CLIENT
+
+    # The socket drops (the server restarts): the page says so, reconnects, and can chat again.
+    page.click("#start")
+    expect(page.locator("#session-bar")).to_be_visible()
+    daphne.stop()
+    expect(page.locator(".notice")).to_contain_text("The connection dropped, which ended your session.")
+    expect(page.locator("#connection")).to_have_text("Disconnected")
+    daphne.start()
+    expect(page.locator("#connection")).to_have_text("Connected", timeout=20_000)
+    expect(page.locator(".notice")).to_have_text("Reconnected. Start a new session to carry on.")
+    page.click("#start")
+    page.fill("#input", "Back again")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg-assistant .text").last).to_have_text("Echo: Back again")
+    page.screenshot(path=str(ARTIFACTS / "chat-page-reconnected.png"), full_page=True)
+
+
+def test_errors_from_the_server_are_shown(browser_page, daphne_factory):
+    """A refusal (here, a model outside the allow-list) appears on the page with the server's sentence."""
+    server = daphne_factory(R2D2_ALLOWED_MODELS="gpt-4o-mini,gpt-4o")
+    page = browser_page
+    page.goto(server.http_url + "/")
+    expect(page.locator("#connection")).to_have_text("Connected")
+    expect(page.locator("#model option")).to_have_text(["gpt-4o-mini", "gpt-4o"])
+    page.evaluate("document.getElementById('model').append(new Option('gpt-banned', 'gpt-banned', true, true))")
+    page.click("#start")
+    error = page.locator(".msg-error")
+    expect(error).to_contain_text("Model not allowed here; choose one of: gpt-4o-mini, gpt-4o.")
+    expect(page.locator("#setup")).to_be_visible()
+    expect(page.locator("#start")).to_be_enabled()
