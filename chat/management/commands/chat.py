@@ -1,0 +1,223 @@
+"""`manage.py chat`: a terminal client for any R2D2 server, over the same WebSocket protocol as every client.
+
+Interactive: a prompt, the reply printed as it streams in, Ctrl-C stops the reply
+being generated, Ctrl-D ends the session and exits. Piped: one message per line,
+each reply waited for, the session ended at end of input; replies go to stdout,
+everything else (banner, errors, notices) to stderr, so scripts read only answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+from typing import Any
+
+import websockets
+from django.core.management.base import BaseCommand, CommandError
+
+_EOF = None
+
+
+class Command(BaseCommand):
+    help = "Chat with an R2D2 server from the terminal (Ctrl-C stops a reply, Ctrl-D ends the session)."
+    requires_system_checks: list[str] = []
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--url", default="ws://127.0.0.1:8000/", help="the server's WebSocket URL")
+        parser.add_argument("--model", default=None, help="model name (default: the server's default)")
+        parser.add_argument("--system", default=None, help="system message for the session")
+        parser.add_argument("--no-stream", action="store_true", help="wait for each whole reply instead of streaming")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        client = TerminalChat(
+            url=options["url"], model=options["model"], system=options["system"], stream=not options["no_stream"]
+        )
+        try:
+            code = asyncio.run(client.run())
+        except (OSError, websockets.InvalidURI, websockets.InvalidHandshake) as exc:
+            raise CommandError(f"Could not talk to {options['url']}: {exc}") from None
+        if code:
+            sys.exit(code)
+
+
+class TerminalChat:
+    """One session, one line at a time; a reader task prints frames as they arrive."""
+
+    def __init__(self, *, url: str, model: str | None, system: str | None, stream: bool) -> None:
+        self.url, self.model, self.system, self.stream = url, model, system, stream
+        self.interactive = sys.stdin.isatty()
+        self.session_id: str | None = None
+        self.started = asyncio.Event()
+        self.ended = asyncio.Event()  # the session is over (by us or by the server) or the socket closed
+        self.turn_done = asyncio.Event()
+        self.in_turn = False  # between processing_start and processing_end
+        self.awaiting = False  # a message was sent and its turn has not finished
+        self.streamed = False
+        self.stopping = False
+        self.lost = False
+
+    async def run(self) -> int:
+        async with websockets.connect(self.url, max_size=None) as ws:
+            self.ws = ws
+            reader = asyncio.create_task(self.read_frames())
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, self.interrupt)
+            start: dict[str, Any] = {"action": "chatbot_session_start"}
+            if self.model:
+                start["gpt_model"] = self.model
+            await self.send(start)
+            await _first(self.started.wait(), self.ended.wait())
+            if self.session_id is None:
+                reader.cancel()
+                return 1
+            self.note(
+                f"Session {self.session_id} on {self.url}. "
+                + ("Ctrl-C stops a reply, Ctrl-D ends the session." if self.interactive else "")
+            )
+            lines = _stdin_lines(loop)
+            system = self.system
+            while not self.ended.is_set():
+                self.prompt()
+                line = await _first(lines.get(), self.ended.wait())
+                if self.ended.is_set():
+                    break
+                if line is _EOF:
+                    if self.interactive:
+                        print(file=sys.stderr)
+                    await self.end_session()
+                    break
+                text = line.rstrip("\n")
+                if not text.strip():
+                    continue
+                post = {
+                    "action": "chatbot_post_message",
+                    "session_id": self.session_id,
+                    "user_message": text,
+                    "stream": self.stream,
+                }
+                if system:
+                    post["system_message"], system = system, None
+                self.turn_done.clear()
+                self.awaiting, self.streamed, self.stopping = True, False, False
+                await self.send(post)
+                await _first(self.turn_done.wait(), self.ended.wait())
+            loop.remove_signal_handler(signal.SIGINT)
+            reader.cancel()
+        return 1 if self.lost else 0
+
+    # Frames ------------------------------------------------------------------
+
+    async def read_frames(self) -> None:
+        try:
+            async for text in self.ws:
+                self.handle(json.loads(text))
+        except websockets.ConnectionClosed:
+            pass
+        if not self.ended.is_set():
+            self.lost = True
+            self.note("The server closed the connection.")
+            self.ended.set()
+
+    def handle(self, frame: dict[str, Any]) -> None:
+        kind, data = frame.get("type"), frame.get("data")
+        if kind == "session_start":
+            self.session_id = data["session_id"]
+            self.started.set()
+        elif kind == "processing_start":
+            self.in_turn = True
+            if self.interactive:
+                self.out("r2d2> ")
+        elif kind == "message_delta":
+            self.streamed = True
+            self.out(data)
+        elif kind == "message":
+            self.out("\n" if self.streamed else data + "\n")
+            self.streamed = False
+        elif kind == "processing_end":
+            if self.streamed or self.stopping:
+                self.out("\n")
+            if self.stopping:
+                self.note("[stopped]")
+            self.finish_turn()
+        elif kind == "error":
+            if self.in_turn and self.streamed:
+                self.out("\n")
+            self.note(f"error [{data['code']}]: {data['message']}")
+            if not self.in_turn:
+                self.finish_turn()  # refused before the turn began: nothing more will come for it
+            if self.session_id is None:
+                self.ended.set()  # the session could not start
+        elif kind == "session_end":
+            if isinstance(data, dict) and data.get("reason"):
+                self.note(f"The server ended the session ({data['reason']}).")
+            else:
+                self.note("Session ended.")
+            self.finish_turn()
+            self.ended.set()
+
+    def finish_turn(self) -> None:
+        self.in_turn = self.awaiting = self.streamed = False
+        self.turn_done.set()
+
+    # Actions -----------------------------------------------------------------
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def end_session(self) -> None:
+        await self.send({"action": "chatbot_session_end", "session_id": self.session_id})
+        try:
+            await asyncio.wait_for(self.ended.wait(), 10)
+        except TimeoutError:
+            self.note("The server did not confirm the end of the session.")
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop the reply being generated; with none, end the session and exit."""
+        if self.awaiting and self.session_id:
+            if not self.stopping:
+                self.stopping = True
+                asyncio.ensure_future(self.send({"action": "chatbot_cancel", "session_id": self.session_id}))
+        elif not self.ended.is_set():
+            if self.interactive:
+                print(file=sys.stderr)
+            asyncio.ensure_future(self.end_session())
+
+    # Output ------------------------------------------------------------------
+
+    def prompt(self) -> None:
+        if self.interactive:
+            self.out("you> ")
+
+    @staticmethod
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    @staticmethod
+    def note(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
+async def _first(*aws) -> Any:
+    """Wait for whichever finishes first; cancel the rest. Returns the first's result."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return next(iter(done)).result()
+
+
+def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+    """Lines of stdin, read on a daemon thread (a blocked read must not keep the process alive)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def read() -> None:
+        for line in iter(sys.stdin.readline, ""):
+            loop.call_soon_threadsafe(queue.put_nowait, line)
+        loop.call_soon_threadsafe(queue.put_nowait, _EOF)
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+    return queue

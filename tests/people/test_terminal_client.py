@@ -1,0 +1,112 @@
+"""`manage.py chat`, run as a subprocess against a live Daphne and the local model server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
+from tests.conftest import ROOT, server_env
+from tests.fake_llm import SECRET_DETAIL, Script
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def chat_command(url: str, *args: str) -> list[str]:
+    return [sys.executable, "manage.py", "chat", "--url", url, *args]
+
+
+def run_chat(url: str, stdin: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        chat_command(url, *args),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=server_env(None),
+        timeout=60,
+    )
+
+
+def test_piped_input_gets_one_reply_per_line(daphne, fake_llm):
+    """Each line is a message; replies come out on stdout in order; the session ends at end of input."""
+    result = run_chat(daphne.url, "hello\n\nsecond line\n", "--model", "gpt-4o-mini", "--system", "Be terse.")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Echo: hello\nEcho: second line\n"
+    assert "Session ended." in result.stderr
+
+    assert [r.body["stream"] for r in fake_llm.requests] == [True, True]
+    assert fake_llm.requests[0].body["model"] == "gpt-4o-mini"
+    assert fake_llm.requests[0].messages[0] == {"role": "system", "content": "Be terse."}
+    assert fake_llm.requests[1].messages[-1] == {"role": "user", "content": "second line"}
+    session = ChatSession.objects.get()
+    assert session.model == "gpt-4o-mini" and session.end_reason == EndReason.CLIENT
+
+
+def test_no_stream_and_errors_reported_without_stopping(daphne, fake_llm):
+    """With --no-stream the server answers whole; an upstream error goes to stderr and the next line still runs."""
+    fake_llm.enqueue(Script(status=401), Script(text="Still here."))
+    result = run_chat(daphne.url, "first\nsecond\n", "--no-stream")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Still here.\n"
+    assert "error [upstream_auth_failed]: The server's model credentials were refused." in result.stderr
+    assert SECRET_DETAIL not in result.stderr + result.stdout
+    assert [r.body.get("stream", False) for r in fake_llm.requests] == [False, False]
+
+
+def test_ctrl_c_stops_the_reply_being_generated(daphne, fake_llm):
+    """SIGINT mid-reply sends chatbot_cancel: the model call is dropped and the partial reply kept as cancelled."""
+    story = " ".join(f"word{n}" for n in range(200))
+    fake_llm.enqueue(Script(text=story, token_delay=0.05))
+    process = subprocess.Popen(
+        chat_command(daphne.url),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=server_env(None),
+    )
+    output = bytearray()
+
+    def read_stdout() -> None:
+        while chunk := os.read(process.stdout.fileno(), 4096):
+            output.extend(chunk)
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    process.stdin.write(b"tell me a long story\n")
+    process.stdin.flush()
+    deadline = time.monotonic() + 20
+    while b"word3 " not in output and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert b"word3 " in output, output
+    process.send_signal(signal.SIGINT)
+    assert fake_llm.wait_for(lambda f: f.disconnects == 1, timeout=10)
+
+    process.stdin.write(b"and now?\n")
+    process.stdin.close()
+    assert process.wait(30) == 0
+    reader.join(5)
+    stderr = process.stderr.read().decode()
+    assert "[stopped]" in stderr
+    printed = output.decode().split("\n")
+    assert story.startswith(printed[0]) and len(printed[0]) < len(story)
+    assert printed[1:] == ["Echo: and now?", ""]
+
+    partial = ChatMessage.objects.filter(role=Role.ASSISTANT).first()
+    assert partial.status == MessageStatus.CANCELLED and story.startswith(partial.content)
+    assert ChatSession.objects.get().end_reason == EndReason.CLIENT
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path):
+    """No server at the URL: a one-line error and a non-zero exit, not a traceback."""
+    result = run_chat("ws://127.0.0.1:9/", "hello\n")
+    assert result.returncode != 0
+    assert "Could not talk to ws://127.0.0.1:9/" in result.stderr
+    assert "Traceback" not in result.stderr
