@@ -93,6 +93,12 @@ class Conversation:
 
     async def _turn(self, post: PostMessage) -> None:
         await self._send(protocol.processing_start())
+        # Daphne (Twisted) writes a frame on the loop's next writable callback,
+        # not in send(); building the model request below takes milliseconds of
+        # CPU, so let the frame leave first (two loop turns: the writer is queued
+        # behind this task's own wake-up on the first).
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
         if post.system_message is not None:
             self.system_message = post.system_message
         messages = services.assemble_messages(
