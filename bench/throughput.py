@@ -1,0 +1,176 @@
+"""Throughput: 5-turn conversations, 1,000 concurrent sessions, model answering in 200 ms.
+
+R2D2 (one Daphne process, PostgreSQL, Redis) against the bare relay
+(bench/relay.py: `websockets` + the same `openai` client, no Django, no
+database), both talking to one model server process. Every socket is open
+before the clock starts; turns/s = answered turns / wall time of the turn phase.
+With --profile, py-spy samples the Daphne process during its run and the
+top functions (by own time and by total time) are written to the result.
+
+    .venv/bin/python bench/throughput.py [--quick] [--profile]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import asyncio
+import collections
+import shutil
+import subprocess
+import time
+
+from common import (
+    LOGS,
+    RESULTS,
+    Redis,
+    cpu_seconds,
+    db_query,
+    prepare_database,
+    raise_nofile,
+    run_sessions,
+    start_daphne,
+    start_model,
+    start_relay,
+    summary_ms,
+    truncate,
+    turn_latencies,
+    write_result,
+)
+
+MODEL_TIME = 0.2
+TURNS = 5
+
+
+def run(url: str, pid: int, sessions: int, stream: bool) -> dict:
+    cpu0 = cpu_seconds(pid)
+    states, t0, t1 = asyncio.run(run_sessions(url, sessions, TURNS, stream=stream, connect_concurrency=100))
+    cpu = cpu_seconds(pid) - cpu0
+    turns = [t for s in states for t in s.turns]
+    answered = sum(1 for t in turns if t.ok)
+    return {
+        "sessions": sessions,
+        "turns_expected": sessions * TURNS,
+        "turns_answered": answered,
+        "session_failures": [s.failure for s in states if s.failure][:5],
+        "seconds": round(t1 - t0, 3),
+        "turns_per_s": round(answered / (t1 - t0), 1),
+        "server_cpu_s": round(cpu, 2),
+        "server_cpu_ms_per_turn": round(cpu * 1000 / max(1, answered), 3),
+        "latency_ms": {e: summary_ms(v) for e, v in turn_latencies(states).items()},
+    }
+
+
+def collapse(path, top: int = 15) -> dict:
+    """Top frames of a py-spy --format raw (collapsed stacks) file: own and total samples."""
+    own: collections.Counter = collections.Counter()
+    total: collections.Counter = collections.Counter()
+    samples = 0
+    with open(path) as lines:
+        rows = lines.read().splitlines()
+    for line in rows:
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames):
+            total[frame] += n
+    fmt = lambda c: [{"frame": f, "pct": round(100 * n / samples, 1)} for f, n in c.most_common(top)]  # noqa: E731
+    return {"samples": samples, "own": fmt(own), "total": fmt(total)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="300 sessions instead of 1,000")
+    parser.add_argument("--sessions", type=int, nargs="*", help="concurrency levels (default 10 100 1000)")
+    parser.add_argument("--stream", action="store_true", help="streamed turns (default: the seed's one message)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the Daphne process at the top level")
+    args = parser.parse_args()
+    raise_nofile()
+    levels = args.sessions or ([10, 100, 300] if args.quick else [10, 100, 1000])
+    redis = Redis().start()
+    prepare_database()
+    model = start_model(ttft=MODEL_TIME)
+    relay = start_relay(model)
+    daphne = start_daphne(model, R2D2_DB_POOL_MAX="20")
+    results = []
+    profile = None
+    try:
+        asyncio.run(run_sessions(daphne.url, 20, 2))
+        asyncio.run(run_sessions(relay.url, 20, 2))
+        for sessions in levels:
+            bare = run(relay.url, relay.pid, sessions, args.stream)
+            truncate()
+            spy = None
+            py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+            if args.profile and sessions == max(levels) and py_spy:
+                raw = LOGS / "throughput.pyspy.txt"
+                spy = subprocess.Popen(
+                    [
+                        py_spy,
+                        "record",
+                        "--pid",
+                        str(daphne.pid),
+                        "--format",
+                        "raw",
+                        "--rate",
+                        "200",
+                        "--output",
+                        str(raw),
+                        "--nonblocking",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                time.sleep(1)
+            r2d2 = run(daphne.url, daphne.pid, sessions, args.stream)
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(60)
+                profile = collapse(raw)
+                shutil.copy(raw, RESULTS / "throughput-profile.txt")
+            rows = db_query("SELECT role, count(*) FROM chat_chatmessage GROUP BY role")
+            r2d2["db_rows"] = dict(rows)
+            ratio = round(r2d2["turns_per_s"] / bare["turns_per_s"], 3) if bare["turns_per_s"] else None
+            results.append({"sessions": sessions, "r2d2": r2d2, "bare_relay": bare, "ratio": ratio})
+            print(
+                f"{sessions:>5} sessions x {TURNS} turns: R2D2 {r2d2['turns_per_s']} turns/s "
+                f"({r2d2['turns_answered']}/{r2d2['turns_expected']} answered, "
+                f"{r2d2['server_cpu_ms_per_turn']} ms CPU/turn)"
+                f"  bare relay {bare['turns_per_s']} turns/s ({bare['turns_answered']}/{bare['turns_expected']}, "
+                f"{bare['server_cpu_ms_per_turn']} ms CPU/turn)  ratio {ratio}",
+                flush=True,
+            )
+            truncate()
+    finally:
+        daphne.stop()
+        relay.stop()
+        model.stop()
+        redis.stop()
+    if profile:
+        print("profile, own time:")
+        for row in profile["own"][:8]:
+            print(f"  {row['pct']:5.1f}%  {row['frame']}")
+    top = results[-1]
+    write_result(
+        "throughput",
+        {
+            "model_server": {"ttft_s": MODEL_TIME, "stream": args.stream},
+            "turns_per_session": TURNS,
+            "levels": results,
+            "target": {"ratio_ge_0.8": bool(top["ratio"] and top["ratio"] >= 0.8), "sessions": top["sessions"]},
+            "profile": profile,
+            "quick": args.quick,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
