@@ -13,6 +13,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from r2d2site.aws_secrets import openai_api_key_from_aws
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -207,7 +209,9 @@ CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 
 
 # The model API.
-OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "").strip()
+# Or from AWS Secrets Manager / SSM Parameter Store (OPENAI_API_KEY_SECRET_ID /
+# OPENAI_API_KEY_PARAMETER), read once here: see r2d2site/aws_secrets.py.
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "").strip() or openai_api_key_from_aws()
 OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "").strip() or None
 
 # R2D2's own knobs (documented in the README).
