@@ -8,9 +8,14 @@ from typing import Any
 
 import websockets
 
+from tests.protocol_contract import check_frame
+
 
 class ProtocolClient:
-    """Sends action frames and reads frames, keeping the exact text of each one received."""
+    """Sends action frames and reads frames, keeping the exact text of each one received.
+
+    Each received frame is checked against asyncapi.yaml, so no end-to-end test passes on an undocumented frame.
+    """
 
     def __init__(self, connection: websockets.ClientConnection) -> None:
         self.connection = connection
@@ -29,6 +34,7 @@ class ProtocolClient:
     async def recv_text(self, timeout: float = 10.0) -> str:
         text = await asyncio.wait_for(self.connection.recv(), timeout)
         self.received.append(text)
+        check_frame(text)  # every frame the server sends must match the published asyncapi.yaml
         return text
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
