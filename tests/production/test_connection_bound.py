@@ -1,0 +1,142 @@
+"""500 concurrent sessions against one live Daphne on this machine's PostgreSQL: every turn succeeds
+and the server never holds more database connections than its pool allows (R2D2_DB_POOL_MAX).
+
+The consumers' async ORM calls share one thread-sensitive executor thread, but every HTTP request
+(the load balancer's /healthz, the admin) runs its ORM work on a thread of its own: without the pool,
+a burst of them opens one PostgreSQL connection each. So health checks hammer the server during the
+turns, and the pool is made small enough that they must queue for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+from django.conf import settings
+
+from chat.models import ChatMessage, ChatSession, EndReason, Role
+from tests.client import ProtocolClient
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+SESSIONS = 500
+POOL_MAX = 4
+HEALTH_CHECKS = 30
+CONNECTING_AT_ONCE = 50  # Twisted listens with a backlog of 50
+
+
+class ConnectionSampler(threading.Thread):
+    """Counts the server's backends in pg_stat_activity (by application_name) every 20 ms."""
+
+    def __init__(self, application_name: str) -> None:
+        super().__init__(daemon=True)
+        self.application_name = application_name
+        self.samples: list[int] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        db = settings.DATABASES["default"]
+        with psycopg.connect(
+            host=db.get("HOST") or "127.0.0.1",
+            port=db.get("PORT") or 5432,
+            user=db.get("USER") or "postgres",
+            password=db.get("PASSWORD") or None,
+            dbname="postgres",
+            autocommit=True,
+        ) as connection:
+            while not self._done.is_set():
+                row = connection.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [self.application_name]
+                ).fetchone()
+                self.samples.append(row[0])
+                time.sleep(0.02)
+
+    def stop(self) -> list[int]:
+        self._done.set()
+        self.join(10)
+        return self.samples
+
+
+@pytest.mark.parametrize(
+    "pool_max",
+    [
+        pytest.param(POOL_MAX, id="bounded"),
+        # The control: with room for all, the same load takes many more connections, so the
+        # bound above is the pool's doing, not the load's.
+        pytest.param(1000, id="control"),
+    ],
+)
+async def test_500_concurrent_sessions_stay_within_the_connection_pool(daphne_factory, fake_llm, pool_max):
+    application_name = f"r2d2-bound-{uuid.uuid4().hex[:8]}"
+    server = daphne_factory(
+        R2D2_DB_POOL_MAX=str(pool_max),
+        R2D2_DB_POOL_MIN="1",
+        PGAPPNAME=application_name,  # libpq names the server's connections, so they can be counted
+        R2D2_HEARTBEAT_SECONDS="0.5",
+    )
+    sampler = ConnectionSampler(application_name)
+    sampler.start()
+    connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
+    everyone_open = asyncio.Barrier(SESSIONS)
+    turns_started = asyncio.Event()
+
+    async def one_session(index: int) -> tuple[str, list[dict]]:
+        async with connecting:
+            client = await ProtocolClient.connect(server.url, open_timeout=60)
+        try:
+            session_id = await client.start_session()
+            await everyone_open.wait()  # all 500 sessions open before any turn starts
+            turns_started.set()
+            frames = await client.post(session_id, f"[[ttft=0.2]] hello from {index}")
+            await client.send({"action": "chatbot_session_end", "session_id": session_id})
+            assert await client.recv(timeout=60) == {"type": "session_end", "data": None}
+            return session_id, frames
+        finally:
+            await client.close()
+
+    async def health_check() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.7\r\nConnection: close\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), 60)
+        await reader.read()
+        writer.close()
+        return int(status_line.split()[1])
+
+    async def health_checks_during_the_turns() -> list[int]:
+        await turns_started.wait()
+        return await asyncio.gather(*(health_check() for _ in range(HEALTH_CHECKS)))
+
+    started = time.monotonic()
+    try:
+        results, statuses = await asyncio.wait_for(
+            asyncio.gather(
+                asyncio.gather(*(one_session(i) for i in range(SESSIONS))), health_checks_during_the_turns()
+            ),
+            150,
+        )
+    finally:
+        samples = sampler.stop()
+    elapsed = time.monotonic() - started
+    assert statuses == [200] * HEALTH_CHECKS
+
+    for index, (_, frames) in enumerate(results):
+        assert [f["type"] for f in frames] == ["processing_start", "message", "processing_end"], frames
+        assert frames[1]["data"] == f"Echo: hello from {index}"
+    session_ids = [session_id for session_id, _ in results]
+    assert len(set(session_ids)) == SESSIONS
+    assert await ChatSession.objects.filter(id__in=session_ids, end_reason=EndReason.CLIENT).acount() == SESSIONS
+    assert await ChatMessage.objects.filter(session_id__in=session_ids, role=Role.ASSISTANT).acount() == SESSIONS
+
+    peak = max(samples)
+    print(
+        f"\n{SESSIONS} sessions and {HEALTH_CHECKS} health checks in {elapsed:.1f}s; "
+        f"server connections to PostgreSQL: peak {peak}, pool max {pool_max}"
+    )
+    if pool_max == POOL_MAX:
+        assert 0 < peak <= POOL_MAX, f"the server held {peak} connections (pool max {POOL_MAX})"
+    else:
+        assert peak > 2 * POOL_MAX, f"the control needed only {peak} connections: the load proves nothing"
