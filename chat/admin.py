@@ -17,10 +17,15 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
+from django.utils.timezone import localtime
 
 from chat import transcripts
 from chat.models import ChatMessage, ChatSession, Role
 from chat.operator import end_session_now
+
+admin.site.site_header = "R2D2 operations"
+admin.site.site_title = "R2D2 admin"
+admin.site.index_title = "Sessions and users"
 
 _HEX_OR_DASH = re.compile(r"[0-9a-fA-F-]+")
 
@@ -44,6 +49,11 @@ def _session_stats(queryset: QuerySet[ChatSession]) -> QuerySet[ChatSession]:
     )
 
 
+def _short_time(value) -> str:
+    """Compact, sortable and in the site's time zone: the list has many columns to fit."""
+    return localtime(value).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
 class LiveFilter(admin.SimpleListFilter):
     title = "state"
     parameter_name = "state"
@@ -62,10 +72,10 @@ class LiveFilter(admin.SimpleListFilter):
 @admin.register(ChatSession)
 class ChatSessionAdmin(admin.ModelAdmin):
     list_display = [
-        "id",
+        "short_id",
         "model",
-        "created_at",
-        "ended_at",
+        "started",
+        "ended",
         "end_reason",
         "messages_column",
         "tokens_column",
@@ -122,6 +132,19 @@ class ChatSessionAdmin(admin.ModelAdmin):
         if _HEX_OR_DASH.fullmatch(term):
             matches |= Q(id__icontains=term)  # Django drops the dashes where ids are stored as text
         return queryset.filter(matches), False
+
+    @admin.display(description="session", ordering="id")
+    def short_id(self, obj: ChatSession) -> str:
+        """The id's first block: enough to tell sessions apart and to search by; the page shows it whole."""
+        return str(obj.id).split("-", 1)[0]
+
+    @admin.display(description="started", ordering="created_at")
+    def started(self, obj: ChatSession) -> str:
+        return _short_time(obj.created_at)
+
+    @admin.display(description="ended", ordering="ended_at")
+    def ended(self, obj: ChatSession) -> str:
+        return _short_time(obj.ended_at)
 
     @admin.display(description="messages", ordering="message_count")
     def messages_column(self, obj: ChatSession) -> int:

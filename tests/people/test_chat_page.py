@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.db import connections
 from playwright.sync_api import expect
 
@@ -137,3 +138,41 @@ def test_errors_from_the_server_are_shown(browser_page, daphne_factory):
     expect(error).to_contain_text("Model not allowed here; choose one of: gpt-4o-mini, gpt-4o.")
     expect(page.locator("#setup")).to_be_visible()
     expect(page.locator("#start")).to_be_enabled()
+
+
+def test_operator_ends_a_chat_from_the_admin(browser_page, daphne, fake_llm):
+    """A person chats; an operator finds the session in the admin by its text and ends it; the person is told."""
+    in_thread(lambda: get_user_model().objects.create_superuser("operator", "op@example.com", "droids-are-us-42"))
+    person = browser_page
+    person.goto(daphne.http_url + "/")
+    person.click("#start")
+    person.fill("#input", "Where are the secret plans?")
+    person.keyboard.press("Enter")
+    expect(person.locator(".msg-assistant .text").last).to_have_text("Echo: Where are the secret plans?")
+    session_id = person.locator("#session-id").inner_text()
+
+    operator = person.context.new_page()
+    operator.set_viewport_size({"width": 1600, "height": 900})
+    operator.goto(daphne.http_url + "/admin/chat/chatsession/")
+    operator.fill("#id_username", "operator")
+    operator.fill("#id_password", "droids-are-us-42")
+    operator.click("input[type=submit]")
+    operator.fill("#searchbar", "secret plans")
+    operator.keyboard.press("Enter")
+    rows = operator.locator("#result_list tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text(session_id.split("-")[0])
+    rows.first.locator("th a").click()
+    expect(operator.locator(".r2d2-transcript")).to_contain_text("Echo: Where are the secret plans?")
+    operator.screenshot(path=str(ARTIFACTS / "admin-session.png"), full_page=True)
+    operator.click("#r2d2-end-session")
+    expect(operator.locator(".messagelist")).to_contain_text("Asked the server holding the session to end it")
+
+    expect(person.locator(".notice")).to_have_text("An operator ended this session.")
+    expect(person.locator("#setup")).to_be_visible()
+    ended = in_thread(lambda: ChatSession.objects.get(id=session_id))
+    assert ended.end_reason == EndReason.OPERATOR
+    operator.reload()
+    expect(operator.locator("#r2d2-end-session")).to_have_count(0)
+    operator.goto(daphne.http_url + "/admin/chat/chatsession/")
+    operator.screenshot(path=str(ARTIFACTS / "admin-sessions.png"), full_page=True)

@@ -19,7 +19,7 @@
   };
 
   const state = {
-    ws: null, connected: false, everConnected: false, retryDelay: 1000, retryTimer: null,
+    ws: null, connected: false, everConnected: false, retryDelay: 1000, retryTimer: null, lostSession: false,
     starting: false, sessionId: null, pendingSystem: null,
     reply: null, generating: false, stopRequested: false,
   };
@@ -36,8 +36,12 @@
       state.connected = true;
       state.retryDelay = 1000;
       setConnection("ok", "Connected");
-      if (state.everConnected) notice("info", "Reconnected. Start a new session to carry on.", "connection");
-      else clearNotice("connection");
+      if (state.everConnected) {
+        notice("info", state.lostSession ? "Reconnected. Start a new session to carry on." : "Reconnected.", "connection");
+      } else {
+        clearNotice("connection");
+      }
+      state.lostSession = false;
       state.everConnected = true;
       render();
     });
@@ -48,14 +52,14 @@
     });
     ws.addEventListener("close", () => {
       if (state.ws !== ws) return;
-      const hadSession = Boolean(state.sessionId);
+      if (state.sessionId) state.lostSession = true;  // the server ends a socket's sessions when it closes
       state.connected = false;
       state.starting = false;
       finishReply();
-      if (hadSession) endSessionLocally();
+      endSessionLocally();
       const seconds = Math.round(state.retryDelay / 1000);
       setConnection("bad", "Disconnected");
-      notice("warn", (hadSession ? "The connection dropped, which ended your session. " : "The connection dropped. ")
+      notice("warn", (state.lostSession ? "The connection dropped, which ended your session. " : "The connection dropped. ")
         + `Reconnecting in ${seconds} s…`, "connection");
       state.retryTimer = setTimeout(connect, state.retryDelay);
       state.retryDelay = Math.min(state.retryDelay * 2, 10000);
