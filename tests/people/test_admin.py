@@ -7,6 +7,7 @@ import uuid
 from urllib.parse import urlencode
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.db import connection
 from django.test import AsyncClient
@@ -261,3 +262,33 @@ async def test_end_session_now_reaches_a_live_server_over_redis(daphne, fake_llm
     await client.close()
     session = await ChatSession.objects.aget(id=session_id)
     assert session.end_reason == EndReason.OPERATOR
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_bulk_action_ends_only_the_live_sessions_selected(django_user_model):
+    """The list's "End selected live sessions now" reaches each selected live session's socket, and no other."""
+    sockets = []
+    for _ in range(3):
+        communicator = WebsocketCommunicator(application, "/")
+        assert (await communicator.connect())[0]
+        await communicator.send_json_to({"action": "chatbot_session_start"})
+        session_id = (await communicator.receive_json_from())["data"]["session_id"]
+        sockets.append((communicator, session_id))
+    already_ended = await sync_to_async(make_session)()
+
+    staff = await django_user_model.objects.acreate_superuser("operator", "op@example.com", "pw")
+    admin = AsyncClient()
+    await admin.aforce_login(staff)
+    chosen = [sockets[0][1], sockets[1][1], str(already_ended.id)]
+    response = await admin.post(CHANGELIST, {"action": "end_selected_sessions", "_selected_action": chosen})
+    assert response.status_code == 302
+
+    for communicator, session_id in sockets[:2]:
+        assert await communicator.receive_json_from(timeout=5) == {
+            "type": "session_end",
+            "data": {"session_id": session_id, "reason": "operator"},
+        }
+    assert await sockets[2][0].receive_nothing(timeout=0.3)
+    assert not (await ChatSession.objects.aget(id=sockets[2][1])).ended_at
+    for communicator, _ in sockets:
+        await communicator.disconnect()
