@@ -8,10 +8,18 @@ import subprocess
 import venv
 
 import pytest
+from django.conf import settings
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # What pip installs does not depend on the run's database: install once, in the embedded-defaults run.
+    pytest.mark.skipif(
+        not settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"),
+        reason="mode-independent: runs in the embedded-defaults run only",
+    ),
+]
 
 
 def test_requirements_install_into_a_clean_venv(tmp_path):
