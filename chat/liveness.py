@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -33,6 +33,7 @@ from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from chat.models import ChatSession, EndReason, ServerProcess
+from chat.operator import request_session_end
 from chat.services import PROCESS_ID
 
 logger = logging.getLogger(__name__)
@@ -92,18 +93,48 @@ class Heartbeat:
 
     async def _run(self) -> None:
         interval = settings.R2D2_HEARTBEAT_SECONDS
+        stale_after = settings.R2D2_PROCESS_STALE_SECONDS
         sweep_every = settings.R2D2_ORPHAN_SWEEP_SECONDS
         last_sweep = float("-inf")
+        last_beat: datetime | None = None  # the last beat that reached the database
+        silent_since: datetime | None = None
+        rechecks = 0
         while True:
             try:
+                now = timezone.now()
+                if last_beat is not None and (now - last_beat).total_seconds() >= stale_after:
+                    # Frozen (SIGSTOP, a paused VM) or cut off from the database for longer than the
+                    # staleness window: other processes may have ended our sessions as orphaned.
+                    silent_since, rechecks = last_beat, 3
                 await database_sync_to_async(beat)()
-                now = asyncio.get_running_loop().time()
-                if sweep_every > 0 and now - last_sweep >= sweep_every:
-                    last_sweep = now
+                last_beat = now
+                if rechecks:
+                    # A sweep that began before this beat may still land: look again on the next ticks.
+                    rechecks -= 1
+                    await self._close_orphaned_here(silent_since)
+                loop_time = asyncio.get_running_loop().time()
+                if sweep_every > 0 and loop_time - last_sweep >= sweep_every:
+                    last_sweep = loop_time
                     await database_sync_to_async(sweep_orphans)()
             except Exception as exc:  # the database may be down: keep beating, the health check reports it
                 logger.warning("heartbeat failed", extra={"error": type(exc).__name__, "process": PROCESS_ID})
             await asyncio.sleep(interval)
+
+    @staticmethod
+    async def _close_orphaned_here(since: datetime) -> None:
+        """Sessions this process still holds but that were ended as orphaned while it was silent:
+        close them here too, so their clients get `session_end` (reason `orphaned`) instead of a
+        conversation the database says is over."""
+        orphaned = [
+            session_id
+            async for session_id in ChatSession.objects.filter(
+                owner_process=PROCESS_ID, end_reason=EndReason.ORPHANED, ended_at__gte=since
+            ).values_list("id", flat=True)
+        ]
+        for session_id in orphaned:
+            await request_session_end(session_id, EndReason.ORPHANED)
+        if orphaned:
+            logger.warning("sessions found orphaned after a silence", extra={"count": len(orphaned)})
 
 
 heartbeat = Heartbeat()

@@ -8,6 +8,8 @@ that dies does not leave sessions that look open forever.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 
 import pytest
@@ -160,3 +162,27 @@ async def test_orphans_are_ended_by_the_command_and_at_start_up(daphne_factory, 
     assert (await sync_to_async(http_get)(third.port, "/healthz")).status == 200
     assert (await wait_for_end(victim, timeout=5)).end_reason == EndReason.ORPHANED
     assert await ServerProcess.objects.alive(stale_after=2).acount() == 1
+
+
+async def test_a_frozen_process_learns_its_sessions_were_orphaned(daphne_factory, fake_llm):
+    """A process frozen (SIGSTOP: a paused VM, a long stall) past the staleness window has its sessions
+    ended as orphaned by the other process; when it resumes it tells their clients so, and the session
+    cannot be used, instead of carrying on with a conversation the database says is over."""
+    server_a = daphne_factory(**FAST_LIVENESS)
+    server_b = daphne_factory(**FAST_LIVENESS)
+    client_a = await ProtocolClient.connect(server_a.url)
+    session_a = await client_a.start_session()
+    assert (await sync_to_async(http_get)(server_b.port, "/healthz")).status == 200  # B beats and sweeps
+
+    os.kill(server_a.process.pid, signal.SIGSTOP)
+    try:
+        assert (await wait_for_end(session_a)).end_reason == EndReason.ORPHANED
+    finally:
+        os.kill(server_a.process.pid, signal.SIGCONT)
+
+    assert await client_a.recv() == {"type": "session_end", "data": {"session_id": session_a, "reason": "orphaned"}}
+    await client_a.send({"action": "chatbot_post_message", "session_id": session_a, "user_message": "still there?"})
+    assert (await client_a.recv())["data"]["code"] == "session_ended"
+    fresh = await client_a.start_session()
+    assert {"type": "message", "data": "Echo: back"} in await client_a.post(fresh, "back")
+    await client_a.close()
