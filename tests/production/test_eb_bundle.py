@@ -60,6 +60,7 @@ REAL_NAMESPACES: dict[str, set[str] | None] = {
         "SecurityGroups",
     },
     "aws:elasticbeanstalk:environment:proxy": {"ProxyServer"},
+    "aws:elasticbeanstalk:environment": {"EnvironmentType", "ServiceRole", "LoadBalancerType", "LoadBalancerIsShared"},
 }
 #: Top-level keys of an .ebextensions config file.
 EBEXTENSIONS_SECTIONS = {
@@ -130,6 +131,7 @@ def test_ebextensions_parse_and_name_real_options():
     assert process["HealthCheckPath"] == "/healthz"
     assert resolve(process["HealthCheckPath"]).url_name == "healthz"
     assert int(process["HealthCheckTimeout"]) < int(process["HealthCheckInterval"])
+    assert settings_by_namespace["aws:elasticbeanstalk:environment"]["LoadBalancerType"] == "application"
     idle = int(settings_by_namespace["aws:elbv2:loadbalancer"]["IdleTimeout"])
     assert 600 <= idle <= 3600, "raise the load balancer's idle timeout (default 60 s) for quiet WebSockets"
 
