@@ -62,6 +62,25 @@ def _close_connection_pools(django_db_setup) -> Iterator[None]:
             connection.close_pool()
 
 
+@pytest.fixture(autouse=True)
+def _frames_match_published_protocol(monkeypatch) -> None:
+    """In-process tests too: every frame a WebsocketCommunicator receives must match asyncapi.yaml
+    (tests.client.ProtocolClient checks the frames of live servers)."""
+    from channels.testing import WebsocketCommunicator
+
+    from tests.protocol_contract import check_frame
+
+    original = WebsocketCommunicator.receive_from
+
+    async def receive_from(self, timeout=1):
+        text = await original(self, timeout)
+        if isinstance(text, str):
+            check_frame(text)
+        return text
+
+    monkeypatch.setattr(WebsocketCommunicator, "receive_from", receive_from)
+
+
 @pytest.fixture(scope="session")
 def fake_llm_server() -> Iterator[FakeLLM]:
     server = FakeLLM().start()
