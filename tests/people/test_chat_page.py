@@ -126,8 +126,8 @@ def test_chat_in_a_real_browser(browser_page, daphne, fake_llm):
 
 
 def test_errors_from_the_server_are_shown(browser_page, daphne_factory):
-    """A refusal (here, a model outside the allow-list) appears on the page with the server's sentence."""
-    server = daphne_factory(R2D2_ALLOWED_MODELS="gpt-4o-mini,gpt-4o")
+    """Refusals (a model outside the allow-list, a rate limit) appear with the server's sentence; the page recovers."""
+    server = daphne_factory(R2D2_ALLOWED_MODELS="gpt-4o-mini,gpt-4o", R2D2_RATE_LIMIT_PER_MINUTE="1")
     page = browser_page
     page.goto(server.http_url + "/")
     expect(page.locator("#connection")).to_have_text("Connected")
@@ -138,6 +138,17 @@ def test_errors_from_the_server_are_shown(browser_page, daphne_factory):
     expect(error).to_contain_text("Model not allowed here; choose one of: gpt-4o-mini, gpt-4o.")
     expect(page.locator("#setup")).to_be_visible()
     expect(page.locator("#start")).to_be_enabled()
+
+    page.select_option("#model", "gpt-4o")
+    page.click("#start")
+    page.fill("#input", "one")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg-assistant .text")).to_have_text("Echo: one")
+    page.fill("#input", "two")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg-error").last).to_contain_text("Too many messages; try again in")
+    expect(page.locator(".msg-error .meta").last).to_have_text("Error · rate_limited")
+    expect(page.locator("#send")).to_be_enabled()
 
 
 def test_operator_ends_a_chat_from_the_admin(browser_page, daphne, fake_llm):

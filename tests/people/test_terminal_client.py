@@ -110,3 +110,13 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "Could not talk to ws://127.0.0.1:9/" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_refused_session_start_exits_with_the_reason(daphne_factory):
+    """A model the server does not allow: the server's sentence on stderr and a non-zero exit."""
+    server = daphne_factory(R2D2_ALLOWED_MODELS="gpt-4o-mini")
+    result = run_chat(server.url, "hello\n", "--model", "gpt-banned")
+    assert result.returncode == 1
+    assert "error [model_not_allowed]: Model not allowed here; choose one of: gpt-4o-mini." in result.stderr
+    assert result.stdout == ""
+    assert not ChatSession.objects.exists()

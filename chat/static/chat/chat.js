@@ -111,6 +111,8 @@
         break;
       case "error":
         state.starting = false;
+        // A refused message (rate limit, full queue...) gets this one frame and no processing_end.
+        if (state.generating && !state.reply) state.generating = false;
         showError(data.message, data.code);
         break;
       case "session_end":
