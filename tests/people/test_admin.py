@@ -90,6 +90,8 @@ def test_list_shows_counts_tokens_and_state_newest_first(admin_client):
     rows = list(response.context["cl"].result_list)
     assert [r.id for r in rows] == [new.id, old.id]
     assert [(r.message_count, r.total_tokens) for r in rows] == [(2, 15), (4, 30)]
+    model_stats = {s.id: (s.message_count, s.total_tokens) for s in ChatSession.objects.with_stats()}
+    assert {r.id: (r.message_count, r.total_tokens) for r in rows} == model_stats  # same numbers, cheaper query
     html = response.content.decode()
     assert "icon-yes.svg" in html and "icon-no.svg" in html  # live and ended
     assert str(new.id) in html and "10.0.0.7" in html
