@@ -14,6 +14,7 @@ import pytest
 import websockets
 from django.urls import resolve
 
+from chat.models import ChatSession
 from tests.client import ProtocolClient
 from tests.conftest import ROOT, TEST_API_KEY, server_env
 from tests.fake_llm import SECRET_DETAIL
@@ -221,11 +222,11 @@ async def test_procfile_from_the_bundle_serves_the_protocol_behind_nginx(fake_ll
         if nginx.NGINX:
             main, port = nginx.prepare(bundle, tmp_path / "nginx", upstream_port=server.port)
             proxy = nginx.Nginx(main, port).start()
-        # As the load balancer forwards it: the public Host, and X-Forwarded-Proto for the TLS it terminated.
+        # As the load balancer forwards it: the public Host, X-Forwarded-Proto for the TLS it
+        # terminated, X-Forwarded-For with the client's address.
+        forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
         client = ProtocolClient(
-            await websockets.connect(
-                f"ws://{HOST}/", host="127.0.0.1", port=port, additional_headers={"X-Forwarded-Proto": "https"}
-            )
+            await websockets.connect(f"ws://{HOST}/", host="127.0.0.1", port=port, additional_headers=forwarded)
         )
         session_id = await client.start_session()
         frames = await client.post(session_id, "[[text=streamed_through_the_proxy]] hi", stream=True)
@@ -234,6 +235,8 @@ async def test_procfile_from_the_bundle_serves_the_protocol_behind_nginx(fake_ll
         await client.send({"action": "chatbot_session_end", "session_id": session_id})
         assert await client.recv() == {"type": "session_end", "data": None}
         await client.close()
+        # Daphne's --proxy-headers: the session records the client, not the proxy.
+        assert (await ChatSession.objects.aget(id=session_id)).client_address == "203.0.113.9"
 
         health = http_get(port, "/healthz", host="172.31.0.9")
         assert health.status == 200 and json.loads(health.body)["status"] == "ok"
