@@ -231,7 +231,7 @@ def spawn(name: str, command: list[str], env: dict[str, str] | None = None, port
         [part.replace("{port}", str(port)) for part in command],
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        stdout=open(LOGS / f"{name}.log", "ab"),  # noqa: SIM115
+        stdout=open(LOGS / f"{name}.log", "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         preexec_fn=lambda: raise_nofile(),
     )
