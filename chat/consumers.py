@@ -84,6 +84,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 try:
                     return await receive()
                 except Exception as exc:
+                    # redis-py turns a cancelled read into its own error: the consumer
+                    # is shutting down then, so let the cancellation through.
+                    if asyncio.current_task().cancelling():
+                        raise
                     if delay == 0.1:
                         logger.warning("channel layer receive failed; retrying", extra={"error": type(exc).__name__})
                     await asyncio.sleep(delay)
