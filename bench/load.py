@@ -221,7 +221,7 @@ def check_database(clients: list[Client], *, faults: bool, killed: int | None) -
         for sid, reason, ended in db_query("SELECT id, end_reason, ended_at IS NOT NULL FROM chat_chatsession")
     }
     problems: list[str] = []
-    accepted = saved = replies = replies_saved = error_turns = 0
+    accepted = saved = replies = replies_saved = error_turns = killed_replies = killed_replies_saved = 0
     for client in clients:
         if client.session_id is None:
             continue
@@ -233,8 +233,12 @@ def check_database(clients: list[Client], *, faults: bool, killed: int | None) -
                 accepted += 1
                 saved += turn.text in users
             if turn.reply is not None:
-                replies += 1
-                replies_saved += turn.reply in assistants
+                if client.server == killed:
+                    killed_replies += 1
+                    killed_replies_saved += turn.reply in assistants
+                else:
+                    replies += 1
+                    replies_saved += turn.reply in assistants
             if turn.error is not None:
                 error_turns += 1
         # Order: each assistant row answers the user row right before it.
@@ -270,6 +274,10 @@ def check_database(clients: list[Client], *, faults: bool, killed: int | None) -
         "accepted_saved": saved,
         "replies_seen": replies,
         "replies_saved": replies_saved,
+        # The killed process sent `message` before saving the reply (conversation.py):
+        # replies in that window died with it. Reported, not asserted.
+        "killed_process_replies_seen": killed_replies,
+        "killed_process_replies_saved": killed_replies_saved,
         "error_turns": error_turns,
         "sessions_in_db": len(sessions),
         "problems": problems[:10],
