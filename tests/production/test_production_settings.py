@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from chat.models import ChatSession
+from tests.client import ProtocolClient
 from tests.conftest import ROOT, LiveServer, free_port, server_env
 from tests.production.conftest import http_get
 
@@ -112,3 +114,24 @@ def test_health_is_503_when_the_database_is_down(daphne_factory):
     assert response.status == 503
     body = json.loads(response.body)
     assert body["checks"]["database"] != "ok" and body["checks"]["channel_layer"] == "ok"
+
+
+@pytest.mark.postgres
+async def test_elastic_beanstalk_rds_variables_configure_the_database(daphne_factory):
+    """An environment created with `eb create --database` gets RDS_* variables, not DATABASE_URL:
+    the server's sessions land in that database (this run's PostgreSQL test database)."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    server = daphne_factory(
+        DATABASE_URL="",
+        RDS_HOSTNAME=db.get("HOST") or "127.0.0.1",
+        RDS_PORT=str(db.get("PORT") or 5432),
+        RDS_DB_NAME=db["NAME"],
+        RDS_USERNAME=db.get("USER") or "postgres",
+        RDS_PASSWORD=db.get("PASSWORD") or "",
+    )
+    client = await ProtocolClient.connect(server.url)
+    session_id = await client.start_session()
+    await client.close()
+    assert await ChatSession.objects.filter(id=session_id).aexists()
