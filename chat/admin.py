@@ -20,7 +20,7 @@ from django.urls import path, reverse
 from django.utils.timezone import localtime
 
 from chat import transcripts
-from chat.models import ChatMessage, ChatSession, Role
+from chat.models import ChatMessage, ChatSession, Role, ServerProcess
 from chat.operator import end_session_now
 
 admin.site.site_header = "R2D2 operations"
@@ -217,3 +217,20 @@ class ChatSessionAdmin(admin.ModelAdmin):
         )
         response["Content-Disposition"] = f'attachment; filename="r2d2-session-{session.id}.md"'
         return response
+
+
+@admin.register(ServerProcess)
+class ServerProcessAdmin(admin.ModelAdmin):
+    """Which server processes are beating: where live sessions are held, and which are gone."""
+
+    list_display = ["process_id", "host", "pid", "started_at", "last_seen_at"]
+    ordering = ["-last_seen_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: ServerProcess | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: ServerProcess | None = None) -> bool:
+        return False

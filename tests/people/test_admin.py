@@ -294,3 +294,18 @@ async def test_bulk_action_ends_only_the_live_sessions_selected(django_user_mode
     assert not (await ChatSession.objects.aget(id=sockets[2][1])).ended_at
     for communicator, _ in sockets:
         await communicator.disconnect()
+
+
+def test_server_processes_are_listed_read_only(admin_client):
+    """Operators see which server processes are beating, and cannot edit or delete them."""
+    from django.utils import timezone
+
+    from chat.models import ServerProcess
+
+    ServerProcess.objects.create(process_id="web-1:42:abcd", host="web-1", pid=42, last_seen_at=timezone.now())
+    page = admin_client.get("/admin/chat/serverprocess/")
+    assert page.status_code == 200
+    assert b"web-1:42:abcd" in page.content
+    assert admin_client.get("/admin/chat/serverprocess/add/").status_code == 403
+    assert admin_client.post("/admin/chat/serverprocess/web-1:42:abcd/delete/").status_code == 403
+    assert ServerProcess.objects.filter(process_id="web-1:42:abcd").exists()
