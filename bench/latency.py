@@ -75,9 +75,12 @@ def main() -> None:
         asyncio.run(run_sessions(daphne.url, 20, 2))  # warm up: pool connections, imports
         asyncio.run(run_direct(model_url(model), 20, 2))
         for sessions, turns in plan:
-            direct, d0, d1 = asyncio.run(run_direct(model_url(model), sessions, turns))
+            # Sessions start at random moments within one turn's time, as real users do,
+            # instead of all sending their first message in the same millisecond.
+            jitter = 0.1 if sessions > 1 else 0.0
+            direct, d0, d1 = asyncio.run(run_direct(model_url(model), sessions, turns, jitter=jitter))
             cpu0 = cpu_seconds(daphne.pid)
-            states, r0, r1 = asyncio.run(run_sessions(daphne.url, sessions, turns))
+            states, r0, r1 = asyncio.run(run_sessions(daphne.url, sessions, turns, jitter=jitter))
             cpu = cpu_seconds(daphne.pid) - cpu0
             all_turns = [t for s in states for t in s.turns]
             failed = [s.failure for s in states if s.failure] + [t.errors for t in all_turns if not t.ok]

@@ -41,6 +41,7 @@ from common import (
     turn_latencies,
     write_result,
 )
+from profile_summary import summarise
 
 MODEL_TIME = 0.2
 TURNS = 5
@@ -135,6 +136,7 @@ def main() -> None:
                 spy.send_signal(2)
                 spy.wait(60)
                 profile = collapse(raw)
+                profile["buckets"] = summarise(raw)["buckets"]
                 shutil.copy(raw, RESULTS / "throughput-profile.txt")
             rows = db_query("SELECT role, count(*) FROM chat_chatmessage GROUP BY role")
             r2d2["db_rows"] = dict(rows)
@@ -155,9 +157,9 @@ def main() -> None:
         model.stop()
         redis.stop()
     if profile:
-        print("profile, own time:")
-        for row in profile["own"][:8]:
-            print(f"  {row['pct']:5.1f}%  {row['frame']}")
+        print("profile of the Daphne process (py-spy), by cost:")
+        for row in profile["buckets"]:
+            print(f"  {row['pct_of_samples']:5.1f}%  {row['cost']}")
     top = results[-1]
     write_result(
         "throughput",
