@@ -6,6 +6,7 @@ async ORM; a turn costs one INSERT for the user's message and one for the reply.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -39,12 +40,40 @@ async def end_session(*, session_id: uuid.UUID, reason: EndReason) -> bool:
     return bool(updated)
 
 
-async def end_sessions(*, session_ids: Sequence[uuid.UUID], reason: EndReason) -> int:
+async def end_sessions(*, session_ids: Sequence[uuid.UUID], reason: EndReason) -> None:
+    """End live sessions; concurrent calls (a burst of closing sockets) share one UPDATE.
+
+    Every async ORM call waits its turn on one thread. When 8,000 sockets closed at
+    once, one UPDATE each took longer than Daphne's 10 s application close timeout,
+    so Daphne killed most consumers before their sessions were ended. Calls made
+    while an UPDATE is running join the next one instead.
+    """
     if not session_ids:
-        return 0
-    return await ChatSession.objects.filter(id__in=session_ids, ended_at__isnull=True).aupdate(
-        ended_at=timezone.now(), end_reason=reason
-    )
+        return
+    loop = asyncio.get_running_loop()
+    batch = _end_batches.get((loop, reason))
+    if batch is None:
+        batch = _end_batches[(loop, reason)] = (set(), loop.create_future())
+        loop.create_task(_end_batch(loop, reason))
+    batch[0].update(session_ids)
+    await asyncio.shield(batch[1])
+
+
+_end_batches: dict[tuple[asyncio.AbstractEventLoop, EndReason], tuple[set[uuid.UUID], asyncio.Future]] = {}
+
+
+async def _end_batch(loop: asyncio.AbstractEventLoop, reason: EndReason) -> None:
+    await asyncio.sleep(0)  # let the other sockets closing in this loop turn join
+    session_ids, done = _end_batches.pop((loop, reason))
+    try:
+        await ChatSession.objects.filter(id__in=list(session_ids), ended_at__isnull=True).aupdate(
+            ended_at=timezone.now(), end_reason=reason
+        )
+    except Exception as exc:
+        done.set_exception(exc)
+        done.exception()  # retrieved here too, so an unawaited failure is not reported twice
+    else:
+        done.set_result(None)
 
 
 async def get_session(session_id: uuid.UUID) -> ChatSession | None:
