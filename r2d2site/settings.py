@@ -144,13 +144,22 @@ REDIS_URL = os.environ.get("REDIS_URL", "").strip()
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # channels_redis's layer with a pool that queues commands (chat/channel_layer.py).
+            "BACKEND": "chat.channel_layer.RedisChannelLayer",
             "CONFIG": {
                 # redis-py 8 reads with a 5 s socket timeout by default, the same as
                 # channels-redis's 5 s BZPOPMIN: every idle consumer's receive then
                 # raised TimeoutError and Daphne closed the socket (1011) about 5 s
                 # after it opened. Reads must outlast the blocking pop.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": env_float("R2D2_REDIS_SOCKET_TIMEOUT", 30.0)}],
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "socket_timeout": env_float("R2D2_REDIS_SOCKET_TIMEOUT", 30.0),
+                        # Concurrent Redis commands per process; more wait (up to `timeout` s).
+                        "max_connections": env_int("R2D2_REDIS_MAX_CONNECTIONS", 100),
+                        "timeout": env_float("R2D2_REDIS_POOL_TIMEOUT", 20.0),
+                    }
+                ],
                 # channels-redis silently drops a message sent to a full
                 # channel; the default of 100 is too small for bursts.
                 "capacity": env_int("R2D2_CHANNEL_CAPACITY", 1000),
