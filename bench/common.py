@@ -30,7 +30,7 @@ LOGS = Path(os.environ.get("R2D2_BENCH_LOGS", "/tmp/r2d2-bench-logs"))
 PYTHON = sys.executable
 PG_URL = os.environ.get("R2D2_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/r2d2_bench")
 REDIS_PORT = int(os.environ.get("R2D2_BENCH_REDIS_PORT", "6390"))
-REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0" + os.environ.get("R2D2_BENCH_REDIS_QUERY", "")
 API_KEY = "sk-bench-0123456789"
 
 if str(ROOT) not in sys.path:

@@ -443,7 +443,10 @@ def main() -> None:
         and drops.dropped == 0
         and (args.faults or errors == 0)
     )
-    result["passed"] = ok
+    # Near the start: within 10% (or 16 MiB) of the warmed-up start, on every surviving process.
+    rss_back = all(rss_end[i] <= max(rss_start[i] * 1.10, rss_start[i] + 16 * 1024) for i in rss_end)
+    result["rss_returned_near_start"] = rss_back
+    result["passed"] = ok and rss_back
     print(json.dumps({k: v for k, v in result.items() if k not in ("frame_problems",)}, indent=1))
     name = "load-faults" if args.faults else "load"
     write_result(f"{name}-capacity{args.capacity}" if args.capacity else name, result)
