@@ -53,22 +53,18 @@ def added(r2d2: dict, direct: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer turns, skip 1,000 sessions")
+    parser.add_argument("--ttft", type=float, default=TTFT, help="model's first-token delay (s)")
+    parser.add_argument("--token-delay", type=float, default=TOKEN_DELAY, help="model's delay between tokens (s)")
+    parser.add_argument("--turns", type=int, nargs=3, metavar=("AT1", "AT100", "AT1000"), help="turns per session")
+    parser.add_argument("--name", default="latency", help="result file name (bench/results/NAME.json)")
     args = parser.parse_args()
     raise_nofile()
-    plan = (
-        [
-            (
-                1,
-                50,
-            ),
-            (100, 3),
-        ]
-        if args.quick
-        else [(1, 200), (100, 6), (1000, 2)]
-    )
+    plan = [(1, 50), (100, 3)] if args.quick else [(1, 200), (100, 6), (1000, 2)]
+    if args.turns:
+        plan = [(sessions, turns) for sessions, turns in zip((1, 100, 1000), args.turns, strict=True) if turns]
     redis = Redis().start()
     prepare_database()
-    model = start_model(ttft=TTFT, token_delay=TOKEN_DELAY, stamp=True)
+    model = start_model(ttft=args.ttft, token_delay=args.token_delay, stamp=True)
     daphne = start_daphne(model)
     levels = []
     try:
@@ -77,7 +73,7 @@ def main() -> None:
         for sessions, turns in plan:
             # Sessions start at random moments within one turn's time, as real users do,
             # instead of all sending their first message in the same millisecond.
-            jitter = 0.1 if sessions > 1 else 0.0
+            jitter = (args.ttft + 20 * args.token_delay) if sessions > 1 else 0.0
             direct, d0, d1 = asyncio.run(run_direct(model_url(model), sessions, turns, jitter=jitter))
             cpu0 = cpu_seconds(daphne.pid)
             states, r0, r1 = asyncio.run(run_sessions(daphne.url, sessions, turns, jitter=jitter))
@@ -125,9 +121,9 @@ def main() -> None:
             "p99_added_le_10ms": all(worst[e]["p99"] is not None and worst[e]["p99"] <= 10 for e in EVENTS),
         }
     write_result(
-        "latency",
+        args.name,
         {
-            "model_server": {"ttft_s": TTFT, "token_delay_s": TOKEN_DELAY, "stream": True},
+            "model_server": {"ttft_s": args.ttft, "token_delay_s": args.token_delay, "stream": True},
             "levels": levels,
             "target_at_100_sessions": target,
             "quick": args.quick,
