@@ -134,9 +134,9 @@ class Conversation:
         elif cancelled and not reply.text:
             pass  # nothing was said: nothing to keep
         else:
-            if not cancelled:
-                await self._send(protocol.message(reply.text))
             self.history.append((Role.ASSISTANT.value, reply.text))
+            # Saved before the client sees it, so a process that dies right
+            # after leaves no reply a person read but the database lacks.
             await services.add_assistant_message(
                 session_id=self.session_id,
                 content=reply.text,
@@ -146,4 +146,6 @@ class Conversation:
                 latency_ms=reply.latency_ms,
                 cancelled=cancelled,
             )
+            if not cancelled:
+                await self._send(protocol.message(reply.text))
         await self._send(protocol.processing_end())

@@ -1,0 +1,30 @@
+"""The operator's end reaches a live server's client even when Redis has forgotten the session's group."""
+
+import pytest
+import redis.asyncio as redis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from chat.models import ChatSession, EndReason
+from chat.operator import end_session_now, session_group
+from tests.client import ProtocolClient
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
+
+
+async def test_operator_end_survives_lost_group_membership(daphne, fake_llm):
+    """After a Redis restart groups are gone; the event still reaches the owner through its own channel."""
+    client = await ProtocolClient.connect(daphne.url)
+    session_id = await client.start_session()
+    prefix = settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
+    connection = redis.from_url(settings.REDIS_URL)
+    # What a restart of a non-persistent Redis does to the session's group.
+    assert await connection.delete(f"{prefix}:group:{session_group(session_id)}") == 1
+    await connection.aclose()
+
+    await sync_to_async(end_session_now)(session_id)
+    frame = await client.recv()
+    assert frame == {"type": "session_end", "data": {"session_id": session_id, "reason": "operator"}}
+    await client.close()
+    session = await ChatSession.objects.aget(id=session_id)
+    assert session.end_reason == EndReason.OPERATOR
