@@ -64,37 +64,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def send_frame(self, text: str) -> None:
         await self.send(text_data=text)
 
-    @property
-    def channel_receive(self):
-        return self._channel_receive
-
-    @channel_receive.setter
-    def channel_receive(self, receive) -> None:
-        """Channels sets this to the layer's receive; wrap it so a Redis outage never closes the socket.
-
-        Left bare, an error from Redis (a restart, a failover) propagates out of
-        channels' dispatch loop and Daphne closes every socket of the process
-        with 1011. Here the receive is retried with backoff until Redis is back;
-        the socket, its sessions and their generations carry on meanwhile.
-        """
-
-        async def resilient_receive() -> dict:
-            delay = 0.1
-            while True:
-                try:
-                    return await receive()
-                except Exception as exc:
-                    # redis-py turns a cancelled read into its own error: the consumer
-                    # is shutting down then, so let the cancellation through.
-                    if asyncio.current_task().cancelling():
-                        raise
-                    if delay == 0.1:
-                        logger.warning("channel layer receive failed; retrying", extra={"error": type(exc).__name__})
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-
-        self._channel_receive = resilient_receive
-
     # Actions ---------------------------------------------------------------
 
     async def session_start(self, request: SessionStart) -> None:

@@ -1,0 +1,89 @@
+"""A Redis restart mid-conversation: sockets stay open, turns keep working, the operator still reaches them."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from chat.models import ChatMessage, ChatSession, EndReason
+from chat.operator import end_session_now
+from tests.client import ProtocolClient
+from tests.conftest import free_port
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary"),
+]
+
+
+class PrivateRedis:
+    """A throwaway, non-persistent redis-server of this test's own, so restarting it disturbs nobody else."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@pytest.fixture
+def private_redis():
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_redis_restart_keeps_sockets_and_sessions(daphne_factory, fake_llm, private_redis, settings):
+    """Redis goes away and comes back empty: the client's socket survives and its session still chats."""
+    server = daphne_factory(REDIS_URL=private_redis.url)
+    client = await ProtocolClient.connect(server.url)
+    session_id = await client.start_session()
+    assert (await client.post(session_id, "before"))[1]["data"] == "Echo: before"
+
+    private_redis.stop()
+    await asyncio.sleep(1.0)
+    private_redis.start()
+    await asyncio.sleep(0.5)
+
+    frames = await client.post(session_id, "after")
+    assert [f["type"] for f in frames] == ["processing_start", "message", "processing_end"]
+
+    # The operator's event still reaches the owner, though Redis forgot the session's group.
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "chat.channel_layer.RedisChannelLayer",
+            "CONFIG": {"hosts": [private_redis.url], "prefix": "r2d2"},
+        }
+    }
+    await sync_to_async(end_session_now)(session_id)
+    assert (await client.recv(timeout=15)) == {
+        "type": "session_end",
+        "data": {"session_id": session_id, "reason": "operator"},
+    }
+    await client.close()
+    assert (await ChatSession.objects.aget(id=session_id)).end_reason == EndReason.OPERATOR
+    assert await ChatMessage.objects.filter(session_id=session_id, role="user").acount() == 2
