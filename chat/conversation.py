@@ -39,10 +39,6 @@ class Conversation:
         self._cancel_requested = False
         self._closed = False
 
-    @property
-    def busy(self) -> bool:
-        return self._generating or not self._queue.empty()
-
     def check_capacity(self) -> None:
         """Refuse a new message when the queue behind the current turn is full."""
         waiting = self._queue.qsize()

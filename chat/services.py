@@ -54,12 +54,16 @@ async def end_sessions(*, session_ids: Sequence[uuid.UUID], reason: EndReason) -
     batch = _end_batches.get((loop, reason))
     if batch is None:
         batch = _end_batches[(loop, reason)] = (set(), loop.create_future())
-        loop.create_task(_end_batch(loop, reason))
+        # The loop keeps only a weak reference to a task: hold it until it is done.
+        task = loop.create_task(_end_batch(loop, reason))
+        _end_batch_tasks.add(task)
+        task.add_done_callback(_end_batch_tasks.discard)
     batch[0].update(session_ids)
     await asyncio.shield(batch[1])
 
 
 _end_batches: dict[tuple[asyncio.AbstractEventLoop, EndReason], tuple[set[uuid.UUID], asyncio.Future]] = {}
+_end_batch_tasks: set[asyncio.Task] = set()
 
 
 async def _end_batch(loop: asyncio.AbstractEventLoop, reason: EndReason) -> None:

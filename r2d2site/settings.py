@@ -233,7 +233,6 @@ R2D2_MAX_SESSIONS_PER_CONNECTION = env_int("R2D2_MAX_SESSIONS_PER_CONNECTION", 8
 R2D2_RATE_LIMIT_PER_MINUTE = env_int("R2D2_RATE_LIMIT_PER_MINUTE", 30)
 R2D2_UPSTREAM_TIMEOUT = env_float("R2D2_UPSTREAM_TIMEOUT", 60.0)
 R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
-R2D2_LOG_MESSAGE_CONTENT = env_bool("R2D2_LOG_MESSAGE_CONTENT", False)
 # Liveness of server processes (chat/liveness.py): a process beats every
 # R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
 # its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).
