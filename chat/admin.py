@@ -1,8 +1,9 @@
 """The operator's view of sessions: a fast list, read-only transcripts, ending live sessions, exports.
 
 Nothing here edits a message. Ending a session goes through
-`chat.operator.end_session_now`, which reaches the consumer holding the session
-over the channel layer, in whatever process it runs.
+`chat.sessions.request_end`, which reaches the consumer holding the session over
+the channel layer, in whatever process it runs, or ends it in the database when
+that process is gone.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.timezone import localtime
 
-from chat import transcripts
+from chat import sessions, transcripts
 from chat.models import ChatMessage, ChatSession, Role, ServerProcess
-from chat.operator import end_session_now
 
 admin.site.site_header = "R2D2 operations"
 admin.site.site_title = "R2D2 admin"
@@ -162,7 +162,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
     def end_selected_sessions(self, request: HttpRequest, queryset: QuerySet[ChatSession]) -> None:
         ids = list(queryset.live().values_list("id", flat=True))
         for session_id in ids:
-            end_session_now(session_id)
+            sessions.request_end_now(session_id)
         self.message_user(request, f"Asked the server to end {len(ids)} live session(s).", messages.SUCCESS)
 
     # A session's page -------------------------------------------------------
@@ -196,9 +196,11 @@ class ChatSessionAdmin(admin.ModelAdmin):
         session = self._viewable(request, session_id)
         if not self.has_end_permission(request, session):
             raise PermissionDenied
-        if session.is_live:
-            end_session_now(session.id)
+        outcome = sessions.request_end_now(session.id)
+        if outcome == sessions.Ended.REQUESTED:
             self.message_user(request, "Asked the server holding the session to end it; its client is told so.")
+        elif outcome.in_database:
+            self.message_user(request, f"Ended in the database: {outcome.value}.", messages.WARNING)
         else:
             self.message_user(request, "That session had already ended.", messages.WARNING)
         return HttpResponseRedirect(reverse("admin:chat_chatsession_change", args=[session.id]))

@@ -1,8 +1,8 @@
-"""The WebSocket consumer: parse a frame, dispatch on its action, send frames back.
+"""The WebSocket consumer: parse a frame, check who may do it, dispatch, send frames back.
 
-Everything slow (the model call) runs in each session's `Conversation` task, so
-the socket keeps reading while a reply is generated, and a cancel or a closed
-socket can stop it.
+It reads like a table of actions (`HANDLERS`). Everything slow (the model call)
+runs in each session's `Conversation`, so the socket keeps reading while a reply is
+generated, and a cancel or a closed socket can stop it.
 """
 
 from __future__ import annotations
@@ -10,111 +10,117 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import protocol, services
+from chat import protocol, sessions
 from chat.conversation import Conversation
+from chat.errors import ClientError, ErrorCode
 from chat.limits import TokenBucket
 from chat.models import EndReason
-from chat.operator import session_group
-from chat.protocol import Cancel, ErrorCode, PostMessage, ProtocolError, SessionEnd, SessionStart
+from chat.protocol import Cancel, PostMessage, Request, SessionEnd, SessionStart
 
 logger = logging.getLogger(__name__)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
-        """Called when a WebSocket connection is opened (Origin was already checked)."""
+        """Called when a WebSocket connection is opened (Origin and Host were already checked)."""
         self.conversations: dict[uuid.UUID, Conversation] = {}
-        self.rate = TokenBucket(settings.R2D2_RATE_LIMIT_PER_MINUTE)
+        self.post_rate = TokenBucket(settings.R2D2_RATE_LIMIT_PER_MINUTE)
+        self.start_rate = TokenBucket(settings.R2D2_RATE_LIMIT_PER_MINUTE)
         client = self.scope.get("client")
         self.client_address = client[0] if client else None
         await self.accept()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        """Called with each frame; every refusal becomes one `error` frame."""
+        """Called with each frame; every refusal becomes one `error` frame and the socket stays open."""
         try:
             if text_data is None:
-                raise ProtocolError(ErrorCode.BINARY_FRAME, "Binary frames are not supported; send JSON text.")
+                raise ClientError(ErrorCode.BINARY_FRAME, "Binary frames are not supported; send JSON text.")
             request = protocol.parse_text(text_data, max_message_chars=settings.R2D2_MAX_MESSAGE_CHARS)
-            match request:
-                case SessionStart():
-                    await self.session_start(request)
-                case PostMessage():
-                    await self.post_message(request)
-                case SessionEnd():
-                    await self.end_session(request)
-                case Cancel():
-                    await self.cancel(request)
-        except ProtocolError as exc:
+            handler = self.HANDLERS.get(type(request), ChatConsumer.unhandled)
+            await handler(self, request)
+        except ClientError as exc:
             await self.send_frame(protocol.error(exc.code, exc.message))
+        except Exception:
+            # A bug must cost one frame, not the socket (Channels would close it with 1011).
+            logger.exception("frame handling failed")
+            await self.send_frame(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to handle that frame."))
 
     async def disconnect(self, code: int) -> None:
-        """Called when the socket closes: stop every generation and end every session it owned."""
+        """Called when the socket closes: stop every generation and end every session it held."""
         conversations, self.conversations = getattr(self, "conversations", {}), {}
         if not conversations:
             return
         await asyncio.gather(*(c.close() for c in conversations.values()), return_exceptions=True)
-        await services.end_sessions(session_ids=list(conversations), reason=EndReason.DISCONNECT)
+        await sessions.end_many(session_ids=list(conversations), reason=EndReason.DISCONNECT)
         for session_id in conversations:
-            await self.channel_layer.group_discard(session_group(session_id), self.channel_name)
+            await self.channel_layer.group_discard(sessions.group(session_id), self.channel_name)
 
     async def send_frame(self, text: str) -> None:
         await self.send(text_data=text)
 
     # Actions ---------------------------------------------------------------
 
-    async def session_start(self, request: SessionStart) -> None:
+    async def start_session(self, request: SessionStart) -> None:
         model = request.gpt_model or settings.R2D2_DEFAULT_MODEL
         if settings.R2D2_ALLOWED_MODELS and model not in settings.R2D2_ALLOWED_MODELS:
-            raise ProtocolError(
+            raise ClientError(
                 ErrorCode.MODEL_NOT_ALLOWED,
                 f"Model not allowed here; choose one of: {', '.join(settings.R2D2_ALLOWED_MODELS)}.",
             )
         if len(self.conversations) >= settings.R2D2_MAX_SESSIONS_PER_CONNECTION:
-            raise ProtocolError(
+            raise ClientError(
                 ErrorCode.TOO_MANY_SESSIONS,
                 f"This connection already has {len(self.conversations)} open sessions; end one first.",
             )
-        session = await services.start_session(
-            model=model, client_address=self.client_address, owner_channel=self.channel_name
-        )
+        _take(self.start_rate, "sessions")
+        session = await sessions.start(model=model, client_address=self.client_address, owner_channel=self.channel_name)
         self.conversations[session.id] = Conversation(session_id=session.id, model=model, send=self.send_frame)
-        await self.channel_layer.group_add(session_group(session.id), self.channel_name)
+        await self.channel_layer.group_add(sessions.group(session.id), self.channel_name)
         logger.info("session started", extra={"session_id": str(session.id), "model": model})
         await self.send_frame(protocol.session_start(session.id))
 
     async def post_message(self, request: PostMessage) -> None:
-        conversation = await self.owned(request.session_id)
-        conversation.check_capacity()
-        if not self.rate.take():
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED,
-                f"Too many messages; try again in {self.rate.retry_after():.0f} s.",
-            )
-        await services.add_user_message(
-            session_id=request.session_id,
-            content=request.user_message,
-            system_message=request.system_message,
-        )
-        conversation.submit(request)
+        conversation = await self.held(request.session_id)
+        _take(self.post_rate, "messages")
+        try:
+            await conversation.accept(request)
+        except ClientError as exc:
+            if exc.code == ErrorCode.SESSION_ENDED:
+                # Ended elsewhere while this socket held it (e.g. by a command that could not reach us).
+                await self.close_session(request.session_id, reason=None)
+            raise
 
     async def end_session(self, request: SessionEnd) -> None:
-        await self.owned(request.session_id)
+        await self.held(request.session_id)
         await self.close_session(request.session_id, EndReason.CLIENT)
         await self.send_frame(protocol.session_end())
 
-    async def cancel(self, request: Cancel) -> None:
-        conversation = await self.owned(request.session_id)
+    async def cancel_turn(self, request: Cancel) -> None:
+        conversation = await self.held(request.session_id)
         if not conversation.cancel():
-            raise ProtocolError(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
+            raise ClientError(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
+
+    async def unhandled(self, request: Request) -> None:
+        raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
+
+    #: Request type → action. A new action is one parser in chat/protocol.py and one entry here.
+    HANDLERS: dict[type, Callable[[ChatConsumer, Request], Awaitable[None]]] = {
+        SessionStart: start_session,
+        PostMessage: post_message,
+        SessionEnd: end_session,
+        Cancel: cancel_turn,
+    }
 
     # Channel-layer events --------------------------------------------------
 
     async def session_end(self, event: dict) -> None:
-        """Called on a `session.end` event: an operator ended one of this socket's sessions."""
+        """Called on a `session.end` event: one of this socket's sessions is ended from outside
+        (an operator, or the orphan sweep)."""
         session_id = uuid.UUID(event["session_id"])
         if session_id not in self.conversations:
             return
@@ -124,21 +130,28 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # Helpers ---------------------------------------------------------------
 
-    async def owned(self, session_id: uuid.UUID) -> Conversation:
-        """The live session this connection owns, or the ProtocolError that says why not."""
+    async def held(self, session_id: uuid.UUID) -> Conversation:
+        """The live session this connection holds, or the ClientError that says why not."""
         conversation = self.conversations.get(session_id)
         if conversation is not None:
             return conversation
-        session = await services.get_session(session_id)
+        session = await sessions.get(session_id)
         if session is None:
-            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "No session has that session_id.")
+            raise ClientError(ErrorCode.SESSION_NOT_FOUND, "No session has that session_id.")
         if not session.is_live:
-            raise ProtocolError(ErrorCode.SESSION_ENDED, "That session has ended; start a new one.")
-        raise ProtocolError(ErrorCode.SESSION_NOT_OWNED, "That session belongs to another connection.")
+            raise ClientError(ErrorCode.SESSION_ENDED, "That session has ended; start a new one.")
+        raise ClientError(ErrorCode.SESSION_NOT_OWNED, "That session belongs to another connection.")
 
-    async def close_session(self, session_id: uuid.UUID, reason: EndReason) -> None:
+    async def close_session(self, session_id: uuid.UUID, reason: EndReason | None) -> None:
+        """Stop holding a session; record `reason` unless it was already ended elsewhere (None)."""
         conversation = self.conversations.pop(session_id)
         await conversation.close()
-        await services.end_session(session_id=session_id, reason=reason)
-        await self.channel_layer.group_discard(session_group(session_id), self.channel_name)
-        logger.info("session ended", extra={"session_id": str(session_id), "reason": reason.value})
+        if reason is not None:
+            await sessions.end(session_id=session_id, reason=reason)
+        await self.channel_layer.group_discard(sessions.group(session_id), self.channel_name)
+        logger.info("session ended", extra={"session_id": str(session_id), "reason": reason or "elsewhere"})
+
+
+def _take(bucket: TokenBucket, what: str) -> None:
+    if not bucket.take():
+        raise ClientError(ErrorCode.RATE_LIMITED, f"Too many {what}; try again in {bucket.retry_after():.0f} s.")

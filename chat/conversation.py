@@ -1,9 +1,14 @@
-"""One live session's turns: queued, run one at a time, cancellable.
+"""One live session's turns: accepted, queued, answered one at a time, cancellable.
 
-A `Conversation` belongs to the consumer that started the session. It keeps the
-session's history in memory (the connection that owns a session is the only
-writer, so the database need not be read back each turn) and runs accepted
-messages strictly in order on one worker task.
+A `Conversation` belongs to the consumer that holds the session and owns every
+turn from end to end: it saves the user's message when it is accepted, builds the
+prompt, calls the model, saves the reply and sends it. It keeps the session's
+history in memory (the holder of a session is its only writer, so the database
+need not be read back each turn).
+
+A turn always ends: whatever fails after `processing_start` (the model, saving,
+encoding, sending, a bug), the client gets one `error` frame and then
+`processing_end`, and the next message is answered.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 
-from chat import llm, protocol, services
-from chat.models import Role
-from chat.protocol import ErrorCode, PostMessage, ProtocolError
+from chat import llm, messages, prompt, protocol
+from chat.errors import ClientError, ErrorCode
+from chat.models import MessageStatus, Role
+from chat.protocol import PostMessage
+from chat.text import TextRepair
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +46,17 @@ class Conversation:
         self._cancel_requested = False
         self._closed = False
 
-    def check_capacity(self) -> None:
-        """Refuse a new message when the queue behind the current turn is full."""
+    async def accept(self, post: PostMessage) -> None:
+        """Take a message: refuse it when the queue is full, else save it and queue it for the worker."""
         waiting = self._queue.qsize()
         if waiting >= settings.R2D2_MAX_QUEUED_MESSAGES:
-            raise ProtocolError(
+            raise ClientError(
                 ErrorCode.QUEUE_FULL,
                 f"{waiting} messages are already waiting in this session; wait for a reply.",
             )
-
-    def submit(self, post: PostMessage) -> None:
-        """Queue an accepted (already saved) message; the worker answers it in order."""
+        await messages.save_user_message(
+            session_id=self.session_id, content=post.user_message, system_message=post.system_message
+        )
         self._queue.put_nowait(post)
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name=f"conversation-{self.session_id}")
@@ -88,16 +95,26 @@ class Conversation:
                 self._in_turn = False
 
     async def _turn(self, post: PostMessage) -> None:
-        await self._send(protocol.processing_start())
+        await self._send_quietly(protocol.processing_start())
+        try:
+            await self._answer(post)
+        except ClientError as exc:
+            await self._send_quietly(protocol.error(exc.code, exc.message))
+        except Exception:
+            logger.exception("turn failed", extra={"session_id": str(self.session_id)})
+            await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
+        await self._send_quietly(protocol.processing_end())
+
+    async def _answer(self, post: PostMessage) -> None:
         # Daphne (Twisted) writes a frame on the loop's next writable callback,
         # not in send(); building the model request below takes milliseconds of
-        # CPU, so let the frame leave first (two loop turns: the writer is queued
-        # behind this task's own wake-up on the first).
+        # CPU, so let processing_start leave first (two loop turns: the writer is
+        # queued behind this task's own wake-up on the first).
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         if post.system_message is not None:
             self.system_message = post.system_message
-        messages = services.assemble_messages(
+        request = prompt.assemble_messages(
             system_message=self.system_message,
             history=self.history,
             user_message=post.user_message,
@@ -105,43 +122,83 @@ class Conversation:
         )
         self.history.append((Role.USER.value, post.user_message))
         reply = llm.Reply()
-        failure: llm.LLMError | None = None
+        draft = _Draft(self.session_id, self.model, reply)
+        repair = TextRepair()
         cancelled = False
         self._generating, self._cancel_requested = True, False
         try:
-            async for chunk in llm.generate(model=self.model, messages=messages, stream=post.stream, reply=reply):
-                if post.stream:
-                    await self._send(protocol.message_delta(chunk))
+            async for chunk in llm.generate(model=self.model, messages=request, stream=post.stream, reply=reply):
+                await self._said(repair.feed(chunk), post.stream, draft)
+            await self._said(repair.flush(), post.stream, draft)
         except asyncio.CancelledError:
             if not self._cancel_requested:
                 raise
             asyncio.current_task().uncancel()
             cancelled = True
-        except llm.LLMError as exc:
-            failure = exc
-        except Exception:
-            logger.exception("turn failed", extra={"session_id": str(self.session_id)})
-            failure = llm.LLMError(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again.")
+        except ClientError:
+            await draft.abandon()
+            raise
         finally:
             self._generating = False
 
-        if failure is not None:
-            await self._send(protocol.error(failure.code, failure.message))
-        elif cancelled and not reply.text:
-            pass  # nothing was said: nothing to keep
-        else:
-            self.history.append((Role.ASSISTANT.value, reply.text))
-            # Saved before the client sees it, so a process that dies right
-            # after leaves no reply a person read but the database lacks.
-            await services.add_assistant_message(
-                session_id=self.session_id,
-                content=reply.text,
-                model=self.model,
-                prompt_tokens=reply.prompt_tokens,
-                completion_tokens=reply.completion_tokens,
-                latency_ms=reply.latency_ms,
-                cancelled=cancelled,
-            )
-            if not cancelled:
-                await self._send(protocol.message(reply.text))
-        await self._send(protocol.processing_end())
+        if cancelled and not draft.text:
+            return  # nothing was said: nothing to keep
+        self.history.append((Role.ASSISTANT.value, draft.text))
+        # Saved before the client sees it, so a process that dies right after
+        # leaves no reply a person read but the database lacks.
+        await draft.save(MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE)
+        if not cancelled:
+            await self._send(protocol.message(draft.text))
+
+    async def _said(self, text: str, stream: bool, draft: _Draft) -> None:
+        if not text:
+            return
+        draft.text += text
+        if stream:
+            await self._send(protocol.message_delta(text))
+            await draft.checkpoint()
+
+    async def _send_quietly(self, frame: str) -> None:
+        """Send a frame whose failure must not stop the turn from ending (the socket may be gone)."""
+        try:
+            await self._send(frame)
+        except Exception:
+            logger.exception("could not send a frame", extra={"session_id": str(self.session_id)})
+
+
+class _Draft:
+    """A reply as the client has seen it, saved at the end, and while it streams at most
+    R2D2_CHECKPOINT_SECONDS behind what was sent (marked incomplete until it is done)."""
+
+    def __init__(self, session_id: uuid.UUID, model: str, reply: llm.Reply) -> None:
+        self.session_id = session_id
+        self.model = model
+        self.reply = reply
+        self.text = ""
+        self.row_id: int | None = None
+        self._loop = asyncio.get_running_loop()
+        self._saved_at = self._loop.time()
+
+    async def checkpoint(self) -> None:
+        interval = settings.R2D2_CHECKPOINT_SECONDS
+        if interval <= 0 or self._loop.time() - self._saved_at < interval:
+            return
+        self._saved_at = self._loop.time()
+        await self.save(MessageStatus.INCOMPLETE)
+
+    async def save(self, status: MessageStatus) -> None:
+        self.row_id = await messages.save_reply(
+            row_id=self.row_id,
+            session_id=self.session_id,
+            content=self.text,
+            model=self.model,
+            prompt_tokens=self.reply.prompt_tokens,
+            completion_tokens=self.reply.completion_tokens,
+            latency_ms=self.reply.latency_ms,
+            status=status,
+        )
+
+    async def abandon(self) -> None:
+        """The model failed midway: what was already checkpointed stays, marked interrupted."""
+        if self.row_id is not None:
+            await self.save(MessageStatus.INTERRUPTED)

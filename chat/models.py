@@ -27,6 +27,8 @@ class Role(models.TextChoices):
 class MessageStatus(models.TextChoices):
     COMPLETE = "complete", "Complete"
     CANCELLED = "cancelled", "Cancelled (partial reply)"
+    INCOMPLETE = "incomplete", "Streaming (saved so far)"
+    INTERRUPTED = "interrupted", "Interrupted (partial reply)"
 
 
 class ChatSessionQuerySet(models.QuerySet):
@@ -89,7 +91,7 @@ class ChatMessage(models.Model):
     role = models.CharField(max_length=10, choices=Role.choices)
     content = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
-    status = models.CharField(max_length=10, choices=MessageStatus.choices, default=MessageStatus.COMPLETE)
+    status = models.CharField(max_length=12, choices=MessageStatus.choices, default=MessageStatus.COMPLETE)
     model = models.CharField(max_length=200, blank=True, default="")
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)

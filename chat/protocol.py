@@ -12,48 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-
-class ErrorCode:
-    """Machine codes of `error` frames; the README documents each one."""
-
-    INVALID_JSON = "invalid_json"
-    NOT_AN_OBJECT = "not_an_object"
-    BINARY_FRAME = "binary_frame"
-    MISSING_ACTION = "missing_action"
-    UNKNOWN_ACTION = "unknown_action"
-    MISSING_SESSION_ID = "missing_session_id"
-    INVALID_SESSION_ID = "invalid_session_id"
-    SESSION_NOT_FOUND = "session_not_found"
-    SESSION_NOT_OWNED = "session_not_owned"
-    SESSION_ENDED = "session_ended"
-    MISSING_USER_MESSAGE = "missing_user_message"
-    EMPTY_USER_MESSAGE = "empty_user_message"
-    INVALID_FIELD_TYPE = "invalid_field_type"
-    MESSAGE_TOO_LONG = "message_too_long"
-    MODEL_NOT_ALLOWED = "model_not_allowed"
-    TOO_MANY_SESSIONS = "too_many_sessions"
-    RATE_LIMITED = "rate_limited"
-    QUEUE_FULL = "queue_full"
-    NOTHING_TO_CANCEL = "nothing_to_cancel"
-    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
-    UPSTREAM_SERVER_ERROR = "upstream_server_error"
-    UPSTREAM_BAD_REQUEST = "upstream_bad_request"
-    UPSTREAM_AUTH_FAILED = "upstream_auth_failed"
-    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
-    UPSTREAM_TIMEOUT = "upstream_timeout"
-    UPSTREAM_STREAM_INTERRUPTED = "upstream_stream_interrupted"
-    UPSTREAM_INVALID_RESPONSE = "upstream_invalid_response"
-    INTERNAL_ERROR = "internal_error"
-
-
-class ProtocolError(Exception):
-    """A request the server refuses; becomes one `error` frame, the socket stays open."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
+from chat.errors import ClientError, ErrorCode
 
 # Requests -------------------------------------------------------------------
 
@@ -85,26 +44,26 @@ Request = SessionStart | PostMessage | SessionEnd | Cancel
 
 
 def parse_text(text: str, *, max_message_chars: int) -> Request:
-    """Parse one text frame; raise ProtocolError for anything the protocol does not allow."""
+    """Parse one text frame; raise ClientError for anything the protocol does not allow."""
     try:
         content = json.loads(text)
     except ValueError:
-        raise ProtocolError(ErrorCode.INVALID_JSON, "The frame is not valid JSON.") from None
+        raise ClientError(ErrorCode.INVALID_JSON, "The frame is not valid JSON.") from None
     return parse(content, max_message_chars=max_message_chars)
 
 
 def parse(content: Any, *, max_message_chars: int) -> Request:
     """Turn one decoded frame into a typed request."""
     if not isinstance(content, dict):
-        raise ProtocolError(ErrorCode.NOT_AN_OBJECT, "A frame must be a JSON object with an 'action'.")
+        raise ClientError(ErrorCode.NOT_AN_OBJECT, "A frame must be a JSON object with an 'action'.")
     action = content.get("action")
     if action is None or action == "":
-        raise ProtocolError(ErrorCode.MISSING_ACTION, "The frame has no 'action'.")
-    parser = _PARSERS.get(action) if isinstance(action, str) else None
+        raise ClientError(ErrorCode.MISSING_ACTION, "The frame has no 'action'.")
+    parser = PARSERS.get(action) if isinstance(action, str) else None
     if parser is None:
-        raise ProtocolError(
+        raise ClientError(
             ErrorCode.UNKNOWN_ACTION,
-            f"Unknown action; expected one of: {', '.join(_PARSERS)}.",
+            f"Unknown action; expected one of: {', '.join(PARSERS)}.",
         )
     return parser(content, max_message_chars)
 
@@ -114,20 +73,20 @@ def _optional_str(content: dict, key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ProtocolError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
     return value
 
 
 def _session_id(content: dict) -> uuid.UUID:
     value = content.get("session_id")
     if value is None or value == "":
-        raise ProtocolError(ErrorCode.MISSING_SESSION_ID, "The frame has no 'session_id'.")
+        raise ClientError(ErrorCode.MISSING_SESSION_ID, "The frame has no 'session_id'.")
     if not isinstance(value, str):
-        raise ProtocolError(ErrorCode.INVALID_SESSION_ID, "'session_id' must be a UUID string.")
+        raise ClientError(ErrorCode.INVALID_SESSION_ID, "'session_id' must be a UUID string.")
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise ProtocolError(ErrorCode.INVALID_SESSION_ID, "'session_id' is not a valid UUID.") from None
+        raise ClientError(ErrorCode.INVALID_SESSION_ID, "'session_id' is not a valid UUID.") from None
 
 
 def _parse_session_start(content: dict, max_message_chars: int) -> SessionStart:
@@ -141,21 +100,21 @@ def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
     key = "user_message" if content.get("user_message") is not None else "message"
     user_message = content.get(key)
     if user_message is None:
-        raise ProtocolError(ErrorCode.MISSING_USER_MESSAGE, "The frame has no 'user_message'.")
+        raise ClientError(ErrorCode.MISSING_USER_MESSAGE, "The frame has no 'user_message'.")
     if not isinstance(user_message, str):
-        raise ProtocolError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
     if not user_message.strip():
-        raise ProtocolError(ErrorCode.EMPTY_USER_MESSAGE, f"'{key}' is empty.")
+        raise ClientError(ErrorCode.EMPTY_USER_MESSAGE, f"'{key}' is empty.")
     system_message = _optional_str(content, "system_message")
     for name, text in ((key, user_message), ("system_message", system_message or "")):
         if len(text) > max_message_chars:
-            raise ProtocolError(
+            raise ClientError(
                 ErrorCode.MESSAGE_TOO_LONG,
                 f"'{name}' is {len(text)} characters; the limit is {max_message_chars}.",
             )
     stream = content.get("stream", False)
     if not isinstance(stream, bool):
-        raise ProtocolError(ErrorCode.INVALID_FIELD_TYPE, "'stream' must be true or false.")
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, "'stream' must be true or false.")
     return PostMessage(
         session_id=session_id,
         user_message=user_message,
@@ -172,7 +131,7 @@ def _parse_cancel(content: dict, max_message_chars: int) -> Cancel:
     return Cancel(session_id=_session_id(content))
 
 
-_PARSERS = {
+PARSERS = {
     "chatbot_session_start": _parse_session_start,
     "chatbot_post_message": _parse_post_message,
     "chatbot_session_end": _parse_session_end,

@@ -10,12 +10,11 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from chat import llm  # noqa: E402
-from chat.liveness import HeartbeatMiddleware  # noqa: E402
+from chat.heartbeat import HeartbeatMiddleware  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.security import allowed_hosts_origin_validator  # noqa: E402
 
-# The first request or socket starts this process's heartbeat (chat/liveness.py).
+# The first request or socket starts this process's heartbeat (chat/heartbeat.py).
 application = HeartbeatMiddleware(
     ProtocolTypeRouter(
         {
@@ -24,5 +23,3 @@ application = HeartbeatMiddleware(
         }
     )
 )
-
-llm.warn_if_offline()

@@ -13,8 +13,6 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from r2d2site.aws_secrets import openai_api_key_from_aws
-
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -218,9 +216,11 @@ CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 
 
 # The model API.
-# Or from AWS Secrets Manager / SSM Parameter Store (OPENAI_API_KEY_SECRET_ID /
-# OPENAI_API_KEY_PARAMETER), read once here: see r2d2site/aws_secrets.py.
-OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "").strip() or openai_api_key_from_aws()
+# Or from AWS Secrets Manager / SSM Parameter Store, read on first use and kept for
+# the process's life (r2d2site/aws_secrets.py): so no other command pays for it.
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "").strip()
+OPENAI_API_KEY_SECRET_ID = os.environ.get("OPENAI_API_KEY_SECRET_ID", "").strip()
+OPENAI_API_KEY_PARAMETER = os.environ.get("OPENAI_API_KEY_PARAMETER", "").strip()
 OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "").strip() or None
 
 # R2D2's own knobs (documented in the README).
@@ -233,6 +233,8 @@ R2D2_MAX_SESSIONS_PER_CONNECTION = env_int("R2D2_MAX_SESSIONS_PER_CONNECTION", 8
 R2D2_RATE_LIMIT_PER_MINUTE = env_int("R2D2_RATE_LIMIT_PER_MINUTE", 30)
 R2D2_UPSTREAM_TIMEOUT = env_float("R2D2_UPSTREAM_TIMEOUT", 60.0)
 R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
+# A streamed reply is saved while it streams, at most this far behind what was sent.
+R2D2_CHECKPOINT_SECONDS = env_float("R2D2_CHECKPOINT_SECONDS", 1.0)
 # Liveness of server processes (chat/liveness.py): a process beats every
 # R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
 # its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 async def _close_model_client():
     """Each test has its own event loop, so its model client (an aiohttp session) closes with it."""
     yield
-    await llm.close_client()
+    await llm.close_clients()
 
 
 class Client:

@@ -6,7 +6,8 @@ import uuid
 import pytest
 
 from chat import protocol
-from chat.protocol import ErrorCode, PostMessage, ProtocolError, SessionStart
+from chat.errors import ClientError, ErrorCode
+from chat.protocol import PostMessage, SessionStart
 
 SID = "41eb27a0-d382-40c4-ad38-fbd1cb629b7f"
 
@@ -16,7 +17,7 @@ def parse(frame):
 
 
 def code_of(frame) -> str:
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(ClientError) as info:
         parse(frame)
     return info.value.code
 

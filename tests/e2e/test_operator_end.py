@@ -6,7 +6,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chat.models import ChatSession, EndReason
-from chat.operator import end_session_now, session_group
+from chat.sessions import group, request_end_now
 from tests.client import ProtocolClient
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
@@ -19,10 +19,10 @@ async def test_operator_end_survives_lost_group_membership(daphne, fake_llm):
     prefix = settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
     connection = redis.from_url(settings.REDIS_URL)
     # What a restart of a non-persistent Redis does to the session's group.
-    assert await connection.delete(f"{prefix}:group:{session_group(session_id)}") == 1
+    assert await connection.delete(f"{prefix}:group:{group(session_id)}") == 1
     await connection.aclose()
 
-    await sync_to_async(end_session_now)(session_id)
+    await sync_to_async(request_end_now)(session_id)
     frame = await client.recv()
     assert frame == {"type": "session_end", "data": {"session_id": session_id, "reason": "operator"}}
     await client.close()

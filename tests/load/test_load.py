@@ -17,7 +17,7 @@ import pytest
 from channels.layers import get_channel_layer
 
 from chat.models import ChatMessage, ChatSession, EndReason
-from chat.operator import request_session_end
+from chat.sessions import request_end
 from tests.client import ProtocolClient
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -77,7 +77,7 @@ async def test_operator_burst_reaches_every_session(daphne_factory):
     server = daphne_factory(R2D2_RATE_LIMIT_PER_MINUTE="0")
     results = await open_all(server.url)
     assert get_channel_layer().capacity >= SESSIONS
-    await asyncio.gather(*(request_session_end(session_id) for _, session_id, _ in results))
+    await asyncio.gather(*(request_end(session_id) for _, session_id, _ in results))
     for client, session_id, _ in results:
         frame = await client.recv(timeout=30)
         assert frame == {"type": "session_end", "data": {"session_id": session_id, "reason": "operator"}}

@@ -12,9 +12,9 @@ from channels.testing import WebsocketCommunicator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
+from chat.errors import ErrorCode
 from chat.models import EndReason
-from chat.operator import request_session_end
-from chat.protocol import ErrorCode
+from chat.sessions import request_end
 from r2d2site.asgi import application
 from tests.client import ProtocolClient
 from tests.fake_llm import Script
@@ -173,7 +173,7 @@ async def test_server_initiated_session_end_matches_the_document():
     assert (await communicator.connect())[0]
     await communicator.send_json_to({"action": "chatbot_session_start"})
     session_id = (await communicator.receive_json_from())["data"]["session_id"]
-    await request_session_end(session_id)
+    await request_end(session_id)
     text = await communicator.receive_from(timeout=5)
     assert match_frame(text) == "sessionEndedByServer"
     assert json.loads(text)["data"] == {"session_id": session_id, "reason": "operator"}

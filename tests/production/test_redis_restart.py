@@ -11,7 +11,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import ChatMessage, ChatSession, EndReason
-from chat.operator import end_session_now
+from chat.sessions import request_end_now
 from tests.client import ProtocolClient
 from tests.conftest import free_port
 
@@ -79,7 +79,7 @@ async def test_redis_restart_keeps_sockets_and_sessions(daphne_factory, fake_llm
             "CONFIG": {"hosts": [private_redis.url], "prefix": "r2d2"},
         }
     }
-    await sync_to_async(end_session_now)(session_id)
+    await sync_to_async(request_end_now)(session_id)
     assert (await client.recv(timeout=15)) == {
         "type": "session_end",
         "data": {"session_id": session_id, "reason": "operator"},

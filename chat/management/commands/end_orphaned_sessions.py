@@ -34,5 +34,5 @@ class Command(BaseCommand):
                 self.stdout.write(f"{session_id} (process {owner or 'unknown'})")
             self.stdout.write(f"{len(sessions)} orphaned session(s) would be ended.")
             return
-        ended = liveness.sweep_orphans(stale_after=stale_after)
+        ended = sessions.end_orphaned(stale_after=stale_after)
         self.stdout.write(self.style.SUCCESS(f"Ended {ended} orphaned session(s)."))

@@ -1,0 +1,105 @@
+"""This process's heartbeat: the background task that keeps its `ServerProcess` row fresh
+and sweeps for orphaned sessions (see chat/liveness.py for what those are).
+
+It starts with the process's first request (Daphne has no start-up hook; on
+Elastic Beanstalk the load balancer's health check is that first request) and
+sweeps at once and then every `R2D2_ORPHAN_SWEEP_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from chat import liveness, sessions
+from chat.liveness import PROCESS_ID
+from chat.models import ChatSession, EndReason
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """The background task that keeps this process's row fresh and sweeps for orphans."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def ensure_started(self) -> None:
+        """Start the task on the running loop unless it already runs there (cheap: called per connection)."""
+        loop = asyncio.get_running_loop()
+        if self._task is not None and self._loop is loop and not self._task.done():
+            return
+        if settings.R2D2_HEARTBEAT_SECONDS <= 0:
+            return
+        self._loop = loop
+        self._task = loop.create_task(self._run(), name="r2d2-heartbeat")
+
+    async def _run(self) -> None:
+        interval = settings.R2D2_HEARTBEAT_SECONDS
+        stale_after = settings.R2D2_PROCESS_STALE_SECONDS
+        sweep_every = settings.R2D2_ORPHAN_SWEEP_SECONDS
+        last_sweep = float("-inf")
+        last_beat: datetime | None = None  # the last beat that reached the database
+        silent_since: datetime | None = None
+        rechecks = 0
+        while True:
+            try:
+                now = timezone.now()
+                if last_beat is not None and (now - last_beat).total_seconds() >= stale_after:
+                    # Frozen (SIGSTOP, a paused VM) or cut off from the database for longer than the
+                    # staleness window: other processes may have ended our sessions as orphaned.
+                    silent_since, rechecks = last_beat, 3
+                await database_sync_to_async(liveness.beat)()
+                last_beat = now
+                if rechecks:
+                    # A sweep that began before this beat may still land: look again on the next ticks.
+                    rechecks -= 1
+                    await self._close_orphaned_here(silent_since)
+                loop_time = asyncio.get_running_loop().time()
+                if sweep_every > 0 and loop_time - last_sweep >= sweep_every:
+                    last_sweep = loop_time
+                    await database_sync_to_async(sessions.end_orphaned)()
+            except Exception as exc:  # the database may be down: keep beating, the health check reports it
+                logger.warning("heartbeat failed", extra={"error": type(exc).__name__, "process": PROCESS_ID})
+            await asyncio.sleep(interval)
+
+    @staticmethod
+    async def _close_orphaned_here(since: datetime) -> None:
+        """Sessions this process still holds but that were ended as orphaned while it was silent:
+        close them here too, so their clients get `session_end` (reason `orphaned`) instead of a
+        conversation the database says is over."""
+        orphaned = [
+            session_id
+            async for session_id in ChatSession.objects.filter(
+                owner_process=PROCESS_ID, end_reason=EndReason.ORPHANED, ended_at__gte=since
+            ).values_list("id", flat=True)
+        ]
+        for session_id in orphaned:
+            await sessions.request_end(session_id, EndReason.ORPHANED)
+        if orphaned:
+            logger.warning("sessions found orphaned after a silence", extra={"count": len(orphaned)})
+
+
+heartbeat = Heartbeat()
+
+Scope = dict
+ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
+
+
+class HeartbeatMiddleware:
+    """ASGI middleware: the process's first HTTP request or WebSocket starts the heartbeat."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] in {"http", "websocket"}:
+            heartbeat.ensure_started()
+        await self.app(scope, receive, send)

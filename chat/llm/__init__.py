@@ -1,0 +1,87 @@
+"""Model calls: which provider answers a model, and the retry loop around one attempt.
+
+Providers (`chat/llm/*.py`) make one attempt each and raise `UpstreamError`; this
+module bounds the whole call, retries included, by R2D2_UPSTREAM_TIMEOUT, and
+retries only what may succeed, only before the client saw any text, and only when
+the wait fits the time left. Without any configured provider the offline
+responder answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from django.conf import settings
+
+from chat.errors import ErrorCode
+from chat.llm.base import Provider, Reply, UpstreamError, timed_out
+from chat.llm.offline import OfflineProvider
+from chat.llm.openai_compat import OpenAIProvider
+
+__all__ = ["Provider", "Reply", "UpstreamError", "close_clients", "generate", "provider_for"]
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS: dict[str, Provider] = {"openai": OpenAIProvider(), "offline": OfflineProvider()}
+
+
+def provider_for(model: str) -> Provider:
+    """The provider that answers `model`: the OpenAI-compatible one, or the offline responder
+    when it is not configured."""
+    provider = PROVIDERS["openai"]
+    return provider if provider.is_configured() else PROVIDERS["offline"]
+
+
+async def close_clients() -> None:
+    """Close the running loop's upstream connections (tests, and anything else whose loop ends)."""
+    for provider in PROVIDERS.values():
+        await provider.close()
+
+
+async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply) -> AsyncIterator[str]:
+    """Yield the reply's text chunks (one chunk when not streaming), filling `reply`.
+
+    Cancelling the consuming task closes the upstream request.
+    """
+    provider = provider_for(model)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.R2D2_UPSTREAM_TIMEOUT
+    attempt = 0
+    while True:
+        try:
+            async for chunk in provider.generate(
+                model=model, messages=messages, stream=stream, reply=reply, deadline=deadline
+            ):
+                yield chunk
+            reply.finished = time.monotonic()
+            return
+        except TimeoutError:
+            logger.warning("model call timed out", extra={"model": model, "attempt": attempt})
+            raise timed_out() from None
+        except UpstreamError as exc:
+            delay = _backoff(exc, attempt)
+            if (
+                delay is None
+                or reply.headers_received
+                or attempt >= settings.R2D2_UPSTREAM_RETRIES
+                or loop.time() + delay >= deadline
+            ):
+                logger.warning(
+                    "model call failed",
+                    extra={"code": exc.code, "provider": provider.name, "model": model, "attempt": attempt},
+                )
+                raise
+            attempt += 1
+            await asyncio.sleep(delay)
+
+
+def _backoff(exc: UpstreamError, attempt: int) -> float | None:
+    """Seconds to wait before the next attempt, or None when retrying cannot help."""
+    if not exc.retryable:
+        return None
+    if exc.retry_after is not None:
+        return exc.retry_after
+    return (0.5 if exc.code == ErrorCode.UPSTREAM_RATE_LIMITED else 0.25) * 2**attempt

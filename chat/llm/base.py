@@ -1,0 +1,92 @@
+"""What every model provider shares: the reply being filled in, the error it raises, its interface."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from chat.errors import ClientError, ErrorCode
+
+
+@dataclass(slots=True)
+class Reply:
+    """What a model call produced, filled in as the stream arrives."""
+
+    text: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    headers_received: bool = False  # the model began answering (a later failure cut it off)
+
+    @property
+    def latency_ms(self) -> int:
+        return int(((self.finished or time.monotonic()) - self.started) * 1000)
+
+
+class UpstreamError(ClientError):
+    """A model call that failed. `retryable`: another attempt may succeed (if it fits the deadline);
+    `retry_after`: the wait the provider asked for, if it said."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, retryable: bool = False, retry_after: float | None = None
+    ) -> None:
+        super().__init__(code, message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+def interrupted() -> UpstreamError:
+    return UpstreamError(ErrorCode.UPSTREAM_STREAM_INTERRUPTED, "The model's answer was cut off midway.")
+
+
+def timed_out() -> UpstreamError:
+    return UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "The model did not answer in time.")
+
+
+def unavailable() -> UpstreamError:
+    return UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE, "The model server could not be reached.", retryable=True)
+
+
+def connection_failed(exc: BaseException) -> bool:
+    """True when the cause chain holds a failure to connect (refused, reset, no route, unresolvable host).
+
+    Transports report these under many names (aiohttp's refused connection surfaces
+    as a connect *timeout*); the operating system's error underneath says what happened.
+    `TimeoutError` is an OSError too, and is the one that is not a connection failure.
+    """
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and not isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class Provider(Protocol):
+    """One way of reaching models. `generate` makes one attempt: the caller retries and owns the deadline."""
+
+    name: str
+
+    def generate(
+        self, *, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply, deadline: float
+    ) -> AsyncIterator[str]:
+        """Yield the reply's text (one chunk when not streaming), filling `reply`.
+
+        Each wait on the model is bounded by `deadline` (event-loop time) and may raise
+        TimeoutError; every other failure is an `UpstreamError`. Closing the iterator
+        (the turn was cancelled) closes the upstream request.
+        """
+        ...
+
+    def is_configured(self) -> bool:
+        """True when this provider can reach a model with the settings given."""
+        ...
+
+    async def close(self) -> None:
+        """Release the running loop's connections (tests, and anything whose loop ends)."""
+        ...

@@ -1,0 +1,192 @@
+"""A session's life: started, looked up, ended; the only code that writes `ended_at`.
+
+A live session is held by one consumer, in one server process (its
+`owner_process` and `owner_channel`). Ending it from that consumer is `end` (or
+`end_many` when a socket closes). Ending it from anywhere else (the admin, a
+management command, the heartbeat) is `request_end`: it asks the owner over the
+channel layer, so the owner stops the generation and tells its client, and ends
+it in the database directly when no owner can answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import uuid
+from collections.abc import Sequence
+
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+from django.conf import settings
+from django.utils import timezone
+
+from chat import liveness
+from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
+
+logger = logging.getLogger(__name__)
+
+
+def group(session_id: uuid.UUID | str) -> str:
+    """The channel-layer group that reaches whichever consumer, in whatever process, holds a session."""
+    return f"session.{uuid.UUID(str(session_id)).hex}"
+
+
+async def start(*, model: str, client_address: str | None, owner_channel: str) -> ChatSession:
+    return await ChatSession.objects.acreate(
+        model=model,
+        client_address=client_address,
+        owner_process=liveness.PROCESS_ID,
+        owner_channel=owner_channel,
+    )
+
+
+async def get(session_id: uuid.UUID) -> ChatSession | None:
+    return await ChatSession.objects.filter(id=session_id).afirst()
+
+
+async def end(*, session_id: uuid.UUID, reason: EndReason) -> bool:
+    """Mark a live session ended; False if it had already ended."""
+    updated = await ChatSession.objects.filter(id=session_id, ended_at__isnull=True).aupdate(
+        ended_at=timezone.now(), end_reason=reason
+    )
+    return bool(updated)
+
+
+async def end_many(*, session_ids: Sequence[uuid.UUID], reason: EndReason) -> None:
+    """End live sessions; concurrent calls (a burst of closing sockets) share one UPDATE.
+
+    Every async ORM call waits its turn on one thread. When 8,000 sockets closed at
+    once, one UPDATE each took longer than Daphne's 10 s application close timeout,
+    so Daphne killed most consumers before their sessions were ended. Calls made
+    while an UPDATE is running join the next one instead.
+    """
+    if not session_ids:
+        return
+    loop = asyncio.get_running_loop()
+    batch = _end_batches.get((loop, reason))
+    if batch is None:
+        batch = _end_batches[(loop, reason)] = (set(), loop.create_future())
+        # The loop keeps only a weak reference to a task: hold it until it is done.
+        task = loop.create_task(_end_batch(loop, reason))
+        _end_batch_tasks.add(task)
+        task.add_done_callback(_end_batch_tasks.discard)
+    batch[0].update(session_ids)
+    await asyncio.shield(batch[1])
+
+
+_end_batches: dict[tuple[asyncio.AbstractEventLoop, EndReason], tuple[set[uuid.UUID], asyncio.Future]] = {}
+_end_batch_tasks: set[asyncio.Task] = set()
+
+
+async def _end_batch(loop: asyncio.AbstractEventLoop, reason: EndReason) -> None:
+    await asyncio.sleep(0)  # let the other sockets closing in this loop turn join
+    session_ids, done = _end_batches.pop((loop, reason))
+    try:
+        await ChatSession.objects.filter(id__in=list(session_ids), ended_at__isnull=True).aupdate(
+            ended_at=timezone.now(), end_reason=reason
+        )
+    except Exception as exc:
+        done.set_exception(exc)
+        done.exception()  # retrieved here too, so an unawaited failure is not reported twice
+    else:
+        done.set_result(None)
+
+
+def end_orphaned(*, stale_after: float | None = None) -> int:
+    """End every session whose process is gone (reason `orphaned`) and forget processes long gone.
+
+    Returns how many sessions ended."""
+    stale_after = settings.R2D2_PROCESS_STALE_SECONDS if stale_after is None else stale_after
+    orphaned = list(liveness.orphaned_sessions(stale_after=stale_after).values_list("id", flat=True))
+    ended = ChatSession.objects.filter(id__in=orphaned, ended_at__isnull=True).update(
+        ended_at=timezone.now(), end_reason=EndReason.ORPHANED
+    )
+    # A reply that was streaming when its process died stays as far as it got.
+    ChatMessage.objects.filter(session_id__in=orphaned, status=MessageStatus.INCOMPLETE).update(
+        status=MessageStatus.INTERRUPTED
+    )
+    # A gone process's row is kept a while so that `end_session` can say whose it was.
+    liveness.forget_gone(stale_after=stale_after * 10)
+    if ended:
+        logger.warning("orphaned sessions ended", extra={"count": ended, "swept_by": liveness.PROCESS_ID})
+    return ended
+
+
+# Ending a session from outside its consumer ---------------------------------------
+
+
+class Ended(enum.Enum):
+    """How `request_end` went."""
+
+    NOT_FOUND = "not found"
+    ALREADY = "had already ended"
+    REQUESTED = "asked its owner (not waited for)"
+    BY_OWNER = "ended by its owner, which told its client"
+    OWNER_GONE = "owner process gone: ended in the database"
+    OWNER_UNREACHABLE = "owner unreachable (in-memory channel layer): ended in the database"
+    NO_CONFIRMATION = "owner did not confirm in time: ended in the database"
+
+    @property
+    def in_database(self) -> bool:
+        return self in {Ended.OWNER_GONE, Ended.OWNER_UNREACHABLE, Ended.NO_CONFIRMATION}
+
+
+async def request_end(
+    session_id: uuid.UUID | str, reason: EndReason = EndReason.OPERATOR, *, wait: float = 0.0
+) -> Ended:
+    """End a live session wherever it is held.
+
+    The owner, reached over the channel layer, stops any generation, records
+    `reason` and sends its client `session_end`; with `wait` > 0 this waits that
+    long for it to confirm. When the owner cannot answer (its process stopped
+    beating, or an in-memory channel layer cannot reach another process) or does
+    not confirm in time, the session is ended in the database directly: its next
+    message is then refused as `session_ended` wherever it arrives.
+    """
+    session_id = uuid.UUID(str(session_id))
+    session = await get(session_id)
+    if session is None:
+        return Ended.NOT_FOUND
+    if not session.is_live:
+        return Ended.ALREADY
+    outcome = await _ask_owner(session, reason, wait)
+    if outcome.in_database and not await end(session_id=session_id, reason=reason):
+        return Ended.ALREADY  # its owner ended it meanwhile
+    return outcome
+
+
+async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> Ended:
+    here = session.owner_process == liveness.PROCESS_ID
+    if isinstance(get_channel_layer(), InMemoryChannelLayer) and not here:
+        return Ended.OWNER_UNREACHABLE
+    if not here and not await _alive(session.owner_process):
+        return Ended.OWNER_GONE
+    layer = get_channel_layer()
+    event = {"type": "session.end", "session_id": str(session.id), "reason": reason.value}
+    # To the session's group and also straight to the owner's channel: group membership
+    # lives only in Redis and is gone after a Redis restart, while the owner's channel
+    # name (saved on the session) still routes. The consumer ignores the second copy.
+    await layer.group_send(group(session.id), event)
+    if session.owner_channel:
+        await layer.send(session.owner_channel, event)
+    if wait <= 0:
+        return Ended.REQUESTED
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        if await ChatSession.objects.filter(id=session.id, ended_at__isnull=False).aexists():
+            return Ended.BY_OWNER
+        # Killed after it was asked: judged by its heartbeat, so this ends as soon as it goes stale.
+        if not here and not await _alive(session.owner_process):
+            return Ended.OWNER_GONE
+    return Ended.NO_CONFIRMATION
+
+
+_alive = sync_to_async(liveness.is_alive)
+
+
+def request_end_now(session_id: uuid.UUID | str, reason: EndReason = EndReason.OPERATOR, *, wait: float = 0.0) -> Ended:
+    """Sync entry point for the admin and management commands."""
+    return async_to_sync(request_end)(session_id, reason, wait=wait)
