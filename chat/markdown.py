@@ -2,7 +2,7 @@
 
 The same rules as the web page (chat/static/chat/markdown.js), in Python:
 CommonMark plus GitHub's tables, task lists and strikethrough, single newlines
-kept as line breaks; then the `nh3` allow-list sanitizer (Ammonia), because model
+kept as line breaks, raw HTML shown as text; then the `nh3` allow-list sanitizer (Ammonia), because model
 output is untrusted and an operator's browser holds an admin session. Images
 from other sites appear only when R2D2_PAGE_REMOTE_IMAGES is on.
 """
@@ -19,11 +19,10 @@ from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
 from mdit_py_plugins.tasklists import tasklists_plugin
 
-# What Markdown produces, plus a few harmless inline tags models use. No style, no forms, no frames.
+# What Markdown produces. No style, no forms, no frames.
 TAGS = {
-    "a", "b", "blockquote", "br", "code", "del", "details", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
-    "i", "input", "kbd", "li", "ol", "p", "pre", "s", "strong", "sub", "summary", "sup",
-    "table", "tbody", "td", "th", "thead", "tr", "ul",
+    "a", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+    "input", "li", "ol", "p", "pre", "s", "strong", "table", "tbody", "td", "th", "thead", "tr", "ul",
 }  # fmt: skip
 ATTRIBUTES = {
     "a": {"href", "title"},
@@ -65,7 +64,8 @@ def _blocked_image(self, tokens, idx, options, env) -> str:
 
 @cache
 def _parser(remote_images: bool) -> MarkdownIt:
-    md = MarkdownIt("commonmark", {"html": True, "breaks": True}).enable(["table", "strikethrough"])
+    # html=False: raw HTML in a reply is escaped and shown as text, as on the page.
+    md = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(["table", "strikethrough"])
     md.use(tasklists_plugin)
     if not remote_images:
         md.add_render_rule("image", _blocked_image)

@@ -2,8 +2,9 @@
 // place while it streams. Needs the vendored marked, DOMPurify and highlight.js
 // (chat/static/chat/vendor/, loaded before this file).
 //
-// Safety is layered: marked turns text into HTML, DOMPurify keeps only an allow-list
-// of tags, attributes and URL schemes, and the page's Content-Security-Policy
+// Safety is layered: marked turns text into HTML, showing any raw HTML the model wrote
+// as text; DOMPurify keeps only an allow-list of tags, attributes and URL schemes
+// (links to javascript: or data:, for one); and the page's Content-Security-Policy
 // (chat/csp.py) would still refuse inline script or foreign origins if anything got
 // past that. The sanitized HTML is parsed and decorated in a <template> (inert:
 // nothing in it loads or runs) before its nodes join the page.
@@ -13,17 +14,18 @@ window.R2D2Markdown = (() => {
   const config = JSON.parse(document.getElementById("r2d2-config").textContent);
   const remoteImages = Boolean(config.remoteImages);
 
-  // Only what Markdown itself produces, plus a few harmless inline tags models use.
-  // No style (it could lay a fake dialog over the page), no forms, no frames, no media.
+  // Only what Markdown itself produces. No style (it could lay a fake dialog over the
+  // page), no forms, no frames, no media.
   const ALLOWED_TAGS = [
-    "a", "b", "blockquote", "br", "code", "del", "details", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
-    "i", "input", "kbd", "li", "ol", "p", "pre", "s", "strong", "sub", "summary", "sup",
-    "table", "tbody", "td", "th", "thead", "tr", "ul",
+    "a", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+    "input", "li", "ol", "p", "pre", "s", "strong", "table", "tbody", "td", "th", "thead", "tr", "ul",
   ];
   if (remoteImages) ALLOWED_TAGS.push("img");
   const ALLOWED_ATTR = ["href", "title", "alt", "src", "align", "class", "type", "checked", "disabled", "start"];
-  // Links may go to the web or to mail; never javascript:, data:, vbscript: or anything else.
-  const SAFE_URL = /^(?:https?:|mailto:)/i;
+  // DOMPurify tests every attribute value against this, so it is DOMPurify's own shape with fewer
+  // schemes: a value is fine if it names http(s) or mailto, or names no scheme at all (a word, a
+  // relative path, a fragment); javascript:, data:, vbscript: and every other scheme fail.
+  const SAFE_URL = /^(?:(?:https?|mailto):|[^a-z]|[a-z+.-]+(?:[^a-z+.\-:]|$))/i;
   const SAFE_IMAGE_URL = /^https:/i;  // matches the CSP's img-src when remote images are on
   const LANGUAGE_CLASS = /^language-[\w+#.-]+$/;
 
@@ -68,6 +70,13 @@ window.R2D2Markdown = (() => {
     gfm: true,  // tables, task lists, strikethrough, autolinks
     breaks: true,  // a single newline is a line break, as on GitHub comments: models write poems and addresses that way
     renderer: {
+      // Raw HTML in a reply is shown as the text it is, as chat apps do: models mostly write HTML
+      // to talk about it. (Passing it to the sanitizer would also work, but parsing it at all
+      // makes the browser report every inline handler and style it refuses under the CSP.)
+      html({ text, block }) {
+        const shown = escapeHtml(block ? text.trim() : text);
+        return block ? `<p>${shown.replace(/\n/g, "<br>")}</p>\n` : shown;
+      },
       image({ href, text }) {
         if (remoteImages) return false;  // marked's own <img>, then the sanitizer's checks
         // Off: show that there was an image and where, without the browser fetching it.
