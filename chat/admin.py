@@ -20,7 +20,7 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.timezone import localtime
 
-from chat import sessions, transcripts
+from chat import markdown, sessions, transcripts
 from chat.models import ChatMessage, ChatSession, Role, ServerProcess
 
 admin.site.site_header = "R2D2 operations"
@@ -180,7 +180,11 @@ class ChatSessionAdmin(admin.ModelAdmin):
         session = self.get_object(request, object_id)
         extra = dict(extra_context or {})
         if session is not None:
-            extra["transcript"] = list(session.messages.all())
+            transcript = list(session.messages.all())
+            for m in transcript:
+                # Replies render as Markdown, as on the web page; what people typed stays plain text.
+                m.content_html = markdown.render(m.content) if m.role == Role.ASSISTANT else None
+            extra["transcript"] = transcript
             extra["can_end"] = session.is_live and self.has_end_permission(request, session)
         return super().change_view(request, object_id, form_url, extra_context=extra)
 

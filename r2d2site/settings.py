@@ -235,6 +235,10 @@ R2D2_UPSTREAM_TIMEOUT = env_float("R2D2_UPSTREAM_TIMEOUT", 60.0)
 R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
 # A streamed reply is saved while it streams, at most this far behind what was sent.
 R2D2_CHECKPOINT_SECONDS = env_float("R2D2_CHECKPOINT_SECONDS", 1.0)
+# Images in model replies (web page and admin transcript) load from other sites
+# only when this is on: off, a reply cannot make a reader's browser fetch a URL
+# (a tracking pixel, or data smuggled out in a query string).
+R2D2_PAGE_REMOTE_IMAGES = env_bool("R2D2_PAGE_REMOTE_IMAGES", False)
 # Liveness of server processes (chat/liveness.py): a process beats every
 # R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
 # its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).

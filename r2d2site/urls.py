@@ -8,4 +8,5 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("", pages.chat_page, name="chat"),
     path("asyncapi.yaml", pages.asyncapi, name="asyncapi"),
+    path("favicon.ico", pages.favicon, name="favicon"),
 ]

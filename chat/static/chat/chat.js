@@ -21,7 +21,7 @@
   const state = {
     ws: null, connected: false, everConnected: false, retryDelay: 1000, retryTimer: null, lostSession: false,
     starting: false, sessionId: null, pendingSystem: null,
-    reply: null, generating: false, stopRequested: false,
+    reply: null, replyText: "", renderQueued: false, generating: false, stopRequested: false,
   };
 
   // Connection -----------------------------------------------------------------
@@ -91,20 +91,20 @@
       case "processing_start":
         state.generating = true;
         state.stopRequested = false;
-        state.reply = bubble("assistant", "");
+        startReply();
         state.reply.classList.add("pending");
         break;
       case "message_delta":
-        if (!state.reply) state.reply = bubble("assistant", "");
-        state.reply.querySelector(".text").textContent += data;
+        if (!state.reply) startReply();
+        state.replyText += data;
         state.reply.classList.remove("pending");
-        scrollDown();
+        queueReplyRender();
         break;
       case "message":
-        if (!state.reply) state.reply = bubble("assistant", "");
-        state.reply.querySelector(".text").textContent = data;
+        if (!state.reply) startReply();
+        state.replyText = data;
         state.reply.classList.remove("pending");
-        scrollDown();
+        renderReply();
         break;
       case "processing_end":
         finishReply();
@@ -127,20 +127,47 @@
     render();
   }
 
+  function startReply() {
+    state.reply = bubble("assistant", "");
+    state.replyText = "";
+    // Screen readers read the reply once it is whole, not every few words of it.
+    els.log.setAttribute("aria-busy", "true");
+  }
+
+  // Deltas arrive one per model chunk, often many per frame: render at most once per frame.
+  function queueReplyRender() {
+    if (state.renderQueued) return;
+    state.renderQueued = true;
+    requestAnimationFrame(() => {
+      state.renderQueued = false;
+      renderReply();
+    });
+  }
+
+  function renderReply() {
+    if (!state.reply) return;
+    const follow = nearBottom();
+    R2D2Markdown.render(state.reply.querySelector(".text"), state.replyText);
+    if (follow) scrollDown();
+  }
+
   function finishReply() {
     const reply = state.reply;
     if (reply) {
+      renderReply();  // whatever arrived since the last frame
       reply.classList.remove("pending");
       if (state.stopRequested) {
         reply.classList.add("stopped");
         const text = reply.querySelector(".text");
-        if (!text.textContent) text.textContent = "(stopped before any reply)";
+        if (!state.replyText.trim()) text.textContent = "(stopped before any reply)";
         reply.querySelector(".meta").textContent = "R2D2 · stopped";
-      } else if (!reply.querySelector(".text").textContent) {
+      } else if (!state.replyText.trim()) {
         reply.remove();
       }
     }
+    els.log.removeAttribute("aria-busy");
     state.reply = null;
+    state.replyText = "";
     state.generating = false;
     state.stopRequested = false;
   }
@@ -178,6 +205,14 @@
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       els.composer.requestSubmit();
+    }
+  });
+
+  // Esc stops the reply being generated, wherever the focus is (as Ctrl-C does in the terminal client).
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && !els.stop.hidden && !els.stop.disabled) {
+      event.preventDefault();
+      els.stop.click();
     }
   });
 
@@ -220,7 +255,8 @@
     meta.className = "meta";
     meta.textContent = role === "user" ? "You" : "R2D2";
     const body = document.createElement("div");
-    body.className = "text";
+    // Replies are Markdown (rendered by R2D2Markdown); what the person typed stays plain text.
+    body.className = role === "assistant" ? "text md" : "text";
     body.textContent = text;
     item.append(meta, body);
     els.log.append(item);
@@ -271,6 +307,13 @@
     window.scrollTo(0, document.body.scrollHeight);
   }
 
+  // Follow a streaming reply only if the person is already at the end: someone who
+  // scrolled up to reread keeps their place.
+  function nearBottom() {
+    return window.innerHeight + window.scrollY >= document.body.scrollHeight - 120;
+  }
+
+  R2D2Markdown.enableCopyButtons(els.log);
   render();
   connect();
 })();
