@@ -147,8 +147,16 @@ class Conversation:
         # Saved before the client sees it, so a process that dies right after
         # leaves no reply a person read but the database lacks.
         await draft.save(MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE)
-        if not cancelled:
-            await self._send(protocol.message(draft.text))
+        if cancelled:
+            return
+        frame = protocol.message(draft.text)
+        # Frames are ASCII (json.dumps escapes the rest), so characters are bytes.
+        if len(frame) > settings.R2D2_MAX_OUTGOING_FRAME_BYTES:
+            raise ClientError(
+                ErrorCode.REPLY_TOO_LARGE,
+                f"The reply ({len(frame)} bytes) is larger than one frame may be here; it is saved in the transcript.",
+            )
+        await self._send(frame)
 
     async def _said(self, text: str, stream: bool, draft: _Draft) -> None:
         if not text:
@@ -176,6 +184,7 @@ class _Draft:
         self.reply = reply
         self.text = ""
         self.row_id: int | None = None
+        self._saved_chars = 0  # how much of `text` the row holds
         self._loop = asyncio.get_running_loop()
         self._saved_at = self._loop.time()
 
@@ -187,16 +196,27 @@ class _Draft:
         await self.save(MessageStatus.INCOMPLETE)
 
     async def save(self, status: MessageStatus) -> None:
-        self.row_id = await messages.save_reply(
-            row_id=self.row_id,
-            session_id=self.session_id,
-            content=self.text,
-            model=self.model,
-            prompt_tokens=self.reply.prompt_tokens,
-            completion_tokens=self.reply.completion_tokens,
-            latency_ms=self.reply.latency_ms,
-            status=status,
-        )
+        saving = asyncio.ensure_future(self._write(status, self.text))
+        try:
+            await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            # Cancelled (Stop, or the socket closed) while a checkpoint was being written: let it
+            # finish, so the final save knows the row it wrote and appends to it.
+            await saving
+            raise
+
+    async def _write(self, status: MessageStatus, text: str) -> None:
+        usage = {
+            "prompt_tokens": self.reply.prompt_tokens,
+            "completion_tokens": self.reply.completion_tokens,
+            "latency_ms": self.reply.latency_ms,
+            "status": status,
+        }
+        if self.row_id is None:
+            self.row_id = await messages.save_reply(session_id=self.session_id, content=text, model=self.model, **usage)
+        else:
+            await messages.extend_reply(row_id=self.row_id, more=text[self._saved_chars :], **usage)
+        self._saved_chars = len(text)
 
     async def abandon(self) -> None:
         """The model failed midway: what was already checkpointed stays, marked interrupted."""

@@ -76,13 +76,13 @@ class Heartbeat:
         close them here too, so their clients get `session_end` (reason `orphaned`) instead of a
         conversation the database says is over."""
         orphaned = [
-            session_id
-            async for session_id in ChatSession.objects.filter(
+            session
+            async for session in ChatSession.objects.filter(
                 owner_process=PROCESS_ID, end_reason=EndReason.ORPHANED, ended_at__gte=since
-            ).values_list("id", flat=True)
+            )
         ]
-        for session_id in orphaned:
-            await sessions.request_end(session_id, EndReason.ORPHANED)
+        for session in orphaned:
+            await sessions.tell_holder(session, EndReason.ORPHANED)
         if orphaned:
             logger.warning("sessions found orphaned after a silence", extra={"count": len(orphaned)})
 

@@ -10,6 +10,8 @@ import uuid
 
 from asgiref.sync import sync_to_async
 from django.db import transaction
+from django.db.models import F, Value
+from django.db.models.functions import Concat
 
 from chat.errors import ClientError, ErrorCode
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
@@ -44,7 +46,6 @@ async def save_user_message(*, session_id: uuid.UUID, content: str, system_messa
 
 async def save_reply(
     *,
-    row_id: int | None = None,
     session_id: uuid.UUID,
     content: str,
     model: str,
@@ -53,17 +54,40 @@ async def save_reply(
     latency_ms: int | None,
     status: MessageStatus = MessageStatus.COMPLETE,
 ) -> int:
-    """Save the model's reply (a new row, or the draft row `row_id` saved earlier); returns its id."""
-    fields = {
-        "content": content,
-        "model": model,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "latency_ms": latency_ms,
-        "status": status,
-    }
-    if row_id is not None:
-        await ChatMessage.objects.filter(id=row_id).aupdate(**fields)
-        return row_id
-    row = await ChatMessage.objects.acreate(session_id=session_id, role=Role.ASSISTANT, **fields)
+    """Save the model's reply as a new row; returns its id."""
+    row = await ChatMessage.objects.acreate(
+        session_id=session_id,
+        role=Role.ASSISTANT,
+        content=content,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        latency_ms=latency_ms,
+        status=status,
+    )
     return row.id
+
+
+async def extend_reply(
+    *,
+    row_id: int,
+    more: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    latency_ms: int | None,
+    status: MessageStatus,
+) -> None:
+    """Append `more` to a reply saved earlier (a checkpoint) and update its status.
+
+    Appending in the database keeps each statement as small as the text added
+    since the last save: rewriting a long reply once a second would send it
+    whole each time (and the database driver keeps buffers the size of the
+    largest statement it sent).
+    """
+    await ChatMessage.objects.filter(id=row_id).aupdate(
+        content=Concat(F("content"), Value(more)) if more else F("content"),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        latency_ms=latency_ms,
+        status=status,
+    )

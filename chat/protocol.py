@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chat.errors import ClientError, ErrorCode
+from chat.text import storable
 
 # Requests -------------------------------------------------------------------
 
@@ -49,6 +50,8 @@ def parse_text(text: str, *, max_message_chars: int) -> Request:
         content = json.loads(text)
     except ValueError:
         raise ClientError(ErrorCode.INVALID_JSON, "The frame is not valid JSON.") from None
+    except RecursionError:
+        raise ClientError(ErrorCode.INVALID_JSON, "The frame's JSON is nested too deeply.") from None
     return parse(content, max_message_chars=max_message_chars)
 
 
@@ -74,6 +77,14 @@ def _optional_str(content: dict, key: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
+    return _storable(key, value)
+
+
+def _storable(key: str, value: str) -> str:
+    # NUL cannot be stored in PostgreSQL text, and a lone surrogate (a "\ud800" escape)
+    # cannot be encoded at all: refuse both here rather than fail deeper.
+    if not storable(value):
+        raise ClientError(ErrorCode.INVALID_TEXT, f"'{key}' contains a NUL character or an unpaired surrogate escape.")
     return value
 
 
@@ -89,9 +100,19 @@ def _session_id(content: dict) -> uuid.UUID:
         raise ClientError(ErrorCode.INVALID_SESSION_ID, "'session_id' is not a valid UUID.") from None
 
 
+#: The longest model name a session can record (ChatSession.model).
+MAX_MODEL_CHARS = 200
+
+
 def _parse_session_start(content: dict, max_message_chars: int) -> SessionStart:
     model = _optional_str(content, "gpt_model")
-    return SessionStart(gpt_model=model.strip() if model and model.strip() else None)
+    model = model.strip() if model and model.strip() else None
+    if model is not None and (len(model) > MAX_MODEL_CHARS or not model.isprintable()):
+        raise ClientError(
+            ErrorCode.INVALID_MODEL_NAME,
+            f"'gpt_model' must be a printable name of at most {MAX_MODEL_CHARS} characters.",
+        )
+    return SessionStart(gpt_model=model)
 
 
 def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
@@ -103,6 +124,7 @@ def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
         raise ClientError(ErrorCode.MISSING_USER_MESSAGE, "The frame has no 'user_message'.")
     if not isinstance(user_message, str):
         raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
+    _storable(key, user_message)
     if not user_message.strip():
         raise ClientError(ErrorCode.EMPTY_USER_MESSAGE, f"'{key}' is empty.")
     system_message = _optional_str(content, "system_message")

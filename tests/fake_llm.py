@@ -47,6 +47,7 @@ class Script:
     token_delay: float = 0.0  # seconds between tokens
     cut_after: int | None = None  # stream: close the connection after N tokens, no [DONE]
     malformed: bool = False  # stream: send an unparseable SSE event after the first token
+    chunks: list[str] | None = None  # stream: exactly these text chunks (e.g. a surrogate pair split in two)
 
     @classmethod
     def from_directive(cls, base: Script, text: str) -> Script:
@@ -195,7 +196,8 @@ class FakeLLM:
         if script.status != 200:
             return _error_response(script)
         text = script.text if script.text is not None else "Echo: " + _DIRECTIVE.sub("", _last_user(body)).strip()
-        tokens = tokenize(text)
+        tokens = script.chunks if script.chunks is not None else tokenize(text)
+        text = "".join(tokens)
         model = body.get("model", "unknown")
         usage = {
             "prompt_tokens": sum(len(m.get("content") or "") for m in body.get("messages", [])) // 4 + 1,
