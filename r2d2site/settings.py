@@ -41,19 +41,23 @@ def env_list(name: str, default: list[str] | None = None) -> list[str]:
     return items or list(default or [])
 
 
-# Local development is the default so that `manage.py runserver` works on a
-# fresh clone; the Elastic Beanstalk bundle sets DJANGO_DEBUG=0.
-DEBUG = env_bool("DJANGO_DEBUG", True)
+# Off unless asked for: Daphne, the Procfile and any process started without the
+# variable run as in production. `manage.py runserver` (the README's quick start)
+# is the one place that defaults it on (manage.py); an explicit value always wins.
+DEBUG = env_bool("DJANGO_DEBUG", False)
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
-            "DJANGO_SECRET_KEY is not set. Production (DJANGO_DEBUG=0) needs a long random "
+            "DJANGO_SECRET_KEY is not set. Production (DJANGO_DEBUG unset or 0) needs a long random "
             "secret: generate one with `python -c 'import secrets; print(secrets.token_urlsafe(50))'` "
             "and set it in the environment (for Elastic Beanstalk: `eb setenv DJANGO_SECRET_KEY=...`)."
         )
     SECRET_KEY = "django-insecure-r2d2-local-development-only"  # dev only: refused above when DEBUG is off
+
+# Even with DEBUG on, the error page never shows credentials (chat/redaction.py).
+DEFAULT_EXCEPTION_REPORTER_FILTER = "chat.redaction.CredentialRedactingFilter"
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 
