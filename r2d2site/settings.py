@@ -248,8 +248,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "chat.logging.JsonFormatter"}},
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
-    "root": {"handlers": ["stdout"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
+    # stderr, where Daphne and Django write their own messages too (Elastic Beanstalk
+    # collects both streams of the Procfile's process into web.stdout.log).
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "json"}},
+    "root": {"handlers": ["stderr"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
     "loggers": {
         # httpx2/openai log request URLs at INFO; keep them quiet.
         "httpx2": {"level": "WARNING"},
