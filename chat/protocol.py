@@ -44,6 +44,7 @@ class ErrorCode:
     UPSTREAM_STREAM_INTERRUPTED = "upstream_stream_interrupted"
     UPSTREAM_INVALID_RESPONSE = "upstream_invalid_response"
     INTERNAL_ERROR = "internal_error"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
 
 
 class ProtocolError(Exception):

@@ -237,6 +237,12 @@ R2D2_MAX_SESSIONS_PER_CONNECTION = env_int("R2D2_MAX_SESSIONS_PER_CONNECTION", 8
 R2D2_RATE_LIMIT_PER_MINUTE = env_int("R2D2_RATE_LIMIT_PER_MINUTE", 30)
 R2D2_UPSTREAM_TIMEOUT = env_float("R2D2_UPSTREAM_TIMEOUT", 60.0)
 R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
+# Proxies in front of the server that append to X-Forwarded-For (chat/proxy.py):
+# 0 trusts no header (the peer is the client); the Elastic Beanstalk bundle sets 2
+# (the load balancer and nginx).
+R2D2_TRUSTED_PROXIES = env_int("R2D2_TRUSTED_PROXIES", 0)
+# Open WebSockets per client address, across processes on Redis (chat/connection_limits.py); 0: no cap.
+R2D2_MAX_CONNECTIONS_PER_ADDRESS = env_int("R2D2_MAX_CONNECTIONS_PER_ADDRESS", 20)
 # Liveness of server processes (chat/liveness.py): a process beats every
 # R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
 # its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).
