@@ -97,3 +97,13 @@ def test_debug_page_and_logs_show_no_credentials(daphne_factory):
         assert marker not in page, f"the debug page shows the {name} credential"
         assert marker not in health.body.decode(errors="replace"), f"/healthz shows the {name} credential"
         assert marker not in server.log(), f"the log shows the {name} credential"
+
+
+def test_quick_start_migrate_needs_no_key(fake_llm, tmp_path):
+    """The README's first quick-start command, as written, on a fresh database."""
+    env = without(server_env(fake_llm), "DJANGO_DEBUG", "DJANGO_SECRET_KEY", "DATABASE_URL")
+    env["R2D2_SQLITE_PATH"] = str(tmp_path / "fresh.sqlite3")
+    result = subprocess.run(
+        [sys.executable, "manage.py", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
