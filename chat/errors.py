@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     MODEL_NOT_ALLOWED = "model_not_allowed"
     TOO_MANY_SESSIONS = "too_many_sessions"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     QUEUE_FULL = "queue_full"
     NOTHING_TO_CANCEL = "nothing_to_cancel"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"

@@ -39,19 +39,23 @@ def env_list(name: str, default: list[str] | None = None) -> list[str]:
     return items or list(default or [])
 
 
-# Local development is the default so that `manage.py runserver` works on a
-# fresh clone; the Elastic Beanstalk bundle sets DJANGO_DEBUG=0.
-DEBUG = env_bool("DJANGO_DEBUG", True)
+# Off unless asked for: Daphne, the Procfile and any process started without the
+# variable run as in production. `manage.py runserver` (the README's quick start)
+# is the one place that defaults it on (manage.py); an explicit value always wins.
+DEBUG = env_bool("DJANGO_DEBUG", False)
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
-            "DJANGO_SECRET_KEY is not set. Production (DJANGO_DEBUG=0) needs a long random "
+            "DJANGO_SECRET_KEY is not set. Production (DJANGO_DEBUG unset or 0) needs a long random "
             "secret: generate one with `python -c 'import secrets; print(secrets.token_urlsafe(50))'` "
             "and set it in the environment (for Elastic Beanstalk: `eb setenv DJANGO_SECRET_KEY=...`)."
         )
     SECRET_KEY = "django-insecure-r2d2-local-development-only"  # dev only: refused above when DEBUG is off
+
+# Even with DEBUG on, the error page never shows credentials (chat/redaction.py).
+DEFAULT_EXCEPTION_REPORTER_FILTER = "chat.redaction.CredentialRedactingFilter"
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 
@@ -244,6 +248,12 @@ R2D2_MAX_UNSENT_BYTES = env_int("R2D2_MAX_UNSENT_BYTES", 4 * 1024 * 1024)
 # only when this is on: off, a reply cannot make a reader's browser fetch a URL
 # (a tracking pixel, or data smuggled out in a query string).
 R2D2_PAGE_REMOTE_IMAGES = env_bool("R2D2_PAGE_REMOTE_IMAGES", False)
+# Proxies in front of the server that append to X-Forwarded-For (chat/proxy.py):
+# 0 trusts no header (the peer is the client); the Elastic Beanstalk bundle sets 2
+# (the load balancer and nginx).
+R2D2_TRUSTED_PROXIES = env_int("R2D2_TRUSTED_PROXIES", 0)
+# Open WebSockets per client address, across processes on Redis (chat/connection_limits.py); 0: no cap.
+R2D2_MAX_CONNECTIONS_PER_ADDRESS = env_int("R2D2_MAX_CONNECTIONS_PER_ADDRESS", 20)
 # Liveness of server processes (chat/liveness.py): a process beats every
 # R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
 # its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).
@@ -255,8 +265,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "chat.logging.JsonFormatter"}},
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
-    "root": {"handlers": ["stdout"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
+    # stderr, where Daphne and Django write their own messages too (Elastic Beanstalk
+    # collects both streams of the Procfile's process into web.stdout.log).
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "json"}},
+    "root": {"handlers": ["stderr"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
     "loggers": {
         # httpx2/openai log request URLs at INFO; keep them quiet.
         "httpx2": {"level": "WARNING"},
