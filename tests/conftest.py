@@ -106,18 +106,15 @@ def fake_bedrock_server() -> Iterator[FakeBedrock]:
 
 
 @pytest.fixture
-def fake_bedrock(fake_bedrock_server: FakeBedrock, settings, monkeypatch) -> FakeBedrock:
-    """The local Bedrock server, emptied, with this process's boto3 pointed at it (dummy credentials)."""
+def fake_bedrock(fake_bedrock_server: FakeBedrock) -> FakeBedrock:
+    """The local Bedrock server, emptied (point a server at it with `bedrock_env`)."""
     fake_bedrock_server.reset()
-    for name, value in bedrock_env(fake_bedrock_server).items():
-        monkeypatch.setenv(name, value)
-    settings.R2D2_BEDROCK_REGION = "us-east-1"
-    settings.R2D2_BEDROCK_ENDPOINT_URL = fake_bedrock_server.url
     return fake_bedrock_server
 
 
 def bedrock_env(fake: FakeBedrock, *models: str) -> dict[str, str]:
-    """A server process's environment for Bedrock at the fake: the real boto3, dummy credentials."""
+    """A server process's environment for Bedrock at the fake: the real boto3, dummy credentials,
+    and `models` listed in R2D2_BEDROCK_MODELS."""
     env = {
         "R2D2_BEDROCK_ENDPOINT_URL": fake.url,
         "AWS_REGION": "us-east-1",

@@ -182,9 +182,11 @@ def _texts(message: dict[str, Any]) -> str:
 
 
 def _last_user(body: dict[str, Any]) -> str:
+    """The newest user text: the last block of the last user message (earlier blocks may be
+    messages merged into it)."""
     for message in reversed(body.get("messages", [])):
-        if message.get("role") == "user":
-            return _texts(message)
+        if message.get("role") == "user" and message.get("content"):
+            return message["content"][-1].get("text", "")
     return ""
 
 

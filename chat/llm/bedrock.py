@@ -322,6 +322,11 @@ def _map_aws_error(exc: Any, *, in_stream: bool) -> UpstreamError:
     code = str(error.get("Code", ""))
     code = code[:1].upper() + code[1:]  # stream exception events are named in lowerCamelCase
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    # By name first: ModelNotReadyException is sent as HTTP 429, yet it is no rate limit.
+    if code in _SERVER:
+        return UpstreamError(ErrorCode.UPSTREAM_SERVER_ERROR, "The model server failed to answer.", retryable=True)
+    if code == "ModelTimeoutException":
+        return UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "The model did not answer in time.")
     if code in _RATE_LIMITED or status == 429:
         return UpstreamError(
             ErrorCode.UPSTREAM_RATE_LIMITED,
@@ -331,9 +336,7 @@ def _map_aws_error(exc: Any, *, in_stream: bool) -> UpstreamError:
     if code in _AUTH or status in {401, 403}:
         logger.error("Bedrock refused the server's credentials", extra={"aws_error": code})
         return UpstreamError(ErrorCode.UPSTREAM_AUTH_FAILED, "The server's model credentials were refused.")
-    if code == "ModelTimeoutException":
-        return UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "The model did not answer in time.")
-    if code in _SERVER or status >= 500:
+    if status >= 500:
         return UpstreamError(ErrorCode.UPSTREAM_SERVER_ERROR, "The model server failed to answer.", retryable=True)
     if code in _BAD_REQUEST or 400 <= status < 500:
         return UpstreamError(
