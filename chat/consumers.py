@@ -15,12 +15,12 @@ from collections.abc import Awaitable, Callable
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import protocol, sessions
+from chat import llm, protocol, sessions
 from chat.conversation import Conversation
 from chat.errors import ClientError, ErrorCode
 from chat.limits import TokenBucket
 from chat.models import EndReason
-from chat.protocol import Cancel, PostMessage, Request, SessionEnd, SessionStart
+from chat.protocol import Cancel, ListModels, PostMessage, Request, SessionEnd, SessionStart
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not conversation.cancel():
             raise ClientError(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
 
+    async def list_models(self, request: ListModels) -> None:
+        await self.send_frame(protocol.models(llm.models()))
+
     async def unhandled(self, request: Request) -> None:
         raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
 
@@ -114,6 +117,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         PostMessage: post_message,
         SessionEnd: end_session,
         Cancel: cancel_turn,
+        ListModels: list_models,
     }
 
     # Channel-layer events --------------------------------------------------

@@ -41,7 +41,12 @@ class Cancel:
     session_id: uuid.UUID
 
 
-Request = SessionStart | PostMessage | SessionEnd | Cancel
+@dataclass(frozen=True, slots=True)
+class ListModels:
+    pass
+
+
+Request = SessionStart | PostMessage | SessionEnd | Cancel | ListModels
 
 
 def parse_text(text: str, *, max_message_chars: int) -> Request:
@@ -153,11 +158,16 @@ def _parse_cancel(content: dict, max_message_chars: int) -> Cancel:
     return Cancel(session_id=_session_id(content))
 
 
+def _parse_list_models(content: dict, max_message_chars: int) -> ListModels:
+    return ListModels()
+
+
 PARSERS = {
     "chatbot_session_start": _parse_session_start,
     "chatbot_post_message": _parse_post_message,
     "chatbot_session_end": _parse_session_end,
     "chatbot_cancel": _parse_cancel,
+    "chatbot_models": _parse_list_models,
 }
 
 
@@ -200,3 +210,8 @@ def message_delta(text: str) -> str:
 
 def error(code: str, message: str) -> str:
     return encode("error", {"code": code, "message": message})
+
+
+def models(available: list[tuple[str, str]]) -> str:
+    """The models a client may choose: `(model id, provider name)` pairs, in the server's order."""
+    return encode("models", [{"id": model, "provider": provider} for model, provider in available])

@@ -261,6 +261,20 @@ R2D2_HEARTBEAT_SECONDS = env_float("R2D2_HEARTBEAT_SECONDS", 10.0)
 R2D2_PROCESS_STALE_SECONDS = env_float("R2D2_PROCESS_STALE_SECONDS", 45.0)
 R2D2_ORPHAN_SWEEP_SECONDS = env_float("R2D2_ORPHAN_SWEEP_SECONDS", 60.0)
 
+# Amazon Bedrock (chat/llm/bedrock.py). These model ids, and any name starting with
+# "bedrock/", are answered by Bedrock's Converse API with boto3's usual credential
+# chain (on Elastic Beanstalk, the instance role); every other name goes to the
+# OpenAI-compatible provider. The endpoint override is for tests and VPC endpoints
+# (boto3 also honours AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_BEDROCK_RUNTIME itself).
+R2D2_BEDROCK_MODELS = env_list("R2D2_BEDROCK_MODELS")
+R2D2_BEDROCK_REGION = (
+    os.environ.get("R2D2_BEDROCK_REGION", "").strip()
+    or os.environ.get("AWS_REGION", "").strip()
+    or os.environ.get("AWS_DEFAULT_REGION", "").strip()
+    or None
+)
+R2D2_BEDROCK_ENDPOINT_URL = os.environ.get("R2D2_BEDROCK_ENDPOINT_URL", "").strip() or None
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -273,5 +287,8 @@ LOGGING = {
         # httpx2/openai log request URLs at INFO; keep them quiet.
         "httpx2": {"level": "WARNING"},
         "openai": {"level": "WARNING"},
+        # botocore logs request details (and, at DEBUG, bodies and signed headers): never.
+        "botocore": {"level": "WARNING"},
+        "urllib3": {"level": "WARNING"},
     },
 }

@@ -4,6 +4,7 @@ Interactive: a prompt, the reply printed as it streams in, Ctrl-C stops the repl
 being generated, Ctrl-D ends the session and exits. Piped: one message per line,
 each reply waited for, the session ended at end of input; replies go to stdout,
 everything else (banner, errors, notices) to stderr, so scripts read only answers.
+`--list-models` prints the models the server offers (id, tab, provider) and exits.
 """
 
 from __future__ import annotations
@@ -30,8 +31,19 @@ class Command(BaseCommand):
         parser.add_argument("--model", default=None, help="model name (default: the server's default)")
         parser.add_argument("--system", default=None, help="system message for the session")
         parser.add_argument("--no-stream", action="store_true", help="wait for each whole reply instead of streaming")
+        parser.add_argument(
+            "--list-models", action="store_true", help="print the models the server offers (id, provider) and exit"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["list_models"]:
+            try:
+                models = asyncio.run(list_models(options["url"]))
+            except (OSError, websockets.InvalidURI, websockets.InvalidHandshake, TimeoutError) as exc:
+                raise CommandError(f"Could not talk to {options['url']}: {exc}") from None
+            for model in models:
+                print(f"{model['id']}\t{model['provider']}")
+            return
         client = TerminalChat(
             url=options["url"], model=options["model"], system=options["system"], stream=not options["no_stream"]
         )
@@ -199,6 +211,16 @@ class TerminalChat:
     @staticmethod
     def note(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
+
+
+async def list_models(url: str) -> list[dict[str, str]]:
+    """The server's answer to `chatbot_models`."""
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"action": "chatbot_models"}))
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    if frame.get("type") != "models":
+        raise CommandError(f"The server did not list its models: {frame.get('data')}")
+    return frame["data"]
 
 
 async def _first(*aws) -> Any:
