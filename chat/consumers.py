@@ -15,12 +15,12 @@ from collections.abc import Awaitable, Callable
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import llm, protocol, sessions
+from chat import llm, protocol, resume, sessions
 from chat.conversation import Conversation
 from chat.errors import ClientError, ErrorCode
 from chat.limits import TokenBucket
 from chat.models import EndReason
-from chat.protocol import Cancel, ListModels, PostMessage, Request, SessionEnd, SessionStart
+from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: stop every generation and end every session it held."""
         conversations, self.conversations = getattr(self, "conversations", {}), {}
+        # A resumable session carries on without its socket, for the resume window.
+        for session_id in list(conversations):
+            held = resume.local(session_id)
+            if held is not None and held.conversation is conversations[session_id]:
+                held.detach(self)
+                del conversations[session_id]
         if not conversations:
             return
         await asyncio.gather(*(c.close() for c in conversations.values()), return_exceptions=True)
@@ -78,6 +84,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 f"This connection already has {len(self.conversations)} open sessions; end one first.",
             )
         _take(self.start_rate, "sessions")
+        if request.resumable:
+            session, token = await resume.start(self, model=model)
+            logger.info("session started", extra={"session_id": str(session.id), "model": model, "resumable": True})
+            await self.send_frame(protocol.resumable_session_start(session.id, token))
+            return
         session = await sessions.start(model=model, client_address=self.client_address, owner_channel=self.channel_name)
         self.conversations[session.id] = Conversation(session_id=session.id, model=model, send=self.send_frame)
         await self.channel_layer.group_add(sessions.group(session.id), self.channel_name)
@@ -97,6 +108,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def end_session(self, request: SessionEnd) -> None:
         await self.held(request.session_id)
+        held = resume.local(request.session_id)
+        if held is not None:
+            await held.end(EndReason.CLIENT, protocol.session_end())
+            return
         await self.close_session(request.session_id, EndReason.CLIENT)
         await self.send_frame(protocol.session_end())
 
@@ -108,6 +123,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def list_models(self, request: ListModels) -> None:
         await self.send_frame(protocol.models(llm.models()))
 
+    async def resume_session(self, request: Resume) -> None:
+        await resume.resume(self, request.session_id, request.resume_token, request.last_seq)
+
     async def unhandled(self, request: Request) -> None:
         raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
 
@@ -118,6 +136,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         SessionEnd: end_session,
         Cancel: cancel_turn,
         ListModels: list_models,
+        Resume: resume_session,
     }
 
     # Channel-layer events --------------------------------------------------
@@ -131,6 +150,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         reason = EndReason(event.get("reason", EndReason.OPERATOR))
         await self.close_session(session_id, reason)
         await self.send_frame(protocol.session_ended_by_server(session_id, reason.value))
+
+    async def resumed_elsewhere(self, session_id: uuid.UUID) -> None:
+        """Another connection resumed one of this socket's resumable sessions: it is no longer ours."""
+        self.conversations.pop(session_id, None)
+        await self.send_frame(protocol.session_ended_by_server(session_id, "resumed_elsewhere"))
 
     # Helpers ---------------------------------------------------------------
 
@@ -148,6 +172,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def close_session(self, session_id: uuid.UUID, reason: EndReason | None) -> None:
         """Stop holding a session; record `reason` unless it was already ended elsewhere (None)."""
+        held = resume.local(session_id)
+        if held is not None:
+            await held.end(reason)
+            return
         conversation = self.conversations.pop(session_id)
         await conversation.close()
         if reason is not None:

@@ -70,6 +70,11 @@ class Conversation:
             self._worker.cancel()
         return True
 
+    @property
+    def busy(self) -> bool:
+        """A turn is running or messages wait for one (a resumable session is handed over only when not)."""
+        return self._in_turn or not self._queue.empty()
+
     async def close(self) -> None:
         """Stop for good: cancel the generation (its partial reply is saved) and drop the queue."""
         self._closed = True

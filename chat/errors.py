@@ -42,6 +42,10 @@ class ErrorCode(StrEnum):
     UPSTREAM_INVALID_RESPONSE = "upstream_invalid_response"
     REPLY_TOO_LARGE = "reply_too_large"
     INTERNAL_ERROR = "internal_error"
+    RESUME_TOKEN_INVALID = "resume_token_invalid"
+    RESUME_UNAVAILABLE = "resume_unavailable"
+    TURN_INTERRUPTED = "turn_interrupted"
+    SERVER_DRAINING = "server_draining"
 
 
 class ClientError(Exception):

@@ -16,6 +16,7 @@ class EndReason(models.TextChoices):
     DISCONNECT = "disconnect", "Socket closed"
     OPERATOR = "operator", "Ended by an operator"
     ORPHANED = "orphaned", "Server process gone"
+    ABANDONED = "abandoned", "Not resumed in time"
 
 
 class Role(models.TextChoices):
@@ -61,6 +62,11 @@ class ChatSession(models.Model):
     # process is gone are ended as orphaned.
     owner_process = models.CharField(max_length=100, blank=True, default="", db_index=True)
     owner_channel = models.CharField(max_length=200, blank=True, default="")
+    # Resumable sessions (chat/resume.py): the sha256 of the resume token (never the token),
+    # and when the session was last left without a holder (a drained or killed process), so
+    # the sweep can end it as abandoned once the resume window has passed.
+    resume_token_hash = models.CharField(max_length=64, blank=True, default="")
+    released_at = models.DateTimeField(null=True, blank=True)
 
     objects = ChatSessionQuerySet.as_manager()
 
@@ -82,6 +88,10 @@ class ChatSession(models.Model):
     @property
     def is_live(self) -> bool:
         return self.ended_at is None
+
+    @property
+    def is_resumable(self) -> bool:
+        return bool(self.resume_token_hash)
 
 
 class ChatMessage(models.Model):

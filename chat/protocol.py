@@ -21,6 +21,7 @@ from chat.text import storable
 @dataclass(frozen=True, slots=True)
 class SessionStart:
     gpt_model: str | None
+    resumable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,14 @@ class ListModels:
     pass
 
 
-Request = SessionStart | PostMessage | SessionEnd | Cancel | ListModels
+@dataclass(frozen=True, slots=True)
+class Resume:
+    session_id: uuid.UUID
+    resume_token: str
+    last_seq: int
+
+
+Request = SessionStart | PostMessage | SessionEnd | Cancel | ListModels | Resume
 
 
 def parse_text(text: str, *, max_message_chars: int) -> Request:
@@ -117,7 +125,10 @@ def _parse_session_start(content: dict, max_message_chars: int) -> SessionStart:
             ErrorCode.INVALID_MODEL_NAME,
             f"'gpt_model' must be a printable name of at most {MAX_MODEL_CHARS} characters.",
         )
-    return SessionStart(gpt_model=model)
+    resumable = content.get("resumable", False)
+    if not isinstance(resumable, bool):
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, "'resumable' must be true or false.")
+    return SessionStart(gpt_model=model, resumable=resumable)
 
 
 def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
@@ -162,12 +173,28 @@ def _parse_list_models(content: dict, max_message_chars: int) -> ListModels:
     return ListModels()
 
 
+#: A resume token is 43 URL-safe characters (32 random bytes); anything far longer is not one.
+MAX_RESUME_TOKEN_CHARS = 200
+
+
+def _parse_resume(content: dict, max_message_chars: int) -> Resume:
+    session_id = _session_id(content)
+    token = content.get("resume_token")
+    if not isinstance(token, str) or not token or len(token) > MAX_RESUME_TOKEN_CHARS:
+        raise ClientError(ErrorCode.RESUME_TOKEN_INVALID, "That resume_token does not resume this session.")
+    last_seq = content.get("last_seq", 0)
+    if isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0:
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, "'last_seq' must be a whole number, 0 or more.")
+    return Resume(session_id=session_id, resume_token=token, last_seq=last_seq)
+
+
 PARSERS = {
     "chatbot_session_start": _parse_session_start,
     "chatbot_post_message": _parse_post_message,
     "chatbot_session_end": _parse_session_end,
     "chatbot_cancel": _parse_cancel,
     "chatbot_models": _parse_list_models,
+    "chatbot_session_resume": _parse_resume,
 }
 
 
@@ -215,3 +242,30 @@ def error(code: str, message: str) -> str:
 def models(available: list[tuple[str, str]]) -> str:
     """The models a client may choose: `(model id, provider name)` pairs, in the server's order."""
     return encode("models", [{"id": model, "provider": provider} for model, provider in available])
+
+
+# Resumable sessions (chat/resume.py) ------------------------------------------
+# Frames of a session started with `"resumable": true` carry two more keys after
+# `type` and `data`; every other frame stays exactly as above.
+
+
+def resumable_session_start(session_id: uuid.UUID, resume_token: str) -> str:
+    return encode("session_start", {"session_id": str(session_id), "resume_token": resume_token})
+
+
+def session_resumed(session_id: uuid.UUID, last_seq: int) -> str:
+    return encode("session_resumed", {"session_id": str(session_id), "last_seq": last_seq})
+
+
+def sequenced(frame: str, session_id: uuid.UUID, seq: int) -> str:
+    """`frame` (an encoded object) with `session_id` and `seq` appended as its last keys.
+
+    Spliced into the text rather than decoded and encoded again: this runs for every
+    streamed delta, and the frame's own bytes stay whatever `encode` made them.
+    """
+    return f'{frame[:-1]}, "session_id": "{session_id}", "seq": {seq}}}'
+
+
+def frame_type(frame: str) -> str:
+    """The `type` of an encoded frame (for reading the frame log back)."""
+    return json.loads(frame)["type"]

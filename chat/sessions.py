@@ -15,10 +15,12 @@ import enum
 import logging
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from chat import liveness
@@ -32,13 +34,32 @@ def group(session_id: uuid.UUID | str) -> str:
     return f"session.{uuid.UUID(str(session_id)).hex}"
 
 
-async def start(*, model: str, client_address: str | None, owner_channel: str) -> ChatSession:
+async def start(
+    *, model: str, client_address: str | None, owner_channel: str, resume_token_hash: str = ""
+) -> ChatSession:
     return await ChatSession.objects.acreate(
         model=model,
         client_address=client_address,
         owner_process=liveness.PROCESS_ID,
         owner_channel=owner_channel,
+        resume_token_hash=resume_token_hash,
     )
+
+
+async def release(session_id: uuid.UUID) -> None:
+    """This process stops holding a live resumable session (handed over, drained): any process may claim it."""
+    await ChatSession.objects.filter(id=session_id, owner_process=liveness.PROCESS_ID, ended_at__isnull=True).aupdate(
+        owner_process="", owner_channel="", released_at=timezone.now()
+    )
+
+
+async def claim(session_id: uuid.UUID, *, from_owner: str, channel: str) -> bool:
+    """Become the holder of a live session still held by `from_owner` (released: ""); False when another
+    process claimed it first, or it ended. One UPDATE, so of two claimants exactly one wins."""
+    claimed = await ChatSession.objects.filter(id=session_id, owner_process=from_owner, ended_at__isnull=True).aupdate(
+        owner_process=liveness.PROCESS_ID, owner_channel=channel, released_at=None
+    )
+    return bool(claimed)
 
 
 async def get(session_id: uuid.UUID) -> ChatSession | None:
@@ -98,7 +119,9 @@ def end_orphaned(*, stale_after: float | None = None) -> int:
 
     Returns how many sessions ended."""
     stale_after = settings.R2D2_PROCESS_STALE_SECONDS if stale_after is None else stale_after
-    orphaned = list(liveness.orphaned_sessions(stale_after=stale_after).values_list("id", flat=True))
+    candidates = liveness.orphaned_sessions(stale_after=stale_after)
+    _release_or_abandon(candidates.exclude(resume_token_hash=""))
+    orphaned = list(candidates.filter(resume_token_hash="").values_list("id", flat=True))
     ended = ChatSession.objects.filter(id__in=orphaned, ended_at__isnull=True).update(
         ended_at=timezone.now(), end_reason=EndReason.ORPHANED
     )
@@ -111,6 +134,28 @@ def end_orphaned(*, stale_after: float | None = None) -> int:
     if ended:
         logger.warning("orphaned sessions ended", extra={"count": ended, "swept_by": liveness.PROCESS_ID})
     return ended
+
+
+def _release_or_abandon(resumable) -> None:
+    """Resumable sessions nobody holds wait for their client to resume them elsewhere: those of a
+    gone process are released (now, so the window starts now; a reply it was streaming is marked
+    interrupted), and those released longer than R2D2_RESUME_WINDOW_SECONDS ago end as abandoned."""
+    now = timezone.now()
+    held_by_the_gone = resumable.exclude(owner_process="")
+    gone_ids = list(held_by_the_gone.values_list("id", flat=True))
+    if gone_ids:
+        ChatSession.objects.filter(id__in=gone_ids, ended_at__isnull=True).update(
+            owner_process="", owner_channel="", released_at=now
+        )
+        ChatMessage.objects.filter(session_id__in=gone_ids, status=MessageStatus.INCOMPLETE).update(
+            status=MessageStatus.INTERRUPTED
+        )
+        logger.warning("resumable sessions of a gone process released", extra={"count": len(gone_ids)})
+    horizon = now - timedelta(seconds=settings.R2D2_RESUME_WINDOW_SECONDS)
+    abandoned = resumable.filter(owner_process="").filter(Q(released_at__lt=horizon) | Q(released_at__isnull=True))
+    count = abandoned.update(ended_at=now, end_reason=EndReason.ABANDONED)
+    if count:
+        logger.info("released resumable sessions abandoned", extra={"count": count})
 
 
 # Ending a session from outside its consumer ---------------------------------------

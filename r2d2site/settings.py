@@ -260,6 +260,11 @@ R2D2_MAX_CONNECTIONS_PER_ADDRESS = env_int("R2D2_MAX_CONNECTIONS_PER_ADDRESS", 2
 R2D2_HEARTBEAT_SECONDS = env_float("R2D2_HEARTBEAT_SECONDS", 10.0)
 R2D2_PROCESS_STALE_SECONDS = env_float("R2D2_PROCESS_STALE_SECONDS", 45.0)
 R2D2_ORPHAN_SWEEP_SECONDS = env_float("R2D2_ORPHAN_SWEEP_SECONDS", 60.0)
+# Resumable sessions (chat/resume.py): a session whose socket closed stays live this long,
+# its frames kept, waiting for the client to resume it; then it ends as abandoned.
+R2D2_RESUME_WINDOW_SECONDS = env_float("R2D2_RESUME_WINDOW_SECONDS", 300.0)
+# On SIGTERM (chat/drain.py): how long turns in progress may run before sockets close with 1012.
+R2D2_DRAIN_SECONDS = env_float("R2D2_DRAIN_SECONDS", 30.0)
 
 # Amazon Bedrock (chat/llm/bedrock.py). These model ids, and any name starting with
 # "bedrock/", are answered by Bedrock's Converse API with boto3's usual credential

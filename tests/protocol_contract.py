@@ -61,8 +61,11 @@ def match_frame(text: str) -> str:
         frame = json.loads(text)
     except ValueError:
         raise AssertionError(f"server frame is not JSON: {text!r}") from None
-    if not isinstance(frame, dict) or list(frame) != ["type", "data"]:
-        raise AssertionError(f"server frame must be an object with keys type, data (in that order): {text!r}")
+    # Frames about a resumable session carry `session_id` and `seq` after those two.
+    if not isinstance(frame, dict) or list(frame) not in (["type", "data"], ["type", "data", "session_id", "seq"]):
+        raise AssertionError(
+            f"server frame must be an object with keys type, data (in that order), then maybe session_id, seq: {text!r}"
+        )
     problems = []
     for message_id, (types, check) in server_messages().items():
         if frame["type"] not in types:

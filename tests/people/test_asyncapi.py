@@ -55,7 +55,7 @@ def test_every_end_reason_is_documented():
 
 
 def test_every_action_is_documented_and_examples_validate():
-    """The five actions are there, and each message's examples match its own payload schema."""
+    """The six actions are there, and each message's examples match its own payload schema."""
     messages = document()["components"]["messages"]
     actions = {m["name"] for m in messages.values() if "action" in m["payload"].get("properties", {})}
     assert actions == {
@@ -64,6 +64,7 @@ def test_every_action_is_documented_and_examples_validate():
         "chatbot_session_end",
         "chatbot_cancel",
         "chatbot_models",
+        "chatbot_session_resume",
     }
     for message_id, message in messages.items():
         check = validator(f"/components/messages/{message_id}/payload")
@@ -78,6 +79,7 @@ def test_every_action_is_documented_and_examples_validate():
         "processingEnd",
         "sessionEnd",
         "sessionEndedByServer",
+        "sessionResumed",
         "models",
         "error",
     }
@@ -157,7 +159,7 @@ async def test_a_live_conversation_sends_every_documented_frame(daphne, fake_llm
     for text in client.received:
         frame = json.loads(text)
         seen.setdefault(match_frame(text), set()).add(frame["data"]["code"] if frame["type"] == "error" else "")
-    assert set(seen) == set(server_messages()) - {"sessionEndedByServer"}
+    assert set(seen) == set(server_messages()) - {"sessionEndedByServer", "sessionResumed"}
     assert {
         "invalid_json",
         "not_an_object",

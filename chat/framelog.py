@@ -1,0 +1,130 @@
+"""Where the frames of resumable sessions are kept, so a client that reconnects gets what it missed.
+
+Two places, for two kinds of resume:
+
+- `LocalFrames`: the frames a process produced for a session it holds, in its own
+  memory. A client resuming on the same process (the common case: a dropped
+  connection that comes back through the same instance) is served from here; it
+  needs no Redis and survives a Redis restart.
+- `SharedLog`: with REDIS_URL, every frame is also appended to a Redis Stream,
+  `r2d2:frames:<session hex>`, whose entry ids are the frames' seqs (`<seq>-0`), so
+  Redis itself refuses a seq written twice or out of order. Another process reads
+  it to replay and to tail a session it is taking over, and reads the last seq
+  from it when it becomes the holder. The key expires R2D2_RESUME_WINDOW_SECONDS
+  after the last frame, and keeps at most MAX_FRAMES.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from weakref import WeakKeyDictionary
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+#: Frames kept per session. A client that missed more than this gets `resume_unavailable`
+#: (its transcript is in the database all the same).
+MAX_FRAMES = 10_000
+
+Frame = tuple[int, str]  # (seq, the frame's text)
+
+
+class LocalFrames:
+    """A session's recent frames in this process's memory: kept for the resume window,
+    at most MAX_FRAMES."""
+
+    def __init__(self) -> None:
+        self._frames: deque[tuple[int, float, str]] = deque()
+        self._loop = asyncio.get_running_loop()
+
+    def append(self, seq: int, frame: str) -> None:
+        now = self._loop.time()
+        self._frames.append((seq, now, frame))
+        horizon = now - settings.R2D2_RESUME_WINDOW_SECONDS
+        while self._frames and (len(self._frames) > MAX_FRAMES or self._frames[0][1] < horizon):
+            self._frames.popleft()
+
+    def after(self, seq: int, upto: int) -> list[Frame] | None:
+        """Frames seq+1 … upto, or None when some of them are no longer kept."""
+        if seq >= upto:
+            return []
+        frames = [(s, text) for s, _, text in self._frames if seq < s <= upto]
+        if not frames or frames[0][0] != seq + 1 or frames[-1][0] != upto:
+            return None
+        return frames
+
+
+class SharedLog:
+    """The Redis Stream of each resumable session's frames (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._clients: WeakKeyDictionary[asyncio.AbstractEventLoop, object] = WeakKeyDictionary()
+
+    def _redis(self):
+        # One client per event loop: a redis.asyncio connection belongs to the loop that opened it.
+        import redis.asyncio as redis
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = redis.Redis.from_url(self.url, socket_timeout=30, decode_responses=True)
+        return client
+
+    @staticmethod
+    def key(session_id: uuid.UUID) -> str:
+        return f"r2d2:frames:{session_id.hex}"
+
+    async def append(self, session_id: uuid.UUID, seq: int, frame: str) -> None:
+        """Append one frame; a failure (Redis restarting) is logged and the frame stays only in
+        the holder's memory: the conversation must not stop for it."""
+        key = self.key(session_id)
+        try:
+            async with self._redis().pipeline(transaction=False) as pipe:
+                pipe.xadd(key, {"f": frame}, id=f"{seq}-0", maxlen=MAX_FRAMES, approximate=True)
+                pipe.expire(key, max(1, int(settings.R2D2_RESUME_WINDOW_SECONDS) + 60))
+                await pipe.execute()
+        except Exception as exc:
+            failure = {"session_id": str(session_id), "seq": seq, "error": type(exc).__name__}
+            logger.warning("frame log append failed", extra=failure)
+
+    async def after(self, session_id: uuid.UUID, seq: int) -> list[Frame]:
+        """Every kept frame with a seq above `seq`, in order."""
+        entries = await self._redis().xrange(self.key(session_id), min=f"{seq + 1}-0", max="+")
+        return [_frame(entry) for entry in entries]
+
+    async def tail(self, session_id: uuid.UUID, seq: int, block_ms: int) -> list[Frame]:
+        """Frames above `seq`, waiting up to `block_ms` for the first one."""
+        found = await self._redis().xread({self.key(session_id): f"{seq}-0"}, block=block_ms)
+        return [_frame(entry) for _, entries in found for entry in entries]
+
+    async def last_seq(self, session_id: uuid.UUID) -> int:
+        entries = await self._redis().xrevrange(self.key(session_id), max="+", min="-", count=1)
+        return _frame(entries[0])[0] if entries else 0
+
+    async def close(self) -> None:
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+
+def _frame(entry: tuple[str, dict[str, str]]) -> Frame:
+    entry_id, fields = entry
+    return int(entry_id.split("-", 1)[0]), fields["f"]
+
+
+_shared: SharedLog | None = None
+
+
+def shared() -> SharedLog | None:
+    """The shared log when this deployment has Redis (several processes); None on the embedded defaults."""
+    global _shared
+    if not settings.REDIS_URL:
+        return None
+    if _shared is None or _shared.url != settings.REDIS_URL:
+        _shared = SharedLog(settings.REDIS_URL)
+    return _shared
