@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import llm, protocol, resume, sessions
+from chat import drain, llm, protocol, resume, sessions
 from chat.conversation import Conversation
 from chat.errors import ClientError, ErrorCode
 from chat.limits import TokenBucket
@@ -29,6 +29,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         """Called when a WebSocket connection is opened (Origin and Host were already checked)."""
         self.conversations: dict[uuid.UUID, Conversation] = {}
+        if drain.draining:
+            await self.close()  # the handshake is refused: this process is stopping
+            return
+        drain.watch(self)
         self.post_rate = TokenBucket(settings.R2D2_RATE_LIMIT_PER_MINUTE)
         self.start_rate = TokenBucket(settings.R2D2_RATE_LIMIT_PER_MINUTE)
         client = self.scope.get("client")
@@ -83,6 +87,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 ErrorCode.TOO_MANY_SESSIONS,
                 f"This connection already has {len(self.conversations)} open sessions; end one first.",
             )
+        drain.refuse_if_draining()
         _take(self.start_rate, "sessions")
         if request.resumable:
             session, token = await resume.start(self, model=model)
@@ -97,6 +102,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def post_message(self, request: PostMessage) -> None:
         conversation = await self.held(request.session_id)
+        drain.refuse_if_draining()
         _take(self.post_rate, "messages")
         try:
             await conversation.accept(request)
@@ -124,6 +130,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.send_frame(protocol.models(llm.models()))
 
     async def resume_session(self, request: Resume) -> None:
+        drain.refuse_if_draining()
         await resume.resume(self, request.session_id, request.resume_token, request.last_seq)
 
     async def unhandled(self, request: Request) -> None:

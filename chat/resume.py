@@ -62,6 +62,11 @@ def local(session_id: uuid.UUID) -> Held | None:
     return held if held is not None and not held.leaving else None
 
 
+def held_here() -> list[Held]:
+    """Every resumable session this process holds (for draining)."""
+    return [held for held in _held.values() if not held.leaving]
+
+
 # Tokens -----------------------------------------------------------------------
 
 

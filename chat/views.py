@@ -10,6 +10,8 @@ from channels.layers import get_channel_layer
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 
+from chat import drain
+
 
 def _check_database() -> None:
     with connection.cursor() as cursor:
@@ -33,5 +35,7 @@ async def healthz(request: HttpRequest) -> JsonResponse:
         checks["channel_layer"] = "ok"
     except Exception as exc:
         checks["channel_layer"] = type(exc).__name__
+    if drain.draining:  # stopping (SIGTERM): the load balancer should send new connections elsewhere
+        checks["process"] = "draining"
     healthy = all(value == "ok" for value in checks.values())
     return JsonResponse({"status": "ok" if healthy else "unhealthy", "checks": checks}, status=200 if healthy else 503)

@@ -32,6 +32,7 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 CLOSE_NOT_READING = 4408
+CLOSE_SERVICE_RESTART = 1012  # chat/drain.py closes with it
 
 
 def unsent_bytes(transport) -> int:
@@ -62,6 +63,14 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             super().sendMessage(payload, isBinary, *args, **kwargs)
         finally:
             self.maxMessagePayloadSize = incoming_limit
+
+    def serverClose(self, code: int | None = None) -> None:
+        # Autobahn's sendClose accepts only 1000 and 3000-4999, so a draining server's 1012
+        # ("service restart", valid on the wire per RFC 6455's registry) is written directly.
+        if code == CLOSE_SERVICE_RESTART:
+            self.sendCloseFrame(code=code, isReply=False)
+            return
+        super().serverClose(code)
 
 
 class BoundedWebSocketFactory(WebSocketFactory):

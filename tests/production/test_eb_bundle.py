@@ -61,6 +61,7 @@ REAL_NAMESPACES: dict[str, set[str] | None] = {
         "SecurityGroups",
     },
     "aws:elasticbeanstalk:environment:proxy": {"ProxyServer"},
+    "aws:elasticbeanstalk:command": {"DeploymentPolicy", "Timeout", "BatchSizeType", "BatchSize", "IgnoreHealthCheck"},
     "aws:elasticbeanstalk:environment": {"EnvironmentType", "ServiceRole", "LoadBalancerType", "LoadBalancerIsShared"},
 }
 #: Top-level keys of an .ebextensions config file.

@@ -4,13 +4,17 @@ drops resumes on the other process and gets exactly what it missed, whatever bec
 from __future__ import annotations
 
 import asyncio
+import shutil
+import signal
 
 import pytest
+import websockets
 
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
 from tests.client import ProtocolClient
 from tests.e2e.test_resume import SLOW, SLOW_REPLY, check_sequence, post, reply_row, resume, start, wait_for
 from tests.production.conftest import FAST_LIVENESS
+from tests.production.test_redis_restart import private_redis  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -108,4 +112,63 @@ async def test_holder_killed_mid_turn_the_resumed_client_gets_turn_interrupted(d
     assert frames[1]["data"] == "Echo: again"
     assert await ChatMessage.objects.filter(session_id=session_id, role=Role.USER).acount() == 2
     assert (await ChatSession.objects.aget(id=session_id)).ended_at is None
+    await client.close()
+
+
+async def test_sigterm_mid_turn_drains_and_the_client_resumes_elsewhere(daphne_factory, fake_llm):
+    """A deploy: the process finishes the turn in progress and the one queued behind it, refuses new
+    ones, closes the socket with 1012; the client resumes on the other process with nothing lost."""
+    server_a = daphne_factory(**FAST_LIVENESS, R2D2_DRAIN_SECONDS="20")
+    server_b = daphne_factory(**FAST_LIVENESS)
+    client = await ProtocolClient.connect(server_a.url)
+    session_id, token = await start(client)
+    await post(client, session_id, SLOW)
+    await post(client, session_id, "queued one")
+    frames = [await client.recv() for _ in range(3)]
+    server_a.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    await post(client, session_id, "too late")
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            frames.append(await client.recv(timeout=25))
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012, repr(closed.value)
+    refusals = [f for f in frames if "seq" not in f]
+    assert [f["data"]["code"] for f in refusals] == ["server_draining"]
+    frames = [f for f in frames if "seq" in f]
+    check_sequence(frames, session_id)
+    assert [f["data"] for f in frames if f["type"] == "message"] == [SLOW_REPLY, "Echo: queued one"]
+    assert server_a.process.wait(10) is not None  # and then the process exits
+
+    client = await ProtocolClient.connect(server_b.url)
+    resumed = await resume(client, session_id, token, frames[-1]["seq"])
+    assert resumed["data"] == {"session_id": session_id, "last_seq": frames[-1]["seq"]}
+    more = await client.post(session_id, "on the new process")
+    check_sequence(frames + more, session_id)
+    assert more[1]["data"] == "Echo: on the new process"
+    assert await ChatMessage.objects.filter(session_id=session_id, role=Role.ASSISTANT).acount() == 3
+    await client.close()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+async def test_redis_restarted_inside_the_window(daphne_factory, fake_llm, private_redis):  # noqa: F811
+    """Redis goes away and comes back empty while a resumable session is detached: the process
+    holding it still replays every frame from its own memory."""
+    server = daphne_factory(REDIS_URL=private_redis.url)
+    client = await ProtocolClient.connect(server.url)
+    session_id, token = await start(client)
+    await post(client, session_id, SLOW)
+    before = [await client.recv() for _ in range(3)]
+    await client.connection.close()
+    private_redis.stop()
+    await asyncio.sleep(1.0)
+    private_redis.start()
+
+    client = await ProtocolClient.connect(server.url)
+    assert (await resume(client, session_id, token, before[-1]["seq"]))["type"] == "session_resumed"
+    after = await client.until("processing_end")
+    check_sequence(before + after, session_id)
+    deltas, message = deltas_and_message(before + after)
+    assert deltas == message == SLOW_REPLY
+    frames = await client.post(session_id, "after the restart")
+    check_sequence(frames, session_id, first=after[-1]["seq"] + 1)
     await client.close()
