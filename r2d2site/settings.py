@@ -235,6 +235,8 @@ R2D2_UPSTREAM_TIMEOUT = env_float("R2D2_UPSTREAM_TIMEOUT", 60.0)
 R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
 # A streamed reply is saved while it streams, at most this far behind what was sent.
 R2D2_CHECKPOINT_SECONDS = env_float("R2D2_CHECKPOINT_SECONDS", 1.0)
+# Who may read /metrics besides staff and private addresses: `Authorization: Bearer <token>` (chat/metrics.py).
+R2D2_METRICS_TOKEN = os.environ.get("R2D2_METRICS_TOKEN", "")
 # Images in model replies (web page and admin transcript) load from other sites
 # only when this is on: off, a reply cannot make a reader's browser fetch a URL
 # (a tracking pixel, or data smuggled out in a query string).
