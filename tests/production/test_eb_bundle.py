@@ -148,7 +148,9 @@ def test_procfile_and_nginx_agree_on_the_port():
     [line] = [ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.strip()]
     assert PROCFILE_LINE.match(line)
     web = procfile_commands()["web"]
-    assert web.split()[0] == "daphne" and "--proxy-headers" in web and "-p $PORT" in web
+    # One Daphne per core behind the same port (r2d2site/serve.py); the Daphne command follows the launcher.
+    assert web.split()[:4] == ["python", "-m", "r2d2site.serve", "daphne"]
+    assert "--proxy-headers" in web and "-p $PORT" in web
     application = (ROOT / ".platform/nginx/conf.d/elasticbeanstalk/00_application.conf").read_text()
     assert re.findall(r"proxy_pass\s+http://127\.0\.0\.1:(\d+);", application) == [environment_properties()["PORT"]]
     for directive in ("proxy_set_header    Upgrade", "proxy_set_header    Connection", "proxy_read_timeout"):
