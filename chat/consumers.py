@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import llm, protocol, sessions
+from chat import llm, metrics, protocol, sessions
 from chat.conversation import Conversation
 from chat.errors import ClientError, ErrorCode
 from chat.limits import TokenBucket
@@ -34,6 +34,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         client = self.scope.get("client")
         self.client_address = client[0] if client else None
         await self.accept()
+        metrics.OPEN_SOCKETS.inc()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Called with each frame; every refusal becomes one `error` frame and the socket stays open."""
@@ -44,6 +45,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             handler = self.HANDLERS.get(type(request), ChatConsumer.unhandled)
             await handler(self, request)
         except ClientError as exc:
+            metrics.rejected(exc.code)
             await self.send_frame(protocol.error(exc.code, exc.message))
         except Exception:
             # A bug must cost one frame, not the socket (Channels would close it with 1011).
@@ -52,7 +54,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: stop every generation and end every session it held."""
+        if hasattr(self, "conversations"):  # connect() ran: the socket was counted
+            metrics.OPEN_SOCKETS.dec()
         conversations, self.conversations = getattr(self, "conversations", {}), {}
+        metrics.LIVE_SESSIONS.dec(len(conversations))
         if not conversations:
             return
         await asyncio.gather(*(c.close() for c in conversations.values()), return_exceptions=True)
@@ -80,6 +85,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         _take(self.start_rate, "sessions")
         session = await sessions.start(model=model, client_address=self.client_address, owner_channel=self.channel_name)
         self.conversations[session.id] = Conversation(session_id=session.id, model=model, send=self.send_frame)
+        metrics.LIVE_SESSIONS.inc()
         await self.channel_layer.group_add(sessions.group(session.id), self.channel_name)
         logger.info("session started", extra={"session_id": str(session.id), "model": model})
         await self.send_frame(protocol.session_start(session.id))
@@ -149,6 +155,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def close_session(self, session_id: uuid.UUID, reason: EndReason | None) -> None:
         """Stop holding a session; record `reason` unless it was already ended elsewhere (None)."""
         conversation = self.conversations.pop(session_id)
+        metrics.LIVE_SESSIONS.dec()
         await conversation.close()
         if reason is not None:
             await sessions.end(session_id=session_id, reason=reason)
