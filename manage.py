@@ -5,7 +5,7 @@ import os
 import sys
 
 #: The development server, and the quick start's other commands run on a developer's machine.
-DEVELOPMENT_COMMANDS = {"runserver", "migrate", "makemigrations", "createsuperuser", "shell", "chat"}
+DEVELOPMENT_COMMANDS = {"runserver", "migrate", "makemigrations", "createsuperuser", "chat"}
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import drain, llm, protocol, resume, sessions
+from chat import drain, llm, metrics, protocol, resume, sessions
 from chat.conversation import Conversation
 from chat.errors import ClientError, ErrorCode
 from chat.limits import TokenBucket
@@ -38,6 +38,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         client = self.scope.get("client")
         self.client_address = client[0] if client else None
         await self.accept()
+        metrics.OPEN_SOCKETS.inc()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Called with each frame; every refusal becomes one `error` frame and the socket stays open."""
@@ -48,6 +49,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             handler = self.HANDLERS.get(type(request), ChatConsumer.unhandled)
             await handler(self, request)
         except ClientError as exc:
+            metrics.rejected(exc.code)
             await self.send_frame(protocol.error(exc.code, exc.message))
         except Exception:
             # A bug must cost one frame, not the socket (Channels would close it with 1011).
@@ -56,6 +58,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: stop every generation and end every session it held."""
+        if hasattr(self, "conversations"):  # connect() ran: the socket was counted
+            metrics.OPEN_SOCKETS.dec()
         conversations, self.conversations = getattr(self, "conversations", {}), {}
         # A resumable session carries on without its socket, for the resume window.
         for session_id in list(conversations):
@@ -63,6 +67,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if held is not None and held.conversation is conversations[session_id]:
                 held.detach(self)
                 del conversations[session_id]
+        metrics.LIVE_SESSIONS.dec(len(conversations))  # resumable sessions are not counted there
         if not conversations:
             return
         await asyncio.gather(*(c.close() for c in conversations.values()), return_exceptions=True)
@@ -96,6 +101,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         session = await sessions.start(model=model, client_address=self.client_address, owner_channel=self.channel_name)
         self.conversations[session.id] = Conversation(session_id=session.id, model=model, send=self.send_frame)
+        metrics.LIVE_SESSIONS.inc()
         await self.channel_layer.group_add(sessions.group(session.id), self.channel_name)
         logger.info("session started", extra={"session_id": str(session.id), "model": model})
         await self.send_frame(protocol.session_start(session.id))
@@ -184,6 +190,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await held.end(reason)
             return
         conversation = self.conversations.pop(session_id)
+        metrics.LIVE_SESSIONS.dec()
         await conversation.close()
         if reason is not None:
             await sessions.end(session_id=session_id, reason=reason)

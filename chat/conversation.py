@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 
-from chat import llm, messages, prompt, protocol
+from chat import llm, messages, metrics, prompt, protocol
 from chat.errors import ClientError, ErrorCode
 from chat.models import MessageStatus, Role
 from chat.protocol import PostMessage
@@ -104,8 +104,10 @@ class Conversation:
         try:
             await self._answer(post)
         except ClientError as exc:
+            metrics.turn_failed(exc.code)
             await self._send_quietly(protocol.error(exc.code, exc.message))
         except Exception:
+            metrics.turn_failed(ErrorCode.INTERNAL_ERROR)
             logger.exception("turn failed", extra={"session_id": str(self.session_id)})
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
         await self._send_quietly(protocol.processing_end())
@@ -162,10 +164,13 @@ class Conversation:
                 f"The reply ({len(frame)} bytes) is larger than one frame may be here; it is saved in the transcript.",
             )
         await self._send(frame)
+        metrics.answered(reply)
 
     async def _said(self, text: str, stream: bool, draft: _Draft) -> None:
         if not text:
             return
+        if stream and not draft.text:
+            metrics.first_delta(draft.reply)
         draft.text += text
         if stream:
             await self._send(protocol.message_delta(text))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from chat.errors import ClientError, ErrorCode
@@ -219,20 +220,29 @@ def session_ended_by_server(session_id: uuid.UUID, reason: str) -> str:
     return encode("session_end", {"session_id": str(session_id), "reason": reason})
 
 
+# The frames of every turn, built without a dict and a general encoder each time.
+# `encode_basestring_ascii` is the C function json.dumps itself uses for a str with
+# its defaults, so the bytes are the same (tests/test_protocol.py checks they are).
+_PROCESSING_START = encode("processing_start")
+_PROCESSING_END = encode("processing_end")
+_MESSAGE = '{"type": "message", "data": '
+_MESSAGE_DELTA = '{"type": "message_delta", "data": '
+
+
 def processing_start() -> str:
-    return encode("processing_start")
+    return _PROCESSING_START
 
 
 def processing_end() -> str:
-    return encode("processing_end")
+    return _PROCESSING_END
 
 
 def message(text: str) -> str:
-    return encode("message", text)
+    return _MESSAGE + encode_basestring_ascii(text) + "}"
 
 
 def message_delta(text: str) -> str:
-    return encode("message_delta", text)
+    return _MESSAGE_DELTA + encode_basestring_ascii(text) + "}"
 
 
 def error(code: str, message: str) -> str:

@@ -243,7 +243,9 @@ R2D2_CHECKPOINT_SECONDS = env_float("R2D2_CHECKPOINT_SECONDS", 1.0)
 # incoming frames keep Daphne's own 1 MiB limit (chat/websocket_server.py).
 R2D2_MAX_OUTGOING_FRAME_BYTES = env_int("R2D2_MAX_OUTGOING_FRAME_BYTES", 16 * 1024 * 1024)
 # A connection with more than this many bytes sent but not yet read is closed (code 4408).
-R2D2_MAX_UNSENT_BYTES = env_int("R2D2_MAX_UNSENT_BYTES", 4 * 1024 * 1024)
+R2D2_MAX_UNSENT_BYTES = env_int("R2D2_MAX_UNSENT_BYTES", 1024 * 1024)
+# Who may read /metrics besides staff and private addresses: `Authorization: Bearer <token>` (chat/metrics.py).
+R2D2_METRICS_TOKEN = os.environ.get("R2D2_METRICS_TOKEN", "")
 # Images in model replies (web page and admin transcript) load from other sites
 # only when this is on: off, a reply cannot make a reader's browser fetch a URL
 # (a tracking pixel, or data smuggled out in a query string).

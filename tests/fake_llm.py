@@ -293,13 +293,18 @@ def main() -> None:
     parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
     parser.add_argument("--text", default=None, help="fixed reply text (default: echo)")
+    parser.add_argument("--repeat", type=int, default=1, help="the fixed reply is --text this many times over")
     parser.add_argument("--fail-rate", type=float, default=0.0, help="fraction of calls answered 500")
     parser.add_argument("--stall-rate", type=float, default=0.0, help="fraction of calls that never answer")
     args = parser.parse_args()
     server = FakeLLM(
         host=args.host,
         port=args.port,
-        defaults=Script(text=args.text, ttft=args.ttft, token_delay=args.token_delay),
+        defaults=Script(
+            text=args.text * args.repeat if args.text is not None else None,
+            ttft=args.ttft,
+            token_delay=args.token_delay,
+        ),
         fail_rate=args.fail_rate,
         stall_rate=args.stall_rate,
         record=False,

@@ -149,7 +149,8 @@ def test_procfile_and_nginx_agree_on_the_port():
     [line] = [ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.strip()]
     assert PROCFILE_LINE.match(line)
     web = procfile_commands()["web"]
-    assert web.split()[0] == "daphne" and "-p $PORT" in web
+    # One Daphne per core behind the same port (r2d2site/serve.py); the Daphne command follows the launcher.
+    assert web.split()[:4] == ["python", "-m", "r2d2site.serve", "daphne"] and "-p $PORT" in web
     # Daphne's --proxy-headers trusts the client's own X-Forwarded-For claim; chat/proxy.py replaces it.
     assert "--proxy-headers" not in web and environment_properties()["R2D2_TRUSTED_PROXIES"] == "2"
     application = (ROOT / ".platform/nginx/conf.d/elasticbeanstalk/00_application.conf").read_text()
