@@ -1,6 +1,6 @@
 // The R2D2 web chat: one session at a time over this server's WebSocket protocol
-// (published at /asyncapi.yaml). Frames carry no session id, so the page keeps a
-// single session and reads every reply frame as belonging to it.
+// (published at /asyncapi.yaml). The page keeps a single, resumable session: its frames
+// carry the session id and a seq, and after a dropped connection the page resumes it.
 "use strict";
 
 (() => {
@@ -16,11 +16,15 @@
     orphaned: "The server that held this session went away.",
     disconnect: "The connection closed.",
     client: "Session ended.",
+    abandoned: "This session was not resumed in time.",
+    resumed_elsewhere: "This session was resumed in another window.",
   };
 
   const state = {
     ws: null, connected: false, everConnected: false, retryDelay: 1000, retryTimer: null, lostSession: false,
     starting: false, sessionId: null, pendingSystem: null,
+    // Sessions are resumable: after a drop the page resumes with the token and the last seq it has.
+    resumeToken: null, lastSeq: 0, resuming: false,
     reply: null, replyText: "", renderQueued: false, generating: false, stopRequested: false,
   };
 
@@ -36,7 +40,10 @@
       state.connected = true;
       state.retryDelay = 1000;
       setConnection("ok", "Connected");
-      if (state.everConnected) {
+      if (state.sessionId && state.resumeToken) {
+        state.resuming = true;
+        send({ action: "chatbot_session_resume", session_id: state.sessionId, resume_token: state.resumeToken, last_seq: state.lastSeq });
+      } else if (state.everConnected) {
         notice("info", state.lostSession ? "Reconnected. Start a new session to carry on." : "Reconnected.", "connection");
       } else {
         clearNotice("connection");
@@ -53,11 +60,15 @@
     });
     ws.addEventListener("close", () => {
       if (state.ws !== ws) return;
-      if (state.sessionId) state.lostSession = true;  // the server ends a socket's sessions when it closes
       state.connected = false;
       state.starting = false;
-      finishReply();
-      endSessionLocally();
+      state.resuming = false;
+      // A resumable session outlives the socket: the reply in progress carries on after the resume.
+      if (!state.resumeToken) {
+        if (state.sessionId) state.lostSession = true;  // the server ends a socket's sessions when it closes
+        finishReply();
+        endSessionLocally();
+      }
       const seconds = Math.round(state.retryDelay / 1000);
       setConnection("bad", "Disconnected");
       notice("warn", (state.lostSession ? "The connection dropped, which ended your session. " : "The connection dropped. ")
@@ -77,10 +88,21 @@
 
   function handle(frame) {
     const data = frame.data;
+    if (frame.seq !== undefined) {
+      // A resumed session replays from the last seq this page had: skip anything older, or another session's.
+      if (frame.session_id !== state.sessionId || frame.seq <= state.lastSeq) return;
+      state.lastSeq = frame.seq;
+    }
     switch (frame.type) {
+      case "session_resumed":
+        state.resuming = false;
+        notice("info", "Reconnected.", "connection");
+        break;
       case "session_start":
         state.starting = false;
         state.sessionId = data.session_id;
+        state.resumeToken = data.resume_token || null;
+        state.lastSeq = 0;
         state.pendingSystem = els.system.value.trim() || null;
         els.sessionId.textContent = data.session_id;
         els.sessionModel.textContent = els.model.value.trim() || config.defaultModel;
@@ -112,6 +134,15 @@
         break;
       case "error":
         state.starting = false;
+        if (state.resuming) {
+          // The session could not be resumed (ended, expired, or its frames are gone): its transcript is kept.
+          state.resuming = false;
+          state.lostSession = true;
+          finishReply();
+          endSessionLocally();
+          notice("info", "Reconnected. Start a new session to carry on.", "connection");
+          break;
+        }
         // A refused message (rate limit, full queue...) gets this one frame and no processing_end.
         if (state.generating && !state.reply) state.generating = false;
         showError(data.message, data.code);
@@ -199,6 +230,8 @@
   function endSessionLocally() {
     state.sessionId = null;
     state.pendingSystem = null;
+    state.resumeToken = null;
+    state.lastSeq = 0;
   }
 
   // Actions --------------------------------------------------------------------
@@ -207,7 +240,8 @@
     const model = els.model.value.trim();
     state.starting = true;
     clearNotice("session");
-    send(model ? { action: "chatbot_session_start", gpt_model: model } : { action: "chatbot_session_start" });
+    send(model ? { action: "chatbot_session_start", gpt_model: model, resumable: true }
+      : { action: "chatbot_session_start", resumable: true });
     render();
   });
 
