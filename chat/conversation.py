@@ -148,7 +148,7 @@ class Conversation:
         finally:
             self._generating = False
 
-        if cancelled and not draft.text:
+        if cancelled and not draft.said:
             return  # nothing was said: nothing to keep
         self.history.append((Role.ASSISTANT.value, draft.text))
         # Saved before the client sees it, so a process that dies right after
@@ -169,9 +169,9 @@ class Conversation:
     async def _said(self, text: str, stream: bool, draft: _Draft) -> None:
         if not text:
             return
-        if stream and not draft.text:
+        if stream and not draft.said:
             metrics.first_delta(draft.reply)
-        draft.text += text
+        draft.add(text)
         if stream:
             await self._send(protocol.message_delta(text))
             await draft.checkpoint()
@@ -192,11 +192,27 @@ class _Draft:
         self.session_id = session_id
         self.model = model
         self.reply = reply
-        self.text = ""
+        self._parts: list[str] = []  # joined when saved: `+=` on a long reply copies it per chunk
+        self._text = ""
         self.row_id: int | None = None
         self._saved_chars = 0  # how much of `text` the row holds
         self._loop = asyncio.get_running_loop()
         self._saved_at = self._loop.time()
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+
+    @property
+    def said(self) -> bool:
+        return bool(self._parts or self._text)
+
+    @property
+    def text(self) -> str:
+        """Everything said so far."""
+        if self._parts:
+            self._text += "".join(self._parts)
+            self._parts.clear()
+        return self._text
 
     async def checkpoint(self) -> None:
         interval = settings.R2D2_CHECKPOINT_SECONDS

@@ -72,7 +72,7 @@ def as_markdown(session: ChatSession, messages: Iterable[ChatMessage]) -> str:
             facts.append(f"{m.prompt_tokens or 0} prompt + {m.completion_tokens or 0} completion tokens")
         if m.latency_ms is not None:
             facts.append(f"{m.latency_ms} ms")
-        if m.status == MessageStatus.CANCELLED:
-            facts.append("cancelled, partial reply")
+        if m.status != MessageStatus.COMPLETE:
+            facts.append(m.get_status_display().lower())
         lines += ["", f"### {m.get_role_display()} ({', '.join(facts)})", "", *_fenced(m.content)]
     return "\n".join(lines) + "\n"

@@ -120,7 +120,7 @@ class OpenAIProvider:
     async def _complete(self, model: str, messages: list[dict[str, str]], reply: Reply, deadline: float) -> str:
         async with asyncio.timeout_at(deadline):
             response = await self._post({"model": model, "messages": messages}, stream=False)
-        completion = orjson.loads(response.content)
+        completion = _decode(response.content)
         choices = _field(completion, "choices", list)
         if not choices:
             raise UpstreamError(ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model returned no answer.")
@@ -146,7 +146,7 @@ class OpenAIProvider:
         # cancelled) closes the upstream request before it is read to the end.
         try:
             async for data in _sse_data(response, deadline):
-                chunk = _as_dict(orjson.loads(data))
+                chunk = _as_dict(_decode(data))
                 if chunk.get("error"):
                     # An error event inside the stream (what the client raises as APIError).
                     raise UpstreamError(
@@ -160,13 +160,24 @@ class OpenAIProvider:
                     delta = _field(choice, "delta", dict)
                     text = _field(delta, "content", str) if delta else None
                     if text:
-                        reply.text += text
+                        # Not accumulated here: the caller keeps what it shows (a long reply
+                        # grown by += in two places copied it over and over).
                         yield text
         finally:
             await response.aclose()
         if not finished:
             # The connection closed before the model said it was done.
             raise interrupted()
+
+
+def _decode(data: bytes) -> object:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # orjson also refuses an unpaired surrogate escape ("\ud83d"), which a model sends when
+        # it splits an emoji across two chunks: the standard decoder takes it, and the text is
+        # repaired before it is saved or shown (chat/text.py). Truly malformed JSON fails here too.
+        return json.loads(data)
 
 
 def _encode(body: dict[str, object]) -> bytes:
