@@ -20,6 +20,7 @@ from chat.errors import ClientError, ErrorCode
 @dataclass(frozen=True, slots=True)
 class SessionStart:
     gpt_model: str | None
+    continue_session_id: uuid.UUID | None = None  # start with that earlier session's conversation as memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,21 +78,22 @@ def _optional_str(content: dict, key: str) -> str | None:
     return value
 
 
-def _session_id(content: dict) -> uuid.UUID:
-    value = content.get("session_id")
+def _session_id(content: dict, key: str = "session_id") -> uuid.UUID:
+    value = content.get(key)
     if value is None or value == "":
-        raise ClientError(ErrorCode.MISSING_SESSION_ID, "The frame has no 'session_id'.")
+        raise ClientError(ErrorCode.MISSING_SESSION_ID, f"The frame has no '{key}'.")
     if not isinstance(value, str):
-        raise ClientError(ErrorCode.INVALID_SESSION_ID, "'session_id' must be a UUID string.")
+        raise ClientError(ErrorCode.INVALID_SESSION_ID, f"'{key}' must be a UUID string.")
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise ClientError(ErrorCode.INVALID_SESSION_ID, "'session_id' is not a valid UUID.") from None
+        raise ClientError(ErrorCode.INVALID_SESSION_ID, f"'{key}' is not a valid UUID.") from None
 
 
 def _parse_session_start(content: dict, max_message_chars: int) -> SessionStart:
     model = _optional_str(content, "gpt_model")
-    return SessionStart(gpt_model=model.strip() if model and model.strip() else None)
+    earlier = _session_id(content, "continue_session_id") if content.get("continue_session_id") else None
+    return SessionStart(gpt_model=model.strip() if model and model.strip() else None, continue_session_id=earlier)
 
 
 def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:

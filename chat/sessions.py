@@ -32,12 +32,23 @@ def group(session_id: uuid.UUID | str) -> str:
     return f"session.{uuid.UUID(str(session_id)).hex}"
 
 
-async def start(*, model: str, client_address: str | None, owner_channel: str) -> ChatSession:
+async def start(
+    *,
+    model: str,
+    client_address: str | None,
+    owner_channel: str,
+    user_id: int | None = None,
+    api_key_id: int | None = None,
+    continued_from_id: uuid.UUID | None = None,
+) -> ChatSession:
     return await ChatSession.objects.acreate(
         model=model,
         client_address=client_address,
         owner_process=liveness.PROCESS_ID,
         owner_channel=owner_channel,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        continued_from_id=continued_from_id,
     )
 
 

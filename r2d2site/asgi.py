@@ -8,6 +8,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "r2d2site.settings")
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
+from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chat.heartbeat import HeartbeatMiddleware  # noqa: E402
@@ -19,7 +20,8 @@ application = HeartbeatMiddleware(
     ProtocolTypeRouter(
         {
             "http": django_asgi_app,
-            "websocket": allowed_hosts_origin_validator(URLRouter(websocket_urlpatterns)),
+            # The session cookie's user is the web page's principal (chat/auth.py); API keys come in a header.
+            "websocket": allowed_hosts_origin_validator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     )
 )

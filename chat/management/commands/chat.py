@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -30,10 +31,19 @@ class Command(BaseCommand):
         parser.add_argument("--model", default=None, help="model name (default: the server's default)")
         parser.add_argument("--system", default=None, help="system message for the session")
         parser.add_argument("--no-stream", action="store_true", help="wait for each whole reply instead of streaming")
+        parser.add_argument(
+            "--api-key",
+            default=os.environ.get("R2D2_API_KEY") or None,
+            help="API key sent as 'Authorization: Bearer <key>' (default: $R2D2_API_KEY)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         client = TerminalChat(
-            url=options["url"], model=options["model"], system=options["system"], stream=not options["no_stream"]
+            url=options["url"],
+            model=options["model"],
+            system=options["system"],
+            stream=not options["no_stream"],
+            api_key=options["api_key"],
         )
         try:
             code = asyncio.run(client.run())
@@ -46,8 +56,11 @@ class Command(BaseCommand):
 class TerminalChat:
     """One session, one line at a time; a reader task prints frames as they arrive."""
 
-    def __init__(self, *, url: str, model: str | None, system: str | None, stream: bool) -> None:
+    def __init__(
+        self, *, url: str, model: str | None, system: str | None, stream: bool, api_key: str | None = None
+    ) -> None:
         self.url, self.model, self.system, self.stream = url, model, system, stream
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.interactive = sys.stdin.isatty()
         self.session_id: str | None = None
         self.started = asyncio.Event()
@@ -60,7 +73,7 @@ class TerminalChat:
         self.lost = False
 
     async def run(self) -> int:
-        async with websockets.connect(self.url, max_size=None) as ws:
+        async with websockets.connect(self.url, max_size=None, additional_headers=self.headers) as ws:
             self.ws = ws
             reader = asyncio.create_task(self.read_frames())
             loop = asyncio.get_running_loop()
@@ -165,7 +178,10 @@ class TerminalChat:
     # Actions -----------------------------------------------------------------
 
     async def send(self, frame: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(frame))
+        try:
+            await self.ws.send(json.dumps(frame))
+        except websockets.ConnectionClosed:
+            pass  # the reader says so (e.g. refused as unauthorized: the server sent why, then closed)
 
     async def end_session(self) -> None:
         await self.send({"action": "chatbot_session_end", "session_id": self.session_id})
