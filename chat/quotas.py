@@ -250,9 +250,7 @@ class RedisCounters:
         loop = asyncio.get_running_loop()
         found = self._clients.get(loop)
         if found is None:
-            pool = redis.BlockingConnectionPool.from_url(
-                self.url, max_connections=settings.R2D2_REDIS_MAX_CONNECTIONS, timeout=20, socket_timeout=5
-            )
+            pool = redis.BlockingConnectionPool.from_url(self.url, max_connections=50, timeout=20, socket_timeout=5)
             client = redis.Redis(connection_pool=pool)
             found = self._clients[loop] = (client, client.register_script(_COUNT_MESSAGE), client.register_script(_ADD))
         return found
