@@ -4,9 +4,17 @@
 import os
 import sys
 
+#: The development server, and the quick start's other commands run on a developer's machine.
+DEVELOPMENT_COMMANDS = {"runserver", "migrate", "makemigrations", "createsuperuser", "chat"}
+
 
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "r2d2site.settings")
+    if sys.argv[1:2] and sys.argv[1] in DEVELOPMENT_COMMANDS:
+        # The README's local commands default debug on, so a fresh clone needs no secret
+        # key; settings default it off everywhere else (Daphne, the Procfile, `check`).
+        # DJANGO_DEBUG=0 in the environment (the Elastic Beanstalk bundle sets it) still wins.
+        os.environ.setdefault("DJANGO_DEBUG", "1")
     from django.core.management import execute_from_command_line
 
     execute_from_command_line(sys.argv)

@@ -244,6 +244,7 @@ def start_model(
     ttft: float = 0.0,
     token_delay: float = 0.0,
     text: str | None = None,
+    repeat: int = 1,
     fail_rate: float = 0.0,
     stall_rate: float = 0.0,
     stamp: bool = False,
@@ -252,7 +253,7 @@ def start_model(
     command = [PYTHON, "bench/stamp_llm.py"] if stamp else [PYTHON, "-m", "tests.fake_llm"]
     command += ["--port", "{port}", "--ttft", str(ttft), "--token-delay", str(token_delay)]
     if text is not None:
-        command += ["--text", text]
+        command += ["--text", text] + (["--repeat", str(repeat)] if repeat != 1 else [])
     if not stamp:
         command += ["--fail-rate", str(fail_rate), "--stall-rate", str(stall_rate)]
     return spawn("model-stamp" if stamp else "model", command)
@@ -275,6 +276,8 @@ def daphne_env(model: Process, **overrides: str) -> dict[str, str]:
             "OPENAI_BASE_URL": model_url(model),
             "OPENAI_API_KEY": API_KEY,
             "R2D2_RATE_LIMIT_PER_MINUTE": "0",
+            # Every simulated client connects from 127.0.0.1.
+            "R2D2_MAX_CONNECTIONS_PER_ADDRESS": "0",
             "R2D2_LOG_LEVEL": "WARNING",
             "R2D2_DB_POOL_MAX": "20",
             "R2D2_CHANNEL_PREFIX": "r2d2bench",

@@ -9,9 +9,9 @@ whose innermost frame is a wait (epoll, psycopg waiting for the server) are idle
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
-import sys
 from pathlib import Path
 
 IDLE = ("EpollSelector.select", "Connection.wait (psycopg", "_worker (concurrent/futures/thread.py", "Condition.wait")
@@ -64,10 +64,21 @@ def summarise(path: Path) -> dict:
 
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/throughput-profile.txt")
-    summary = summarise(path)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "profile",
+        nargs="?",
+        type=Path,
+        default=Path("bench/results/throughput-profile.txt"),
+        help="py-spy raw profile (default: the one bench/throughput.py --profile wrote)",
+    )
+    parser.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    args = parser.parse_args()
+    if not args.profile.exists():
+        parser.exit(1, f"{args.profile}: no such profile; run bench/throughput.py --profile first\n")
+    summary = summarise(args.profile)
     for row in summary["buckets"]:
         busy = f"{row['pct_of_busy']:5.1f}% of busy" if row["pct_of_busy"] is not None else " " * 16
         print(f"{row['pct_of_samples']:5.1f}% of samples  {busy}  {row['cost']}")
-    if "--json" in sys.argv:
+    if args.json:
         print(json.dumps(summary, indent=1))

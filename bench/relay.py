@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--base-url", required=True)
+    parser.add_argument("--reuse-port", action="store_true", help="share the port with other relays (bench/scaling.py)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -78,7 +79,15 @@ def main() -> None:
                     await ws.send(frame("message", text))
                     await ws.send(frame("processing_end"))
 
-        async with serve(handler, args.host, args.port, compression=None, ping_interval=None, backlog=4096):
+        async with serve(
+            handler,
+            args.host,
+            args.port,
+            compression=None,
+            ping_interval=None,
+            backlog=4096,
+            reuse_port=args.reuse_port,
+        ):
             await asyncio.Event().wait()
 
     asyncio.run(run())

@@ -15,5 +15,6 @@ $PY bench/load.py "$@" || status=1
 echo "=== load --faults"
 $PY bench/load.py --faults "$@" || status=1
 $PY bench/profile_summary.py bench/results/throughput-profile.txt || true
+for kind in "" --stream; do echo "=== scaling $kind"; $PY bench/scaling.py $kind || status=1; done
 $PY bench/plot.py || status=1
 exit $status

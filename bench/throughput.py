@@ -95,6 +95,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the Daphne process at the top level")
     args = parser.parse_args()
     raise_nofile()
+    py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+    if args.profile and not py_spy:
+        # Said before anything starts, not discovered at the end as a missing profile.
+        sys.exit("--profile needs py-spy: .venv/bin/pip install -r requirements-dev.txt (it pins py-spy)")
     levels = args.sessions or ([10, 100, 300] if args.quick else [10, 100, 1000])
     redis = Redis().start()
     prepare_database()
@@ -110,8 +114,7 @@ def main() -> None:
             bare = run(relay.url, relay.pid, sessions, args.stream)
             truncate()
             spy = None
-            py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
-            if args.profile and sessions == max(levels) and py_spy:
+            if args.profile and sessions == max(levels):
                 raw = LOGS / "throughput.pyspy.txt"
                 spy = subprocess.Popen(
                     [

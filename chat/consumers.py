@@ -15,12 +15,12 @@ from collections.abc import Awaitable, Callable
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import auth, history, llm, protocol, quotas, sessions
+from chat import auth, history, llm, metrics, protocol, quotas, sessions
 from chat.conversation import Conversation
 from chat.errors import ClientError, ErrorCode
 from chat.limits import TokenBucket
 from chat.models import EndReason
-from chat.protocol import Cancel, PostMessage, Request, SessionEnd, SessionStart
+from chat.protocol import Cancel, ListModels, PostMessage, Request, SessionEnd, SessionStart
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_add(auth.key_group(self.principal.api_key_id), self.channel_name)
         self.checked_at = asyncio.get_running_loop().time()
         await self.accept()
-        self.accepted = True
+        self.accepted = self.counted = True
+        metrics.OPEN_SOCKETS.inc()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Called with each frame; every refusal becomes one `error` frame and the socket stays open."""
@@ -59,6 +60,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             handler = self.HANDLERS.get(type(request), ChatConsumer.unhandled)
             await handler(self, request)
         except ClientError as exc:
+            metrics.rejected(exc.code)
             if not self.refused:  # a refused socket was sent its one `unauthorized` frame
                 await self.send_frame(protocol.error(exc.code, exc.message))
         except Exception:
@@ -68,6 +70,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: stop every generation and end every session it held."""
+        if getattr(self, "counted", False):  # connect() accepted it: the socket was counted
+            metrics.OPEN_SOCKETS.dec()
         principal = getattr(self, "principal", auth.ANONYMOUS)
         if principal.api_key_id is not None:
             await self.channel_layer.group_discard(auth.key_group(principal.api_key_id), self.channel_name)
@@ -76,6 +80,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def release_all(self) -> None:
         """Stop every generation and end every session this socket holds (it is closing)."""
         conversations, self.conversations = getattr(self, "conversations", {}), {}
+        metrics.LIVE_SESSIONS.dec(len(conversations))
         if not conversations:
             return
         await asyncio.gather(*(c.close() for c in conversations.values()), return_exceptions=True)
@@ -124,6 +129,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if earlier:
             conversation.system_message, conversation.history = earlier.system_message, earlier.history
         self.conversations[session.id] = conversation
+        metrics.LIVE_SESSIONS.inc()
         await self.channel_layer.group_add(sessions.group(session.id), self.channel_name)
         logger.info("session started", extra={"session_id": str(session.id), "model": model})
         await self.send_frame(protocol.session_start(session.id))
@@ -161,6 +167,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not conversation.cancel():
             raise ClientError(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
 
+    async def list_models(self, request: ListModels) -> None:
+        await self.send_frame(protocol.models(llm.models()))
+
     async def unhandled(self, request: Request) -> None:
         raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
 
@@ -170,6 +179,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         PostMessage: post_message,
         SessionEnd: end_session,
         Cancel: cancel_turn,
+        ListModels: list_models,
     }
 
     # Channel-layer events --------------------------------------------------
@@ -261,6 +271,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def close_session(self, session_id: uuid.UUID, reason: EndReason | None) -> None:
         """Stop holding a session; record `reason` unless it was already ended elsewhere (None)."""
         conversation = self.conversations.pop(session_id)
+        metrics.LIVE_SESSIONS.dec()
         await conversation.close()
         if reason is not None:
             await sessions.end(session_id=session_id, reason=reason)

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 
-from chat import llm, messages, prompt, protocol
+from chat import llm, messages, metrics, prompt, protocol
 from chat.errors import ClientError, ErrorCode
 from chat.models import MessageStatus, Role
 from chat.protocol import PostMessage
@@ -102,8 +102,10 @@ class Conversation:
         try:
             await self._answer(post)
         except ClientError as exc:
+            metrics.turn_failed(exc.code)
             await self._send_quietly(protocol.error(exc.code, exc.message))
         except Exception:
+            metrics.turn_failed(ErrorCode.INTERNAL_ERROR)
             logger.exception("turn failed", extra={"session_id": str(self.session_id)})
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
         await self._send_quietly(protocol.processing_end())
@@ -146,19 +148,30 @@ class Conversation:
             if self._on_usage is not None:
                 self._on_usage(reply, request, draft.text)
 
-        if cancelled and not draft.text:
+        if cancelled and not draft.said:
             return  # nothing was said: nothing to keep
         self.history.append((Role.ASSISTANT.value, draft.text))
         # Saved before the client sees it, so a process that dies right after
         # leaves no reply a person read but the database lacks.
         await draft.save(MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE)
-        if not cancelled:
-            await self._send(protocol.message(draft.text))
+        if cancelled:
+            return
+        frame = protocol.message(draft.text)
+        # Frames are ASCII (json.dumps escapes the rest), so characters are bytes.
+        if len(frame) > settings.R2D2_MAX_OUTGOING_FRAME_BYTES:
+            raise ClientError(
+                ErrorCode.REPLY_TOO_LARGE,
+                f"The reply ({len(frame)} bytes) is larger than one frame may be here; it is saved in the transcript.",
+            )
+        await self._send(frame)
+        metrics.answered(reply)
 
     async def _said(self, text: str, stream: bool, draft: _Draft) -> None:
         if not text:
             return
-        draft.text += text
+        if stream and not draft.said:
+            metrics.first_delta(draft.reply)
+        draft.add(text)
         if stream:
             await self._send(protocol.message_delta(text))
             await draft.checkpoint()
@@ -179,10 +192,27 @@ class _Draft:
         self.session_id = session_id
         self.model = model
         self.reply = reply
-        self.text = ""
+        self._parts: list[str] = []  # joined when saved: `+=` on a long reply copies it per chunk
+        self._text = ""
         self.row_id: int | None = None
+        self._saved_chars = 0  # how much of `text` the row holds
         self._loop = asyncio.get_running_loop()
         self._saved_at = self._loop.time()
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+
+    @property
+    def said(self) -> bool:
+        return bool(self._parts or self._text)
+
+    @property
+    def text(self) -> str:
+        """Everything said so far."""
+        if self._parts:
+            self._text += "".join(self._parts)
+            self._parts.clear()
+        return self._text
 
     async def checkpoint(self) -> None:
         interval = settings.R2D2_CHECKPOINT_SECONDS
@@ -192,16 +222,27 @@ class _Draft:
         await self.save(MessageStatus.INCOMPLETE)
 
     async def save(self, status: MessageStatus) -> None:
-        self.row_id = await messages.save_reply(
-            row_id=self.row_id,
-            session_id=self.session_id,
-            content=self.text,
-            model=self.model,
-            prompt_tokens=self.reply.prompt_tokens,
-            completion_tokens=self.reply.completion_tokens,
-            latency_ms=self.reply.latency_ms,
-            status=status,
-        )
+        saving = asyncio.ensure_future(self._write(status, self.text))
+        try:
+            await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            # Cancelled (Stop, or the socket closed) while a checkpoint was being written: let it
+            # finish, so the final save knows the row it wrote and appends to it.
+            await saving
+            raise
+
+    async def _write(self, status: MessageStatus, text: str) -> None:
+        usage = {
+            "prompt_tokens": self.reply.prompt_tokens,
+            "completion_tokens": self.reply.completion_tokens,
+            "latency_ms": self.reply.latency_ms,
+            "status": status,
+        }
+        if self.row_id is None:
+            self.row_id = await messages.save_reply(session_id=self.session_id, content=text, model=self.model, **usage)
+        else:
+            await messages.extend_reply(row_id=self.row_id, more=text[self._saved_chars :], **usage)
+        self._saved_chars = len(text)
 
     async def abandon(self) -> None:
         """The model failed midway: what was already checkpointed stays, marked interrupted."""

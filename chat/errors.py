@@ -24,11 +24,14 @@ class ErrorCode(StrEnum):
     MISSING_USER_MESSAGE = "missing_user_message"
     EMPTY_USER_MESSAGE = "empty_user_message"
     INVALID_FIELD_TYPE = "invalid_field_type"
+    INVALID_TEXT = "invalid_text"
+    INVALID_MODEL_NAME = "invalid_model_name"
     MESSAGE_TOO_LONG = "message_too_long"
     MODEL_NOT_ALLOWED = "model_not_allowed"
     TOO_MANY_SESSIONS = "too_many_sessions"
     RATE_LIMITED = "rate_limited"
     QUOTA_EXCEEDED = "quota_exceeded"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     QUEUE_FULL = "queue_full"
     NOTHING_TO_CANCEL = "nothing_to_cancel"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
@@ -39,6 +42,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_STREAM_INTERRUPTED = "upstream_stream_interrupted"
     UPSTREAM_INVALID_RESPONSE = "upstream_invalid_response"
+    REPLY_TOO_LARGE = "reply_too_large"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -9,6 +9,7 @@ sweeps at once and then every `R2D2_ORPHAN_SWEEP_SECONDS`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -58,6 +59,7 @@ class Heartbeat:
                     silent_since, rechecks = last_beat, 3
                 await database_sync_to_async(liveness.beat)()
                 last_beat = now
+                release_free_memory()
                 if rechecks:
                     # A sweep that began before this beat may still land: look again on the next ticks.
                     rechecks -= 1
@@ -76,15 +78,36 @@ class Heartbeat:
         close them here too, so their clients get `session_end` (reason `orphaned`) instead of a
         conversation the database says is over."""
         orphaned = [
-            session_id
-            async for session_id in ChatSession.objects.filter(
+            session
+            async for session in ChatSession.objects.filter(
                 owner_process=PROCESS_ID, end_reason=EndReason.ORPHANED, ended_at__gte=since
-            ).values_list("id", flat=True)
+            )
         ]
-        for session_id in orphaned:
-            await sessions.request_end(session_id, EndReason.ORPHANED)
+        for session in orphaned:
+            await sessions.tell_holder(session, EndReason.ORPHANED)
         if orphaned:
             logger.warning("sessions found orphaned after a silence", extra={"count": len(orphaned)})
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_trim = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand memory freed since the last beat back to the operating system.
+
+    A long reply is held whole while it streams; after it, glibc keeps the freed
+    pages in its arenas (one per thread that touched them), so a burst of long
+    replies or slow readers would leave the process's RSS high for good.
+    """
+    if _trim is not None:
+        _trim(0)
 
 
 heartbeat = Heartbeat()

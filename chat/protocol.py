@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from chat.errors import ClientError, ErrorCode
+from chat.text import storable
 
 # Requests -------------------------------------------------------------------
 
@@ -41,7 +43,12 @@ class Cancel:
     session_id: uuid.UUID
 
 
-Request = SessionStart | PostMessage | SessionEnd | Cancel
+@dataclass(frozen=True, slots=True)
+class ListModels:
+    pass
+
+
+Request = SessionStart | PostMessage | SessionEnd | Cancel | ListModels
 
 
 def parse_text(text: str, *, max_message_chars: int) -> Request:
@@ -50,6 +57,8 @@ def parse_text(text: str, *, max_message_chars: int) -> Request:
         content = json.loads(text)
     except ValueError:
         raise ClientError(ErrorCode.INVALID_JSON, "The frame is not valid JSON.") from None
+    except RecursionError:
+        raise ClientError(ErrorCode.INVALID_JSON, "The frame's JSON is nested too deeply.") from None
     return parse(content, max_message_chars=max_message_chars)
 
 
@@ -75,6 +84,14 @@ def _optional_str(content: dict, key: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
+    return _storable(key, value)
+
+
+def _storable(key: str, value: str) -> str:
+    # NUL cannot be stored in PostgreSQL text, and a lone surrogate (a "\ud800" escape)
+    # cannot be encoded at all: refuse both here rather than fail deeper.
+    if not storable(value):
+        raise ClientError(ErrorCode.INVALID_TEXT, f"'{key}' contains a NUL character or an unpaired surrogate escape.")
     return value
 
 
@@ -90,10 +107,20 @@ def _session_id(content: dict, key: str = "session_id") -> uuid.UUID:
         raise ClientError(ErrorCode.INVALID_SESSION_ID, f"'{key}' is not a valid UUID.") from None
 
 
+#: The longest model name a session can record (ChatSession.model).
+MAX_MODEL_CHARS = 200
+
+
 def _parse_session_start(content: dict, max_message_chars: int) -> SessionStart:
     model = _optional_str(content, "gpt_model")
+    model = model.strip() if model and model.strip() else None
+    if model is not None and (len(model) > MAX_MODEL_CHARS or not model.isprintable()):
+        raise ClientError(
+            ErrorCode.INVALID_MODEL_NAME,
+            f"'gpt_model' must be a printable name of at most {MAX_MODEL_CHARS} characters.",
+        )
     earlier = _session_id(content, "continue_session_id") if content.get("continue_session_id") else None
-    return SessionStart(gpt_model=model.strip() if model and model.strip() else None, continue_session_id=earlier)
+    return SessionStart(gpt_model=model, continue_session_id=earlier)
 
 
 def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
@@ -105,6 +132,7 @@ def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
         raise ClientError(ErrorCode.MISSING_USER_MESSAGE, "The frame has no 'user_message'.")
     if not isinstance(user_message, str):
         raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be a string.")
+    _storable(key, user_message)
     if not user_message.strip():
         raise ClientError(ErrorCode.EMPTY_USER_MESSAGE, f"'{key}' is empty.")
     system_message = _optional_str(content, "system_message")
@@ -133,11 +161,16 @@ def _parse_cancel(content: dict, max_message_chars: int) -> Cancel:
     return Cancel(session_id=_session_id(content))
 
 
+def _parse_list_models(content: dict, max_message_chars: int) -> ListModels:
+    return ListModels()
+
+
 PARSERS = {
     "chatbot_session_start": _parse_session_start,
     "chatbot_post_message": _parse_post_message,
     "chatbot_session_end": _parse_session_end,
     "chatbot_cancel": _parse_cancel,
+    "chatbot_models": _parse_list_models,
 }
 
 
@@ -162,21 +195,35 @@ def session_ended_by_server(session_id: uuid.UUID, reason: str) -> str:
     return encode("session_end", {"session_id": str(session_id), "reason": reason})
 
 
+# The frames of every turn, built without a dict and a general encoder each time.
+# `encode_basestring_ascii` is the C function json.dumps itself uses for a str with
+# its defaults, so the bytes are the same (tests/test_protocol.py checks they are).
+_PROCESSING_START = encode("processing_start")
+_PROCESSING_END = encode("processing_end")
+_MESSAGE = '{"type": "message", "data": '
+_MESSAGE_DELTA = '{"type": "message_delta", "data": '
+
+
 def processing_start() -> str:
-    return encode("processing_start")
+    return _PROCESSING_START
 
 
 def processing_end() -> str:
-    return encode("processing_end")
+    return _PROCESSING_END
 
 
 def message(text: str) -> str:
-    return encode("message", text)
+    return _MESSAGE + encode_basestring_ascii(text) + "}"
 
 
 def message_delta(text: str) -> str:
-    return encode("message_delta", text)
+    return _MESSAGE_DELTA + encode_basestring_ascii(text) + "}"
 
 
 def error(code: str, message: str) -> str:
     return encode("error", {"code": code, "message": message})
+
+
+def models(available: list[tuple[str, str]]) -> str:
+    """The models a client may choose: `(model id, provider name)` pairs, in the server's order."""
+    return encode("models", [{"id": model, "provider": provider} for model, provider in available])

@@ -17,6 +17,7 @@ them). Nothing here knows about sockets: the consumer calls these functions.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -278,11 +279,14 @@ _counters: Counters | None = None
 def counters() -> Counters:
     global _counters
     if _counters is None:
-        _counters = (
-            RedisCounters(settings.REDIS_URL, settings.CHANNEL_LAYERS["default"]["CONFIG"].get("prefix", "r2d2"))
-            if settings.REDIS_URL
-            else MemoryCounters()
-        )
+        if settings.REDIS_URL:
+            # Principal ids are those of one database: deployments (or test runs) sharing a Redis
+            # with different databases must not share counters.
+            database = hashlib.sha256(str(settings.DATABASES["default"]["NAME"]).encode()).hexdigest()[:12]
+            prefix = settings.CHANNEL_LAYERS["default"]["CONFIG"].get("prefix", "r2d2")
+            _counters = RedisCounters(settings.REDIS_URL, f"{prefix}:{database}")
+        else:
+            _counters = MemoryCounters()
     return _counters
 
 

@@ -173,14 +173,7 @@ async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> En
         return Ended.OWNER_UNREACHABLE
     if not here and not await _alive(session.owner_process):
         return Ended.OWNER_GONE
-    layer = get_channel_layer()
-    event = {"type": "session.end", "session_id": str(session.id), "reason": reason.value}
-    # To the session's group and also straight to the owner's channel: group membership
-    # lives only in Redis and is gone after a Redis restart, while the owner's channel
-    # name (saved on the session) still routes. The consumer ignores the second copy.
-    await layer.group_send(group(session.id), event)
-    if session.owner_channel:
-        await layer.send(session.owner_channel, event)
+    await tell_holder(session, reason)
     if wait <= 0:
         return Ended.REQUESTED
     loop = asyncio.get_running_loop()
@@ -193,6 +186,21 @@ async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> En
         if not here and not await _alive(session.owner_process):
             return Ended.OWNER_GONE
     return Ended.NO_CONFIRMATION
+
+
+async def tell_holder(session: ChatSession, reason: EndReason) -> None:
+    """Ask the consumer holding `session` to close it: it stops any generation, records `reason`
+    (unless the session already ended) and sends its client `session_end`.
+
+    The event goes to the session's group and also straight to the owner's channel: group
+    membership lives only in Redis and is gone after a Redis restart, while the owner's
+    channel name (saved on the session) still routes. The consumer ignores the second copy.
+    """
+    layer = get_channel_layer()
+    event = {"type": "session.end", "session_id": str(session.id), "reason": reason.value}
+    await layer.group_send(group(session.id), event)
+    if session.owner_channel:
+        await layer.send(session.owner_channel, event)
 
 
 _alive = sync_to_async(liveness.is_alive)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,19 +39,32 @@ def as_dict(session: ChatSession, messages: Iterable[ChatMessage]) -> dict[str, 
     }
 
 
+def _fenced(text: str) -> list[str]:
+    """Text as a fenced code block no line of it can close: the fence is longer than any run of
+    backticks inside, so content such as "\n## user\n..." stays content, never a heading or a turn."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", text, fence]
+
+
+def _one_line(value: object) -> str:
+    """A header fact on one line: a client-chosen model name with a newline cannot start a heading."""
+    return " ".join(str(value).split())
+
+
 def as_markdown(session: ChatSession, messages: Iterable[ChatMessage]) -> str:
     """A readable transcript: a header with the session's facts, then one section per message."""
     lines = [
         f"# R2D2 session {session.id}",
         "",
-        f"- Model: {session.model}",
+        f"- Model: {_one_line(session.model)}",
         f"- Started: {_iso(session.created_at)}",
         f"- Ended: {_iso(session.ended_at) or 'still live'}"
         + (f" ({session.get_end_reason_display()})" if session.end_reason else ""),
         f"- Client address: {session.client_address or 'unknown'}",
     ]
     if session.system_message:
-        lines += ["", "## System message", "", session.system_message]
+        lines += ["", "## System message", "", *_fenced(session.system_message)]
     lines += ["", "## Transcript"]
     for m in messages:
         facts = [_iso(m.created_at) or ""]
@@ -58,7 +72,7 @@ def as_markdown(session: ChatSession, messages: Iterable[ChatMessage]) -> str:
             facts.append(f"{m.prompt_tokens or 0} prompt + {m.completion_tokens or 0} completion tokens")
         if m.latency_ms is not None:
             facts.append(f"{m.latency_ms} ms")
-        if m.status == MessageStatus.CANCELLED:
-            facts.append("cancelled, partial reply")
-        lines += ["", f"### {m.get_role_display()} ({', '.join(facts)})", "", m.content]
+        if m.status != MessageStatus.COMPLETE:
+            facts.append(m.get_status_display().lower())
+        lines += ["", f"### {m.get_role_display()} ({', '.join(facts)})", "", *_fenced(m.content)]
     return "\n".join(lines) + "\n"

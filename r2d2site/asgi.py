@@ -11,17 +11,26 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from chat.connection_limits import ConnectionLimitMiddleware  # noqa: E402
 from chat.heartbeat import HeartbeatMiddleware  # noqa: E402
+from chat.proxy import TrustedProxyMiddleware  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.security import allowed_hosts_origin_validator  # noqa: E402
 
 # The first request or socket starts this process's heartbeat (chat/heartbeat.py).
+# The client's address and scheme are settled first (chat/proxy.py): the Host/Origin
+# check compares the scheme, and only handshakes it lets through count towards the
+# per-address connection cap.
 application = HeartbeatMiddleware(
-    ProtocolTypeRouter(
-        {
-            "http": django_asgi_app,
-            # The session cookie's user is the web page's principal (chat/auth.py); API keys come in a header.
-            "websocket": allowed_hosts_origin_validator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
-        }
+    TrustedProxyMiddleware(
+        ProtocolTypeRouter(
+            {
+                "http": django_asgi_app,
+                # The session cookie's user is the web page's principal (chat/auth.py); API keys come in a header.
+                "websocket": allowed_hosts_origin_validator(
+                    ConnectionLimitMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+                ),
+            }
+        )
     )
 )

@@ -39,19 +39,23 @@ def env_list(name: str, default: list[str] | None = None) -> list[str]:
     return items or list(default or [])
 
 
-# Local development is the default so that `manage.py runserver` works on a
-# fresh clone; the Elastic Beanstalk bundle sets DJANGO_DEBUG=0.
-DEBUG = env_bool("DJANGO_DEBUG", True)
+# Off unless asked for: Daphne, the Procfile and any process started without the
+# variable run as in production. `manage.py runserver` (the README's quick start)
+# is the one place that defaults it on (manage.py); an explicit value always wins.
+DEBUG = env_bool("DJANGO_DEBUG", False)
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
-            "DJANGO_SECRET_KEY is not set. Production (DJANGO_DEBUG=0) needs a long random "
+            "DJANGO_SECRET_KEY is not set. Production (DJANGO_DEBUG unset or 0) needs a long random "
             "secret: generate one with `python -c 'import secrets; print(secrets.token_urlsafe(50))'` "
             "and set it in the environment (for Elastic Beanstalk: `eb setenv DJANGO_SECRET_KEY=...`)."
         )
     SECRET_KEY = "django-insecure-r2d2-local-development-only"  # dev only: refused above when DEBUG is off
+
+# Even with DEBUG on, the error page never shows credentials (chat/redaction.py).
+DEFAULT_EXCEPTION_REPORTER_FILTER = "chat.redaction.CredentialRedactingFilter"
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 
@@ -235,10 +239,23 @@ R2D2_UPSTREAM_TIMEOUT = env_float("R2D2_UPSTREAM_TIMEOUT", 60.0)
 R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
 # A streamed reply is saved while it streams, at most this far behind what was sent.
 R2D2_CHECKPOINT_SECONDS = env_float("R2D2_CHECKPOINT_SECONDS", 1.0)
+# Outgoing WebSocket frames (a whole reply is one `message` frame) may be this large;
+# incoming frames keep Daphne's own 1 MiB limit (chat/websocket_server.py).
+R2D2_MAX_OUTGOING_FRAME_BYTES = env_int("R2D2_MAX_OUTGOING_FRAME_BYTES", 16 * 1024 * 1024)
+# A connection with more than this many bytes sent but not yet read is closed (code 4408).
+R2D2_MAX_UNSENT_BYTES = env_int("R2D2_MAX_UNSENT_BYTES", 1024 * 1024)
+# Who may read /metrics besides staff and private addresses: `Authorization: Bearer <token>` (chat/metrics.py).
+R2D2_METRICS_TOKEN = os.environ.get("R2D2_METRICS_TOKEN", "")
 # Images in model replies (web page and admin transcript) load from other sites
 # only when this is on: off, a reply cannot make a reader's browser fetch a URL
 # (a tracking pixel, or data smuggled out in a query string).
 R2D2_PAGE_REMOTE_IMAGES = env_bool("R2D2_PAGE_REMOTE_IMAGES", False)
+# Proxies in front of the server that append to X-Forwarded-For (chat/proxy.py):
+# 0 trusts no header (the peer is the client); the Elastic Beanstalk bundle sets 2
+# (the load balancer and nginx).
+R2D2_TRUSTED_PROXIES = env_int("R2D2_TRUSTED_PROXIES", 0)
+# Open WebSockets per client address, across processes on Redis (chat/connection_limits.py); 0: no cap.
+R2D2_MAX_CONNECTIONS_PER_ADDRESS = env_int("R2D2_MAX_CONNECTIONS_PER_ADDRESS", 20)
 # Liveness of server processes (chat/liveness.py): a process beats every
 # R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
 # its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).
@@ -266,16 +283,34 @@ R2D2_MODEL_PRICES = os.environ.get("R2D2_MODEL_PRICES", "")
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"
 LOGOUT_REDIRECT_URL = "chat"
+# Amazon Bedrock (chat/llm/bedrock.py). These model ids, and any name starting with
+# "bedrock/", are answered by Bedrock's Converse API with boto3's usual credential
+# chain (on Elastic Beanstalk, the instance role); every other name goes to the
+# OpenAI-compatible provider. The endpoint override is for tests and VPC endpoints
+# (boto3 also honours AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_BEDROCK_RUNTIME itself).
+R2D2_BEDROCK_MODELS = env_list("R2D2_BEDROCK_MODELS")
+R2D2_BEDROCK_REGION = (
+    os.environ.get("R2D2_BEDROCK_REGION", "").strip()
+    or os.environ.get("AWS_REGION", "").strip()
+    or os.environ.get("AWS_DEFAULT_REGION", "").strip()
+    or None
+)
+R2D2_BEDROCK_ENDPOINT_URL = os.environ.get("R2D2_BEDROCK_ENDPOINT_URL", "").strip() or None
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "chat.logging.JsonFormatter"}},
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json"}},
-    "root": {"handlers": ["stdout"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
+    # stderr, where Daphne and Django write their own messages too (Elastic Beanstalk
+    # collects both streams of the Procfile's process into web.stdout.log).
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "json"}},
+    "root": {"handlers": ["stderr"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
     "loggers": {
         # httpx2/openai log request URLs at INFO; keep them quiet.
         "httpx2": {"level": "WARNING"},
         "openai": {"level": "WARNING"},
+        # botocore logs request details (and, at DEBUG, bodies and signed headers): never.
+        "botocore": {"level": "WARNING"},
+        "urllib3": {"level": "WARNING"},
     },
 }

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+from tests.fake_bedrock import FakeBedrock
 from tests.fake_llm import FakeLLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,35 @@ def fake_llm(fake_llm_server: FakeLLM, settings) -> FakeLLM:
     settings.OPENAI_BASE_URL = fake_llm_server.url
     settings.OPENAI_API_KEY = TEST_API_KEY
     return fake_llm_server
+
+
+@pytest.fixture(scope="session")
+def fake_bedrock_server() -> Iterator[FakeBedrock]:
+    server = FakeBedrock().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_bedrock(fake_bedrock_server: FakeBedrock) -> FakeBedrock:
+    """The local Bedrock server, emptied (point a server at it with `bedrock_env`)."""
+    fake_bedrock_server.reset()
+    return fake_bedrock_server
+
+
+def bedrock_env(fake: FakeBedrock, *models: str) -> dict[str, str]:
+    """A server process's environment for Bedrock at the fake: the real boto3, dummy credentials,
+    and `models` listed in R2D2_BEDROCK_MODELS."""
+    env = {
+        "R2D2_BEDROCK_ENDPOINT_URL": fake.url,
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",  # never wait on an instance metadata service
+    }
+    if models:
+        env["R2D2_BEDROCK_MODELS"] = ",".join(models)
+    return env
 
 
 def free_port() -> int:

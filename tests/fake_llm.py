@@ -47,6 +47,7 @@ class Script:
     token_delay: float = 0.0  # seconds between tokens
     cut_after: int | None = None  # stream: close the connection after N tokens, no [DONE]
     malformed: bool = False  # stream: send an unparseable SSE event after the first token
+    chunks: list[str] | None = None  # stream: exactly these text chunks (e.g. a surrogate pair split in two)
 
     @classmethod
     def from_directive(cls, base: Script, text: str) -> Script:
@@ -195,7 +196,8 @@ class FakeLLM:
         if script.status != 200:
             return _error_response(script)
         text = script.text if script.text is not None else "Echo: " + _DIRECTIVE.sub("", _last_user(body)).strip()
-        tokens = tokenize(text)
+        tokens = script.chunks if script.chunks is not None else tokenize(text)
+        text = "".join(tokens)
         model = body.get("model", "unknown")
         usage = {
             "prompt_tokens": sum(len(m.get("content") or "") for m in body.get("messages", [])) // 4 + 1,
@@ -291,13 +293,18 @@ def main() -> None:
     parser.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
     parser.add_argument("--text", default=None, help="fixed reply text (default: echo)")
+    parser.add_argument("--repeat", type=int, default=1, help="the fixed reply is --text this many times over")
     parser.add_argument("--fail-rate", type=float, default=0.0, help="fraction of calls answered 500")
     parser.add_argument("--stall-rate", type=float, default=0.0, help="fraction of calls that never answer")
     args = parser.parse_args()
     server = FakeLLM(
         host=args.host,
         port=args.port,
-        defaults=Script(text=args.text, ttft=args.ttft, token_delay=args.token_delay),
+        defaults=Script(
+            text=args.text * args.repeat if args.text is not None else None,
+            ttft=args.ttft,
+            token_delay=args.token_delay,
+        ),
         fail_rate=args.fail_rate,
         stall_rate=args.stall_rate,
         record=False,

@@ -23,6 +23,11 @@ def test_only_the_openai_provider_imports_openai():
     assert importers == {"chat/llm/openai_compat.py"}
 
 
+def test_only_the_bedrock_provider_creates_a_bedrock_client():
+    creators = {name for name, text in sources().items() if "bedrock-runtime" in text}
+    assert creators == {"chat/llm/bedrock.py"}
+
+
 def test_only_the_session_lifecycle_writes_ended_at():
     writers = {name for name, text in sources().items() if re.search(r"ended_at\s*=\s*timezone", text)}
     assert writers == {"chat/sessions.py"}

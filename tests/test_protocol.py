@@ -87,3 +87,25 @@ def test_message_is_an_alias_of_user_message():
 def test_bad_frames_name_their_fault(frame, code):
     """Each kind of bad input maps to its own documented error code."""
     assert code_of(frame) == code
+
+
+#: Text a model may send: quotes, backslashes, control characters, non-ASCII, astral and
+#: unpaired surrogates (repaired before sending, but the encoder must not depend on it).
+AWKWARD = [
+    "",
+    "plain",
+    'quote " back \\ slash',
+    "tab\tnew\nline\r\x00\x1f\x7f",
+    "é ü ß 中文 🤖",
+    "\ud800 alone",
+    "</script>",
+]
+
+
+@pytest.mark.parametrize("text", AWKWARD)
+def test_turn_frames_are_byte_identical_to_json_dumps(text):
+    """The turn's frames are built from templates; they must be the seed's `json.dumps` output exactly."""
+    assert protocol.message(text) == json.dumps({"type": "message", "data": text})
+    assert protocol.message_delta(text) == json.dumps({"type": "message_delta", "data": text})
+    assert protocol.processing_start() == json.dumps({"type": "processing_start", "data": None})
+    assert protocol.processing_end() == json.dumps({"type": "processing_end", "data": None})

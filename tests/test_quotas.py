@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 
 import pytest
@@ -15,8 +16,9 @@ NOON = datetime(2026, 11, 26, 12, 0, 10, tzinfo=UTC).timestamp()
 
 
 def principal(**limits: int) -> Principal:
+    """A key no other test (or earlier run on the same Redis) has counted for."""
     base = {"messages_per_minute": 0, "tokens_per_day": 0, "max_sessions": 0}
-    return Principal(api_key_id=7, label="ci", limits=quotas.Limits(**{**base, **limits}))
+    return Principal(api_key_id=random.randrange(10**12), label="ci", limits=quotas.Limits(**{**base, **limits}))
 
 
 def test_a_keys_own_limits_override_the_settings(settings):
@@ -50,8 +52,9 @@ async def test_tokens_per_day_refuse_once_spent_until_midnight_utc():
 
 
 async def test_principals_do_not_share_counters_and_anonymous_has_none():
-    await quotas.charge_tokens(principal(tokens_per_day=10), 50, now=NOON)
-    other = Principal(api_key_id=8, limits=principal(tokens_per_day=10).limits)
+    spent = principal(tokens_per_day=10)
+    await quotas.charge_tokens(spent, 50, now=NOON)
+    other = Principal(api_key_id=spent.api_key_id + 1, limits=spent.limits)
     await quotas.check_message(other, now=NOON)
     await quotas.check_message(Principal(), now=NOON)
 

@@ -3,8 +3,9 @@
 Providers (`chat/llm/*.py`) make one attempt each and raise `UpstreamError`; this
 module bounds the whole call, retries included, by R2D2_UPSTREAM_TIMEOUT, and
 retries only what may succeed, only before the client saw any text, and only when
-the wait fits the time left. Without any configured provider the offline
-responder answers.
+the wait fits the time left. Models are routed by name: Bedrock's (R2D2_BEDROCK_MODELS,
+or a `bedrock/` prefix) to Bedrock, every other name to the OpenAI-compatible
+provider, or, when that is not configured, to the offline responder.
 """
 
 from __future__ import annotations
@@ -17,22 +18,37 @@ from collections.abc import AsyncIterator
 from django.conf import settings
 
 from chat.errors import ErrorCode
+from chat.llm import bedrock
 from chat.llm.base import Provider, Reply, UpstreamError, timed_out
+from chat.llm.bedrock import BedrockProvider
 from chat.llm.offline import OfflineProvider
 from chat.llm.openai_compat import OpenAIProvider
 
-__all__ = ["Provider", "Reply", "UpstreamError", "close_clients", "generate", "provider_for"]
+__all__ = ["Provider", "Reply", "UpstreamError", "close_clients", "generate", "models", "provider_for"]
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS: dict[str, Provider] = {"openai": OpenAIProvider(), "offline": OfflineProvider()}
+PROVIDERS: dict[str, Provider] = {
+    "openai": OpenAIProvider(),
+    "bedrock": BedrockProvider(),
+    "offline": OfflineProvider(),
+}
 
 
 def provider_for(model: str) -> Provider:
-    """The provider that answers `model`: the OpenAI-compatible one, or the offline responder
-    when it is not configured."""
+    """The provider that answers `model`: Bedrock for its models, else the OpenAI-compatible
+    one, or the offline responder when that is not configured."""
+    if bedrock.answers(model):
+        return PROVIDERS["bedrock"]
     provider = PROVIDERS["openai"]
     return provider if provider.is_configured() else PROVIDERS["offline"]
+
+
+def models() -> list[tuple[str, str]]:
+    """The models a client may choose, each with the name of the provider that answers it:
+    the allow-list when there is one, else the default model then the Bedrock models."""
+    names = settings.R2D2_ALLOWED_MODELS or [settings.R2D2_DEFAULT_MODEL, *settings.R2D2_BEDROCK_MODELS]
+    return [(name, provider_for(name).name) for name in dict.fromkeys(names)]
 
 
 async def close_clients() -> None:

@@ -5,16 +5,26 @@ One `AsyncOpenAI` client per event loop, on the aiohttp transport (about half th
 CPU per call of the default httpx2 transport, measured in bench/). Upstream
 response bodies and the API key never leave this module: callers see text, or an
 `UpstreamError` whose message is safe for any client.
+
+The call goes through the client's own `post()` (its base URL, key, headers,
+timeouts and status-error mapping) with a body encoded here by orjson, and the
+answer comes back as the raw HTTP response: the SSE lines and the JSON are read
+here. `chat.completions.create()` would walk every message of the request to
+transform it and build a pydantic object per streamed chunk, which cost more CPU
+than the rest of the turn (bench/client_overhead.py measures each way).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from collections.abc import AsyncIterator
 
+import httpx2
 import openai
+import orjson
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
@@ -94,22 +104,29 @@ class OpenAIProvider:
             else:
                 yield await self._complete(model, messages, reply, deadline)
         except ValueError:
-            # Unparseable SSE or JSON (pydantic's ValidationError is a ValueError too).
+            # Unparseable SSE or JSON, or JSON of the wrong shape (orjson's errors are ValueErrors).
             raise UpstreamError(
                 ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model server sent a response R2D2 could not read."
             ) from None
         except openai.OpenAIError as exc:
             raise _map_error(exc, mid_stream=reply.headers_received) from None
 
+    async def _post(self, body: dict[str, object], *, stream: bool) -> httpx2.Response:
+        """POST /chat/completions through the client; a status error is raised as the client raises it."""
+        return await self.client().post(
+            "/chat/completions", cast_to=httpx2.Response, content=_encode(body), stream=stream
+        )
+
     async def _complete(self, model: str, messages: list[dict[str, str]], reply: Reply, deadline: float) -> str:
         async with asyncio.timeout_at(deadline):
-            completion = await self.client().chat.completions.create(model=model, messages=messages)
-        if not completion.choices:
+            response = await self._post({"model": model, "messages": messages}, stream=False)
+        completion = _decode(response.content)
+        choices = _field(completion, "choices", list)
+        if not choices:
             raise UpstreamError(ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model returned no answer.")
-        reply.text = completion.choices[0].message.content or ""
-        if completion.usage:
-            reply.prompt_tokens = completion.usage.prompt_tokens
-            reply.completion_tokens = completion.usage.completion_tokens
+        message = _field(_as_dict(choices[0]), "message", dict) or {}
+        reply.text = _field(message, "content", str) or ""
+        _record_usage(completion, reply)
         return reply.text
 
     async def _stream(
@@ -120,35 +137,113 @@ class OpenAIProvider:
         Each wait on the model is bounded by `deadline` separately, so no timeout
         scope spans a `yield` (the consumer's own awaits are never cancelled by it).
         """
+        body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
         async with asyncio.timeout_at(deadline):
-            response = await self.client().chat.completions.create(
-                model=model,
-                messages=messages,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
+            response = await self._post(body, stream=True)
         reply.headers_received = True
         finished = False
-        async with response:
-            chunks = response.__aiter__()
-            while True:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
-                if chunk.usage:
-                    reply.prompt_tokens = chunk.usage.prompt_tokens
-                    reply.completion_tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices:
-                    if choice.finish_reason:
+        # Closing the response (also when this generator is closed: the turn was
+        # cancelled) closes the upstream request before it is read to the end.
+        try:
+            async for data in _sse_data(response, deadline):
+                chunk = _as_dict(_decode(data))
+                if chunk.get("error"):
+                    # An error event inside the stream (what the client raises as APIError).
+                    raise UpstreamError(
+                        ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model server sent a response R2D2 could not read."
+                    )
+                _record_usage(chunk, reply)
+                for choice in _field(chunk, "choices", list) or ():
+                    choice = _as_dict(choice)
+                    if choice.get("finish_reason"):
                         finished = True
-                    text = choice.delta.content if choice.delta else None
+                    delta = _field(choice, "delta", dict)
+                    text = _field(delta, "content", str) if delta else None
                     if text:
-                        reply.text += text
+                        # Not accumulated here: the caller keeps what it shows (a long reply
+                        # grown by += in two places copied it over and over).
                         yield text
+        finally:
+            await response.aclose()
         if not finished:
             # The connection closed before the model said it was done.
             raise interrupted()
+
+
+def _decode(data: bytes) -> object:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # orjson also refuses an unpaired surrogate escape ("\ud83d"), which a model sends when
+        # it splits an emoji across two chunks: the standard decoder takes it, and the text is
+        # repaired before it is saved or shown (chat/text.py). Truly malformed JSON fails here too.
+        return json.loads(data)
+
+
+def _encode(body: dict[str, object]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        # orjson refuses unpaired surrogates (a client may send "\ud800" escaped in its JSON);
+        # json.dumps escapes them, as the client itself would have.
+        return json.dumps(body).encode()
+
+
+async def _sse_data(response: httpx2.Response, deadline: float) -> AsyncIterator[bytes]:
+    """The `data` of each server-sent event, up to `[DONE]` (the rest of the body is drained, so
+    the connection can be reused). Transport failures are raised as the client raises them."""
+    pending = b""
+    data: list[bytes] = []
+    done = False
+    chunks = response.aiter_bytes().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await anext(chunks, None)
+        except httpx2.TimeoutException as exc:
+            raise openai.APITimeoutError(request=response.request) from exc
+        except httpx2.RequestError as exc:
+            raise openai.APIConnectionError(request=response.request) from exc
+        if chunk is None:
+            return
+        if done:
+            continue
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if line:
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                continue  # event:, id:, retry: and comments carry nothing R2D2 uses
+            if not data:
+                continue
+            event, data = b"\n".join(data), []
+            if event.startswith(b"[DONE]"):
+                done = True
+                break
+            yield event
+
+
+def _as_dict(value: object) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+def _field(container: dict, name: str, kind: type) -> object:
+    """`container[name]` when it is a `kind` (or absent/null: None); anything else is unreadable."""
+    value = container.get(name)
+    if value is not None and not isinstance(value, kind):
+        raise ValueError(f"{name} is not a {kind.__name__}")
+    return value
+
+
+def _record_usage(payload: dict, reply: Reply) -> None:
+    usage = _field(payload, "usage", dict)
+    if usage:
+        reply.prompt_tokens = _field(usage, "prompt_tokens", int)
+        reply.completion_tokens = _field(usage, "completion_tokens", int)
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:

@@ -49,7 +49,7 @@ async def open_all(url: str) -> list[tuple[ProtocolClient, str, list[tuple[str, 
 
 
 async def test_concurrent_sessions_exact_frames_and_rows(daphne_factory):
-    server = daphne_factory(R2D2_RATE_LIMIT_PER_MINUTE="0")
+    server = daphne_factory(R2D2_RATE_LIMIT_PER_MINUTE="0", R2D2_MAX_CONNECTIONS_PER_ADDRESS="0")
     results = await open_all(server.url)
     for client, _, _ in results:
         assert not any(json.loads(text)["type"] == "error" for text in client.received)
@@ -74,7 +74,7 @@ async def test_concurrent_sessions_exact_frames_and_rows(daphne_factory):
 async def test_operator_burst_reaches_every_session(daphne_factory):
     """An operator end sent to every session at once arrives at every one: channels-redis drops
     what exceeds a process inbox's capacity without a word, so R2D2_CHANNEL_CAPACITY must hold it."""
-    server = daphne_factory(R2D2_RATE_LIMIT_PER_MINUTE="0")
+    server = daphne_factory(R2D2_RATE_LIMIT_PER_MINUTE="0", R2D2_MAX_CONNECTIONS_PER_ADDRESS="0")
     results = await open_all(server.url)
     assert get_channel_layer().capacity >= SESSIONS
     await asyncio.gather(*(request_end(session_id) for _, session_id, _ in results))

@@ -207,7 +207,7 @@ def test_exports_json_and_markdown(admin_client):
     assert response["Content-Type"].startswith("text/markdown")
     text = response.content.decode()
     assert text.startswith(f"# R2D2 session {session.id}\n")
-    assert "## System message\n\nBe kind." in text
+    assert "## System message\n\n```text\nBe kind.\n```" in text
     assert text.index("### User") < text.index("question 0") < text.index("### Assistant") < text.index("answer 0")
     assert "10 prompt + 5 completion tokens, 120 ms" in text
 

@@ -55,10 +55,16 @@ def test_every_end_reason_is_documented():
 
 
 def test_every_action_is_documented_and_examples_validate():
-    """The four actions are there, and each message's examples match its own payload schema."""
+    """The five actions are there, and each message's examples match its own payload schema."""
     messages = document()["components"]["messages"]
     actions = {m["name"] for m in messages.values() if "action" in m["payload"].get("properties", {})}
-    assert actions == {"chatbot_session_start", "chatbot_post_message", "chatbot_session_end", "chatbot_cancel"}
+    assert actions == {
+        "chatbot_session_start",
+        "chatbot_post_message",
+        "chatbot_session_end",
+        "chatbot_cancel",
+        "chatbot_models",
+    }
     for message_id, message in messages.items():
         check = validator(f"/components/messages/{message_id}/payload")
         assert message.get("examples"), message_id
@@ -72,6 +78,7 @@ def test_every_action_is_documented_and_examples_validate():
         "processingEnd",
         "sessionEnd",
         "sessionEndedByServer",
+        "models",
         "error",
     }
 
@@ -114,6 +121,8 @@ async def test_a_live_conversation_sends_every_documented_frame(daphne, fake_llm
     session_id = (await exchange({"action": "chatbot_session_start", "gpt_model": "gpt-4o-mini"}))[0]["data"][
         "session_id"
     ]
+    [models] = await exchange({"action": "chatbot_models"})
+    assert models["data"][0]["id"] == "gpt-3.5-turbo"
     post = {"action": "chatbot_post_message", "session_id": session_id}
     await exchange({**post, "user_message": "whole"}, "processing_end")
     await exchange({**post, "user_message": "streamed", "stream": True, "system_message": "Hi"}, "processing_end")

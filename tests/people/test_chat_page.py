@@ -10,7 +10,7 @@ from django.db import connections
 from playwright.sync_api import expect
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, bedrock_env
 from tests.fake_llm import SECRET_DETAIL, Script
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -187,3 +187,26 @@ def test_operator_ends_a_chat_from_the_admin(browser_page, daphne, fake_llm):
     expect(operator.locator("#r2d2-end-session")).to_have_count(0)
     operator.goto(daphne.http_url + "/admin/chat/chatsession/")
     operator.screenshot(path=str(ARTIFACTS / "admin-sessions.png"), full_page=True)
+
+
+def test_the_model_picker_offers_the_servers_models(browser_page, daphne_factory, fake_bedrock):
+    """After connecting, the page asks for the model list: the picker suggests the Bedrock model
+    too, with its provider, and choosing it chats through Bedrock; nothing trips the CSP."""
+    server = daphne_factory(**bedrock_env(fake_bedrock, "amazon.nova-lite-v1:0"))
+    page = browser_page
+    violations: list[str] = []
+    page.on("console", lambda m: "Content Security Policy" in m.text and violations.append(m.text))
+    page.goto(server.http_url + "/")
+    expect(page.locator("#connection")).to_have_text("Connected")
+    options = page.locator("#model-options option")
+    expect(options).to_have_count(2)
+    assert [options.nth(i).get_attribute("value") for i in range(2)] == ["gpt-3.5-turbo", "amazon.nova-lite-v1:0"]
+    assert options.nth(1).get_attribute("label") == "amazon.nova-lite-v1:0 (bedrock)"
+
+    page.fill("#model", "amazon.nova-lite-v1:0")
+    page.click("#start")
+    page.fill("#input", "Hello, Bedrock")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg-assistant .text")).to_have_text("Echo: Hello, Bedrock")
+    assert [r.model_id for r in fake_bedrock.requests] == ["amazon.nova-lite-v1:0"]
+    assert violations == []

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.conftest import ROOT, server_env
+from tests.conftest import ROOT, bedrock_env, server_env
 from tests.fake_llm import SECRET_DETAIL, Script
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -120,3 +120,16 @@ def test_a_refused_session_start_exits_with_the_reason(daphne_factory):
     assert "error [model_not_allowed]: Model not allowed here; choose one of: gpt-4o-mini." in result.stderr
     assert result.stdout == ""
     assert not ChatSession.objects.exists()
+
+
+def test_the_bedrock_setup_check_from_the_readme(daphne_factory, fake_bedrock):
+    """What the README has an operator run after `eb deploy`: list the models, then one piped
+    message to a Bedrock model (here answered by the local Bedrock fake through the real boto3)."""
+    server = daphne_factory(**bedrock_env(fake_bedrock, "amazon.nova-lite-v1:0"))
+    listed = run_chat(server.url, "", "--list-models")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout == "gpt-3.5-turbo\topenai\namazon.nova-lite-v1:0\tbedrock\n"
+    result = run_chat(server.url, "ping\n", "--model", "bedrock/amazon.nova-lite-v1:0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Echo: ping\n"
+    assert [r.model_id for r in fake_bedrock.requests] == ["amazon.nova-lite-v1:0"]

@@ -77,6 +77,7 @@ async def test_500_concurrent_sessions_stay_within_the_connection_pool(daphne_fa
         R2D2_DB_POOL_MIN="1",
         PGAPPNAME=application_name,  # libpq names the server's connections, so they can be counted
         R2D2_HEARTBEAT_SECONDS="0.5",
+        R2D2_MAX_CONNECTIONS_PER_ADDRESS="0",  # every client here is 127.0.0.1
     )
     sampler = ConnectionSampler(application_name)
     sampler.start()

@@ -148,7 +148,10 @@ def test_procfile_and_nginx_agree_on_the_port():
     [line] = [ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.strip()]
     assert PROCFILE_LINE.match(line)
     web = procfile_commands()["web"]
-    assert web.split()[0] == "daphne" and "--proxy-headers" in web and "-p $PORT" in web
+    # One Daphne per core behind the same port (r2d2site/serve.py); the Daphne command follows the launcher.
+    assert web.split()[:4] == ["python", "-m", "r2d2site.serve", "daphne"] and "-p $PORT" in web
+    # Daphne's --proxy-headers trusts the client's own X-Forwarded-For claim; chat/proxy.py replaces it.
+    assert "--proxy-headers" not in web and environment_properties()["R2D2_TRUSTED_PROXIES"] == "2"
     application = (ROOT / ".platform/nginx/conf.d/elasticbeanstalk/00_application.conf").read_text()
     assert re.findall(r"proxy_pass\s+http://127\.0\.0\.1:(\d+);", application) == [environment_properties()["PORT"]]
     for directive in ("proxy_set_header    Upgrade", "proxy_set_header    Connection", "proxy_read_timeout"):
@@ -200,6 +203,8 @@ async def test_procfile_from_the_bundle_serves_the_protocol_behind_nginx(fake_ll
         DJANGO_ALLOWED_HOSTS=HOST,
         **{k: v for k, v in environment_properties(bundle).items() if k not in {"PORT", "DJANGO_DEBUG"}},
     )
+    if not nginx.NGINX:
+        env["R2D2_TRUSTED_PROXIES"] = "1"  # the test client plays the load balancer, and no nginx appends
     for name, command in container_commands(bundle).items():
         # The platform activates its venv (/var/app/venv/*/bin/activate); here PATH points at ours.
         runnable = re.sub(r"^source \S+/activate && ", "", command["command"])
@@ -235,7 +240,7 @@ async def test_procfile_from_the_bundle_serves_the_protocol_behind_nginx(fake_ll
         await client.send({"action": "chatbot_session_end", "session_id": session_id})
         assert await client.recv() == {"type": "session_end", "data": None}
         await client.close()
-        # Daphne's --proxy-headers: the session records the client, not the proxy.
+        # chat/proxy.py: the session records the client, not the proxy.
         assert (await ChatSession.objects.aget(id=session_id)).client_address == "203.0.113.9"
 
         health = http_get(port, "/healthz", host="172.31.0.9")

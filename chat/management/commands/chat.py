@@ -4,6 +4,7 @@ Interactive: a prompt, the reply printed as it streams in, Ctrl-C stops the repl
 being generated, Ctrl-D ends the session and exits. Piped: one message per line,
 each reply waited for, the session ended at end of input; replies go to stdout,
 everything else (banner, errors, notices) to stderr, so scripts read only answers.
+`--list-models` prints the models the server offers (id, tab, provider) and exits.
 """
 
 from __future__ import annotations
@@ -32,12 +33,23 @@ class Command(BaseCommand):
         parser.add_argument("--system", default=None, help="system message for the session")
         parser.add_argument("--no-stream", action="store_true", help="wait for each whole reply instead of streaming")
         parser.add_argument(
+            "--list-models", action="store_true", help="print the models the server offers (id, provider) and exit"
+        )
+        parser.add_argument(
             "--api-key",
             default=os.environ.get("R2D2_API_KEY") or None,
             help="API key sent as 'Authorization: Bearer <key>' (default: $R2D2_API_KEY)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["list_models"]:
+            try:
+                models = asyncio.run(list_models(options["url"], options["api_key"]))
+            except (OSError, websockets.InvalidURI, websockets.InvalidHandshake, TimeoutError) as exc:
+                raise CommandError(f"Could not talk to {options['url']}: {exc}") from None
+            for model in models:
+                print(f"{model['id']}\t{model['provider']}")
+            return
         client = TerminalChat(
             url=options["url"],
             model=options["model"],
@@ -215,6 +227,17 @@ class TerminalChat:
     @staticmethod
     def note(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
+
+
+async def list_models(url: str, api_key: str | None = None) -> list[dict[str, str]]:
+    """The server's answer to `chatbot_models`."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        await ws.send(json.dumps({"action": "chatbot_models"}))
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    if frame.get("type") != "models":
+        raise CommandError(f"The server did not list its models: {frame.get('data')}")
+    return frame["data"]
 
 
 async def _first(*aws) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from chat import liveness
+from chat import liveness, sessions
 
 
 class Command(BaseCommand):
@@ -29,10 +29,10 @@ class Command(BaseCommand):
 
     def handle(self, *args, stale_after: float | None, dry_run: bool, **options) -> None:
         if dry_run:
-            sessions = list(liveness.orphaned_sessions(stale_after=stale_after).values_list("id", "owner_process"))
-            for session_id, owner in sessions:
+            orphaned = list(liveness.orphaned_sessions(stale_after=stale_after).values_list("id", "owner_process"))
+            for session_id, owner in orphaned:
                 self.stdout.write(f"{session_id} (process {owner or 'unknown'})")
-            self.stdout.write(f"{len(sessions)} orphaned session(s) would be ended.")
+            self.stdout.write(f"{len(orphaned)} orphaned session(s) would be ended.")
             return
         ended = sessions.end_orphaned(stale_after=stale_after)
         self.stdout.write(self.style.SUCCESS(f"Ended {ended} orphaned session(s)."))

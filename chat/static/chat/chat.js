@@ -45,6 +45,7 @@
       }
       state.lostSession = false;
       state.everConnected = true;
+      send({ action: "chatbot_models" });  // fills the model picker (the "models" frame)
       render();
     });
     ws.addEventListener("message", (event) => {
@@ -130,6 +131,9 @@
         if (state.generating && !state.reply) state.generating = false;
         showError(data.message, data.code);
         break;
+      case "models":
+        fillModels(data);
+        break;
       case "session_end":
         finishReply();
         endSessionLocally();
@@ -185,6 +189,26 @@
     state.replyText = "";
     state.generating = false;
     state.stopRequested = false;
+  }
+
+  // The server's models, each labelled with who answers it. A <select> (the server has an
+  // allow-list) keeps the person's choice if it is still offered; a free-text field only
+  // gets suggestions.
+  function fillModels(models) {
+    const options = models.map((m) => {
+      const option = new Option(m.id, m.id);
+      option.label = els.model.tagName === "SELECT" ? m.id : `${m.id} (${m.provider})`;
+      option.title = m.provider;
+      return option;
+    });
+    if (els.model.tagName === "SELECT") {
+      const chosen = els.model.value;
+      els.model.replaceChildren(...options);
+      if (models.some((m) => m.id === chosen)) els.model.value = chosen;
+    } else {
+      const list = els.model.list;
+      if (list) list.replaceChildren(...options);
+    }
   }
 
   function endSessionLocally() {

@@ -1,0 +1,73 @@
+"""Daphne's WebSocket protocol with R2D2's two bounds on what it sends.
+
+Daphne applies one limit, `--websocket-max-message-size` (1 MiB), to frames in both
+directions: a reply longer than that failed to send and, before, killed its turn.
+Incoming frames keep Daphne's limit; outgoing frames may be up to
+R2D2_MAX_OUTGOING_FRAME_BYTES, so a long reply reaches a seed client as one whole
+`message` frame.
+
+A client that never reads makes Twisted buffer every frame sent to it, without
+bound (measured: +100 MiB in 5 s for one socket receiving streamed replies). When
+more than R2D2_MAX_UNSENT_BYTES wait in a connection's buffer (beyond the largest
+frame in flight), the connection is
+closed with code 4408: its close frame is queued, and when the client does not
+answer it within autobahn's close-handshake timeout (1 s) the connection is
+aborted and its buffer freed. The application hears a disconnect as for any
+closed socket: the turn's partial reply is saved.
+
+There is no hook for either in Daphne, so `install()` (called from
+`ChatConfig.ready()`, before Daphne builds its server) substitutes this
+factory for Daphne's own.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from autobahn.websocket.protocol import WebSocketProtocol as _Autobahn
+from daphne import server as daphne_server
+from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+CLOSE_NOT_READING = 4408
+
+
+def unsent_bytes(transport) -> int:
+    """Bytes written to a Twisted TCP transport that the kernel has not taken yet."""
+    buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+    return buffered + getattr(transport, "_tempDataLen", 0)
+
+
+class BoundedWebSocketProtocol(WebSocketProtocol):
+    # The largest frame written since the buffer was last empty: one frame may always be
+    # in flight (a 4 MiB reply is one frame), so the bound counts what waits beyond it.
+    _largest_in_flight = 0
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False, *args, **kwargs) -> None:
+        if self.state != _Autobahn.STATE_OPEN:
+            return  # closing or closed: what the application still sends has nowhere to go
+        backlog = unsent_bytes(self.transport)
+        if backlog == 0:
+            self._largest_in_flight = 0
+        if 0 < settings.R2D2_MAX_UNSENT_BYTES < backlog - self._largest_in_flight:
+            logger.warning("closing a connection that does not read", extra={"unsent_bytes": backlog})
+            self.sendClose(code=CLOSE_NOT_READING, reason="client is not reading")
+            return
+        self._largest_in_flight = max(self._largest_in_flight, len(payload))
+        incoming_limit = self.maxMessagePayloadSize
+        self.maxMessagePayloadSize = settings.R2D2_MAX_OUTGOING_FRAME_BYTES
+        try:
+            super().sendMessage(payload, isBinary, *args, **kwargs)
+        finally:
+            self.maxMessagePayloadSize = incoming_limit
+
+
+class BoundedWebSocketFactory(WebSocketFactory):
+    protocol = BoundedWebSocketProtocol
+
+
+def install() -> None:
+    """Make Daphne (its command line and `manage.py runserver`) build R2D2's protocol."""
+    daphne_server.WebSocketFactory = BoundedWebSocketFactory

@@ -1,0 +1,67 @@
+"""The WebSocket handshake's Host and Origin checks, over real sockets against a live Daphne."""
+
+from __future__ import annotations
+
+import pytest
+import websockets
+
+from tests.client import ProtocolClient
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def refused(uri: str, **kwargs) -> int:
+    with pytest.raises(websockets.InvalidStatus) as error:
+        await websockets.connect(uri, **kwargs)
+    return error.value.response.status_code
+
+
+async def accepted(uri: str, **kwargs) -> bool:
+    connection = await websockets.connect(uri, **kwargs)
+    await connection.close()
+    return True
+
+
+async def test_origin_must_match_scheme_host_and_port(daphne):
+    port = daphne.port
+    # The server's own scheme and port, on any ALLOWED_HOSTS host.
+    assert await accepted(daphne.url, origin=f"http://127.0.0.1:{port}")
+    assert await accepted(daphne.url, origin=f"http://localhost:{port}")
+    # Same host, another port or scheme: another origin.
+    assert await refused(daphne.url, origin="http://127.0.0.1:9999") == 403
+    assert await refused(daphne.url, origin="https://localhost") == 403
+    assert await refused(daphne.url, origin=f"https://localhost:{port}") == 403
+    assert await refused(daphne.url, origin="http://localhost") == 403
+    assert await refused(daphne.url, origin=f"http://evil.example.com:{port}") == 403
+    assert await refused(daphne.url, origin="null") == 403
+
+
+async def test_trusted_origins_are_accepted(daphne_factory):
+    server = daphne_factory(DJANGO_CSRF_TRUSTED_ORIGINS="https://app.example.com,https://*.partner.example")
+    assert await accepted(server.url, origin="https://app.example.com")
+    assert await accepted(server.url, origin="https://chat.partner.example")
+    assert await refused(server.url, origin="http://app.example.com") == 403
+    assert await refused(server.url, origin="https://app.example.com.evil.example") == 403
+
+
+def as_host(host: str, server) -> dict:
+    """connect() arguments that reach `server` with `host` as the Host header."""
+    return {"uri": f"ws://{host}/", "host": "127.0.0.1", "port": server.port}
+
+
+async def test_host_header_outside_allowed_hosts_is_refused(daphne):
+    """As Django refuses such HTTP requests (DNS rebinding); with or without an Origin."""
+    assert await refused(**as_host("evil.example.com", daphne)) == 403
+    assert await refused(**as_host(f"evil.example.com:{daphne.port}", daphne), origin="http://evil.example.com") == 403
+    client = ProtocolClient(await websockets.connect(**as_host(f"localhost:{daphne.port}", daphne)))
+    assert await client.start_session()
+    await client.close()
+
+
+async def test_behind_the_load_balancer_the_origin_is_https_on_443(daphne_factory):
+    """The proxy reaches Daphne over plain HTTP; X-Forwarded-Proto says what the browser used."""
+    server = daphne_factory(DJANGO_ALLOWED_HOSTS="r2d2.example.com", R2D2_TRUSTED_PROXIES="1")
+    lb = {**as_host("r2d2.example.com", server), "additional_headers": {"X-Forwarded-Proto": "https"}}
+    assert await accepted(**lb, origin="https://r2d2.example.com")
+    assert await refused(**lb, origin="http://r2d2.example.com") == 403
+    assert await refused(**lb, origin="https://r2d2.example.com:8443") == 403
