@@ -11,17 +11,20 @@ from __future__ import annotations
 import re
 import uuid
 
+from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Exists, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.timezone import localtime
 
-from chat import markdown, sessions, transcripts
-from chat.models import ChatMessage, ChatSession, Role, ServerProcess
+from chat import auth, markdown, quotas, sessions, transcripts, usage
+from chat.models import ApiKey, ChatMessage, ChatSession, Role, ServerProcess
 
 admin.site.site_header = "R2D2 operations"
 admin.site.site_title = "R2D2 admin"
@@ -96,6 +99,9 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "end_reason",
         "client_address",
         "owner_process",
+        "user",
+        "api_key",
+        "continued_from",
         "system_message",
     ]
     readonly_fields = fields
@@ -240,3 +246,116 @@ class ServerProcessAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: ServerProcess | None = None) -> bool:
         return False
+
+
+# Principals: API keys and what each principal spent ------------------------------------
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Create (the key is shown once, on the page that follows), list, revoke; and the usage page."""
+
+    list_display = ["name", "prefix", "user", "created_at", "last_used_at", "active", "tokens_today"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["name", "prefix", "user__username"]
+    fields = [
+        "name",
+        "user",
+        "prefix",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+        "messages_per_minute",
+        "tokens_per_day",
+        "max_sessions",
+        "allowed_models",
+    ]
+    readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke_selected"]
+    change_list_template = "admin/chat/apikey/change_list.html"
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False  # revoke instead: its sessions keep saying whose they were
+
+    @admin.display(boolean=True, description="active", ordering="revoked_at")
+    def active(self, obj: ApiKey) -> bool:
+        return obj.is_active
+
+    @admin.display(description="tokens today")
+    def tokens_today(self, obj: ApiKey) -> int:
+        return async_to_sync(quotas.usage)(auth.principal_for_key(obj))["tokens_today"]
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:
+        if change:
+            return super().save_model(request, obj, form, change)
+        row, key = auth.create_api_key(
+            obj.name,
+            user=obj.user,
+            messages_per_minute=obj.messages_per_minute,
+            tokens_per_day=obj.tokens_per_day,
+            max_sessions=obj.max_sessions,
+            models=obj.model_list,
+        )
+        obj.pk, obj.prefix, obj.key_hash = row.pk, row.prefix, row.key_hash
+        obj._new_key = key  # shown by response_add, then gone
+
+    def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue=None) -> HttpResponse:
+        # Rendered straight away, not redirected with a message: Django keeps messages in a cookie or
+        # the session table, and the key must be stored nowhere.
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "api_key": obj, "key": obj._new_key}
+        return TemplateResponse(request, "admin/chat/apikey/created.html", context)  # never cached (admin_view)
+
+    @admin.action(description="Revoke selected keys (their open sockets close)", permissions=["change"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        revoked = sum(auth.revoke(key) for key in queryset)
+        self.message_user(request, f"Revoked {revoked} key(s); their open sockets are being closed.")
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        return [path("usage/", view(self.usage_view), name="chat_usage"), *super().get_urls()]
+
+    def usage_view(self, request: HttpRequest) -> HttpResponse:
+        """Per principal and model: messages and tokens per day for 30 days, today against each quota, cost."""
+        if not (request.user.is_staff and self.has_view_permission(request)):
+            raise PermissionDenied
+        days = usage.last_days()
+        spent = usage.by_principal()
+        keys = {k.id: k for k in ApiKey.objects.filter(id__in=[i for kind, i in spent if kind == "key"])}
+        for key in ApiKey.objects.filter(revoked_at__isnull=True):
+            keys.setdefault(key.id, key)
+            spent.setdefault(("key", key.id), usage.PrincipalUsage("key", key.id))
+        users = {u.id: u for u in get_user_model().objects.filter(id__in=[i for kind, i in spent if kind == "user"])}
+        rows = []
+        for (kind, ident), used in sorted(
+            spent.items(), key=lambda item: -(sum(m.tokens for m in item[1].models.values()))
+        ):
+            if kind == "key":
+                principal, label = auth.principal_for_key(keys[ident]), f"API key {keys[ident]}"
+            elif kind == "user" and ident in users:
+                principal, label = auth.Principal(user_id=ident), f"user {users[ident].get_username()}"
+            else:
+                principal, label = None, "anonymous (no quota)"
+            today = async_to_sync(quotas.usage)(principal) if principal else {}
+            live = ChatSession.objects.live().filter(principal.own_sessions()).count() if principal else None
+            rows.append(
+                {
+                    "label": label,
+                    "limits": principal.limits if principal else None,
+                    "today": today,
+                    "live": live,
+                    "models": sorted(used.models.values(), key=lambda m: -m.tokens),
+                    "cost": used.cost,
+                    "tokens_chart": usage.chart(used, days),
+                    "messages_chart": usage.chart(used, days, messages=True),
+                    "legend": usage.legend(used),
+                }
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Usage by principal, last 30 days",
+            "rows": rows,
+            "first_day": days[0],
+            "priced": bool(usage.prices()),
+        }
+        return TemplateResponse(request, "admin/chat/usage.html", context)

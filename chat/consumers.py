@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import drain, llm, metrics, protocol, resume, sessions
+from chat import auth, drain, history, llm, metrics, protocol, quotas, resume, sessions
 from chat.conversation import Conversation
 from chat.errors import ClientError, ErrorCode
 from chat.limits import TokenBucket
@@ -37,11 +37,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.start_rate = TokenBucket(settings.R2D2_RATE_LIMIT_PER_MINUTE)
         client = self.scope.get("client")
         self.client_address = client[0] if client else None
+        self.principal = auth.ANONYMOUS
+        self.accepted = self.refused = False
+        try:
+            self.principal = await auth.authenticate(self.scope)
+        except auth.Unauthorized as exc:
+            return await self.refuse(str(exc))
+        if self.principal.is_anonymous and settings.R2D2_REQUIRE_AUTH:
+            return await self.refuse("Sign in, or send an API key in the handshake: 'Authorization: Bearer <key>'.")
+        if self.principal.api_key_id is not None:
+            # Revoking the key (any process) reaches this socket through the key's group.
+            await self.channel_layer.group_add(auth.key_group(self.principal.api_key_id), self.channel_name)
+        self.checked_at = asyncio.get_running_loop().time()
         await self.accept()
+        self.accepted = self.counted = True
         metrics.OPEN_SOCKETS.inc()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Called with each frame; every refusal becomes one `error` frame and the socket stays open."""
+        if self.refused:
+            return  # closing: nothing more is done for this socket
         try:
             if text_data is None:
                 raise ClientError(ErrorCode.BINARY_FRAME, "Binary frames are not supported; send JSON text.")
@@ -50,7 +65,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await handler(self, request)
         except ClientError as exc:
             metrics.rejected(exc.code)
-            await self.send_frame(protocol.error(exc.code, exc.message))
+            if not self.refused:  # a refused socket was sent its one `unauthorized` frame
+                await self.send_frame(protocol.error(exc.code, exc.message))
         except Exception:
             # A bug must cost one frame, not the socket (Channels would close it with 1011).
             logger.exception("frame handling failed")
@@ -58,8 +74,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         """Called when the socket closes: stop every generation and end every session it held."""
-        if hasattr(self, "conversations"):  # connect() ran: the socket was counted
+        if getattr(self, "counted", False):  # connect() accepted it: the socket was counted
             metrics.OPEN_SOCKETS.dec()
+        principal = getattr(self, "principal", auth.ANONYMOUS)
+        if principal.api_key_id is not None:
+            await self.channel_layer.group_discard(auth.key_group(principal.api_key_id), self.channel_name)
+        await self.release_all()
+
+    async def release_all(self) -> None:
+        """Stop every generation and end every session this socket holds (it is closing)."""
         conversations, self.conversations = getattr(self, "conversations", {}), {}
         # A resumable session carries on without its socket, for the resume window.
         for session_id in list(conversations):
@@ -81,7 +104,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # Actions ---------------------------------------------------------------
 
     async def start_session(self, request: SessionStart) -> None:
-        model = request.gpt_model or settings.R2D2_DEFAULT_MODEL
+        await self.still_authorized()
+        earlier = await self.earlier_conversation(request.continue_session_id)
+        model = request.gpt_model or (earlier.session.model if earlier else settings.R2D2_DEFAULT_MODEL)
         if settings.R2D2_ALLOWED_MODELS and model not in settings.R2D2_ALLOWED_MODELS:
             raise ClientError(
                 ErrorCode.MODEL_NOT_ALLOWED,
@@ -93,14 +118,33 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 f"This connection already has {len(self.conversations)} open sessions; end one first.",
             )
         drain.refuse_if_draining()
-        _take(self.start_rate, "sessions")
+        quotas.check_model(self.principal, model)
+        if self.principal.is_anonymous:
+            _take(self.start_rate, "sessions")
+        else:
+            await quotas.check_sessions(self.principal)
+        principal = {
+            "user_id": self.principal.user_id,
+            "api_key_id": self.principal.api_key_id,
+            "continued_from_id": earlier.session.id if earlier else None,
+        }
+        token = None
         if request.resumable:
-            session, token = await resume.start(self, model=model)
+            session, token = await resume.start(self, model=model, **principal)
+            conversation = self.conversations[session.id]
+        else:
+            session = await sessions.start(
+                model=model, client_address=self.client_address, owner_channel=self.channel_name, **principal
+            )
+            conversation = Conversation(session_id=session.id, model=model, send=self.send_frame)
+            self.conversations[session.id] = conversation
+        conversation.on_usage = None if self.principal.is_anonymous else self.charge
+        if earlier:
+            conversation.system_message, conversation.history = earlier.system_message, earlier.history
+        if token is not None:
             logger.info("session started", extra={"session_id": str(session.id), "model": model, "resumable": True})
             await self.send_frame(protocol.resumable_session_start(session.id, token))
             return
-        session = await sessions.start(model=model, client_address=self.client_address, owner_channel=self.channel_name)
-        self.conversations[session.id] = Conversation(session_id=session.id, model=model, send=self.send_frame)
         metrics.LIVE_SESSIONS.inc()
         await self.channel_layer.group_add(sessions.group(session.id), self.channel_name)
         logger.info("session started", extra={"session_id": str(session.id), "model": model})
@@ -109,7 +153,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def post_message(self, request: PostMessage) -> None:
         conversation = await self.held(request.session_id)
         drain.refuse_if_draining()
-        _take(self.post_rate, "messages")
+        await self.still_authorized()
+        if self.principal.is_anonymous:
+            _take(self.post_rate, "messages")
+        else:
+            await quotas.check_message(self.principal)  # nothing reaches the model over a quota
         try:
             await conversation.accept(request)
         except ClientError as exc:
@@ -119,16 +167,23 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise
 
     async def end_session(self, request: SessionEnd) -> None:
-        await self.held(request.session_id)
-        held = resume.local(request.session_id)
-        if held is not None:
+        if await self.held(request.session_id, or_mine=True) is None:
+            # Held by another connection of this principal: its holder ends it and tells its client.
+            await sessions.request_end(request.session_id, EndReason.CLIENT, wait=2.0)
+        elif (held := resume.local(request.session_id)) is not None:
             await held.end(EndReason.CLIENT, protocol.session_end())
             return
-        await self.close_session(request.session_id, EndReason.CLIENT)
+        else:
+            await self.close_session(request.session_id, EndReason.CLIENT)
         await self.send_frame(protocol.session_end())
 
     async def cancel_turn(self, request: Cancel) -> None:
-        conversation = await self.held(request.session_id)
+        conversation = await self.held(request.session_id, or_mine=True)
+        if conversation is None:
+            # Held by another connection of this principal: ask its holder (its client gets processing_end).
+            event = {"type": "session.cancel", "session_id": str(request.session_id)}
+            await self.channel_layer.group_send(sessions.group(request.session_id), event)
+            return
         if not conversation.cancel():
             raise ClientError(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
 
@@ -169,10 +224,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.conversations.pop(session_id, None)
         await self.send_frame(protocol.session_ended_by_server(session_id, "resumed_elsewhere"))
 
+    async def session_cancel(self, event: dict) -> None:
+        """Called on a `session.cancel` event: another connection of the same principal stops a generation."""
+        conversation = self.conversations.get(uuid.UUID(event["session_id"]))
+        if conversation is not None:
+            conversation.cancel()
+
+    async def principal_revoked(self, event: dict) -> None:
+        """Called on a `principal.revoked` event: this socket's API key was revoked (in any process)."""
+        await self.refuse("That API key has been revoked.")
+
     # Helpers ---------------------------------------------------------------
 
-    async def held(self, session_id: uuid.UUID) -> Conversation:
-        """The live session this connection holds, or the ClientError that says why not."""
+    async def held(self, session_id: uuid.UUID, *, or_mine: bool = False) -> Conversation | None:
+        """The live session this connection holds, or the ClientError that says why not.
+
+        With `or_mine`, None when another connection of the same principal holds it."""
         conversation = self.conversations.get(session_id)
         if conversation is not None:
             return conversation
@@ -181,7 +248,55 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise ClientError(ErrorCode.SESSION_NOT_FOUND, "No session has that session_id.")
         if not session.is_live:
             raise ClientError(ErrorCode.SESSION_ENDED, "That session has ended; start a new one.")
+        if self.principal.owns(session):
+            if or_mine:
+                return None
+            raise ClientError(
+                ErrorCode.SESSION_NOT_OWNED,
+                "Another of your connections holds that session; post there, or start a session here "
+                "with continue_session_id to carry on its conversation.",
+            )
         raise ClientError(ErrorCode.SESSION_NOT_OWNED, "That session belongs to another connection.")
+
+    async def earlier_conversation(self, session_id: uuid.UUID | None) -> history.Conversation | None:
+        """The conversation `continue_session_id` names, if this principal may continue it."""
+        if session_id is None:
+            return None
+        earlier = await history.load(session_id)
+        if earlier is None:
+            raise ClientError(ErrorCode.SESSION_NOT_FOUND, "No session has that continue_session_id.")
+        if not self.principal.owns(earlier.session):
+            raise ClientError(ErrorCode.SESSION_NOT_OWNED, "Only its own sessions can be continued.")
+        return earlier
+
+    async def still_authorized(self) -> None:
+        """Before spending: re-check the key when the last check is old (revocation may not have reached us)."""
+        if self.principal.api_key_id is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self.checked_at < settings.R2D2_AUTH_RECHECK_SECONDS:
+            return
+        if not await auth.still_valid(self.principal):
+            await self.refuse("That API key has been revoked.")
+            raise ClientError(ErrorCode.UNAUTHORIZED, "That API key has been revoked.")
+        self.checked_at = now
+
+    async def refuse(self, message: str) -> None:
+        """One `unauthorized` frame, then close with 4401 (the socket is accepted first so the frame arrives)."""
+        if self.refused:
+            return
+        self.refused = True
+        if not self.accepted:
+            await self.accept()
+            self.accepted = True
+        await self.send_frame(protocol.error(ErrorCode.UNAUTHORIZED, message))
+        await self.close(code=auth.UNAUTHORIZED_CLOSE_CODE)
+        await self.release_all()  # now, not when the client acknowledges the close: no more spending
+        logger.info("connection refused", extra={"principal": self.principal.label, "reason": message})
+
+    def charge(self, reply: llm.Reply, request: list[dict[str, str]], text: str) -> None:
+        """Conversation's usage hook: charge the model call's tokens to the principal's daily quota."""
+        quotas.charge_in_background(self.principal, quotas.tokens_used(reply, request, text))
 
     async def close_session(self, session_id: uuid.UUID, reason: EndReason | None) -> None:
         """Stop holding a session; record `reason` unless it was already ended elsewhere (None)."""

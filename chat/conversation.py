@@ -30,15 +30,18 @@ from chat.text import TextRepair
 logger = logging.getLogger(__name__)
 
 Send = Callable[[str], Awaitable[None]]
+#: Told after every model call (answered, cancelled or failed): the reply, the request and the text said.
+OnUsage = Callable[[llm.Reply, list[dict[str, str]], str], None]
 
 
 class Conversation:
-    def __init__(self, *, session_id: uuid.UUID, model: str, send: Send) -> None:
+    def __init__(self, *, session_id: uuid.UUID, model: str, send: Send, on_usage: OnUsage | None = None) -> None:
         self.session_id = session_id
         self.model = model
         self.system_message = ""
         self.history: list[tuple[str, str]] = []
         self._send = send
+        self.on_usage = on_usage
         self._queue: asyncio.Queue[PostMessage] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._in_turn = False
@@ -147,6 +150,8 @@ class Conversation:
             raise
         finally:
             self._generating = False
+            if self.on_usage is not None:
+                self.on_usage(reply, request, draft.text)
 
         if cancelled and not draft.said:
             return  # nothing was said: nothing to keep

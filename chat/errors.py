@@ -10,6 +10,7 @@ from enum import StrEnum
 
 
 class ErrorCode(StrEnum):
+    UNAUTHORIZED = "unauthorized"
     INVALID_JSON = "invalid_json"
     NOT_AN_OBJECT = "not_an_object"
     BINARY_FRAME = "binary_frame"
@@ -29,6 +30,7 @@ class ErrorCode(StrEnum):
     MODEL_NOT_ALLOWED = "model_not_allowed"
     TOO_MANY_SESSIONS = "too_many_sessions"
     RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     QUEUE_FULL = "queue_full"
     NOTHING_TO_CANCEL = "nothing_to_cancel"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import Coalesce
@@ -67,6 +68,18 @@ class ChatSession(models.Model):
     # the sweep can end it as abandoned once the resume window has passed.
     resume_token_hash = models.CharField(max_length=64, blank=True, default="")
     released_at = models.DateTimeField(null=True, blank=True)
+    # Who spent the model budget (chat/auth.py): a signed-in user or an API key, or
+    # neither when auth is off. Kept when the user or key is deleted, as history.
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="chat_sessions"
+    )
+    api_key = models.ForeignKey(
+        "ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="chat_sessions"
+    )
+    # Started with `continue_session_id`: its memory began with that session's conversation.
+    continued_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="continuations"
+    )
 
     objects = ChatSessionQuerySet.as_manager()
 
@@ -92,6 +105,42 @@ class ChatSession(models.Model):
     @property
     def is_resumable(self) -> bool:
         return bool(self.resume_token_hash)
+
+
+class ApiKey(models.Model):
+    """A programmatic client's credential. Only a hash of the key is stored: the key is shown once, when made.
+
+    The limits left empty fall back to the R2D2_QUOTA_* settings (chat/quotas.py).
+    """
+
+    name = models.CharField(max_length=100, unique=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    prefix = models.CharField(max_length=16, db_index=True, editable=False, help_text="The key's visible start.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    messages_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_day = models.PositiveIntegerField(null=True, blank=True)
+    max_sessions = models.PositiveIntegerField(null=True, blank=True, help_text="Concurrent live sessions.")
+    allowed_models = models.CharField(max_length=500, blank=True, default="", help_text="Comma-separated; empty: any.")
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    @property
+    def model_list(self) -> list[str]:
+        return [m.strip() for m in self.allowed_models.split(",") if m.strip()]
 
 
 class ChatMessage(models.Model):

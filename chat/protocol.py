@@ -23,6 +23,7 @@ from chat.text import storable
 class SessionStart:
     gpt_model: str | None
     resumable: bool = False
+    continue_session_id: uuid.UUID | None = None  # start with that earlier session's conversation as memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,16 +103,16 @@ def _storable(key: str, value: str) -> str:
     return value
 
 
-def _session_id(content: dict) -> uuid.UUID:
-    value = content.get("session_id")
+def _session_id(content: dict, key: str = "session_id") -> uuid.UUID:
+    value = content.get(key)
     if value is None or value == "":
-        raise ClientError(ErrorCode.MISSING_SESSION_ID, "The frame has no 'session_id'.")
+        raise ClientError(ErrorCode.MISSING_SESSION_ID, f"The frame has no '{key}'.")
     if not isinstance(value, str):
-        raise ClientError(ErrorCode.INVALID_SESSION_ID, "'session_id' must be a UUID string.")
+        raise ClientError(ErrorCode.INVALID_SESSION_ID, f"'{key}' must be a UUID string.")
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise ClientError(ErrorCode.INVALID_SESSION_ID, "'session_id' is not a valid UUID.") from None
+        raise ClientError(ErrorCode.INVALID_SESSION_ID, f"'{key}' is not a valid UUID.") from None
 
 
 #: The longest model name a session can record (ChatSession.model).
@@ -129,7 +130,8 @@ def _parse_session_start(content: dict, max_message_chars: int) -> SessionStart:
     resumable = content.get("resumable", False)
     if not isinstance(resumable, bool):
         raise ClientError(ErrorCode.INVALID_FIELD_TYPE, "'resumable' must be true or false.")
-    return SessionStart(gpt_model=model, resumable=resumable)
+    earlier = _session_id(content, "continue_session_id") if content.get("continue_session_id") else None
+    return SessionStart(gpt_model=model, resumable=resumable, continue_session_id=earlier)
 
 
 def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:

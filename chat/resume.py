@@ -213,14 +213,17 @@ class Held:
         logger.info("resumable session released", extra={"session_id": str(self.session_id)})
 
 
-async def start(consumer: ChatConsumer, *, model: str) -> tuple[ChatSession, str]:
-    """Start a resumable session held by this process, attached to `consumer`; returns it and its token."""
+async def start(consumer: ChatConsumer, *, model: str, **principal: Any) -> tuple[ChatSession, str]:
+    """Start a resumable session held by this process, attached to `consumer`; returns it and its token.
+
+    `principal`: who it is for (chat/auth.py), recorded on the session."""
     token, hashed = new_token()
     session = await sessions.start(
         model=model,
         client_address=consumer.client_address,
         owner_channel=await hub.channel(),
         resume_token_hash=hashed,
+        **principal,
     )
     held = Held(session_id=session.id, model=model, consumer=consumer)
     _held[session.id] = held

@@ -35,7 +35,14 @@ def group(session_id: uuid.UUID | str) -> str:
 
 
 async def start(
-    *, model: str, client_address: str | None, owner_channel: str, resume_token_hash: str = ""
+    *,
+    model: str,
+    client_address: str | None,
+    owner_channel: str,
+    resume_token_hash: str = "",
+    user_id: int | None = None,
+    api_key_id: int | None = None,
+    continued_from_id: uuid.UUID | None = None,
 ) -> ChatSession:
     return await ChatSession.objects.acreate(
         model=model,
@@ -43,6 +50,9 @@ async def start(
         owner_process=liveness.PROCESS_ID,
         owner_channel=owner_channel,
         resume_token_hash=resume_token_hash,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        continued_from_id=continued_from_id,
     )
 
 

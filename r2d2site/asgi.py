@@ -8,6 +8,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "r2d2site.settings")
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
+from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chat.connection_limits import ConnectionLimitMiddleware  # noqa: E402
@@ -25,8 +26,9 @@ application = HeartbeatMiddleware(
         ProtocolTypeRouter(
             {
                 "http": django_asgi_app,
+                # The session cookie's user is the web page's principal (chat/auth.py); API keys come in a header.
                 "websocket": allowed_hosts_origin_validator(
-                    ConnectionLimitMiddleware(URLRouter(websocket_urlpatterns))
+                    ConnectionLimitMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
                 ),
             }
         )

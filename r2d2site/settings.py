@@ -268,6 +268,26 @@ R2D2_RESUME_WINDOW_SECONDS = env_float("R2D2_RESUME_WINDOW_SECONDS", 300.0)
 # On SIGTERM (chat/drain.py): how long turns in progress may run before sockets close with 1012.
 R2D2_DRAIN_SECONDS = env_float("R2D2_DRAIN_SECONDS", 30.0)
 
+# Who may spend the model budget (chat/auth.py, chat/quotas.py). Required by
+# default in production (DEBUG off) and not in local development; explicit wins.
+R2D2_REQUIRE_AUTH = env_bool("R2D2_REQUIRE_AUTH", not DEBUG)
+# Quotas per principal (a signed-in user or an API key), across all its
+# connections and server processes; an API key's own limits override them. 0: no limit.
+R2D2_QUOTA_MESSAGES_PER_MINUTE = env_int("R2D2_QUOTA_MESSAGES_PER_MINUTE", 20)
+R2D2_QUOTA_TOKENS_PER_DAY = env_int("R2D2_QUOTA_TOKENS_PER_DAY", 200_000)
+R2D2_QUOTA_MAX_SESSIONS = env_int("R2D2_QUOTA_MAX_SESSIONS", 8)
+R2D2_QUOTA_MODELS = env_list("R2D2_QUOTA_MODELS")
+# A revoked key's sockets are closed at once over the channel layer; a socket the
+# revocation could not reach (in-memory layer, another process) re-checks its key
+# before spending anything when its last check is older than this.
+R2D2_AUTH_RECHECK_SECONDS = env_float("R2D2_AUTH_RECHECK_SECONDS", 5.0)
+# Prices per million input:output tokens, for the admin's cost estimate:
+# "gpt-4o-mini=0.15:0.60,gpt-4o=2.50:10".
+R2D2_MODEL_PRICES = os.environ.get("R2D2_MODEL_PRICES", "")
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat"
+LOGOUT_REDIRECT_URL = "chat"
 # Amazon Bedrock (chat/llm/bedrock.py). These model ids, and any name starting with
 # "bedrock/", are answered by Bedrock's Converse API with boto3's usual credential
 # chain (on Elastic Beanstalk, the instance role); every other name goes to the

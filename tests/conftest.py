@@ -82,6 +82,16 @@ def _frames_match_published_protocol(monkeypatch) -> None:
     monkeypatch.setattr(WebsocketCommunicator, "receive_from", receive_from)
 
 
+@pytest.fixture(autouse=True)
+def _anonymous_by_default(settings) -> None:
+    """Connections need no principal unless a test says so (R2D2_REQUIRE_AUTH follows DEBUG otherwise),
+    and each test starts with empty quota counters."""
+    from chat import quotas
+
+    settings.R2D2_REQUIRE_AUTH = False
+    quotas.reset_counters()
+
+
 @pytest.fixture(scope="session")
 def fake_llm_server() -> Iterator[FakeLLM]:
     server = FakeLLM().start()
@@ -166,6 +176,8 @@ def server_env(fake: FakeLLM | None, **overrides: str) -> dict[str, str]:
         env["OPENAI_BASE_URL"] = fake.url
         env["OPENAI_API_KEY"] = TEST_API_KEY
     env["DJANGO_SETTINGS_MODULE"] = "r2d2site.settings"
+    # Anonymous by default, whatever DEBUG is: the auth tests turn it on explicitly.
+    env["R2D2_REQUIRE_AUTH"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env

@@ -38,7 +38,10 @@ def run_manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_check_deploy_has_no_warnings(fake_llm):
-    result = run_manage("check", "--deploy", "--fail-level", "WARNING", env=server_env(fake_llm, **production_env()))
+    # As deployed: R2D2_REQUIRE_AUTH follows DEBUG (on); the test suite's servers turn it off.
+    env = server_env(fake_llm, **production_env())
+    del env["R2D2_REQUIRE_AUTH"]
+    result = run_manage("check", "--deploy", "--fail-level", "WARNING", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "System check identified no issues" in result.stdout
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -34,18 +35,27 @@ class Command(BaseCommand):
         parser.add_argument(
             "--list-models", action="store_true", help="print the models the server offers (id, provider) and exit"
         )
+        parser.add_argument(
+            "--api-key",
+            default=os.environ.get("R2D2_API_KEY") or None,
+            help="API key sent as 'Authorization: Bearer <key>' (default: $R2D2_API_KEY)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["list_models"]:
             try:
-                models = asyncio.run(list_models(options["url"]))
+                models = asyncio.run(list_models(options["url"], options["api_key"]))
             except (OSError, websockets.InvalidURI, websockets.InvalidHandshake, TimeoutError) as exc:
                 raise CommandError(f"Could not talk to {options['url']}: {exc}") from None
             for model in models:
                 print(f"{model['id']}\t{model['provider']}")
             return
         client = TerminalChat(
-            url=options["url"], model=options["model"], system=options["system"], stream=not options["no_stream"]
+            url=options["url"],
+            model=options["model"],
+            system=options["system"],
+            stream=not options["no_stream"],
+            api_key=options["api_key"],
         )
         try:
             code = asyncio.run(client.run())
@@ -58,8 +68,11 @@ class Command(BaseCommand):
 class TerminalChat:
     """One session, one line at a time; a reader task prints frames as they arrive."""
 
-    def __init__(self, *, url: str, model: str | None, system: str | None, stream: bool) -> None:
+    def __init__(
+        self, *, url: str, model: str | None, system: str | None, stream: bool, api_key: str | None = None
+    ) -> None:
         self.url, self.model, self.system, self.stream = url, model, system, stream
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.interactive = sys.stdin.isatty()
         self.session_id: str | None = None
         self.started = asyncio.Event()
@@ -72,7 +85,7 @@ class TerminalChat:
         self.lost = False
 
     async def run(self) -> int:
-        async with websockets.connect(self.url, max_size=None) as ws:
+        async with websockets.connect(self.url, max_size=None, additional_headers=self.headers) as ws:
             self.ws = ws
             reader = asyncio.create_task(self.read_frames())
             loop = asyncio.get_running_loop()
@@ -177,7 +190,10 @@ class TerminalChat:
     # Actions -----------------------------------------------------------------
 
     async def send(self, frame: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(frame))
+        try:
+            await self.ws.send(json.dumps(frame))
+        except websockets.ConnectionClosed:
+            pass  # the reader says so (e.g. refused as unauthorized: the server sent why, then closed)
 
     async def end_session(self) -> None:
         await self.send({"action": "chatbot_session_end", "session_id": self.session_id})
@@ -213,9 +229,10 @@ class TerminalChat:
         print(text, file=sys.stderr, flush=True)
 
 
-async def list_models(url: str) -> list[dict[str, str]]:
+async def list_models(url: str, api_key: str | None = None) -> list[dict[str, str]]:
     """The server's answer to `chatbot_models`."""
-    async with websockets.connect(url) as ws:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with websockets.connect(url, additional_headers=headers) as ws:
         await ws.send(json.dumps({"action": "chatbot_models"}))
         frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
     if frame.get("type") != "models":

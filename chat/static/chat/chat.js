@@ -22,9 +22,11 @@
 
   const state = {
     ws: null, connected: false, everConnected: false, retryDelay: 1000, retryTimer: null, lostSession: false,
-    starting: false, sessionId: null, pendingSystem: null,
+    starting: false, sessionId: null, pendingSystem: null, signedOut: false,
     // Sessions are resumable: after a drop the page resumes with the token and the last seq it has.
     resumeToken: null, lastSeq: 0, resuming: false,
+    // `/?continue=<id>`: the first session started here carries on that conversation (the server remembers it).
+    continueFrom: config.continueFrom || null,
     reply: null, replyText: "", renderQueued: false, generating: false, stopRequested: false,
   };
 
@@ -58,8 +60,19 @@
       try { frame = JSON.parse(event.data); } catch { return showError("The server sent a frame the page could not read."); }
       handle(frame);
     });
-    ws.addEventListener("close", () => {
+    ws.addEventListener("close", (event) => {
       if (state.ws !== ws) return;
+      if (event.code === 4401) {
+        // Refused as unauthorized (signed out, key revoked): reconnecting would be refused again.
+        state.connected = false;
+        state.signedOut = true;
+        finishReply();
+        endSessionLocally();
+        setConnection("bad", "Not signed in");
+        notice("warn", "The server no longer accepts this page's sign-in. Reload the page to sign in again.", "connection");
+        render();
+        return;
+      }
       state.connected = false;
       state.starting = false;
       state.resuming = false;
@@ -108,6 +121,8 @@
         els.sessionModel.textContent = els.model.value.trim() || config.defaultModel;
         els.log.replaceChildren();
         clearNotice("connection");
+        if (state.continuing) showEarlier(state.continuing);
+        state.continuing = null;
         note(state.pendingSystem ? `Session started. System message: “${state.pendingSystem}”` : "Session started. Say hello.");
         els.input.focus();
         break;
@@ -240,8 +255,16 @@
     const model = els.model.value.trim();
     state.starting = true;
     clearNotice("session");
-    send(model ? { action: "chatbot_session_start", gpt_model: model, resumable: true }
-      : { action: "chatbot_session_start", resumable: true });
+    const frame = model ? { action: "chatbot_session_start", gpt_model: model, resumable: true }
+      : { action: "chatbot_session_start", resumable: true };
+    if (state.continueFrom) {
+      frame.continue_session_id = state.continueFrom.sessionId;
+      state.continuing = state.continueFrom;
+      state.continueFrom = null;  // later sessions on this page start afresh
+      const hint = document.getElementById("continuing");
+      if (hint) hint.remove();
+    }
+    send(frame);
     render();
   });
 
@@ -291,7 +314,7 @@
     const inSession = Boolean(state.sessionId);
     els.setup.hidden = inSession;
     els.sessionBar.hidden = !inSession;
-    els.start.disabled = !state.connected || state.starting;
+    els.start.disabled = !state.connected || state.starting || state.signedOut;
     els.start.textContent = state.starting ? "Starting…" : "Start session";
     els.input.disabled = !inSession;
     els.input.placeholder = inSession ? "Message R2D2 (Enter to send, Shift+Enter for a new line)" : "Start a session to chat";
@@ -320,6 +343,16 @@
     els.log.append(item);
     scrollDown();
     return item;
+  }
+
+  // The continued conversation's turns, shown as they were (the server gives the model the same).
+  function showEarlier(earlier) {
+    for (const m of earlier.messages) {
+      const item = bubble(m.role, m.role === "assistant" ? "" : m.content);
+      item.classList.add("earlier");
+      if (m.role === "assistant") R2D2Markdown.render(item.querySelector(".text"), m.content);
+    }
+    note("Continuing this conversation: R2D2 remembers the messages above.");
   }
 
   function note(text) {
@@ -371,6 +404,7 @@
     return window.innerHeight + window.scrollY >= document.body.scrollHeight - 120;
   }
 
+  if (state.continueFrom && els.model.tagName === "INPUT") els.model.value = state.continueFrom.model;
   R2D2Markdown.enableCopyButtons(els.log);
   render();
   connect();

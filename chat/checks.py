@@ -1,0 +1,21 @@
+"""System checks for R2D2's own settings (`manage.py check --deploy`)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.checks import Tags, Warning, register
+
+
+@register(Tags.security, deploy=True)
+def auth_required_in_production(app_configs, **kwargs) -> list[Warning]:
+    """With debug off and auth off, anyone who reaches the server spends the operator's model budget."""
+    if settings.DEBUG or settings.R2D2_REQUIRE_AUTH:
+        return []
+    return [
+        Warning(
+            "R2D2_REQUIRE_AUTH is off with DEBUG off: anyone who can reach this server can spend its model budget.",
+            hint="Unset R2D2_REQUIRE_AUTH (it defaults on when DEBUG is off), or set it to 1, and give clients "
+            "API keys (manage.py create_api_key) or accounts.",
+            id="r2d2.W001",
+        )
+    ]

@@ -1,0 +1,82 @@
+"""A principal's past conversations: listed on the web page, read as transcripts, continued.
+
+A continued session (`continue_session_id`) points at the one it continued, so a
+conversation continued several times reads as one: its messages are those of the
+whole chain, oldest first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+
+from chat.models import ChatMessage, ChatSession, MessageStatus, Role
+
+#: Continuations followed back at most (a loop is impossible, but a chain is bounded anyway).
+MAX_CHAIN = 50
+
+
+@dataclass
+class Conversation:
+    """What a continued session starts with: the earlier session, its latest system message and its turns."""
+
+    session: ChatSession
+    system_message: str
+    history: list[tuple[str, str]]
+
+
+def chain(session: ChatSession) -> list[ChatSession]:
+    """The session and those it continued, oldest first."""
+    sessions = [session]
+    while sessions[-1].continued_from_id is not None and len(sessions) < MAX_CHAIN:
+        earlier = ChatSession.objects.filter(id=sessions[-1].continued_from_id).first()
+        if earlier is None:
+            break
+        sessions.append(earlier)
+    return sessions[::-1]
+
+
+def messages_of(session: ChatSession) -> list[ChatMessage]:
+    """Every message of the conversation the session ends (its chain), oldest first."""
+    ids = [s.id for s in chain(session)]
+    return list(ChatMessage.objects.filter(session_id__in=ids).order_by("created_at", "id"))
+
+
+def _load(session_id: uuid.UUID) -> Conversation | None:
+    session = ChatSession.objects.filter(id=session_id).first()
+    if session is None:
+        return None
+    system_message = ""
+    history: list[tuple[str, str]] = []
+    for m in messages_of(session):
+        if m.role == Role.SYSTEM:
+            system_message = m.content
+        elif m.role == Role.USER or (m.content and m.status != MessageStatus.INCOMPLETE):
+            # As the model remembered it: every question, and every reply it gave (stopped ones as far as they got).
+            history.append((m.role, m.content))
+    return Conversation(session=session, system_message=system_message, history=history)
+
+
+load = sync_to_async(_load)
+
+
+def past_conversations(*, user_id: int, limit: int = 50) -> list[ChatSession]:
+    """A person's sessions that have messages, newest first, each with its first message as a title.
+
+    Sessions continued later are left out: their conversation is listed under its latest continuation.
+    """
+    sessions = list(
+        ChatSession.objects.filter(user_id=user_id, messages__role=Role.USER)
+        .exclude(continuations__isnull=False)
+        .distinct()
+        .order_by("-created_at")[:limit]
+    )
+    firsts = {}
+    for m in ChatMessage.objects.filter(session__in=sessions, role=Role.USER).order_by("-created_at", "-id"):
+        firsts[m.session_id] = m.content  # the earliest wins (iterating newest first)
+    for s in sessions:
+        text = " ".join(firsts.get(s.id, "").split())
+        s.title = text if len(text) <= 80 else text[:77] + "…"
+    return sessions

@@ -1,0 +1,119 @@
+"""API keys over a real socket: live Daphne with R2D2_REQUIRE_AUTH=1, the `websockets` client, the local model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import websockets
+from asgiref.sync import sync_to_async
+from django.db import connection
+
+from chat import auth
+from tests.client import ProtocolClient
+from tests.conftest import ROOT, server_env
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+make_key = sync_to_async(auth.create_api_key)
+
+
+def bearer(key: str) -> dict:
+    return {"additional_headers": {"Authorization": f"Bearer {key}"}}
+
+
+async def refused(client: ProtocolClient) -> dict:
+    """The one `unauthorized` frame, then the server closes with 4401."""
+    frame = await client.recv()
+    assert frame["type"] == "error" and frame["data"]["code"] == "unauthorized", frame
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await client.recv()
+    assert closed.value.rcvd.code == 4401
+    return frame
+
+
+async def test_anonymous_wrong_and_revoked_keys_are_refused(daphne_factory):
+    server = daphne_factory(R2D2_REQUIRE_AUTH="1")
+    await refused(await ProtocolClient.connect(server.url))
+    await refused(await ProtocolClient.connect(server.url, **bearer("r2d2_" + "x" * 43)))
+    row, key = await make_key("ci")
+    await sync_to_async(auth.revoke)(row)
+    assert "revoked" in (await refused(await ProtocolClient.connect(server.url, **bearer(key))))["data"]["message"]
+
+
+async def test_seed_conversation_with_a_key_byte_for_byte_and_the_key_is_nowhere(daphne_factory, fake_llm):
+    """A key works through the whole seed conversation, frame for frame; then the key is in no log line,
+    no frame and no database column in clear."""
+    server = daphne_factory(R2D2_REQUIRE_AUTH="1", R2D2_LOG_LEVEL="DEBUG")
+    row, key = await make_key("postman")
+    client = await ProtocolClient.connect(server.url, **bearer(key))
+    await client.send({"action": "chatbot_session_start", "gpt_model": "gpt-4o-mini"})
+    start = await client.recv_text()
+    session_id = json.loads(start)["data"]["session_id"]
+    assert start == f'{{"type": "session_start", "data": {{"session_id": "{session_id}"}}}}'
+    await client.send(
+        {
+            "action": "chatbot_post_message",
+            "session_id": session_id,
+            "system_message": "You are coll robot!",
+            "user_message": "Please write me cool poem.",
+        }
+    )
+    assert await client.recv_text() == '{"type": "processing_start", "data": null}'
+    assert await client.recv_text() == '{"type": "message", "data": "Echo: Please write me cool poem."}'
+    assert await client.recv_text() == '{"type": "processing_end", "data": null}'
+    await client.send({"action": "chatbot_session_end", "session_id": session_id})
+    assert await client.recv_text() == '{"type": "session_end", "data": null}'
+    await client.close()
+
+    # Revoke it too, so the refusal and revocation paths have logged whatever they log.
+    await sync_to_async(auth.revoke)(row)
+    await refused(await ProtocolClient.connect(server.url, **bearer(key)))
+    server.stop()
+    assert "connection refused" in server.log() and "session started" in server.log()  # the log is not empty
+    secret = key[len(row.prefix) :]
+    assert secret not in server.log()
+    assert all(secret not in frame for frame in client.received)
+    assert not await sync_to_async(database_contains)(secret)
+
+
+def database_contains(text: str) -> list[str]:
+    """Every text column of every table that holds `text` anywhere."""
+    found = []
+    with connection.cursor() as cursor:
+        for table in connection.introspection.table_names():
+            for column in connection.introspection.get_table_description(cursor, table):
+                name = connection.ops.quote_name(column.name)
+                try:
+                    cursor.execute(
+                        f"SELECT 1 FROM {connection.ops.quote_name(table)} WHERE CAST({name} AS TEXT) LIKE %s",
+                        [f"%{text}%"],
+                    )
+                except Exception:
+                    continue
+                if cursor.fetchone():
+                    found.append(f"{table}.{column.name}")
+    return found
+
+
+async def test_terminal_client_sends_its_key(daphne_factory, fake_llm):
+    server = daphne_factory(R2D2_REQUIRE_AUTH="1")
+    _, key = await make_key("terminal")
+
+    def chat(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "manage.py", "chat", "--url", server.url, "--no-stream"],
+            cwd=ROOT,
+            env=server_env(None, **env),
+            input="Hello\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    ok = await sync_to_async(chat)(R2D2_API_KEY=key)
+    assert ok.returncode == 0 and ok.stdout == "Echo: Hello\n", ok.stderr
+    without = await sync_to_async(chat)()
+    assert without.returncode == 1 and "unauthorized" in without.stderr and "Traceback" not in without.stderr
