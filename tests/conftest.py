@@ -175,6 +175,10 @@ def server_env(fake: FakeLLM | None, **overrides: str) -> dict[str, str]:
     if fake is not None:
         env["OPENAI_BASE_URL"] = fake.url
         env["OPENAI_API_KEY"] = TEST_API_KEY
+    # Every test client connects from 127.0.0.1, and one run starts and stops hundreds of servers
+    # sharing one Redis (a stopped server's sockets count for 30 s more): the per-address cap has
+    # its own tests (tests/production/test_connection_limits.py), which set it.
+    env["R2D2_MAX_CONNECTIONS_PER_ADDRESS"] = "0"
     env["DJANGO_SETTINGS_MODULE"] = "r2d2site.settings"
     # Anonymous by default, whatever DEBUG is: the auth tests turn it on explicitly.
     env["R2D2_REQUIRE_AUTH"] = "0"
