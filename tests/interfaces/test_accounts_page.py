@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from playwright.sync_api import expect
 
 from chat.models import ChatSession
-from tests.people.test_chat_page import in_thread
+from tests.interfaces.test_chat_page import in_thread
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
