@@ -133,3 +133,90 @@ def test_the_bedrock_setup_check_from_the_readme(daphne_factory, fake_bedrock):
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Echo: ping\n"
     assert [r.model_id for r in fake_bedrock.requests] == ["amazon.nova-lite-v1:0"]
+
+
+class CuttableProxy:
+    """A TCP proxy in front of the server whose live connections the test can cut (a network drop),
+    while it keeps accepting new ones."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket as socket_module
+
+        self.target_port = target_port
+        self.listener = socket_module.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list[tuple] = []
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket as socket_module
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket_module.create_connection(("127.0.0.1", self.target_port))
+            self.pairs.append((client, upstream))
+            self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        import socket as socket_module
+
+        for pair in self.pairs:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket_module.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.pairs.clear()
+
+
+def test_a_dropped_connection_is_resumed_with_nothing_lost_or_repeated(daphne, fake_llm):
+    """The network drops mid-reply: the client reconnects, resumes the session, and prints the reply exactly
+    once, whole; the next line is answered in the same session."""
+    words = [f"w{i} " for i in range(30)]
+    fake_llm.enqueue(Script(chunks=words, token_delay=0.1))
+    proxy = CuttableProxy(daphne.port)
+    process = subprocess.Popen(
+        chat_command(f"ws://127.0.0.1:{proxy.port}/"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=server_env(None),
+    )
+    process.stdin.write("tell me\n")
+    process.stdin.flush()
+    time.sleep(1.5)  # a third of the reply has streamed
+    proxy.cut()
+    time.sleep(2.5)  # resumed meanwhile; the reply goes on
+    stdout, stderr = process.communicate("and then?\n", timeout=60)
+    assert process.returncode == 0, stderr
+    assert stdout == "".join(words) + "\nEcho: and then?\n"
+    assert "[resumed]" in stderr and proxy.accepted == 2
+    session = ChatSession.objects.get()
+    assert session.end_reason == EndReason.CLIENT
+    assert list(ChatMessage.objects.filter(role=Role.ASSISTANT).values_list("content", flat=True)) == [
+        "".join(words),
+        "Echo: and then?",
+    ]

@@ -1,7 +1,9 @@
 """`manage.py chat`: a terminal client for any R2D2 server, over the same WebSocket protocol as every client.
 
 Interactive: a prompt, the reply printed as it streams in, Ctrl-C stops the reply
-being generated, Ctrl-D ends the session and exits. Piped: one message per line,
+being generated, Ctrl-D ends the session and exits. The session is resumable: if the
+connection drops (a network change, a server restart or deploy) the client reconnects
+with backoff and resumes it, printing nothing twice and missing nothing. Piped: one message per line,
 each reply waited for, the session ended at end of input; replies go to stdout,
 everything else (banner, errors, notices) to stderr, so scripts read only answers.
 `--list-models` prints the models the server offers (id, tab, provider) and exits.
@@ -21,6 +23,10 @@ import websockets
 from django.core.management.base import BaseCommand, CommandError
 
 _EOF = None
+#: Refused for good: reconnecting would be refused again (4401 unauthorized, 4429 too many connections).
+UNRESUMABLE_CLOSE_CODES = {4401, 4429}
+#: About a minute of attempts (0.25 s doubling to 8 s), enough for a server restart or a deploy.
+RESUME_ATTEMPTS = 10
 
 
 class Command(BaseCommand):
@@ -83,73 +89,132 @@ class TerminalChat:
         self.streamed = False
         self.stopping = False
         self.lost = False
+        self.resume_token: str | None = None
+        self.last_seq = 0  # the last frame of the session shown: a resume asks for what follows
+        self.connected = asyncio.Event()
 
     async def run(self) -> int:
-        async with websockets.connect(self.url, max_size=None, additional_headers=self.headers) as ws:
-            self.ws = ws
-            reader = asyncio.create_task(self.read_frames())
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGINT, self.interrupt)
-            start: dict[str, Any] = {"action": "chatbot_session_start"}
-            if self.model:
-                start["gpt_model"] = self.model
-            await self.send(start)
-            await _first(self.started.wait(), self.ended.wait())
-            if self.session_id is None:
-                reader.cancel()
-                return 1
-            self.note(
-                f"Session {self.session_id} on {self.url}. "
-                + ("Ctrl-C stops a reply, Ctrl-D ends the session." if self.interactive else "")
-            )
-            lines = _stdin_lines(loop)
-            system = self.system
-            while not self.ended.is_set():
-                self.prompt()
-                line = await _first(lines.get(), self.ended.wait())
-                if self.ended.is_set():
-                    break
-                if line is _EOF:
-                    if self.interactive:
-                        print(file=sys.stderr)
-                    await self.end_session()
-                    break
-                text = line.rstrip("\n")
-                if not text.strip():
-                    continue
-                post = {
-                    "action": "chatbot_post_message",
-                    "session_id": self.session_id,
-                    "user_message": text,
-                    "stream": self.stream,
-                }
-                if system:
-                    post["system_message"], system = system, None
-                self.turn_done.clear()
-                self.awaiting, self.streamed, self.stopping = True, False, False
-                await self.send(post)
-                await _first(self.turn_done.wait(), self.ended.wait())
-            loop.remove_signal_handler(signal.SIGINT)
+        self.ws = await self.open()
+        try:
+            return await self.converse()
+        finally:
+            await self.ws.close()
+
+    async def open(self) -> websockets.ClientConnection:
+        ws = await websockets.connect(self.url, max_size=None, additional_headers=self.headers)
+        self.connected.set()
+        return ws
+
+    async def converse(self) -> int:
+        reader = asyncio.create_task(self.read_frames())
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, self.interrupt)
+        start: dict[str, Any] = {"action": "chatbot_session_start", "resumable": True}
+        if self.model:
+            start["gpt_model"] = self.model
+        await self.send(start)
+        await _first(self.started.wait(), self.ended.wait())
+        if self.session_id is None:
             reader.cancel()
+            return 1
+        self.note(
+            f"Session {self.session_id} on {self.url}. "
+            + ("Ctrl-C stops a reply, Ctrl-D ends the session." if self.interactive else "")
+        )
+        lines = _stdin_lines(loop)
+        system = self.system
+        while not self.ended.is_set():
+            self.prompt()
+            line = await _first(lines.get(), self.ended.wait())
+            if self.ended.is_set():
+                break
+            if line is _EOF:
+                if self.interactive:
+                    print(file=sys.stderr)
+                await self.end_session()
+                break
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            post = {
+                "action": "chatbot_post_message",
+                "session_id": self.session_id,
+                "user_message": text,
+                "stream": self.stream,
+            }
+            if system:
+                post["system_message"], system = system, None
+            self.turn_done.clear()
+            self.awaiting, self.streamed, self.stopping = True, False, False
+            await self.send(post)
+            await _first(self.turn_done.wait(), self.ended.wait())
+        loop.remove_signal_handler(signal.SIGINT)
+        reader.cancel()
         return 1 if self.lost else 0
 
     # Frames ------------------------------------------------------------------
 
     async def read_frames(self) -> None:
-        try:
-            async for text in self.ws:
-                self.handle(json.loads(text))
-        except websockets.ConnectionClosed:
-            pass
+        while True:
+            try:
+                async for text in self.ws:
+                    self.handle(json.loads(text))
+            except websockets.ConnectionClosed:
+                pass
+            self.connected.clear()
+            if self.ended.is_set() or not await self.resume():
+                break
         if not self.ended.is_set():
             self.lost = True
             self.note("The server closed the connection.")
             self.ended.set()
 
+    async def resume(self) -> bool:
+        """Reconnect and resume the session after a drop, with backoff; False when it cannot be resumed."""
+        if self.resume_token is None or self.ws.close_code in UNRESUMABLE_CLOSE_CODES:
+            return False
+        delay = 0.25
+        for _ in range(RESUME_ATTEMPTS):
+            self.note(f"[connection lost; resuming in {delay:g} s]")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 8.0)
+            try:
+                self.ws = await websockets.connect(self.url, max_size=None, additional_headers=self.headers)
+            except (OSError, websockets.InvalidHandshake, TimeoutError):
+                continue
+            await self.ws.send(
+                json.dumps(
+                    {
+                        "action": "chatbot_session_resume",
+                        "session_id": self.session_id,
+                        "resume_token": self.resume_token,
+                        "last_seq": self.last_seq,
+                    }
+                )
+            )
+            try:
+                answer = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
+            except (websockets.ConnectionClosed, TimeoutError):
+                continue
+            if answer.get("type") == "session_resumed":
+                self.connected.set()
+                self.note("[resumed]")
+                return True
+            if answer.get("type") == "error" and answer["data"]["code"] != "server_draining":
+                self.note(f"error [{answer['data']['code']}]: {answer['data']['message']}")
+                return False
+        return False
+
     def handle(self, frame: dict[str, Any]) -> None:
         kind, data = frame.get("type"), frame.get("data")
+        seq = frame.get("seq")
+        if seq is not None:
+            if seq <= self.last_seq:
+                return  # already shown before the connection dropped
+            self.last_seq = seq
         if kind == "session_start":
             self.session_id = data["session_id"]
+            self.resume_token = data.get("resume_token")
             self.started.set()
         elif kind == "processing_start":
             self.in_turn = True
@@ -190,6 +255,8 @@ class TerminalChat:
     # Actions -----------------------------------------------------------------
 
     async def send(self, frame: dict[str, Any]) -> None:
+        # While the connection is being resumed, wait for it: a message typed meanwhile is sent after.
+        await _first(self.connected.wait(), self.ended.wait())
         try:
             await self.ws.send(json.dumps(frame))
         except websockets.ConnectionClosed:
