@@ -19,4 +19,4 @@ def test_it_counts_and_quotes_what_it_was_given():
         ]
     )
     assert "You said: What is my name?" in text
-    assert 'I was given 2 earlier messages; the last one, from me, was: "Hi Ada."' in text
+    assert 'I was given 2 earlier messages; before this you said: "My name is Ada."' in text

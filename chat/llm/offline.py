@@ -27,14 +27,13 @@ def answer(messages: list[dict[str, str]]) -> str:
     said = [m for m in messages if m["role"] != "system"]
     last = said[-1]["content"] if said else ""
     earlier = said[:-1]
+    asked_before = [m["content"] for m in earlier if m["role"] == "user"]
     if not earlier:
         memory = "This is the first message of our conversation."
     else:
-        previous = earlier[-1]
-        who = "you" if previous["role"] == "user" else "me"
-        memory = (
-            f"I was given {len(earlier)} earlier message{'s' if len(earlier) != 1 else ''}; "
-            f'the last one, from {who}, was: "{_preview(previous["content"])}".'
+        count = f"{len(earlier)} earlier message{'s' if len(earlier) != 1 else ''}"
+        memory = f"I was given {count}" + (
+            f'; before this you said: "{_preview(asked_before[-1])}".' if asked_before else "."
         )
     return f"{NOTICE} You said: {last} {memory}"
 
