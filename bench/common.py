@@ -278,6 +278,8 @@ def daphne_env(model: Process, **overrides: str) -> dict[str, str]:
             "R2D2_RATE_LIMIT_PER_MINUTE": "0",
             # Every simulated client connects from 127.0.0.1.
             "R2D2_MAX_CONNECTIONS_PER_ADDRESS": "0",
+            # The load clients are anonymous; bench/auth_cost.py measures authenticated turns.
+            "R2D2_REQUIRE_AUTH": "0",
             "R2D2_LOG_LEVEL": "WARNING",
             "R2D2_DB_POOL_MAX": "20",
             "R2D2_CHANNEL_PREFIX": "r2d2bench",
