@@ -188,7 +188,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise ClientError(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
 
     async def list_models(self, request: ListModels) -> None:
-        await self.send_frame(protocol.models(llm.models()))
+        await self.send_frame(protocol.models(llm.models(only=self.principal.limits.models)))
 
     async def resume_session(self, request: Resume) -> None:
         drain.refuse_if_draining()

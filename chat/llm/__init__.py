@@ -44,10 +44,15 @@ def provider_for(model: str) -> Provider:
     return provider if provider.is_configured() else PROVIDERS["offline"]
 
 
-def models() -> list[tuple[str, str]]:
+def models(only: list[str] | None = None) -> list[tuple[str, str]]:
     """The models a client may choose, each with the name of the provider that answers it:
-    the allow-list when there is one, else the default model then the Bedrock models."""
+    the allow-list when there is one, else the default model then the Bedrock models.
+
+    `only` (a principal's own list of models) narrows the allow-list, or, where the server
+    has none and forwards any name, is the list."""
     names = settings.R2D2_ALLOWED_MODELS or [settings.R2D2_DEFAULT_MODEL, *settings.R2D2_BEDROCK_MODELS]
+    if only:
+        names = [name for name in names if name in only] if settings.R2D2_ALLOWED_MODELS else list(only)
     return [(name, provider_for(name).name) for name in dict.fromkeys(names)]
 
 

@@ -117,3 +117,17 @@ async def test_terminal_client_sends_its_key(daphne_factory, fake_llm):
     assert ok.returncode == 0 and ok.stdout == "Echo: Hello\n", ok.stderr
     without = await sync_to_async(chat)()
     assert without.returncode == 1 and "unauthorized" in without.stderr and "Traceback" not in without.stderr
+
+
+async def test_a_keys_model_list_is_what_it_may_use(daphne_factory):
+    """`chatbot_models` answers what this principal may choose: the key's own list where it has one
+    (narrowing the server's allow-list when there is one), else the server's."""
+    server = daphne_factory(R2D2_REQUIRE_AUTH="1", R2D2_ALLOWED_MODELS="gpt-4o-mini,gpt-4o,o3")
+    _, narrow = await make_key("narrow", models=["gpt-4o", "o3", "not-on-the-server"])
+    _, plain = await make_key("plain")
+    for key, expected in ((narrow, ["gpt-4o", "o3"]), (plain, ["gpt-4o-mini", "gpt-4o", "o3"])):
+        client = await ProtocolClient.connect(server.url, **bearer(key))
+        await client.send({"action": "chatbot_models"})
+        frame = await client.recv()
+        assert [m["id"] for m in frame["data"]] == expected
+        await client.close()
