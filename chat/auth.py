@@ -124,12 +124,52 @@ def key_group(api_key_id: int) -> str:
     return f"apikey.{api_key_id}"
 
 
+def login_group(session_key: str) -> str:
+    """The group of every socket opened with one browser sign-in (a Django session), in every process."""
+    return "login." + hashlib.sha256(session_key.encode()).hexdigest()[:32]
+
+
+def user_group(user_id: int) -> str:
+    """The group of every socket a user's sign-ins opened."""
+    return f"user.{user_id}"
+
+
+def revocation_groups(principal: Principal, scope: dict) -> list[str]:
+    """The groups through which this connection's principal can be withdrawn: its key's, or its
+    sign-in's and its user's (signing out, or the account being deactivated, closes its sockets)."""
+    if principal.api_key_id is not None:
+        return [key_group(principal.api_key_id)]
+    if principal.user_id is None:
+        return []
+    session = scope.get("session")
+    session_key = getattr(session, "session_key", None)
+    return [user_group(principal.user_id), *([login_group(session_key)] if session_key else [])]
+
+
+def withdraw(group: str, message: str) -> None:
+    """Close every socket in `group`, in every process: an `unauthorized` frame, then 4401."""
+    async_to_sync(get_channel_layer().group_send)(group, {"type": "principal.revoked", "message": message})
+
+
+def signed_out(sender, request, user, **kwargs) -> None:
+    """`user_logged_out`: the sockets this sign-in opened stop acting for that user."""
+    session_key = getattr(getattr(request, "session", None), "session_key", None)
+    if session_key:
+        withdraw(login_group(session_key), "You signed out.")
+
+
+def account_saved(sender, instance, **kwargs) -> None:
+    """A user deactivated (the admin's "active" box): their open sockets are closed."""
+    if not instance.is_active:
+        withdraw(user_group(instance.pk), "That account is no longer active.")
+
+
 def revoke(api_key: ApiKey) -> bool:
     """Revoke a key and close its live sockets wherever they are; False if it was already revoked."""
     revoked = ApiKey.objects.filter(id=api_key.id, revoked_at__isnull=True).update(revoked_at=timezone.now())
     api_key.refresh_from_db(fields=["revoked_at"])
     # Sent even when already revoked: a socket that missed the first event is closed now.
-    async_to_sync(get_channel_layer().group_send)(key_group(api_key.id), {"type": "principal.revoked"})
+    withdraw(key_group(api_key.id), "That API key has been revoked.")
     if revoked:
         logger.warning("api key revoked", extra={"api_key": api_key.name, "prefix": api_key.prefix})
     return bool(revoked)

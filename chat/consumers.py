@@ -45,9 +45,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return await self.refuse(str(exc))
         if self.principal.is_anonymous and settings.R2D2_REQUIRE_AUTH:
             return await self.refuse("Sign in, or send an API key in the handshake: 'Authorization: Bearer <key>'.")
-        if self.principal.api_key_id is not None:
-            # Revoking the key (any process) reaches this socket through the key's group.
-            await self.channel_layer.group_add(auth.key_group(self.principal.api_key_id), self.channel_name)
+        # Revoking the key, signing out or deactivating the account (in any process) reaches this socket.
+        for group in auth.revocation_groups(self.principal, self.scope):
+            await self.channel_layer.group_add(group, self.channel_name)
         self.checked_at = asyncio.get_running_loop().time()
         await self.accept()
         self.accepted = self.counted = True
@@ -76,9 +76,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Called when the socket closes: stop every generation and end every session it held."""
         if getattr(self, "counted", False):  # connect() accepted it: the socket was counted
             metrics.OPEN_SOCKETS.dec()
-        principal = getattr(self, "principal", auth.ANONYMOUS)
-        if principal.api_key_id is not None:
-            await self.channel_layer.group_discard(auth.key_group(principal.api_key_id), self.channel_name)
+        for group in auth.revocation_groups(getattr(self, "principal", auth.ANONYMOUS), self.scope):
+            await self.channel_layer.group_discard(group, self.channel_name)
         await self.release_all()
 
     async def release_all(self) -> None:
@@ -231,8 +230,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             conversation.cancel()
 
     async def principal_revoked(self, event: dict) -> None:
-        """Called on a `principal.revoked` event: this socket's API key was revoked (in any process)."""
-        await self.refuse("That API key has been revoked.")
+        """Called on a `principal.revoked` event: this socket's key was revoked, or its user signed out
+        or was deactivated (in any process)."""
+        await self.refuse(event.get("message", "That API key has been revoked."))
 
     # Helpers ---------------------------------------------------------------
 

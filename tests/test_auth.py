@@ -161,6 +161,29 @@ async def test_a_signed_in_user_is_the_principal(require_auth, fake_llm, client)
     await ws.ws.disconnect()
 
 
+async def test_signing_out_closes_that_sign_ins_sockets_and_no_other(require_auth, fake_llm):
+    """Signing out in the browser withdraws the sockets that sign-in opened (`unauthorized`, 4401); the same
+    person's other sign-in keeps its socket; deactivating the account then closes that one too."""
+    from django.test import AsyncClient
+
+    user = await get_user_model().objects.acreate_user("ada", password="pw-for-tests-1")
+    sockets = []
+    browsers = [AsyncClient(), AsyncClient()]
+    for browser in browsers:
+        await browser.aforce_login(user)
+        ws = Client(headers=[(b"cookie", f"sessionid={browser.cookies['sessionid'].value}".encode())])
+        await ws.connect()
+        assert (await ws.start())["type"] == "session_start"
+        sockets.append(ws)
+
+    await browsers[0].post("/accounts/logout/")
+    assert await sockets[0].refused() == "You signed out."
+    assert await sockets[1].ws.receive_nothing(timeout=0.3)
+    user.is_active = False
+    await user.asave()
+    assert await sockets[1].refused() == "That account is no longer active."
+
+
 async def test_continue_a_session_carries_its_conversation(require_auth, fake_llm):
     row, key = await make_key("ci")
     first = Client(key)
