@@ -64,7 +64,10 @@ def main() -> None:
         **os.environ,
         "OPENAI_BASE_URL": model.url,
         "OPENAI_API_KEY": "sk-bench",
-        "DJANGO_DEBUG": "1",
+        # As in production (debug off: no per-query bookkeeping), anonymous clients.
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": "bench-secret-key-not-for-production-0123456789abcdefghijklmnop",
+        "R2D2_REQUIRE_AUTH": "0",
         "R2D2_SQLITE_PATH": str(db),
         "R2D2_RATE_LIMIT_PER_MINUTE": "0",
         "R2D2_MAX_CONNECTIONS_PER_ADDRESS": "0",
