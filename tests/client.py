@@ -58,3 +58,26 @@ class ProtocolClient:
             frames.append(frame)
             if frame["type"] == frame_type:
                 return frames
+
+
+async def seed_conversation(client: ProtocolClient) -> str:
+    """The original service's whole conversation (start, a message with a system message, end), asserting
+    every frame byte for byte as the seed sent it; returns the session id."""
+    await client.send({"action": "chatbot_session_start", "gpt_model": "gpt-4o-mini"})
+    start = await client.recv_text()
+    session_id = json.loads(start)["data"]["session_id"]
+    assert start == f'{{"type": "session_start", "data": {{"session_id": "{session_id}"}}}}'
+    await client.send(
+        {
+            "action": "chatbot_post_message",
+            "session_id": session_id,
+            "system_message": "You are coll robot!",
+            "user_message": "Please write me cool poem.",
+        }
+    )
+    assert await client.recv_text() == '{"type": "processing_start", "data": null}'
+    assert await client.recv_text() == '{"type": "message", "data": "Echo: Please write me cool poem."}'
+    assert await client.recv_text() == '{"type": "processing_end", "data": null}'
+    await client.send({"action": "chatbot_session_end", "session_id": session_id})
+    assert await client.recv_text() == '{"type": "session_end", "data": null}'
+    return session_id

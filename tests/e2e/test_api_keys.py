@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 
 from chat import auth
-from tests.client import ProtocolClient
+from tests.client import ProtocolClient, seed_conversation
 from tests.conftest import ROOT, server_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -49,23 +48,7 @@ async def test_seed_conversation_with_a_key_byte_for_byte_and_the_key_is_nowhere
     server = daphne_factory(R2D2_REQUIRE_AUTH="1", R2D2_LOG_LEVEL="DEBUG")
     row, key = await make_key("postman")
     client = await ProtocolClient.connect(server.url, **bearer(key))
-    await client.send({"action": "chatbot_session_start", "gpt_model": "gpt-4o-mini"})
-    start = await client.recv_text()
-    session_id = json.loads(start)["data"]["session_id"]
-    assert start == f'{{"type": "session_start", "data": {{"session_id": "{session_id}"}}}}'
-    await client.send(
-        {
-            "action": "chatbot_post_message",
-            "session_id": session_id,
-            "system_message": "You are coll robot!",
-            "user_message": "Please write me cool poem.",
-        }
-    )
-    assert await client.recv_text() == '{"type": "processing_start", "data": null}'
-    assert await client.recv_text() == '{"type": "message", "data": "Echo: Please write me cool poem."}'
-    assert await client.recv_text() == '{"type": "processing_end", "data": null}'
-    await client.send({"action": "chatbot_session_end", "session_id": session_id})
-    assert await client.recv_text() == '{"type": "session_end", "data": null}'
+    await seed_conversation(client)
     await client.close()
 
     # Revoke it too, so the refusal and revocation paths have logged whatever they log.

@@ -6,7 +6,7 @@ import pytest
 import websockets
 
 from chat.models import ChatMessage, ChatSession, EndReason
-from tests.client import ProtocolClient
+from tests.client import ProtocolClient, seed_conversation
 from tests.conftest import TEST_API_KEY
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -15,25 +15,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 async def test_seed_conversation_byte_for_byte(daphne, fake_llm):
     """A seed client's conversation gets exactly the seed's frames, and the model gets the request it should."""
     client = await ProtocolClient.connect(daphne.url)
-    await client.send({"action": "chatbot_session_start", "gpt_model": "gpt-4o-mini"})
-    start = await client.recv_text()
-    session_id = json.loads(start)["data"]["session_id"]
-    assert start == f'{{"type": "session_start", "data": {{"session_id": "{session_id}"}}}}'
-
-    await client.send(
-        {
-            "action": "chatbot_post_message",
-            "session_id": session_id,
-            "system_message": "You are coll robot!",
-            "user_message": "Please write me cool poem.",
-        }
-    )
-    assert await client.recv_text() == '{"type": "processing_start", "data": null}'
-    assert await client.recv_text() == '{"type": "message", "data": "Echo: Please write me cool poem."}'
-    assert await client.recv_text() == '{"type": "processing_end", "data": null}'
-
-    await client.send({"action": "chatbot_session_end", "session_id": session_id})
-    assert await client.recv_text() == '{"type": "session_end", "data": null}'
+    await seed_conversation(client)
     await client.close()
 
     [request] = fake_llm.requests
