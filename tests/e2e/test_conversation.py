@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 async def test_seed_conversation_byte_for_byte(daphne, fake_llm):
     """A seed client's conversation gets exactly the seed's frames, and the model gets the request it should."""
     client = await ProtocolClient.connect(daphne.url)
-    await seed_conversation(client)
+    session_id = await seed_conversation(client)
     await client.close()
 
     [request] = fake_llm.requests
