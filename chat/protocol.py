@@ -115,6 +115,13 @@ def _session_id(content: dict, key: str = "session_id") -> uuid.UUID:
         raise ClientError(ErrorCode.INVALID_SESSION_ID, f"'{key}' is not a valid UUID.") from None
 
 
+def _flag(content: dict, key: str) -> bool:
+    value = content.get(key, False)
+    if not isinstance(value, bool):
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'{key}' must be true or false.")
+    return value
+
+
 #: The longest model name a session can record (ChatSession.model).
 MAX_MODEL_CHARS = 200
 
@@ -127,9 +134,7 @@ def _parse_session_start(content: dict, max_message_chars: int) -> SessionStart:
             ErrorCode.INVALID_MODEL_NAME,
             f"'gpt_model' must be a printable name of at most {MAX_MODEL_CHARS} characters.",
         )
-    resumable = content.get("resumable", False)
-    if not isinstance(resumable, bool):
-        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, "'resumable' must be true or false.")
+    resumable = _flag(content, "resumable")
     earlier = _session_id(content, "continue_session_id") if content.get("continue_session_id") else None
     return SessionStart(gpt_model=model, resumable=resumable, continue_session_id=earlier)
 
@@ -153,9 +158,7 @@ def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
                 ErrorCode.MESSAGE_TOO_LONG,
                 f"'{name}' is {len(text)} characters; the limit is {max_message_chars}.",
             )
-    stream = content.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, "'stream' must be true or false.")
+    stream = _flag(content, "stream")
     return PostMessage(
         session_id=session_id,
         user_message=user_message,

@@ -12,9 +12,8 @@ from chat.errors import ClientError, ErrorCode
 
 @dataclass(slots=True)
 class Reply:
-    """What a model call produced, filled in as the stream arrives."""
+    """What a model call reported besides its text (the text is what `generate` yields: the caller keeps it)."""
 
-    text: str = ""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     started: float = field(default_factory=time.monotonic)

@@ -134,11 +134,11 @@ class BedrockProvider:
             feed.close()
         try:
             blocks = response["output"]["message"]["content"]
-            reply.text = "".join(block.get("text", "") for block in blocks)
+            text = "".join(block.get("text", "") for block in blocks)
         except (KeyError, TypeError):
             raise _invalid() from None
         _count_tokens(reply, response.get("usage"))
-        return reply.text
+        return text
 
     async def _stream(self, request: dict[str, Any], reply: Reply, deadline: float) -> AsyncIterator[str]:
         """Yield text as it streams in. Each wait is bounded by `deadline` separately, so no
@@ -152,7 +152,7 @@ class BedrockProvider:
                     feed.put(event)
 
         feed = _Feed(read)
-        stopped = False
+        stopped = said = False
         try:
             while (event := await feed.get(deadline)) is not _END:
                 if event is _OPENED:
@@ -160,7 +160,7 @@ class BedrockProvider:
                 elif "contentBlockDelta" in event:
                     text = event["contentBlockDelta"].get("delta", {}).get("text")
                     if text:
-                        reply.text += text
+                        said = True
                         yield text
                 elif "messageStop" in event:
                     stopped = True
@@ -169,7 +169,7 @@ class BedrockProvider:
         except TimeoutError:
             raise
         except Exception as exc:
-            raise _map_error(exc, opened=reply.headers_received, said=bool(reply.text)) from None
+            raise _map_error(exc, opened=reply.headers_received, said=said) from None
         finally:
             feed.close()
         if not stopped:

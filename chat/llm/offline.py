@@ -60,9 +60,7 @@ class OfflineProvider:
             OfflineProvider._warned = True
             logger.warning("no model configured (OPENAI_API_KEY, OPENAI_BASE_URL unset): the offline responder answers")
         reply.headers_received = True
-        for word in answer(messages).split(" "):
-            chunk = word if not reply.text else " " + word
-            reply.text += chunk
+        for index, word in enumerate(answer(messages).split(" ")):
             await asyncio.sleep(0.01)
-            yield chunk
+            yield word if index == 0 else " " + word
         reply.finished = time.monotonic()

@@ -125,9 +125,9 @@ class OpenAIProvider:
         if not choices:
             raise UpstreamError(ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model returned no answer.")
         message = _field(_as_dict(choices[0]), "message", dict) or {}
-        reply.text = _field(message, "content", str) or ""
+        text = _field(message, "content", str) or ""
         _record_usage(completion, reply)
-        return reply.text
+        return text
 
     async def _stream(
         self, model: str, messages: list[dict[str, str]], reply: Reply, deadline: float
