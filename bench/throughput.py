@@ -129,6 +129,9 @@ def main() -> None:
                         "--output",
                         str(raw),
                         "--nonblocking",
+                        # Only the thread holding the GIL: CPU spent in Python, not a
+                        # database thread blocked on its socket or waiting for the GIL.
+                        "--gil",
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

@@ -1,41 +1,59 @@
 """Saving what is said in a session: the user's messages and the model's replies.
 
-Only `Conversation` (the owner of a turn) calls these. Each is one trip to the
-database thread: a turn costs one for the user's message and one for the reply,
-and (in the usual turn, with no new system message) one statement each.
+Only `Conversation` (the owner of a turn) calls these. In the usual turn (no new
+system message) each is one statement: on PostgreSQL it runs on the event loop
+(chat/pgpool.py), elsewhere on the ORM's database thread.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
+from chat import pgpool
 from chat.errors import ClientError, ErrorCode
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
 
+_MESSAGES, _SESSIONS = ChatMessage._meta.db_table, ChatSession._meta.db_table
+
+# The ORM would need two round trips (a SELECT for "still live?" then the INSERT): this is
+# the hot path of every turn, so it is one INSERT ... SELECT ... WHERE EXISTS.
+_INSERT_IF_LIVE = (
+    f"INSERT INTO {_MESSAGES} "
+    "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms) "
+    "SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL "
+    f"WHERE EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND ended_at IS NULL)"
+)
+_INSERT_REPLY = (
+    f"INSERT INTO {_MESSAGES} "
+    "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
+)
+_EXTEND_REPLY = (
+    f"UPDATE {_MESSAGES} SET content = content || %s, "
+    "prompt_tokens = %s, completion_tokens = %s, latency_ms = %s, status = %s WHERE id = %s"
+)
+
+
+@functools.cache
+def _on_loop() -> bool:
+    """PostgreSQL: statements run on the event loop (chat/pgpool.py), not the ORM's thread."""
+    return settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+
 
 def _insert_if_live(session_id: uuid.UUID, role: str, content: str) -> bool:
-    """Insert a message only while its session is live, in one statement; False when it has ended.
-
-    The ORM would need two round trips (a SELECT for "still live?" then the INSERT): this is
-    the hot path of every turn, so it is one INSERT ... SELECT ... WHERE EXISTS.
-    """
-    message, session = ChatMessage._meta, ChatSession._meta
-    sql = (
-        f"INSERT INTO {message.db_table} "
-        "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms) "
-        "SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL "
-        f"WHERE EXISTS (SELECT 1 FROM {session.db_table} WHERE id = %s AND ended_at IS NULL)"
-    )
-    sid = session.pk.get_db_prep_value(session_id, connection)
-    created = message.get_field("created_at").get_db_prep_value(timezone.now(), connection)
+    """Insert a message only while its session is live, in one statement; False when it has ended."""
+    sid = ChatSession._meta.pk.get_db_prep_value(session_id, connection)
+    created = ChatMessage._meta.get_field("created_at").get_db_prep_value(timezone.now(), connection)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [sid, role, content, created, MessageStatus.COMPLETE.value, sid])
+        cursor.execute(_INSERT_IF_LIVE, [sid, role, content, created, MessageStatus.COMPLETE.value, sid])
         return cursor.rowcount == 1
 
 
@@ -63,6 +81,11 @@ async def save_user_message(*, session_id: uuid.UUID, content: str, system_messa
 
     Raises ClientError(session_ended) when the database says the session is over.
     """
+    if system_message is None and _on_loop():
+        params = (session_id, Role.USER.value, content, timezone.now(), MessageStatus.COMPLETE.value, session_id)
+        if not await pgpool.execute(_INSERT_IF_LIVE, params):
+            raise session_ended()
+        return
     return await sync_to_async(_save_user_message)(session_id, content, system_message)
 
 
@@ -77,6 +100,9 @@ async def save_reply(
     status: MessageStatus = MessageStatus.COMPLETE,
 ) -> int:
     """Save the model's reply as a new row; returns its id."""
+    if _on_loop():
+        params = (session_id, Role.ASSISTANT.value, content, timezone.now(), status.value, model)
+        return await pgpool.fetch_value(_INSERT_REPLY, (*params, prompt_tokens, completion_tokens, latency_ms))
     row = await ChatMessage.objects.acreate(
         session_id=session_id,
         role=Role.ASSISTANT,
@@ -106,6 +132,9 @@ async def extend_reply(
     whole each time (and the database driver keeps buffers the size of the
     largest statement it sent).
     """
+    if _on_loop():
+        await pgpool.execute(_EXTEND_REPLY, (more, prompt_tokens, completion_tokens, latency_ms, status.value, row_id))
+        return
     await ChatMessage.objects.filter(id=row_id).aupdate(
         content=Concat(F("content"), Value(more)) if more else F("content"),
         prompt_tokens=prompt_tokens,

@@ -56,6 +56,9 @@ def _close_connection_pools(django_db_setup) -> Iterator[None]:
     from asgiref.sync import sync_to_async
     from django.db import connections
 
+    from chat import pgpool
+
+    pgpool.close_all()
     asyncio.run(sync_to_async(connections.close_all)())
     for connection in connections.all(initialized_only=True):
         connection.close()

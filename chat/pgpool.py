@@ -1,0 +1,121 @@
+"""PostgreSQL connections on the event loop, for the writes of every turn.
+
+The ORM's async API runs each query on a thread (asgiref's `sync_to_async`):
+every turn paid two thread hops, two model instantiations and psycopg's
+client-side parameter binding for its two writes, about a fifth of the
+server's CPU under load (`bench/throughput.py --profile`). psycopg's
+`AsyncConnection` runs the same statements on the loop itself. Only
+`chat/messages.py` uses this; everything else (sessions, the admin, checks)
+stays on the ORM, and SQLite stays on the ORM's thread.
+
+One small pool per event loop: Daphne runs one loop per process, but the
+test suite and management commands run many loops one after another, so
+the idle connections of a loop that has closed are closed when the next
+loop asks for its pool. Connections use the ORM's own connection settings
+(`DATABASES["default"]`), in autocommit: each statement is its own transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import psycopg
+from django.db import connections
+
+
+APPLICATION_NAME = "r2d2-turns"
+
+
+def connection_params() -> dict[str, Any]:
+    """What the ORM would connect with, minus what only its own cursors understand."""
+    params = connections["default"].get_connection_params()
+    for key in ("cursor_factory", "context"):
+        params.pop(key, None)
+    # Told apart from the ORM's connections in pg_stat_activity.
+    params.setdefault("application_name", APPLICATION_NAME)
+    return params
+
+
+class Pool:
+    """At most `max_size` connections, reused; one that failed or was cancelled mid-statement is dropped."""
+
+    def __init__(self, params: dict[str, Any], max_size: int, timeout: float) -> None:
+        self._params = params
+        self._idle: list[psycopg.AsyncConnection] = []
+        self._slots = asyncio.Semaphore(max_size)
+        self._timeout = timeout
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        if self._slots.locked():
+            async with asyncio.timeout(self._timeout):  # R2D2_DB_POOL_TIMEOUT, as the ORM's pool waits
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()
+        try:
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = await psycopg.AsyncConnection.connect(**self._params, autocommit=True)
+            try:
+                yield conn
+            except BaseException as exc:
+                # Its state is unknown (a statement cut short, a dropped socket): never reuse it.
+                conn.pgconn.finish()
+                if isinstance(exc, psycopg.OperationalError):
+                    # The server went away (a restart, a failover): the idle ones are gone too,
+                    # so one turn fails, not one per pooled connection.
+                    self.close_idle()
+                raise
+            if not conn.closed:
+                self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def close_idle(self) -> None:
+        """Close the idle connections now, with no event loop needed (libpq closes its socket)."""
+        while self._idle:
+            self._idle.pop().pgconn.finish()
+
+
+_pools: dict[asyncio.AbstractEventLoop, Pool] = {}
+
+
+def pool() -> Pool:
+    loop = asyncio.get_running_loop()
+    found = _pools.get(loop)
+    if found is None:
+        for stale in [other for other in _pools if other.is_closed()]:
+            _pools.pop(stale).close_idle()
+        # As many as the ORM's own pool may hold (R2D2_DB_POOL_MAX): the two are used by turns
+        # and by everything else respectively, so neither starves the other.
+        options = connections["default"].settings_dict["OPTIONS"].get("pool") or {}
+        found = _pools[loop] = Pool(
+            connection_params(),
+            max_size=max(1, options.get("max_size", 10)),
+            timeout=options.get("timeout", 30.0),
+        )
+    return found
+
+
+def close_all() -> None:
+    """Close every idle connection (a test run's end, before its database is dropped)."""
+    while _pools:
+        _pools.popitem()[1].close_idle()
+
+
+async def execute(sql: str, params: Sequence[object]) -> int:
+    """Run one statement; returns how many rows it changed."""
+    async with pool().connection() as conn:
+        cursor = await conn.execute(sql, params)
+        return cursor.rowcount
+
+
+async def fetch_value(sql: str, params: Sequence[object]) -> object | None:
+    """The first column of the first row, or None when there is no row."""
+    async with pool().connection() as conn:
+        cursor = await conn.execute(sql, params)
+        row = await cursor.fetchone()
+        return row[0] if row else None
