@@ -25,7 +25,6 @@ from typing import Any
 import psycopg
 from django.db import connections
 
-
 APPLICATION_NAME = "r2d2-turns"
 
 
