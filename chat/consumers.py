@@ -53,6 +53,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.accepted = self.counted = True
         metrics.OPEN_SOCKETS.inc()
 
+    async def dispatch(self, message: dict) -> None:
+        # Channels closes stale ORM connections around every message it dispatches: a hop to
+        # the database thread for each frame received, ~4% of the server's CPU per turn
+        # (bench/throughput.py --profile). A frame's work holds no ORM connection between
+        # frames (on PostgreSQL a turn's writes bypass the ORM, chat/pgpool.py); connect,
+        # disconnect and the heartbeat (database_sync_to_async, every few seconds, on the same
+        # thread) still close them.
+        if message["type"] == "websocket.receive":
+            await self.websocket_receive(message)
+        else:
+            await super().dispatch(message)
+
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Called with each frame; every refusal becomes one `error` frame and the socket stays open."""
         if self.refused:
