@@ -1,37 +1,55 @@
 """The OpenAI-compatible provider: OpenAI itself, or any server speaking Chat Completions
 (vLLM, Ollama, llama.cpp). The only module that imports `openai`.
 
-One `AsyncOpenAI` client per event loop, on the aiohttp transport (about half the
-CPU per call of the default httpx2 transport, measured in bench/). Upstream
-response bodies and the API key never leave this module: callers see text, or an
-`UpstreamError` whose message is safe for any client.
+Upstream response bodies and the API key never leave this module: callers see text,
+or an `UpstreamError` whose message is safe for any client.
 
-The call goes through the client's own `post()` (its base URL, key, headers,
-timeouts and status-error mapping) with a body encoded here by orjson, and the
-answer comes back as the raw HTTP response: the SSE lines and the JSON are read
-here. `chat.completions.create()` would walk every message of the request to
-transform it and build a pydantic object per streamed chunk, which cost more CPU
-than the rest of the turn (bench/client_overhead.py measures each way).
+The `AsyncOpenAI` client (one per event loop) is the source of configuration: its
+base URL and the headers it sends (key, content type, user agent) are read once per
+client. The call itself is a plain POST on an aiohttp session owned here (one per
+loop, beside the client), with a body encoded by orjson, and the SSE lines and the
+JSON are read here with orjson. Why not through the client:
+
+- `chat.completions.create()` walks every message of the request to transform it
+  and builds a pydantic object per streamed chunk: 3.2 ms CPU per streamed call.
+- The client's `post()` with a raw body still builds an options copy, a URL, headers,
+  an auth-retry wrapper and an httpx2 request converted to an aiohttp one for every
+  call: ~0.9 ms CPU per streamed call, against ~0.31 ms for a bare aiohttp POST, about
+  as much as the aiohttp request itself (bench/client_overhead.py measures each way).
+
+So status codes and transport failures are mapped to `UpstreamError` here, as the
+client's exceptions were before (`_map_error` still takes those too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
-import httpx2
+import aiohttp
 import openai
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from yarl import URL
 
 from chat.errors import ErrorCode
 from chat.llm.base import Reply, UpstreamError, connection_failed, interrupted, timed_out, unavailable
 
 logger = logging.getLogger(__name__)
+
+# The pool the client's aiohttp transport had (openai.DefaultAioHttpClient: 1,000 connections,
+# idle ones kept 5 s); aiohttp has no separate cap on idle connections.
+_POOL_LIMIT = 1000
+_KEEPALIVE_SECONDS = 5.0
+# An error's body is read (never shown) only so its connection can be reused; a longer one closes it.
+_ERROR_BODY_LIMIT = 64 * 1024
 
 
 @functools.cache
@@ -57,11 +75,64 @@ def api_key() -> str:
     return ""
 
 
+@dataclass(slots=True)
+class _Upstream:
+    """One event loop's way to the model server: the client (the configuration) and the session
+    that makes the calls, with what each call needs worked out once."""
+
+    client: openai.AsyncOpenAI
+    session: aiohttp.ClientSession
+    url: URL
+    proxy_headers: Mapping[str, str] | None
+
+    @classmethod
+    def open(cls, client: openai.AsyncOpenAI) -> _Upstream:
+        url = URL(str(client.base_url.join("chat/completions")))
+        proxy, proxy_headers = _env_proxy(url)
+        timeout = settings.R2D2_UPSTREAM_TIMEOUT
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=_POOL_LIMIT, keepalive_timeout=_KEEPALIVE_SECONDS),
+            headers=_headers(client),
+            # What the client gave each request: no limit on the whole (the deadline is the
+            # caller's), its timeout on connecting and on each read.
+            timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_connect=timeout, sock_read=timeout),
+            proxy=proxy,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=True,  # the client decoded gzip/deflate bodies too (httpx2 did, over aiohttp)
+        )
+        return cls(client, session, url, proxy_headers)
+
+    async def close(self) -> None:
+        try:
+            await self.session.close()
+        finally:
+            await self.client.close()
+
+
+def _headers(client: openai.AsyncOpenAI) -> dict[str, str]:
+    """The headers the client's `post()` sent: its key (Authorization), then its defaults (Accept and
+    Content-Type: application/json, User-Agent, X-Stainless-*, any custom ones), later ones winning
+    and Omit() dropping a header, as the client merges them. Left out: the two it computes per
+    request (X-Stainless-Retry-Count, always 0 here; X-Stainless-Read-Timeout), telemetry only."""
+    merged = {**client.auth_headers, **client.default_headers}
+    return {name: value for name, value in merged.items() if isinstance(value, str)}
+
+
+def _env_proxy(url: URL) -> tuple[URL | None, dict[str, str] | None]:
+    """HTTP(S)_PROXY and NO_PROXY for `url`, read once: the client honoured them, and aiohttp's own
+    `trust_env` would read them again, on a thread, for every request."""
+    try:
+        proxy, auth = get_env_proxy_for_url(url)
+    except LookupError:
+        return None, None
+    return proxy, ({"Proxy-Authorization": auth.encode()} if auth else None)
+
+
 class OpenAIProvider:
     name = "openai"
 
     def __init__(self) -> None:
-        self._clients: dict[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = {}
+        self._upstreams: dict[asyncio.AbstractEventLoop, _Upstream] = {}
 
     def is_configured(self) -> bool:
         return bool(
@@ -72,12 +143,16 @@ class OpenAIProvider:
         )
 
     def client(self) -> openai.AsyncOpenAI:
-        """The client for the running loop (aiohttp sessions cannot cross loops)."""
+        """The client for the running loop."""
+        return self._upstream().client
+
+    def _upstream(self) -> _Upstream:
+        """The running loop's client and session (aiohttp sessions cannot cross loops)."""
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            for stale in [other for other in self._clients if other.is_closed()]:
-                del self._clients[stale]
+        upstream = self._upstreams.get(loop)
+        if upstream is None:
+            for stale in [other for other in self._upstreams if other.is_closed()]:
+                del self._upstreams[stale]
             client = openai.AsyncOpenAI(
                 # A local server (vLLM, Ollama, llama.cpp) takes any key.
                 api_key=api_key() or "not-needed",
@@ -86,13 +161,13 @@ class OpenAIProvider:
                 max_retries=0,  # retries are the caller's: bounded by the whole-call deadline
                 http_client=openai.DefaultAioHttpClient(timeout=settings.R2D2_UPSTREAM_TIMEOUT),
             )
-            self._clients[loop] = client
-        return client
+            upstream = self._upstreams[loop] = _Upstream.open(client)
+        return upstream
 
     async def close(self) -> None:
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.close()
+        upstream = self._upstreams.pop(asyncio.get_running_loop(), None)
+        if upstream is not None:
+            await upstream.close()
 
     async def generate(
         self, *, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply, deadline: float
@@ -103,24 +178,37 @@ class OpenAIProvider:
                     yield chunk
             else:
                 yield await self._complete(model, messages, reply, deadline)
+        except aiohttp.ClientError as exc:
+            # Before ValueError: some of aiohttp's errors are ValueErrors too (InvalidURL).
+            raise _map_error(exc, mid_stream=reply.headers_received) from None
         except ValueError:
             # Unparseable SSE or JSON, or JSON of the wrong shape (orjson's errors are ValueErrors).
-            raise UpstreamError(
-                ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model server sent a response R2D2 could not read."
-            ) from None
-        except openai.OpenAIError as exc:
-            raise _map_error(exc, mid_stream=reply.headers_received) from None
+            raise _invalid_response() from None
 
-    async def _post(self, body: dict[str, object], *, stream: bool) -> httpx2.Response:
-        """POST /chat/completions through the client; a status error is raised as the client raises it."""
-        return await self.client().post(
-            "/chat/completions", cast_to=httpx2.Response, content=_encode(body), stream=stream
-        )
+    async def _post(self, body: dict[str, object]) -> aiohttp.ClientResponse:
+        """POST /chat/completions; the response once its headers are in, or the status as an `UpstreamError`."""
+        upstream = self._upstream()
+        response = await upstream.session.post(upstream.url, data=_encode(body), proxy_headers=upstream.proxy_headers)
+        if not 200 <= response.status < 300:
+            try:
+                # The status is the answer even if its body is cut off (the connection then closes).
+                with contextlib.suppress(aiohttp.ClientError):
+                    await _discard(response)
+            finally:
+                response.release()
+            raise _status_error(response.status, response.headers)
+        return response
 
     async def _complete(self, model: str, messages: list[dict[str, str]], reply: Reply, deadline: float) -> str:
         async with asyncio.timeout_at(deadline):
-            response = await self._post({"model": model, "messages": messages}, stream=False)
-        completion = _decode(response.content)
+            response = await self._post({"model": model, "messages": messages})
+            try:
+                data = await response.read()
+            finally:
+                # Back to the pool when read to the end; closed when cut short (the connection
+                # is no use half-read).
+                response.release()
+        completion = _decode(data)
         choices = _field(completion, "choices", list)
         if not choices:
             raise UpstreamError(ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model returned no answer.")
@@ -139,19 +227,15 @@ class OpenAIProvider:
         """
         body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
         async with asyncio.timeout_at(deadline):
-            response = await self._post(body, stream=True)
+            response = await self._post(body)
         reply.headers_received = True
         finished = False
-        # Closing the response (also when this generator is closed: the turn was
-        # cancelled) closes the upstream request before it is read to the end.
         try:
             async for data in _sse_data(response, deadline):
                 chunk = _as_dict(_decode(data))
                 if chunk.get("error"):
-                    # An error event inside the stream (what the client raises as APIError).
-                    raise UpstreamError(
-                        ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model server sent a response R2D2 could not read."
-                    )
+                    # An error event inside the stream (what the client raised as APIError).
+                    raise _invalid_response()
                 _record_usage(chunk, reply)
                 for choice in _field(chunk, "choices", list) or ():
                     choice = _as_dict(choice)
@@ -164,10 +248,32 @@ class OpenAIProvider:
                         # grown by += in two places copied it over and over).
                         yield text
         finally:
-            await response.aclose()
+            _done_with(response)
         if not finished:
             # The connection closed before the model said it was done.
             raise interrupted()
+
+
+async def _discard(response: aiohttp.ClientResponse) -> None:
+    """Read an error's body to its end, unseen (it may echo the request or name the key), so the
+    connection can be reused; past `_ERROR_BODY_LIMIT` it is left unread and the connection closed."""
+    read = 0
+    while read <= _ERROR_BODY_LIMIT:
+        chunk = await response.content.readany()
+        if not chunk:
+            return
+        read += len(chunk)
+    response.close()
+
+
+def _done_with(response: aiohttp.ClientResponse) -> None:
+    """A stream read to its end goes back to the pool. One abandoned midway (the turn was cancelled:
+    this generator was closed; or it failed) is closed, so the model server sees the request end
+    and stops generating, and a half-read connection is never reused."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
 
 
 def _decode(data: bytes) -> object:
@@ -189,22 +295,16 @@ def _encode(body: dict[str, object]) -> bytes:
         return json.dumps(body).encode()
 
 
-async def _sse_data(response: httpx2.Response, deadline: float) -> AsyncIterator[bytes]:
+async def _sse_data(response: aiohttp.ClientResponse, deadline: float) -> AsyncIterator[bytes]:
     """The `data` of each server-sent event, up to `[DONE]` (the rest of the body is drained, so
-    the connection can be reused). Transport failures are raised as the client raises them."""
+    the connection can be reused). Transport failures are raised as aiohttp raises them."""
     pending = b""
     data: list[bytes] = []
     done = False
-    chunks = response.aiter_bytes().__aiter__()
     while True:
-        try:
-            async with asyncio.timeout_at(deadline):
-                chunk = await anext(chunks, None)
-        except httpx2.TimeoutException as exc:
-            raise openai.APITimeoutError(request=response.request) from exc
-        except httpx2.RequestError as exc:
-            raise openai.APIConnectionError(request=response.request) from exc
-        if chunk is None:
+        async with asyncio.timeout_at(deadline):
+            chunk = await response.content.readany()
+        if not chunk:
             return
         if done:
             continue
@@ -246,37 +346,50 @@ def _record_usage(payload: dict, reply: Reply) -> None:
         reply.completion_tokens = _field(usage, "completion_tokens", int)
 
 
-def _retry_after(exc: openai.APIStatusError) -> float | None:
-    value = exc.response.headers.get("retry-after")
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
     try:
         return max(0.0, float(value)) if value else None
     except ValueError:
         return None
 
 
-def _map_error(exc: openai.OpenAIError, *, mid_stream: bool) -> UpstreamError:
-    if isinstance(exc, openai.APIConnectionError):
-        # Checked before the timeout: a refused or unroutable connection is reported as a
-        # connect timeout by the aiohttp transport, but it is the server that cannot be reached.
-        if mid_stream:
-            return interrupted()
-        if connection_failed(exc) or not isinstance(exc, openai.APITimeoutError):
-            return unavailable()
-        return timed_out()
-    if isinstance(exc, openai.RateLimitError):
+def _invalid_response() -> UpstreamError:
+    return UpstreamError(ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model server sent a response R2D2 could not read.")
+
+
+def _status_error(status: int, headers: Mapping[str, str]) -> UpstreamError:
+    """An answer other than 2xx, as the client's status exceptions were mapped (RateLimitError: 429,
+    AuthenticationError: 401, PermissionDeniedError: 403, InternalServerError: 5xx)."""
+    if status == 429:
         return UpstreamError(
             ErrorCode.UPSTREAM_RATE_LIMITED,
             "The model provider is rate limiting requests; try again shortly.",
             retryable=True,
-            retry_after=_retry_after(exc),
+            retry_after=_retry_after(headers),
         )
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+    if status in (401, 403):
         return UpstreamError(ErrorCode.UPSTREAM_AUTH_FAILED, "The server's model credentials were refused.")
+    if status >= 500:
+        return UpstreamError(ErrorCode.UPSTREAM_SERVER_ERROR, "The model server failed to answer.", retryable=True)
+    return UpstreamError(
+        ErrorCode.UPSTREAM_BAD_REQUEST, f"The model server refused the request (HTTP {status}); check the model name."
+    )
+
+
+def _map_error(exc: aiohttp.ClientError | openai.OpenAIError, *, mid_stream: bool) -> UpstreamError:
+    """A transport failure (aiohttp's, on the call made here; or the client's exception, for a call
+    made through the client), or a status exception of the client."""
+    if isinstance(exc, aiohttp.ClientError | openai.APIConnectionError):
+        # Checked before the timeout: a refused or unroutable connection is reported as a
+        # connect timeout by the client's aiohttp transport, but it is the server that cannot
+        # be reached. aiohttp's own timeouts (connect, or a read after `timeout` seconds of
+        # silence) are TimeoutErrors.
+        if mid_stream:
+            return interrupted()
+        if connection_failed(exc) or not isinstance(exc, TimeoutError | openai.APITimeoutError):
+            return unavailable()
+        return timed_out()
     if isinstance(exc, openai.APIStatusError):
-        if exc.status_code >= 500:
-            return UpstreamError(ErrorCode.UPSTREAM_SERVER_ERROR, "The model server failed to answer.", retryable=True)
-        return UpstreamError(
-            ErrorCode.UPSTREAM_BAD_REQUEST,
-            f"The model server refused the request (HTTP {exc.status_code}); check the model name.",
-        )
-    return UpstreamError(ErrorCode.UPSTREAM_INVALID_RESPONSE, "The model server sent a response R2D2 could not read.")
+        return _status_error(exc.status_code, exc.response.headers)
+    return _invalid_response()
