@@ -18,7 +18,7 @@ JSON are read here with orjson. Why not through the client:
   as much as the aiohttp request itself (bench/client_overhead.py measures each way).
 
 So status codes and transport failures are mapped to `UpstreamError` here, as the
-client's exceptions were before (`_map_error` still takes those too).
+client's exceptions were before.
 """
 
 from __future__ import annotations
@@ -377,19 +377,13 @@ def _status_error(status: int, headers: Mapping[str, str]) -> UpstreamError:
     )
 
 
-def _map_error(exc: aiohttp.ClientError | openai.OpenAIError, *, mid_stream: bool) -> UpstreamError:
-    """A transport failure (aiohttp's, on the call made here; or the client's exception, for a call
-    made through the client), or a status exception of the client."""
-    if isinstance(exc, aiohttp.ClientError | openai.APIConnectionError):
-        # Checked before the timeout: a refused or unroutable connection is reported as a
-        # connect timeout by the client's aiohttp transport, but it is the server that cannot
-        # be reached. aiohttp's own timeouts (connect, or a read after `timeout` seconds of
-        # silence) are TimeoutErrors.
-        if mid_stream:
-            return interrupted()
-        if connection_failed(exc) or not isinstance(exc, TimeoutError | openai.APITimeoutError):
-            return unavailable()
-        return timed_out()
-    if isinstance(exc, openai.APIStatusError):
-        return _status_error(exc.status_code, exc.response.headers)
-    return _invalid_response()
+def _map_error(exc: aiohttp.ClientError, *, mid_stream: bool) -> UpstreamError:
+    """A transport failure of the call: after the answer began, an interrupted answer; before, the
+    server could not be reached (retried) or did not answer in time (not retried)."""
+    if mid_stream:
+        return interrupted()
+    # Checked before the timeout: aiohttp's connect timeout may carry the refused or
+    # unroutable connection underneath, and then it is the server that cannot be reached.
+    if connection_failed(exc) or not isinstance(exc, TimeoutError):
+        return unavailable()
+    return timed_out()
