@@ -37,6 +37,8 @@ async def main(calls: int, stream: bool) -> dict:
     import orjson
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "r2d2site.settings")
+    # The provider reads settings only; production settings need a secret key to load at all.
+    os.environ.setdefault("DJANGO_SECRET_KEY", "bench-secret-key-not-for-production-0123456789abcdefghijklmnop")
     model = start_model(text=TEXT)
     os.environ["OPENAI_BASE_URL"] = model_url(model)
     os.environ["OPENAI_API_KEY"] = API_KEY
