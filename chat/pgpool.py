@@ -8,7 +8,7 @@ server's CPU under load (`bench/throughput.py --profile`). psycopg's
 `chat/messages.py` uses this; everything else (sessions, the admin, checks)
 stays on the ORM, and SQLite stays on the ORM's thread.
 
-One small pool per event loop: Daphne runs one loop per process, but the
+One small pool (R2D2_DB_TURN_POOL_MAX connections) per event loop: Daphne runs one loop per process, but the
 test suite and management commands run many loops one after another, so
 the idle connections of a loop that has closed are closed when the next
 loop asks for its pool. Connections use the ORM's own connection settings
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import psycopg
+from django.conf import settings
 from django.db import connections
-
-APPLICATION_NAME = "r2d2-turns"
 
 
 def connection_params() -> dict[str, Any]:
@@ -33,8 +33,10 @@ def connection_params() -> dict[str, Any]:
     params = connections["default"].get_connection_params()
     for key in ("cursor_factory", "context"):
         params.pop(key, None)
-    # Told apart from the ORM's connections in pg_stat_activity.
-    params.setdefault("application_name", APPLICATION_NAME)
+    # Told apart from the ORM's connections in pg_stat_activity: the name libpq would
+    # give them (PGAPPNAME), or "r2d2", and "-turns".
+    base = params.get("application_name") or os.environ.get("PGAPPNAME") or "r2d2"
+    params["application_name"] = f"{base}-turns"
     return params
 
 
@@ -50,7 +52,7 @@ class Pool:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
         if self._slots.locked():
-            async with asyncio.timeout(self._timeout):  # R2D2_DB_POOL_TIMEOUT, as the ORM's pool waits
+            async with asyncio.timeout(self._timeout):
                 await self._slots.acquire()
         else:
             await self._slots.acquire()
@@ -88,13 +90,11 @@ def pool() -> Pool:
     if found is None:
         for stale in [other for other in _pools if other.is_closed()]:
             _pools.pop(stale).close_idle()
-        # As many as the ORM's own pool may hold (R2D2_DB_POOL_MAX): the two are used by turns
-        # and by everything else respectively, so neither starves the other.
         options = connections["default"].settings_dict["OPTIONS"].get("pool") or {}
         found = _pools[loop] = Pool(
             connection_params(),
-            max_size=max(1, options.get("max_size", 10)),
-            timeout=options.get("timeout", 30.0),
+            max_size=max(1, settings.R2D2_DB_TURN_POOL_MAX),
+            timeout=options.get("timeout", 30.0),  # R2D2_DB_POOL_TIMEOUT, as the ORM's pool waits
         )
     return found
 

@@ -138,6 +138,10 @@ def database_config() -> dict:
 
 
 DATABASES = {"default": database_config()}
+# PostgreSQL only: connections per process for the turns' own writes, which run on the event
+# loop beside the ORM's pool (chat/pgpool.py). Each statement takes well under a millisecond,
+# so a few connections serve hundreds of turns a second; more would only queue in the server.
+R2D2_DB_TURN_POOL_MAX = env_int("R2D2_DB_TURN_POOL_MAX", 4)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 

@@ -23,7 +23,7 @@ def _terminate_turn_connections() -> int:
         cursor.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE datname = current_database() AND application_name = %s",
-            [pgpool.APPLICATION_NAME],
+            [pgpool.connection_params()["application_name"]],
         )
         return cursor.fetchone()[0]
 

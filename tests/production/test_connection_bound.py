@@ -1,5 +1,6 @@
 """500 concurrent sessions against one live Daphne on this machine's PostgreSQL: every turn succeeds
-and the server never holds more database connections than its pool allows (R2D2_DB_POOL_MAX).
+and the server never holds more database connections than its pools allow (R2D2_DB_POOL_MAX for the
+ORM, R2D2_DB_TURN_POOL_MAX for the turns' writes).
 
 The consumers' async ORM calls share one thread-sensitive executor thread, but every HTTP request
 (the load balancer's /healthz, the admin) runs its ORM work on a thread of its own: without the pool,
@@ -25,17 +26,19 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.django_db(tran
 
 SESSIONS = 500
 POOL_MAX = 4
+TURN_POOL_MAX = 2
 HEALTH_CHECKS = 30
 CONNECTING_AT_ONCE = 50  # Twisted listens with a backlog of 50
 
 
 class ConnectionSampler(threading.Thread):
-    """Counts the server's backends in pg_stat_activity (by application_name) every 20 ms."""
+    """Counts the server's backends in pg_stat_activity every 20 ms: the ORM's (named
+    `application_name`) and the turns' (named `application_name`-turns, chat/pgpool.py)."""
 
     def __init__(self, application_name: str) -> None:
         super().__init__(daemon=True)
         self.application_name = application_name
-        self.samples: list[int] = []
+        self.samples: list[tuple[int, int]] = []
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -50,12 +53,14 @@ class ConnectionSampler(threading.Thread):
         ) as connection:
             while not self._done.is_set():
                 row = connection.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [self.application_name]
+                    "SELECT count(*) FILTER (WHERE application_name = %s), "
+                    "count(*) FILTER (WHERE application_name = %s) FROM pg_stat_activity",
+                    [self.application_name, f"{self.application_name}-turns"],
                 ).fetchone()
-                self.samples.append(row[0])
+                self.samples.append((row[0], row[1]))
                 time.sleep(0.02)
 
-    def stop(self) -> list[int]:
+    def stop(self) -> list[tuple[int, int]]:
         self._done.set()
         self.join(10)
         return self.samples
@@ -75,6 +80,7 @@ async def test_500_concurrent_sessions_stay_within_the_connection_pool(daphne_fa
     server = daphne_factory(
         R2D2_DB_POOL_MAX=str(pool_max),
         R2D2_DB_POOL_MIN="1",
+        R2D2_DB_TURN_POOL_MAX=str(TURN_POOL_MAX),
         PGAPPNAME=application_name,  # libpq names the server's connections, so they can be counted
         R2D2_HEARTBEAT_SECONDS="0.5",
         R2D2_MAX_CONNECTIONS_PER_ADDRESS="0",  # every client here is 127.0.0.1
@@ -132,11 +138,14 @@ async def test_500_concurrent_sessions_stay_within_the_connection_pool(daphne_fa
     assert await ChatSession.objects.filter(id__in=session_ids, end_reason=EndReason.CLIENT).acount() == SESSIONS
     assert await ChatMessage.objects.filter(session_id__in=session_ids, role=Role.ASSISTANT).acount() == SESSIONS
 
-    peak = max(samples)
+    peak = max(orm for orm, _ in samples)
+    turns_peak = max(turns for _, turns in samples)
     print(
         f"\n{SESSIONS} sessions and {HEALTH_CHECKS} health checks in {elapsed:.1f}s; "
-        f"server connections to PostgreSQL: peak {peak}, pool max {pool_max}"
+        f"server connections to PostgreSQL: peak {peak} (pool max {pool_max}), "
+        f"turns' peak {turns_peak} (max {TURN_POOL_MAX})"
     )
+    assert 0 < turns_peak <= TURN_POOL_MAX, f"the turns held {turns_peak} connections (max {TURN_POOL_MAX})"
     if pool_max == POOL_MAX:
         assert 0 < peak <= POOL_MAX, f"the server held {peak} connections (pool max {POOL_MAX})"
     else:
