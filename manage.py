@@ -15,6 +15,11 @@ def main() -> None:
         # key; settings default it off everywhere else (Daphne, the Procfile, `check`).
         # DJANGO_DEBUG=0 in the environment (the Elastic Beanstalk bundle sets it) still wins.
         os.environ.setdefault("DJANGO_DEBUG", "1")
+    if sys.argv[1:2] == ["runserver"]:
+        # Daphne's runserver, on the event loop production runs on (before Daphne is imported).
+        from r2d2site import loop
+
+        loop.install()
     from django.core.management import execute_from_command_line
 
     execute_from_command_line(sys.argv)

@@ -290,8 +290,10 @@ def daphne_env(model: Process, **overrides: str) -> dict[str, str]:
 
 
 def start_daphne(model: Process, name: str = "daphne", wrap: list[str] | None = None, **overrides: str) -> Process:
-    command = [*(wrap or []), PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "r2d2site.asgi:application"]
-    return spawn(name, command, env=daphne_env(model, **overrides))
+    # The Procfile's launcher with one process: Daphne as production runs it (on uvloop unless R2D2_UVLOOP=0).
+    command = [*(wrap or []), PYTHON, "-m", "r2d2site.serve", "daphne", "-b", "127.0.0.1", "-p", "{port}"]
+    command.append("r2d2site.asgi:application")
+    return spawn(name, command, env=daphne_env(model, **{"R2D2_WEB_PROCESSES": "1", **overrides}))
 
 
 def start_relay(model: Process) -> Process:

@@ -72,11 +72,12 @@ def main() -> None:
         "R2D2_RATE_LIMIT_PER_MINUTE": "0",
         "R2D2_MAX_CONNECTIONS_PER_ADDRESS": "0",
         "R2D2_LOG_LEVEL": "WARNING",
+        "R2D2_WEB_PROCESSES": "1",
     }
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-p", str(port), "r2d2site.asgi:application"],
+        [sys.executable, "-m", "r2d2site.serve", "daphne", "-p", str(port), "r2d2site.asgi:application"],
         cwd=ROOT,
         env=env,
         stderr=subprocess.DEVNULL,

@@ -13,7 +13,9 @@ that accepted it.
 A process that dies is started again on the same socket (connections the kernel
 queued on it wait instead of being refused); its sessions are ended as orphaned by
 the others' sweep (chat/liveness.py). SIGTERM/SIGINT stop every process. With one
-process the Daphne command runs as it is, with no launcher in between.
+process Daphne runs in this process, with no launcher in between.
+
+Each Daphne runs on uvloop (r2d2site/loop.py), installed here before Daphne is imported.
 
 PROMETHEUS_MULTIPROC_DIR (chat/metrics.py) is made fresh here when several
 processes serve, so /metrics adds up what all of them counted.
@@ -88,19 +90,31 @@ def _log_json() -> None:
     logger.setLevel(logging.INFO)
 
 
+def run_daphne(args: list[str]) -> None:
+    """Daphne's command line, in this process, on the event loop r2d2site/loop.py chooses."""
+    from r2d2site import loop
+
+    loop.install()
+    from daphne.cli import CommandLineInterface
+
+    CommandLineInterface().run(args)
+
+
 def main(argv: list[str]) -> int:
     if not argv or os.path.basename(argv[0]) != "daphne":
         raise SystemExit("usage: python -m r2d2site.serve daphne -b HOST -p PORT [options] APPLICATION")
     count = process_count()
     if count == 1:
-        os.execvp(argv[0], argv)  # exactly the Procfile's command, as before
+        run_daphne(argv[1:])  # exactly the Procfile's Daphne command
+        return 0
     host, port, rest = split_address(argv[1:])
     _log_json()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": prometheus_dir()}
+    # Each child is this launcher again, serving one process: Daphne on the same event loop.
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": prometheus_dir(), "R2D2_WEB_PROCESSES": "1"}
     sockets = [listen(host, port) for _ in range(count)]
 
     def start(sock: socket.socket) -> subprocess.Popen:
-        command = [sys.executable, "-m", "daphne", "--fd", str(sock.fileno()), *rest]
+        command = [sys.executable, "-m", "r2d2site.serve", "daphne", "--fd", str(sock.fileno()), *rest]
         return subprocess.Popen(command, env=env, pass_fds=(sock.fileno(),))
 
     children = {index: start(sock) for index, sock in enumerate(sockets)}

@@ -186,6 +186,7 @@ def server_env(fake: FakeLLM | None, **overrides: str) -> dict[str, str]:
     # Anonymous by default, whatever DEBUG is: the auth tests turn it on explicitly.
     env["R2D2_REQUIRE_AUTH"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
+    env["R2D2_WEB_PROCESSES"] = "1"
     env.update(overrides)
     return env
 
@@ -197,9 +198,12 @@ class LiveServer:
         self.port = free_port()
         self.log_path = log_path
         self.env = {**env, "PORT": str(self.port)}
+        # The Procfile's launcher (one process unless R2D2_WEB_PROCESSES says otherwise), so the
+        # server runs as in production: on the event loop r2d2site/loop.py installs.
         self.command = command or [
             sys.executable,
             "-m",
+            "r2d2site.serve",
             "daphne",
             "-b",
             "127.0.0.1",
