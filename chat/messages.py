@@ -7,11 +7,9 @@ system message) each is one statement: on PostgreSQL it runs on the event loop
 
 from __future__ import annotations
 
-import functools
 import uuid
 
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F, Value
 from django.db.models.functions import Concat
@@ -40,12 +38,6 @@ _EXTEND_REPLY = (
     f"UPDATE {_MESSAGES} SET content = content || %s, "
     "prompt_tokens = %s, completion_tokens = %s, latency_ms = %s, status = %s WHERE id = %s"
 )
-
-
-@functools.cache
-def _on_loop() -> bool:
-    """PostgreSQL: statements run on the event loop (chat/pgpool.py), not the ORM's thread."""
-    return settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 
 
 def _insert_if_live(session_id: uuid.UUID, role: str, content: str) -> bool:
@@ -81,7 +73,7 @@ async def save_user_message(*, session_id: uuid.UUID, content: str, system_messa
 
     Raises ClientError(session_ended) when the database says the session is over.
     """
-    if system_message is None and _on_loop():
+    if system_message is None and pgpool.enabled():
         params = (session_id, Role.USER.value, content, timezone.now(), MessageStatus.COMPLETE.value, session_id)
         if not await pgpool.execute(_INSERT_IF_LIVE, params):
             raise session_ended()
@@ -100,7 +92,7 @@ async def save_reply(
     status: MessageStatus = MessageStatus.COMPLETE,
 ) -> int:
     """Save the model's reply as a new row; returns its id."""
-    if _on_loop():
+    if pgpool.enabled():
         params = (session_id, Role.ASSISTANT.value, content, timezone.now(), status.value, model)
         return await pgpool.fetch_value(_INSERT_REPLY, (*params, prompt_tokens, completion_tokens, latency_ms))
     row = await ChatMessage.objects.acreate(
@@ -132,7 +124,7 @@ async def extend_reply(
     whole each time (and the database driver keeps buffers the size of the
     largest statement it sent).
     """
-    if _on_loop():
+    if pgpool.enabled():
         await pgpool.execute(_EXTEND_REPLY, (more, prompt_tokens, completion_tokens, latency_ms, status.value, row_id))
         return
     await ChatMessage.objects.filter(id=row_id).aupdate(

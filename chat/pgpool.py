@@ -4,9 +4,10 @@ The ORM's async API runs each query on a thread (asgiref's `sync_to_async`):
 every turn paid two thread hops, two model instantiations and psycopg's
 client-side parameter binding for its two writes, about a fifth of the
 server's CPU under load (`bench/throughput.py --profile`). psycopg's
-`AsyncConnection` runs the same statements on the loop itself. Only
-`chat/messages.py` uses this; everything else (sessions, the admin, checks)
-stays on the ORM, and SQLite stays on the ORM's thread.
+`AsyncConnection` runs the same statements on the loop itself. Only what every
+turn or session does uses this (chat/messages.py: a turn's messages;
+chat/sessions.py: a session's start and end); everything else (the admin,
+checks, the sweeps) stays on the ORM, and SQLite stays on the ORM's thread.
 
 One small pool (R2D2_DB_TURN_POOL_MAX connections) per event loop: Daphne runs one loop per process, but the
 test suite and management commands run many loops one after another, so
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -26,6 +28,13 @@ from typing import Any
 import psycopg
 from django.conf import settings
 from django.db import connections
+from django.db.models import Model
+
+
+@functools.cache
+def enabled() -> bool:
+    """True on PostgreSQL: the turn's statements run here; elsewhere (SQLite) on the ORM's thread."""
+    return settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 
 
 def connection_params() -> dict[str, Any]:
@@ -110,6 +119,21 @@ async def execute(sql: str, params: Sequence[object]) -> int:
     async with pool().connection() as conn:
         cursor = await conn.execute(sql, params)
         return cursor.rowcount
+
+
+async def insert(instance: Model) -> None:
+    """INSERT a new model instance whose primary key is already set (a UUID made in Python), as
+    `instance.asave(force_insert=True)` would, with the ORM's own conversion of each field."""
+    meta, connection = instance._meta, connections["default"]
+    assert instance.pk is not None, "only for primary keys made in Python"
+    fields = meta.concrete_fields
+    quote = connection.ops.quote_name
+    values = [field.get_db_prep_save(field.pre_save(instance, add=True), connection) for field in fields]
+    sql = "INSERT INTO {} ({}) VALUES ({})".format(
+        quote(meta.db_table), ", ".join(quote(field.column) for field in fields), ", ".join(["%s"] * len(fields))
+    )
+    await execute(sql, values)
+    instance._state.adding, instance._state.db = False, "default"
 
 
 async def fetch_value(sql: str, params: Sequence[object]) -> object | None:

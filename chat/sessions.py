@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from chat import liveness
+from chat import liveness, pgpool
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ async def start(
     api_key_id: int | None = None,
     continued_from_id: uuid.UUID | None = None,
 ) -> ChatSession:
-    return await ChatSession.objects.acreate(
+    session = ChatSession(
         model=model,
         client_address=client_address,
         owner_process=liveness.PROCESS_ID,
@@ -54,6 +54,11 @@ async def start(
         api_key_id=api_key_id,
         continued_from_id=continued_from_id,
     )
+    if pgpool.enabled():
+        await pgpool.insert(session)  # one per session, on the event loop like the turn's writes
+    else:
+        await session.asave(force_insert=True)
+    return session
 
 
 async def release(session_id: uuid.UUID) -> None:
@@ -76,12 +81,26 @@ async def get(session_id: uuid.UUID) -> ChatSession | None:
     return await ChatSession.objects.filter(id=session_id).afirst()
 
 
-async def end(*, session_id: uuid.UUID, reason: EndReason) -> bool:
-    """Mark a live session ended; False if it had already ended."""
-    updated = await ChatSession.objects.filter(id=session_id, ended_at__isnull=True).aupdate(
+_END = f"UPDATE {ChatSession._meta.db_table} SET ended_at = %s, end_reason = %s WHERE id = ANY(%s) AND ended_at IS NULL"
+
+
+async def _end_live(session_ids: list[uuid.UUID], reason: EndReason, *, on_loop: bool = True) -> int:
+    """End those of `session_ids` still live, in one statement; how many it ended.
+
+    `on_loop`: on PostgreSQL, on the event loop's own connection (chat/pgpool.py), as the
+    consumers end their sessions. Otherwise through the ORM's connection, which sees what
+    the caller's own transaction wrote (an operator's request: the admin, a command).
+    """
+    if on_loop and pgpool.enabled():
+        return await pgpool.execute(_END, (timezone.now(), reason.value, session_ids))
+    return await ChatSession.objects.filter(id__in=session_ids, ended_at__isnull=True).aupdate(
         ended_at=timezone.now(), end_reason=reason
     )
-    return bool(updated)
+
+
+async def end(*, session_id: uuid.UUID, reason: EndReason) -> bool:
+    """Mark a live session ended; False if it had already ended."""
+    return bool(await _end_live([session_id], reason))
 
 
 async def end_many(*, session_ids: Sequence[uuid.UUID], reason: EndReason) -> None:
@@ -114,9 +133,7 @@ async def _end_batch(loop: asyncio.AbstractEventLoop, reason: EndReason) -> None
     await asyncio.sleep(0)  # let the other sockets closing in this loop turn join
     session_ids, done = _end_batches.pop((loop, reason))
     try:
-        await ChatSession.objects.filter(id__in=list(session_ids), ended_at__isnull=True).aupdate(
-            ended_at=timezone.now(), end_reason=reason
-        )
+        await _end_live(list(session_ids), reason)
     except Exception as exc:
         done.set_exception(exc)
         done.exception()  # retrieved here too, so an unawaited failure is not reported twice
@@ -206,7 +223,7 @@ async def request_end(
     if not session.is_live:
         return Ended.ALREADY
     outcome = await _ask_owner(session, reason, wait)
-    if outcome.in_database and not await end(session_id=session_id, reason=reason):
+    if outcome.in_database and not await _end_live([session_id], reason, on_loop=False):
         return Ended.ALREADY  # its owner ended it meanwhile
     return outcome
 
