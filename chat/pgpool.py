@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 from django.conf import settings
 from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 
 
@@ -121,10 +122,18 @@ async def execute(sql: str, params: Sequence[object]) -> int:
         return cursor.rowcount
 
 
+@functools.cache
+def _converter() -> BaseDatabaseWrapper:
+    """A database wrapper of this module's own, for the ORM's conversion of values and quoting
+    of names (it never connects). `connections["default"]` on the event loop would build one
+    per task, since asgiref's Local is per context: +3.6 KiB per open socket (bench/memory.py)."""
+    return connections.create_connection("default")
+
+
 async def insert(instance: Model) -> None:
     """INSERT a new model instance whose primary key is already set (a UUID made in Python), as
     `instance.asave(force_insert=True)` would, with the ORM's own conversion of each field."""
-    meta, connection = instance._meta, connections["default"]
+    meta, connection = instance._meta, _converter()
     assert instance.pk is not None, "only for primary keys made in Python"
     fields = meta.concrete_fields
     quote = connection.ops.quote_name
