@@ -353,8 +353,10 @@ async def run_sessions(
     end: bool = True,
     turn_timeout: float = 120.0,
     jitter: float = 0.0,
+    think: float = 0.0,
 ) -> tuple[list[Session], float, float]:
-    """Open `sessions` sockets (one session each), then all run `turns` turns back to back.
+    """Open `sessions` sockets (one session each), then all run `turns` turns back to back
+    (or about `think` seconds apart, 0.5-1.5x at random, as people reading the answers would).
 
     Returns the sessions and the wall-clock start and end of the turn phase
     (connecting is not timed: every socket is open before the first turn).
@@ -389,6 +391,8 @@ async def run_sessions(
             await asyncio.sleep(random.random() * jitter)
         try:
             for index in range(turns):
+                if index and think:
+                    await asyncio.sleep(think * (0.5 + random.random()))  # people do not read in step
                 turn = Turn(state.index, index)
                 state.turns.append(turn)
                 payload = {
@@ -466,7 +470,7 @@ def direct_client(base_url: str):
 
 
 async def run_direct(
-    base_url: str, sessions: int, turns: int, *, stream: bool = True, jitter: float = 0.0
+    base_url: str, sessions: int, turns: int, *, stream: bool = True, jitter: float = 0.0, think: float = 0.0
 ) -> tuple[dict, float, float]:
     """The same turns as `run_sessions`, made straight to the model server with AsyncOpenAI.
 
@@ -484,6 +488,8 @@ async def run_direct(
         if jitter:
             await asyncio.sleep(random.random() * jitter)
         for turn in range(turns):
+            if turn and think:
+                await asyncio.sleep(think * (0.5 + random.random()))
             history.append({"role": "user", "content": f"Hello R2D2, tell me something s{index} t{turn}"})
             sent = time.perf_counter()
             lat["processing_start"].append(0.0)

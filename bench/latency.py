@@ -56,6 +56,13 @@ def main() -> None:
     parser.add_argument("--ttft", type=float, default=TTFT, help="model's first-token delay (s)")
     parser.add_argument("--token-delay", type=float, default=TOKEN_DELAY, help="model's delay between tokens (s)")
     parser.add_argument("--turns", type=int, nargs=3, metavar=("AT1", "AT100", "AT1000"), help="turns per session")
+    parser.add_argument(
+        "--think",
+        type=float,
+        default=0.0,
+        help="seconds each session waits between turns (default 0: back to back, which saturates one process "
+        "at 100 sessions, so the added latency is mostly queueing)",
+    )
     parser.add_argument("--name", default="latency", help="result file name (bench/results/NAME.json)")
     args = parser.parse_args()
     raise_nofile()
@@ -73,10 +80,11 @@ def main() -> None:
         for sessions, turns in plan:
             # Sessions start at random moments within one turn's time, as real users do,
             # instead of all sending their first message in the same millisecond.
-            jitter = (args.ttft + 20 * args.token_delay) if sessions > 1 else 0.0
-            direct, d0, d1 = asyncio.run(run_direct(model_url(model), sessions, turns, jitter=jitter))
+            jitter = max(args.ttft + 20 * args.token_delay, args.think) if sessions > 1 else 0.0
+            paced = {"jitter": jitter, "think": args.think}
+            direct, d0, d1 = asyncio.run(run_direct(model_url(model), sessions, turns, **paced))
             cpu0 = cpu_seconds(daphne.pid)
-            states, r0, r1 = asyncio.run(run_sessions(daphne.url, sessions, turns, jitter=jitter))
+            states, r0, r1 = asyncio.run(run_sessions(daphne.url, sessions, turns, **paced))
             cpu = cpu_seconds(daphne.pid) - cpu0
             all_turns = [t for s in states for t in s.turns]
             failed = [s.failure for s in states if s.failure] + [t.errors for t in all_turns if not t.ok]
@@ -86,6 +94,7 @@ def main() -> None:
             level = {
                 "sessions": sessions,
                 "turns_per_session": turns,
+                "think_s": args.think,
                 "turns": len(all_turns),
                 "failed": len(failed),
                 "r2d2_ms": r2d2_ms,

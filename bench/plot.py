@@ -52,7 +52,8 @@ def main() -> None:
     right.set_xscale("log")
     right.set_xlabel("concurrent sessions (5 turns each)")
     right.set_ylabel("turns per second")
-    right.set_title(f"Throughput (model answers in {throughput['model_server']['ttft_s'] * 1000:g} ms)")
+    kind = "streamed" if throughput["model_server"].get("stream") else "one message"
+    right.set_title(f"Throughput, {kind} (model answers in {throughput['model_server']['ttft_s'] * 1000:g} ms)")
     right.grid(True, which="both", alpha=0.3)
     right.legend(fontsize=8)
 

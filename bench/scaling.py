@@ -5,7 +5,10 @@ Daphne processes on one port) and the bare relay (N bench/relay.py processes sha
 the port), each behind Debian's nginx with `.platform/nginx` laid out as on Amazon
 Linux 2023 (tests/production/nginx.py). The runs alternate (R2D2 1, relay 1, R2D2 N,
 relay N, then again), so load from other users of the machine falls on all of them.
-Server CPU is the whole process tree's (launcher and children), nginx excluded.
+Server CPU is the whole process tree's (launcher and children), nginx excluded. Each run also
+records how busy the machine's cores were and the load client's own CPU per turn: where the
+load client, nginx and the model server share the cores, more server processes cannot go faster
+once the machine is busy, and these say when that is so.
 
     .venv/bin/python bench/scaling.py [--processes 1 2] [--sessions 200] [--repeat 2] [--stream]
 """
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from common import (
@@ -85,17 +89,29 @@ def behind_nginx(port: int, scratch: Path) -> nginx.Nginx:
     return nginx.Nginx(main, proxy_port).start()
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of every core of the machine so far (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(x) for x in stat.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
 def measure(proxy: nginx.Nginx, pids: list[int], sessions: int, stream: bool) -> dict:
-    cpu0 = tree_cpu(pids)
+    """Turns/s and the server's CPU per turn; also how busy the whole machine was and what the load
+    client (this process) spent per turn, since on a small machine they share the cores."""
+    cpu0, client0, (busy0, total0) = tree_cpu(pids), time.process_time(), machine_jiffies()
     url = f"ws://127.0.0.1:{proxy.port}/"
     states, t0, t1 = asyncio.run(run_sessions(url, sessions, TURNS, stream=stream, connect_concurrency=100))
-    cpu = tree_cpu(pids) - cpu0
+    cpu, client, (busy1, total1) = tree_cpu(pids) - cpu0, time.process_time() - client0, machine_jiffies()
     answered = sum(1 for s in states for t in s.turns if t.ok)
     return {
         "answered": answered,
         "expected": sessions * TURNS,
         "turns_per_s": round(answered / (t1 - t0), 1),
         "cpu_ms_per_turn": round(cpu * 1000 / max(1, answered), 3),
+        "load_client_cpu_ms_per_turn": round(client * 1000 / max(1, answered), 3),
+        "machine_busy": round((busy1 - busy0) / max(1, total1 - total0), 3),
     }
 
 
@@ -138,6 +154,7 @@ def main() -> None:
         name: {
             "turns_per_s_median": statistics.median(r["turns_per_s"] for r in rows),
             "cpu_ms_per_turn_median": statistics.median(r["cpu_ms_per_turn"] for r in rows),
+            "machine_busy_median": statistics.median(r["machine_busy"] for r in rows),
             "lost": sum(r["expected"] - r["answered"] for r in rows),
             "runs": rows,
         }
@@ -156,7 +173,8 @@ def main() -> None:
     for name, row in summary.items():
         print(
             f"{name:>10}: {row['turns_per_s_median']} turns/s, "
-            f"{row['cpu_ms_per_turn_median']} ms CPU/turn, lost {row['lost']}"
+            f"{row['cpu_ms_per_turn_median']} ms CPU/turn, machine {row['machine_busy_median']:.0%} busy, "
+            f"lost {row['lost']}"
         )
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}")
