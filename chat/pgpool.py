@@ -9,10 +9,10 @@ turn or session does uses this (chat/messages.py: a turn's messages;
 chat/sessions.py: a session's start and end); everything else (the admin,
 checks, the sweeps) stays on the ORM, and SQLite stays on the ORM's thread.
 
-One small pool (R2D2_DB_TURN_POOL_MAX connections) per event loop: Daphne runs one loop per process, but the
-test suite and management commands run many loops one after another, so
-the idle connections of a loop that has closed are closed when the next
-loop asks for its pool. Connections use the ORM's own connection settings
+One small pool (R2D2_DB_TURN_POOL_MAX connections) per event loop: Daphne runs
+one loop per process, but the test suite and management commands run many loops
+one after another, so the idle connections of a loop that has closed are closed
+when the next loop asks for its pool. Connections use the ORM's own connection settings
 (`DATABASES["default"]`), in autocommit: each statement is its own transaction.
 """
 
