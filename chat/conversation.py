@@ -14,6 +14,7 @@ encoding, sending, a bug), the client gets one `error` frame and then
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import uuid
@@ -35,6 +36,22 @@ OnUsage = Callable[[llm.Reply, list[dict[str, str]], str], None]
 
 
 class Conversation:
+    # One per live session, so with thousands of idle sockets its size counts (bench/memory.py).
+    __slots__ = (
+        "session_id",
+        "model",
+        "system_message",
+        "history",
+        "on_usage",
+        "_send",
+        "_pending",
+        "_worker",
+        "_in_turn",
+        "_generating",
+        "_cancel_requested",
+        "_closed",
+    )
+
     def __init__(self, *, session_id: uuid.UUID, model: str, send: Send, on_usage: OnUsage | None = None) -> None:
         self.session_id = session_id
         self.model = model
@@ -42,7 +59,10 @@ class Conversation:
         self.history: list[tuple[str, str]] = []
         self._send = send
         self.on_usage = on_usage
-        self._queue: asyncio.Queue[PostMessage] = asyncio.Queue()
+        # Accepted messages waiting for their turn, and the task that answers them: it exists only
+        # while there is work, so an idle session holds neither a task nor an asyncio.Queue
+        # (about 3 KiB each, per session, with 10,000 sockets open: bench/memory.py).
+        self._pending: collections.deque[PostMessage] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
         self._in_turn = False
         self._generating = False
@@ -51,7 +71,7 @@ class Conversation:
 
     async def accept(self, post: PostMessage) -> None:
         """Take a message: refuse it when the queue is full, else save it and queue it for the worker."""
-        waiting = self._queue.qsize()
+        waiting = len(self._pending)
         if waiting >= settings.R2D2_MAX_QUEUED_MESSAGES:
             raise ClientError(
                 ErrorCode.QUEUE_FULL,
@@ -60,7 +80,7 @@ class Conversation:
         await messages.save_user_message(
             session_id=self.session_id, content=post.user_message, system_message=post.system_message
         )
-        self._queue.put_nowait(post)
+        self._pending.append(post)
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name=f"conversation-{self.session_id}")
 
@@ -76,31 +96,32 @@ class Conversation:
     @property
     def busy(self) -> bool:
         """A turn is running or messages wait for one (a resumable session is handed over only when not)."""
-        return self._in_turn or not self._queue.empty()
+        return self._in_turn or bool(self._pending)
 
     async def close(self) -> None:
         """Stop for good: cancel the generation (its partial reply is saved) and drop the queue."""
         self._closed = True
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        self._pending.clear()
         if self._worker is None:
             return
         if self._generating:
             self.cancel()
-        elif not self._in_turn:
-            self._worker.cancel()  # idle, waiting for a message
         # Otherwise the turn is saving its reply: let it finish.
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
 
     async def _run(self) -> None:
-        while not self._closed:
-            post = await self._queue.get()
-            self._in_turn = True
-            try:
-                await self._turn(post)
-            finally:
-                self._in_turn = False
+        """Answer the waiting messages in order, then end (`accept` starts another when one comes)."""
+        try:
+            while self._pending and not self._closed:
+                post = self._pending.popleft()
+                self._in_turn = True
+                try:
+                    await self._turn(post)
+                finally:
+                    self._in_turn = False
+        finally:
+            self._worker = None
 
     async def _turn(self, post: PostMessage) -> None:
         await self._send_quietly(protocol.processing_start())

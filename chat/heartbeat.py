@@ -119,10 +119,16 @@ ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 class HeartbeatMiddleware:
     """ASGI middleware: the process's first HTTP request or WebSocket starts the heartbeat."""
 
+    # ASGI 3 (one call), though __call__ is not a coroutine function (asgiref checks this hint).
+    _asgi_single_callable = True
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+    def __call__(self, scope: Scope, receive: Callable, send: Callable) -> Awaitable[None]:
+        # Returns the inner application's coroutine instead of awaiting it in one of its own:
+        # a middleware's coroutine stays alive as long as its connection, about 0.3 KiB per
+        # open socket and layer (bench/memory.py).
         if scope["type"] in {"http", "websocket"}:
             heartbeat.ensure_started()
-        await self.app(scope, receive, send)
+        return self.app(scope, receive, send)

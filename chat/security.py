@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -90,16 +91,18 @@ class HostOriginValidator:
     WebSocket handshakes), so it is safe to accept.
     """
 
+    _asgi_single_callable = True  # see chat/heartbeat.py: returns the inner coroutine, no frame of its own
+
     def __init__(self, application) -> None:
         self.application = application
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send) -> Awaitable[None]:
         if scope["type"] == "websocket":
             server = server_origin(scope)
             origin = _header(scope, b"origin")
             if server is None or (origin is not None and not origin_allowed(origin, server)):
-                return await WebsocketDenier()(scope, receive, send)
-        return await self.application(scope, receive, send)
+                return WebsocketDenier()(scope, receive, send)
+        return self.application(scope, receive, send)
 
 
 def allowed_hosts_origin_validator(application) -> HostOriginValidator:
