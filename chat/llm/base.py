@@ -52,9 +52,9 @@ def unavailable() -> UpstreamError:
 def connection_failed(exc: BaseException) -> bool:
     """True when the cause chain holds a failure to connect (refused, reset, no route, unresolvable host).
 
-    Transports report these under many names (the openai client's aiohttp transport reports a
-    refused connection as a connect *timeout*; aiohttp's own ClientConnectorError is the OSError);
-    the operating system's error underneath says what happened.
+    Transports report these under many names (aiohttp's ClientConnectorError is itself an
+    OSError, and its connect timeout may carry a refused connection underneath); the
+    operating system's error underneath says what happened.
     `TimeoutError` is an OSError too, and is the one that is not a connection failure.
     """
     seen: BaseException | None = exc
