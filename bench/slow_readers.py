@@ -25,7 +25,7 @@ WORD, WORDS = "x" * 4095 + " ", 2_000
 
 async def run(bound: int, clients: int, seconds: float, model) -> dict:
     truncate()
-    # A beat a second: the heartbeat also hands freed memory back (chat/heartbeat.py).
+    # A beat a second: the heartbeat also hands freed memory back (chat/sessions/heartbeat.py).
     server = start_daphne(
         model, name=f"daphne-bound-{bound}", R2D2_MAX_UNSENT_BYTES=str(bound), R2D2_HEARTBEAT_SECONDS="1"
     )

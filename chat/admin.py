@@ -1,7 +1,7 @@
 """The operator's view of sessions: a fast list, read-only transcripts, ending live sessions, exports.
 
 Nothing here edits a message. Ending a session goes through
-`chat.sessions.request_end`, which reaches the consumer holding the session over
+`chat.sessions.lifecycle.request_end`, which reaches the consumer holding the session over
 the channel layer, in whatever process it runs, or ends it in the database when
 that process is gone.
 """
@@ -23,8 +23,10 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.timezone import localtime
 
-from chat import auth, markdown, quotas, sessions, transcripts, usage
+from chat.accounts import auth, principals, quotas, usage
 from chat.models import ApiKey, ChatMessage, ChatSession, Role, ServerProcess
+from chat.sessions import lifecycle
+from chat.web import markdown, transcripts
 
 admin.site.site_header = "R2D2 operations"
 admin.site.site_title = "R2D2 admin"
@@ -168,7 +170,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
     def end_selected_sessions(self, request: HttpRequest, queryset: QuerySet[ChatSession]) -> None:
         ids = list(queryset.live().values_list("id", flat=True))
         for session_id in ids:
-            sessions.request_end_now(session_id)
+            lifecycle.request_end_now(session_id)
         self.message_user(request, f"Asked the server to end {len(ids)} live session(s).", messages.SUCCESS)
 
     # A session's page -------------------------------------------------------
@@ -206,8 +208,8 @@ class ChatSessionAdmin(admin.ModelAdmin):
         session = self._viewable(request, session_id)
         if not self.has_end_permission(request, session):
             raise PermissionDenied
-        outcome = sessions.request_end_now(session.id)
-        if outcome == sessions.Ended.REQUESTED:
+        outcome = lifecycle.request_end_now(session.id)
+        if outcome == lifecycle.Ended.REQUESTED:
             self.message_user(request, "Asked the server holding the session to end it; its client is told so.")
         elif outcome.in_database:
             self.message_user(request, f"Ended in the database: {outcome.value}.", messages.WARNING)
@@ -332,7 +334,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             if kind == "key":
                 principal, label = auth.principal_for_key(keys[ident]), f"API key {keys[ident]}"
             elif kind == "user" and ident in users:
-                principal, label = auth.Principal(user_id=ident), f"user {users[ident].get_username()}"
+                principal, label = principals.Principal(user_id=ident), f"user {users[ident].get_username()}"
             else:
                 principal, label = None, "anonymous (no quota)"
             today = async_to_sync(quotas.usage)(principal) if principal else {}

@@ -9,18 +9,16 @@ class ChatConfig(AppConfig):
     def ready(self) -> None:
         """Start-up: before Daphne builds its server, give it R2D2's WebSocket protocol; register the checks,
         and the signals that close a user's sockets when they sign out or are deactivated."""
-        from chat import (
-            checks,  # noqa: F401 (registers the system checks)
-            websocket_server,
-        )
+        from chat import checks  # noqa: F401 (registers the system checks)
+        from chat.edge import daphne
 
-        websocket_server.install()
+        daphne.install()
 
         from django.contrib.auth import get_user_model
         from django.contrib.auth.signals import user_logged_out
         from django.db.models.signals import post_save
 
-        from chat import auth
+        from chat.accounts import auth
 
         user_logged_out.connect(auth.signed_out, dispatch_uid="r2d2-signed-out")
         post_save.connect(auth.account_saved, sender=get_user_model(), dispatch_uid="r2d2-account-saved")

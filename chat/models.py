@@ -63,12 +63,12 @@ class ChatSession(models.Model):
     # process is gone are ended as orphaned.
     owner_process = models.CharField(max_length=100, blank=True, default="", db_index=True)
     owner_channel = models.CharField(max_length=200, blank=True, default="")
-    # Resumable sessions (chat/resume.py): the sha256 of the resume token (never the token),
+    # Resumable sessions (chat/sessions/resume.py): the sha256 of the resume token (never the token),
     # and when the session was last left without a holder (a drained or killed process), so
     # the sweep can end it as abandoned once the resume window has passed.
     resume_token_hash = models.CharField(max_length=64, blank=True, default="")
     released_at = models.DateTimeField(null=True, blank=True)
-    # Who spent the model budget (chat/auth.py): a signed-in user or an API key, or
+    # Who spent the model budget (chat/accounts/auth.py): a signed-in user or an API key, or
     # neither when auth is off. Kept when the user or key is deleted, as history.
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="chat_sessions"
@@ -110,7 +110,7 @@ class ChatSession(models.Model):
 class ApiKey(models.Model):
     """A programmatic client's credential. Only a hash of the key is stored: the key is shown once, when made.
 
-    The limits left empty fall back to the R2D2_QUOTA_* settings (chat/quotas.py).
+    The limits left empty fall back to the R2D2_QUOTA_* settings (chat/accounts/quotas.py).
     """
 
     name = models.CharField(max_length=100, unique=True)

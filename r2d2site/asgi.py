@@ -11,14 +11,14 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from chat.connection_limits import ConnectionLimitMiddleware  # noqa: E402
-from chat.heartbeat import HeartbeatMiddleware  # noqa: E402
-from chat.proxy import TrustedProxyMiddleware  # noqa: E402
-from chat.routing import websocket_urlpatterns  # noqa: E402
-from chat.security import allowed_hosts_origin_validator  # noqa: E402
+from chat.edge.connection_limits import ConnectionLimitMiddleware  # noqa: E402
+from chat.edge.origin import allowed_hosts_origin_validator  # noqa: E402
+from chat.edge.proxy import TrustedProxyMiddleware  # noqa: E402
+from chat.sessions.heartbeat import HeartbeatMiddleware  # noqa: E402
+from chat.websocket.routing import websocket_urlpatterns  # noqa: E402
 
-# The first request or socket starts this process's heartbeat (chat/heartbeat.py).
-# The client's address and scheme are settled first (chat/proxy.py): the Host/Origin
+# The first request or socket starts this process's heartbeat (chat/sessions/heartbeat.py).
+# The client's address and scheme are settled first (chat/edge/proxy.py): the Host/Origin
 # check compares the scheme, and only handshakes it lets through count towards the
 # per-address connection cap.
 application = HeartbeatMiddleware(
@@ -26,7 +26,8 @@ application = HeartbeatMiddleware(
         ProtocolTypeRouter(
             {
                 "http": django_asgi_app,
-                # The session cookie's user is the web page's principal (chat/auth.py); API keys come in a header.
+                # The session cookie's user is the web page's principal (chat/accounts/auth.py);
+                # API keys come in a header.
                 "websocket": allowed_hosts_origin_validator(
                     ConnectionLimitMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
                 ),

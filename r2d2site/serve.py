@@ -12,12 +12,12 @@ that accepted it.
 
 A process that dies is started again on the same socket (connections the kernel
 queued on it wait instead of being refused); its sessions are ended as orphaned by
-the others' sweep (chat/liveness.py). SIGTERM/SIGINT stop every process. With one
+the others' sweep (chat/sessions/liveness.py). SIGTERM/SIGINT stop every process. With one
 process Daphne runs in this process, with no launcher in between.
 
 Each Daphne runs on uvloop (r2d2site/loop.py), installed here before Daphne is imported.
 
-PROMETHEUS_MULTIPROC_DIR (chat/metrics.py) is made fresh here when several
+PROMETHEUS_MULTIPROC_DIR (chat/ops/metrics.py) is made fresh here when several
 processes serve, so /metrics adds up what all of them counted.
 """
 
@@ -81,8 +81,8 @@ def prometheus_dir() -> str:
 
 
 def _log_json() -> None:
-    """The launcher's lines are JSON like every other line the server prints (chat/logging.py)."""
-    from chat.logging import JsonFormatter
+    """The launcher's lines are JSON like every other line the server prints (chat/ops/logging.py)."""
+    from chat.ops.logging import JsonFormatter
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())

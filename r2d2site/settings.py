@@ -54,8 +54,8 @@ if not SECRET_KEY:
         )
     SECRET_KEY = "django-insecure-r2d2-local-development-only"  # dev only: refused above when DEBUG is off
 
-# Even with DEBUG on, the error page never shows credentials (chat/redaction.py).
-DEFAULT_EXCEPTION_REPORTER_FILTER = "chat.redaction.CredentialRedactingFilter"
+# Even with DEBUG on, the error page never shows credentials (chat/ops/redaction.py).
+DEFAULT_EXCEPTION_REPORTER_FILTER = "chat.ops.redaction.CredentialRedactingFilter"
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 
@@ -72,7 +72,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "chat.middleware.HealthCheckMiddleware",
+    "chat.web.health.HealthCheckMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -139,7 +139,7 @@ def database_config() -> dict:
 
 DATABASES = {"default": database_config()}
 # PostgreSQL only: connections per process for the turns' own writes, which run on the event
-# loop beside the ORM's pool (chat/pgpool.py). Each statement takes well under a millisecond,
+# loop beside the ORM's pool (chat/turns/pgpool.py). Each statement takes well under a millisecond,
 # so a few connections serve hundreds of turns a second; more would only queue in the server.
 R2D2_DB_TURN_POOL_MAX = env_int("R2D2_DB_TURN_POOL_MAX", 4)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -225,7 +225,7 @@ CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
 
 # The model API.
 # Or from AWS Secrets Manager / SSM Parameter Store, read on first use and kept for
-# the process's life (r2d2site/aws_secrets.py): so no other command pays for it.
+# the process's life (chat/llm/credentials.py): so no other command pays for it.
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "").strip()
 OPENAI_API_KEY_SECRET_ID = os.environ.get("OPENAI_API_KEY_SECRET_ID", "").strip()
 OPENAI_API_KEY_PARAMETER = os.environ.get("OPENAI_API_KEY_PARAMETER", "").strip()
@@ -244,35 +244,35 @@ R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
 # A streamed reply is saved while it streams, at most this far behind what was sent.
 R2D2_CHECKPOINT_SECONDS = env_float("R2D2_CHECKPOINT_SECONDS", 1.0)
 # Outgoing WebSocket frames (a whole reply is one `message` frame) may be this large;
-# incoming frames keep Daphne's own 1 MiB limit (chat/websocket_server.py).
+# incoming frames keep Daphne's own 1 MiB limit (chat/edge/daphne.py).
 R2D2_MAX_OUTGOING_FRAME_BYTES = env_int("R2D2_MAX_OUTGOING_FRAME_BYTES", 16 * 1024 * 1024)
 # A connection with more than this many bytes sent but not yet read is closed (code 4408).
 R2D2_MAX_UNSENT_BYTES = env_int("R2D2_MAX_UNSENT_BYTES", 1024 * 1024)
-# Who may read /metrics besides staff and private addresses: `Authorization: Bearer <token>` (chat/metrics.py).
+# Who may read /metrics besides staff and private addresses: `Authorization: Bearer <token>` (chat/ops/metrics.py).
 R2D2_METRICS_TOKEN = os.environ.get("R2D2_METRICS_TOKEN", "")
 # Images in model replies (web page and admin transcript) load from other sites
 # only when this is on: off, a reply cannot make a reader's browser fetch a URL
 # (a tracking pixel, or data smuggled out in a query string).
 R2D2_PAGE_REMOTE_IMAGES = env_bool("R2D2_PAGE_REMOTE_IMAGES", False)
-# Proxies in front of the server that append to X-Forwarded-For (chat/proxy.py):
+# Proxies in front of the server that append to X-Forwarded-For (chat/edge/proxy.py):
 # 0 trusts no header (the peer is the client); the Elastic Beanstalk bundle sets 2
 # (the load balancer and nginx).
 R2D2_TRUSTED_PROXIES = env_int("R2D2_TRUSTED_PROXIES", 0)
-# Open WebSockets per client address, across processes on Redis (chat/connection_limits.py); 0: no cap.
+# Open WebSockets per client address, across processes on Redis (chat/edge/connection_limits.py); 0: no cap.
 R2D2_MAX_CONNECTIONS_PER_ADDRESS = env_int("R2D2_MAX_CONNECTIONS_PER_ADDRESS", 20)
-# Liveness of server processes (chat/liveness.py): a process beats every
+# Liveness of server processes (chat/sessions/liveness.py): a process beats every
 # R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
 # its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).
 R2D2_HEARTBEAT_SECONDS = env_float("R2D2_HEARTBEAT_SECONDS", 10.0)
 R2D2_PROCESS_STALE_SECONDS = env_float("R2D2_PROCESS_STALE_SECONDS", 45.0)
 R2D2_ORPHAN_SWEEP_SECONDS = env_float("R2D2_ORPHAN_SWEEP_SECONDS", 60.0)
-# Resumable sessions (chat/resume.py): a session whose socket closed stays live this long,
+# Resumable sessions (chat/sessions/resume.py): a session whose socket closed stays live this long,
 # its frames kept, waiting for the client to resume it; then it ends as abandoned.
 R2D2_RESUME_WINDOW_SECONDS = env_float("R2D2_RESUME_WINDOW_SECONDS", 300.0)
-# On SIGTERM (chat/drain.py): how long turns in progress may run before sockets close with 1012.
+# On SIGTERM (chat/sessions/drain.py): how long turns in progress may run before sockets close with 1012.
 R2D2_DRAIN_SECONDS = env_float("R2D2_DRAIN_SECONDS", 30.0)
 
-# Who may spend the model budget (chat/auth.py, chat/quotas.py). Required by
+# Who may spend the model budget (chat/accounts/auth.py, chat/accounts/quotas.py). Required by
 # default in production (DEBUG off) and not in local development; explicit wins.
 R2D2_REQUIRE_AUTH = env_bool("R2D2_REQUIRE_AUTH", not DEBUG)
 # Quotas per principal (a signed-in user or an API key), across all its
@@ -309,7 +309,7 @@ R2D2_BEDROCK_ENDPOINT_URL = os.environ.get("R2D2_BEDROCK_ENDPOINT_URL", "").stri
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "chat.logging.JsonFormatter"}},
+    "formatters": {"json": {"()": "chat.ops.logging.JsonFormatter"}},
     # stderr, where Daphne and Django write their own messages too (Elastic Beanstalk
     # collects both streams of the Procfile's process into web.stdout.log).
     "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "json"}},

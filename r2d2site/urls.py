@@ -2,7 +2,8 @@ from django.contrib import admin
 from django.contrib.auth.views import LogoutView
 from django.urls import path
 
-from chat import metrics, views
+from chat.ops import metrics
+from chat.web import views
 
 urlpatterns = [
     path("admin/", admin.site.urls),

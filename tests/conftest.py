@@ -56,7 +56,7 @@ def _close_connection_pools(django_db_setup) -> Iterator[None]:
     from asgiref.sync import sync_to_async
     from django.db import connections
 
-    from chat import pgpool
+    from chat.turns import pgpool
 
     pgpool.close_all()
     asyncio.run(sync_to_async(connections.close_all)())
@@ -89,7 +89,7 @@ def _frames_match_published_protocol(monkeypatch) -> None:
 def _anonymous_by_default(settings) -> None:
     """Connections need no principal unless a test says so (R2D2_REQUIRE_AUTH follows DEBUG otherwise),
     and each test starts with empty quota counters."""
-    from chat import quotas
+    from chat.accounts import quotas
 
     settings.R2D2_REQUIRE_AUTH = False
     quotas.reset_counters()

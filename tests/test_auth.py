@@ -13,7 +13,8 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
-from chat import auth, llm
+from chat import llm
+from chat.accounts import auth
 from chat.models import ApiKey, ChatSession, EndReason
 from r2d2site.asgi import application
 from tests.conftest import ROOT, server_env

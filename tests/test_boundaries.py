@@ -5,7 +5,7 @@ import typing
 from pathlib import Path
 
 from chat import protocol
-from chat.consumers import ChatConsumer
+from chat.websocket.consumer import ChatConsumer
 
 CHAT = Path(__file__).resolve().parent.parent / "chat"
 
@@ -30,12 +30,12 @@ def test_only_the_bedrock_provider_creates_a_bedrock_client():
 
 def test_only_the_session_lifecycle_writes_ended_at():
     writers = {name for name, text in sources().items() if re.search(r"ended_at\s*=\s*timezone", text)}
-    assert writers == {"chat/sessions.py"}
+    assert writers == {"chat/sessions/lifecycle.py"}
 
 
 def test_the_consumer_writes_no_messages():
-    consumer = sources()["chat/consumers.py"]
-    assert "chat.messages" not in consumer and "ChatMessage" not in consumer
+    consumer = sources()["chat/websocket/consumer.py"]
+    assert "chat.turns.messages" not in consumer and "ChatMessage" not in consumer
 
 
 def test_every_action_has_a_handler():

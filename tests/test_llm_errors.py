@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
-from chat.errors import ErrorCode
 from chat.llm.openai_compat import _map_error
+from chat.protocol.errors import ErrorCode
 
 KEY = ConnectionKey("model.example", 443, True, True, None, None, None, None)
 

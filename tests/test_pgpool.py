@@ -1,4 +1,4 @@
-"""The turn's writes on PostgreSQL run on the event loop (chat/pgpool.py): what a user would see
+"""The turn's writes on PostgreSQL run on the event loop (chat/turns/pgpool.py): what a user would see
 when the database drops connections or a write is cut short."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
 
-from chat import messages, pgpool, sessions
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
+from chat.sessions import lifecycle
+from chat.turns import messages, pgpool
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -79,7 +80,7 @@ async def test_a_write_cut_short_never_leaves_a_busy_connection_for_the_next() -
 
 async def test_a_message_for_an_ended_or_unknown_session_is_refused_and_not_saved() -> None:
     ended = await ChatSession.objects.acreate()
-    assert await sessions.end(session_id=ended.id, reason=EndReason.CLIENT)
+    assert await lifecycle.end(session_id=ended.id, reason=EndReason.CLIENT)
     for session_id in (ended.id, uuid.uuid4()):
         with pytest.raises(messages.ClientError) as refused:
             await messages.save_user_message(session_id=session_id, content="hi", system_message=None)

@@ -1,6 +1,6 @@
-"""chat/prompt.py: what the model is sent, trimmed a whole turn at a time."""
+"""chat/turns/prompt.py: what the model is sent, trimmed a whole turn at a time."""
 
-from chat.prompt import assemble_messages
+from chat.turns.prompt import assemble_messages
 
 
 def test_everything_fits():

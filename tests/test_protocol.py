@@ -6,8 +6,8 @@ import uuid
 import pytest
 
 from chat import protocol
-from chat.errors import ClientError, ErrorCode
 from chat.protocol import PostMessage, SessionStart
+from chat.protocol.errors import ClientError, ErrorCode
 
 SID = "41eb27a0-d382-40c4-ad38-fbd1cb629b7f"
 

@@ -1,4 +1,5 @@
-"""chat/quotas.py without a socket: limits, counters (in memory, and in Redis when REDIS_URL is set), messages."""
+"""chat/accounts/quotas.py without a socket: limits, counters (in memory, and in Redis when REDIS_URL
+is set), messages."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from chat import llm, quotas
-from chat.auth import Principal
-from chat.errors import ClientError, ErrorCode
+from chat import llm
+from chat.accounts import principals, quotas
+from chat.accounts.principals import Principal
 from chat.models import ApiKey
+from chat.protocol.errors import ClientError, ErrorCode
 
 NOON = datetime(2026, 11, 26, 12, 0, 10, tzinfo=UTC).timestamp()
 
@@ -18,15 +20,15 @@ NOON = datetime(2026, 11, 26, 12, 0, 10, tzinfo=UTC).timestamp()
 def principal(**limits: int) -> Principal:
     """A key no other test (or earlier run on the same Redis) has counted for."""
     base = {"messages_per_minute": 0, "tokens_per_day": 0, "max_sessions": 0}
-    return Principal(api_key_id=random.randrange(10**12), label="ci", limits=quotas.Limits(**{**base, **limits}))
+    return Principal(api_key_id=random.randrange(10**12), label="ci", limits=principals.Limits(**{**base, **limits}))
 
 
 def test_a_keys_own_limits_override_the_settings(settings):
     settings.R2D2_QUOTA_MESSAGES_PER_MINUTE, settings.R2D2_QUOTA_TOKENS_PER_DAY = 20, 1000
     settings.R2D2_QUOTA_MAX_SESSIONS, settings.R2D2_QUOTA_MODELS = 8, ["gpt-4o-mini"]
-    limits = quotas.limits_for_key(ApiKey(messages_per_minute=3, tokens_per_day=0, allowed_models="a, b"))
-    assert limits == quotas.Limits(messages_per_minute=3, tokens_per_day=0, max_sessions=8, models=("a", "b"))
-    assert quotas.limits_for_key(ApiKey()) == quotas.default_limits()
+    limits = principals.limits_for_key(ApiKey(messages_per_minute=3, tokens_per_day=0, allowed_models="a, b"))
+    assert limits == principals.Limits(messages_per_minute=3, tokens_per_day=0, max_sessions=8, models=("a", "b"))
+    assert principals.limits_for_key(ApiKey()) == principals.default_limits()
 
 
 async def test_messages_per_minute_reset_at_the_next_minute():
@@ -67,7 +69,7 @@ def test_tokens_used_prefers_the_models_count_and_estimates_otherwise():
 
 
 def test_a_keys_model_list():
-    who = Principal(api_key_id=1, limits=quotas.Limits(0, 0, 0, models=("a",)))
+    who = Principal(api_key_id=1, limits=principals.Limits(0, 0, 0, models=("a",)))
     quotas.check_model(who, "a")
     with pytest.raises(ClientError) as refused:
         quotas.check_model(who, "b")

@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator
 
 from django.conf import settings
 
-from chat.errors import ErrorCode
 from chat.llm import bedrock
 from chat.llm.base import Provider, Reply, UpstreamError, timed_out
 from chat.llm.bedrock import BedrockProvider
 from chat.llm.offline import OfflineProvider
 from chat.llm.openai_compat import OpenAIProvider
+from chat.protocol.errors import ErrorCode
 
 __all__ = ["Provider", "Reply", "UpstreamError", "close_clients", "generate", "models", "provider_for"]
 

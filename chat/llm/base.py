@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from chat.errors import ClientError, ErrorCode
+from chat.protocol.errors import ClientError, ErrorCode
 
 
 @dataclass(slots=True)

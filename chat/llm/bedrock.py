@@ -25,8 +25,8 @@ from typing import Any
 
 from django.conf import settings
 
-from chat.errors import ErrorCode
 from chat.llm.base import Reply, UpstreamError, interrupted, unavailable
+from chat.protocol.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
 

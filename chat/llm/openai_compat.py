@@ -39,8 +39,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from yarl import URL
 
-from chat.errors import ErrorCode
 from chat.llm.base import Reply, UpstreamError, connection_failed, interrupted, timed_out, unavailable
+from chat.protocol.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ _ERROR_BODY_LIMIT = 64 * 1024
 @functools.cache
 def _key_from_aws() -> str:
     # Imported here: boto3 is slow to import and most processes never need it.
-    from r2d2site.aws_secrets import openai_api_key_from_aws
+    from chat.llm.credentials import openai_api_key_from_aws
 
     return openai_api_key_from_aws()
 
@@ -282,7 +282,7 @@ def _decode(data: bytes) -> object:
     except orjson.JSONDecodeError:
         # orjson also refuses an unpaired surrogate escape ("\ud83d"), which a model sends when
         # it splits an emoji across two chunks: the standard decoder takes it, and the text is
-        # repaired before it is saved or shown (chat/text.py). Truly malformed JSON fails here too.
+        # repaired before it is saved or shown (chat/protocol/text.py). Truly malformed JSON fails here too.
         return json.loads(data)
 
 

@@ -10,7 +10,7 @@ import websockets
 from asgiref.sync import sync_to_async
 from django.db import connection
 
-from chat import auth
+from chat.accounts import auth
 from tests.client import ProtocolClient, seed_conversation
 from tests.conftest import ROOT, server_env
 

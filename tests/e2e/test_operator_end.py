@@ -6,7 +6,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chat.models import ChatSession, EndReason
-from chat.sessions import group, request_end_now
+from chat.sessions.lifecycle import group, request_end_now
 from tests.client import ProtocolClient
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]

@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 
-from chat import auth
+from chat.accounts import auth
 from chat.models import ApiKey, ChatMessage, ChatSession, Role
 
 pytestmark = pytest.mark.django_db

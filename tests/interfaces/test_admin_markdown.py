@@ -1,4 +1,4 @@
-"""The admin's transcript renders replies as Markdown server side, sanitized (chat/markdown.py)."""
+"""The admin's transcript renders replies as Markdown server side, sanitized (chat/web/markdown.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from html.parser import HTMLParser
 import pytest
 from django.urls import reverse
 
-from chat import markdown
 from chat.models import ChatMessage, ChatSession, Role
+from chat.web import markdown
 
 HOSTILE = """## Plans
 

@@ -12,9 +12,9 @@ from channels.testing import WebsocketCommunicator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
-from chat.errors import ErrorCode
 from chat.models import EndReason
-from chat.sessions import request_end
+from chat.protocol.errors import ErrorCode
+from chat.sessions.lifecycle import request_end
 from r2d2site.asgi import application
 from tests.client import ProtocolClient
 from tests.fake_llm import Script

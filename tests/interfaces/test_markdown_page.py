@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from chat.csp import HEADER
+from chat.web.csp import HEADER
 from tests.conftest import ARTIFACTS
 from tests.fake_llm import Script
 

@@ -14,7 +14,7 @@ import boto3
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from r2d2site.aws_secrets import openai_api_key_from_aws
+from chat.llm.credentials import openai_api_key_from_aws
 from tests.client import ProtocolClient
 from tests.conftest import free_port, wait_for_port
 

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 from asgiref.sync import sync_to_async
 
-from chat import sessions
 from chat.models import ChatMessage, EndReason, MessageStatus, Role
+from chat.sessions import lifecycle
 from tests.client import ProtocolClient
 from tests.fake_llm import Script
 from tests.production.conftest import FAST_LIVENESS
@@ -47,12 +47,12 @@ async def test_a_streamed_reply_is_checkpointed_and_kept_after_sigkill(daphne_fa
 
     server.kill()
     await asyncio.sleep(1.0)
-    ended = await sync_to_async(sessions.end_orphaned)(stale_after=0.5)
+    ended = await sync_to_async(lifecycle.end_orphaned)(stale_after=0.5)
     assert ended == 1
     row = await ChatMessage.objects.aget(id=row.id)
     assert row.status == MessageStatus.INTERRUPTED
     assert shown.startswith(row.content) and len(row.content) >= len(a_second_ago)
-    session = await sessions.get(row.session_id)
+    session = await lifecycle.get(row.session_id)
     assert session.end_reason == EndReason.ORPHANED
 
 

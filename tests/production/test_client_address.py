@@ -8,8 +8,8 @@ import secrets
 import pytest
 import websockets
 
+from chat.edge.proxy import forwarded_address
 from chat.models import ChatSession
-from chat.proxy import forwarded_address
 from tests.client import ProtocolClient
 from tests.conftest import ROOT, server_env
 from tests.production.bundle import ProcfileServer, environment_properties

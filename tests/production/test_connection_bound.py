@@ -33,7 +33,7 @@ CONNECTING_AT_ONCE = 50  # Twisted listens with a backlog of 50
 
 class ConnectionSampler(threading.Thread):
     """Counts the server's backends in pg_stat_activity every 20 ms: the ORM's (named
-    `application_name`) and the turns' (named `application_name`-turns, chat/pgpool.py)."""
+    `application_name`) and the turns' (named `application_name`-turns, chat/turns/pgpool.py)."""
 
     def __init__(self, application_name: str) -> None:
         super().__init__(daemon=True)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import websockets
 from django.conf import settings
 
-from chat.connection_limits import CLOSE_TOO_MANY_CONNECTIONS, PROCESS_TTL
+from chat.edge.connection_limits import CLOSE_TOO_MANY_CONNECTIONS, PROCESS_TTL
 from tests.client import ProtocolClient
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -84,7 +84,7 @@ REQUIRED = [
     "Procfile",
     "r2d2site/settings.py",
     "r2d2site/asgi.py",
-    "chat/consumers.py",
+    "chat/websocket/consumer.py",
     "chat/migrations/0001_initial.py",
     ".ebextensions/01_r2d2.config",
     ".platform/nginx/conf.d/r2d2_websocket.conf",
@@ -151,7 +151,7 @@ def test_procfile_and_nginx_agree_on_the_port():
     web = procfile_commands()["web"]
     # One Daphne per core behind the same port (r2d2site/serve.py); the Daphne command follows the launcher.
     assert web.split()[:4] == ["python", "-m", "r2d2site.serve", "daphne"] and "-p $PORT" in web
-    # Daphne's --proxy-headers trusts the client's own X-Forwarded-For claim; chat/proxy.py replaces it.
+    # Daphne's --proxy-headers trusts the client's own X-Forwarded-For claim; chat/edge/proxy.py replaces it.
     assert "--proxy-headers" not in web and environment_properties()["R2D2_TRUSTED_PROXIES"] == "2"
     application = (ROOT / ".platform/nginx/conf.d/elasticbeanstalk/00_application.conf").read_text()
     assert re.findall(r"proxy_pass\s+http://127\.0\.0\.1:(\d+);", application) == [environment_properties()["PORT"]]
@@ -241,7 +241,7 @@ async def test_procfile_from_the_bundle_serves_the_protocol_behind_nginx(fake_ll
         await client.send({"action": "chatbot_session_end", "session_id": session_id})
         assert await client.recv() == {"type": "session_end", "data": None}
         await client.close()
-        # chat/proxy.py: the session records the client, not the proxy.
+        # chat/edge/proxy.py: the session records the client, not the proxy.
         assert (await ChatSession.objects.aget(id=session_id)).client_address == "203.0.113.9"
 
         health = http_get(port, "/healthz", host="172.31.0.9")

@@ -8,7 +8,7 @@ import pytest
 import websockets
 from asgiref.sync import sync_to_async
 
-from chat import auth
+from chat.accounts import auth
 from tests.client import ProtocolClient
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]

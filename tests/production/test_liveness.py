@@ -9,9 +9,9 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from chat import liveness, sessions
-from chat.liveness import PROCESS_ID
 from chat.models import ChatSession, EndReason, ServerProcess
+from chat.sessions import lifecycle, liveness
+from chat.sessions.liveness import PROCESS_ID
 
 pytestmark = pytest.mark.django_db
 
@@ -38,12 +38,12 @@ def test_only_sessions_of_gone_processes_are_ended():
     already_ended = session("gone", seconds_ago=600)
     ChatSession.objects.filter(pk=already_ended.pk).update(ended_at=timezone.now(), end_reason=EndReason.CLIENT)
 
-    assert sessions.end_orphaned(stale_after=45) == 2
+    assert lifecycle.end_orphaned(stale_after=45) == 2
     reasons = {s.pk: s.end_reason for s in ChatSession.objects.all()}
     assert reasons[gone.pk] == reasons[never_beat.pk] == EndReason.ORPHANED
     assert reasons[alive.pk] == reasons[just_started.pk] == ""
     assert reasons[already_ended.pk] == EndReason.CLIENT
-    assert sessions.end_orphaned(stale_after=45) == 0, "the sweep is idempotent"
+    assert lifecycle.end_orphaned(stale_after=45) == 0, "the sweep is idempotent"
 
 
 def test_beat_registers_this_process_and_keeps_it_alive():
@@ -58,7 +58,7 @@ def test_beat_registers_this_process_and_keeps_it_alive():
 def test_long_gone_processes_are_forgotten():
     process("recently-gone", seconds_ago=100)
     process("long-gone", seconds_ago=1000)
-    sessions.end_orphaned(stale_after=45)
+    lifecycle.end_orphaned(stale_after=45)
     assert set(ServerProcess.objects.values_list("pk", flat=True)) == {"recently-gone"}
 
 

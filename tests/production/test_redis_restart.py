@@ -11,7 +11,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import ChatMessage, ChatSession, EndReason
-from chat.sessions import request_end_now
+from chat.sessions.lifecycle import request_end_now
 from tests.client import ProtocolClient
 from tests.conftest import free_port
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from chat import liveness, sessions
+from chat.sessions import lifecycle, liveness
 
 
 class Command(BaseCommand):
@@ -34,5 +34,5 @@ class Command(BaseCommand):
                 self.stdout.write(f"{session_id} (process {owner or 'unknown'})")
             self.stdout.write(f"{len(orphaned)} orphaned session(s) would be ended.")
             return
-        ended = sessions.end_orphaned(stale_after=stale_after)
+        ended = lifecycle.end_orphaned(stale_after=stale_after)
         self.stdout.write(self.style.SUCCESS(f"Ended {ended} orphaned session(s)."))

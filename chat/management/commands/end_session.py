@@ -6,9 +6,9 @@ import uuid
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chat import sessions
 from chat.models import ChatSession
-from chat.sessions import Ended
+from chat.sessions import lifecycle
+from chat.sessions.lifecycle import Ended
 
 
 class Command(BaseCommand):
@@ -29,7 +29,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, session_id: uuid.UUID, wait: float, **options) -> None:
         before = ChatSession.objects.filter(id=session_id).first()
-        outcome = sessions.request_end_now(session_id, wait=wait)
+        outcome = lifecycle.request_end_now(session_id, wait=wait)
         owner = (before.owner_process if before else "") or "(unknown)"
         match outcome:
             case Ended.NOT_FOUND:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chat import auth
+from chat.accounts import auth
 from chat.models import ApiKey
 
 

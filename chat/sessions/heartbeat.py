@@ -1,5 +1,5 @@
 """This process's heartbeat: the background task that keeps its `ServerProcess` row fresh
-and sweeps for orphaned sessions (see chat/liveness.py for what those are).
+and sweeps for orphaned sessions (see chat/sessions/liveness.py for what those are).
 
 It starts with the process's first request (Daphne has no start-up hook; on
 Elastic Beanstalk the load balancer's health check is that first request) and
@@ -18,9 +18,9 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from chat import liveness, sessions
-from chat.liveness import PROCESS_ID
 from chat.models import ChatSession, EndReason
+from chat.sessions import lifecycle, liveness
+from chat.sessions.liveness import PROCESS_ID
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Heartbeat:
                 loop_time = asyncio.get_running_loop().time()
                 if sweep_every > 0 and loop_time - last_sweep >= sweep_every:
                     last_sweep = loop_time
-                    await database_sync_to_async(sessions.end_orphaned)()
+                    await database_sync_to_async(lifecycle.end_orphaned)()
             except Exception as exc:  # the database may be down: keep beating, the health check reports it
                 logger.warning("heartbeat failed", extra={"error": type(exc).__name__, "process": PROCESS_ID})
             await asyncio.sleep(interval)
@@ -84,7 +84,7 @@ class Heartbeat:
             )
         ]
         for session in orphaned:
-            await sessions.tell_holder(session, EndReason.ORPHANED)
+            await lifecycle.tell_holder(session, EndReason.ORPHANED)
         if orphaned:
             logger.warning("sessions found orphaned after a silence", extra={"count": len(orphaned)})
 

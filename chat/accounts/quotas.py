@@ -10,7 +10,7 @@
 
 The counters live in Redis when REDIS_URL is set (one Lua script per message:
 atomic, and one round trip), in this process's memory otherwise. Anonymous
-connections have no quota (the per-socket token bucket in chat/limits.py limits
+connections have no quota (the per-socket token bucket in chat/accounts/limits.py limits
 them). Nothing here knows about sockets: the consumer calls these functions.
 """
 
@@ -23,56 +23,20 @@ import math
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from django.conf import settings
 
-from chat.errors import ClientError, ErrorCode
+from chat.protocol.errors import ClientError, ErrorCode
 
 if TYPE_CHECKING:
     from chat import llm
-    from chat.auth import Principal
-    from chat.models import ApiKey
+    from chat.accounts.principals import Principal
 
 logger = logging.getLogger(__name__)
 
 DAY = 86_400
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """A principal's limits; 0 means no limit, an empty `models` any model."""
-
-    messages_per_minute: int
-    tokens_per_day: int
-    max_sessions: int
-    models: tuple[str, ...] = ()
-
-
-def default_limits() -> Limits:
-    return Limits(
-        messages_per_minute=settings.R2D2_QUOTA_MESSAGES_PER_MINUTE,
-        tokens_per_day=settings.R2D2_QUOTA_TOKENS_PER_DAY,
-        max_sessions=settings.R2D2_QUOTA_MAX_SESSIONS,
-        models=tuple(settings.R2D2_QUOTA_MODELS),
-    )
-
-
-def limits_for_key(api_key: ApiKey) -> Limits:
-    """The key's own limits where it has them, the settings' elsewhere."""
-    default = default_limits()
-    return Limits(
-        messages_per_minute=_own(api_key.messages_per_minute, default.messages_per_minute),
-        tokens_per_day=_own(api_key.tokens_per_day, default.tokens_per_day),
-        max_sessions=_own(api_key.max_sessions, default.max_sessions),
-        models=tuple(api_key.model_list) or default.models,
-    )
-
-
-def _own(value: int | None, default: int) -> int:
-    return default if value is None else value
 
 
 # Checks --------------------------------------------------------------------------

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 
-from chat import resume
-from chat.errors import ClientError, ErrorCode
-from chat.websocket_server import CLOSE_SERVICE_RESTART
+from chat.edge.daphne import CLOSE_SERVICE_RESTART
+from chat.protocol.errors import ClientError, ErrorCode
+from chat.sessions import resume
 
 if TYPE_CHECKING:
-    from chat.consumers import ChatConsumer
+    from chat.websocket.consumer import ChatConsumer
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A session started with `"resumable": true` is held by this process in a `Held`,
 not by the socket that started it. Every frame about it gets the next seq, is
-kept (chat/framelog.py) and goes to the socket attached, if any. When the socket
+kept (chat/sessions/framelog.py) and goes to the socket attached, if any. When the socket
 closes the conversation carries on detached (its turns finish and are saved, its
 queue is answered, its frames are kept) and a timer ends it as `abandoned` after
 R2D2_RESUME_WINDOW_SECONDS unless a client resumes it.
@@ -24,7 +24,7 @@ the new socket:
 
 The database stays the authority on who holds a session (`owner_process`,
 `owner_channel`, here this process's `hub` channel) and whether it has ended
-(chat/sessions.py writes that).
+(chat/sessions/lifecycle.py writes that).
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from chat import framelog, liveness, protocol, sessions
-from chat.conversation import Conversation
-from chat.errors import ClientError, ErrorCode
+from chat import protocol
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
+from chat.protocol.errors import ClientError, ErrorCode
+from chat.sessions import framelog, lifecycle, liveness
+from chat.turns.conversation import Conversation
 
 if TYPE_CHECKING:
-    from chat.consumers import ChatConsumer
+    from chat.websocket.consumer import ChatConsumer
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class Held:
         if not await self._leave():
             return
         if reason is not None:
-            await sessions.end(session_id=self.session_id, reason=reason)
+            await lifecycle.end(session_id=self.session_id, reason=reason)
             frame = frame or protocol.session_ended_by_server(self.session_id, reason.value)
         if frame is not None:
             await self.send(frame)
@@ -208,7 +209,7 @@ class Held:
         """Stop holding the session without ending it (its turns are done): any process may claim it."""
         if not await self._leave():
             return
-        await sessions.release(self.session_id)
+        await lifecycle.release(self.session_id)
         await hub.leave(self.session_id)
         logger.info("resumable session released", extra={"session_id": str(self.session_id)})
 
@@ -216,9 +217,9 @@ class Held:
 async def start(consumer: ChatConsumer, *, model: str, **principal: Any) -> tuple[ChatSession, str]:
     """Start a resumable session held by this process, attached to `consumer`; returns it and its token.
 
-    `principal`: who it is for (chat/auth.py), recorded on the session."""
+    `principal`: who it is for (chat/accounts/auth.py), recorded on the session."""
     token, hashed = new_token()
-    session = await sessions.start(
+    session = await lifecycle.start(
         model=model,
         client_address=consumer.client_address,
         owner_channel=await hub.channel(),
@@ -237,7 +238,7 @@ async def start(consumer: ChatConsumer, *, model: str, **principal: Any) -> tupl
 
 async def resume(consumer: ChatConsumer, session_id: uuid.UUID, token: str, last_seq: int) -> None:
     """Attach `consumer` to a resumable session, wherever it is held; ClientError says why not."""
-    session = await sessions.get(session_id)
+    session = await lifecycle.get(session_id)
     if session is None:
         raise ClientError(ErrorCode.SESSION_NOT_FOUND, "No session has that session_id.")
     if not token_matches(session, token):
@@ -271,13 +272,13 @@ async def _take_over(consumer: ChatConsumer, session: ChatSession, last_seq: int
     deadline = loop.time() + settings.R2D2_DRAIN_SECONDS + settings.R2D2_UPSTREAM_TIMEOUT + 10
     asked = False
     while True:
-        row = await sessions.get(session_id)
+        row = await lifecycle.get(session_id)
         if row is None or not row.is_live:
             # Ended meanwhile (an operator, the window on the old holder): the client gets the rest, its end included.
             await _forward(consumer, log, session_id, cursor)
             return
         if await _free(row):
-            if await sessions.claim(session_id, from_owner=row.owner_process, channel=await hub.channel()):
+            if await lifecycle.claim(session_id, from_owner=row.owner_process, channel=await hub.channel()):
                 break
             continue  # another process claimed it first: ask that one
         if not asked:
@@ -319,7 +320,7 @@ async def _free(row: ChatSession) -> bool:
 async def _ask_to_hand_over(row: ChatSession) -> None:
     layer = get_channel_layer()
     event = {"type": "resume.handover", "session_id": str(row.id)}
-    await layer.group_send(sessions.group(row.id), event)  # the holder's hub ignores the second copy
+    await layer.group_send(lifecycle.group(row.id), event)  # the holder's hub ignores the second copy
     if row.owner_channel:
         await layer.send(row.owner_channel, event)
 
@@ -383,11 +384,11 @@ class Hub:
         return self._channel
 
     async def join(self, session_id: uuid.UUID) -> None:
-        await get_channel_layer().group_add(sessions.group(session_id), await self.channel())
+        await get_channel_layer().group_add(lifecycle.group(session_id), await self.channel())
 
     async def leave(self, session_id: uuid.UUID) -> None:
         if self._channel is not None:
-            await get_channel_layer().group_discard(sessions.group(session_id), self._channel)
+            await get_channel_layer().group_discard(lifecycle.group(session_id), self._channel)
 
     async def _run(self, channel: str) -> None:
         layer = get_channel_layer()
@@ -413,7 +414,7 @@ class Hub:
             if held is not None:
                 await held.hand_over()
             else:
-                await sessions.release(session_id)  # recorded as ours, but not held here: let it go
+                await lifecycle.release(session_id)  # recorded as ours, but not held here: let it go
 
 
 hub = Hub()

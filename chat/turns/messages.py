@@ -2,7 +2,7 @@
 
 Only `Conversation` (the owner of a turn) calls these. In the usual turn (no new
 system message) each is one statement: on PostgreSQL it runs on the event loop
-(chat/pgpool.py), elsewhere on the ORM's database thread.
+(chat/turns/pgpool.py), elsewhere on the ORM's database thread.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from chat import pgpool
-from chat.errors import ClientError, ErrorCode
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
+from chat.protocol.errors import ClientError, ErrorCode
+from chat.turns import pgpool
 
 _MESSAGES, _SESSIONS = ChatMessage._meta.db_table, ChatSession._meta.db_table
 

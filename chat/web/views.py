@@ -19,9 +19,10 @@ from django.utils.decorators import method_decorator
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET
 
-from chat import drain, history, markdown
-from chat.csp import content_security_policy
 from chat.models import ChatSession, MessageStatus, Role
+from chat.sessions import drain, history
+from chat.web import markdown
+from chat.web.csp import content_security_policy
 
 ASYNCAPI_PATH = Path(settings.BASE_DIR) / "asyncapi.yaml"
 FAVICON_PATH = Path(__file__).resolve().parent / "static" / "chat" / "favicon.svg"
@@ -87,7 +88,7 @@ def conversation_page(request: HttpRequest, session_id: uuid.UUID) -> HttpRespon
         raise Http404("No conversation of yours has that id.")
     messages = _transcript(session)
     for m in messages:
-        # Sanitized server side, as in the admin (chat/markdown.py): this page runs no script.
+        # Sanitized server side, as in the admin (chat/web/markdown.py): this page runs no script.
         m.content_html = markdown.render(m.content) if m.role == Role.ASSISTANT else None
     return render(request, "chat/conversation.html", {"session": session, "messages": messages})
 

@@ -2,7 +2,7 @@
 
 Read from the messages table (a user message counts one message; a reply carries
 the tokens the model reported), so the admin needs nothing but the database; the
-quota counters (chat/quotas.py) add today's live figures against each limit.
+quota counters (chat/accounts/quotas.py) add today's live figures against each limit.
 The chart is drawn by the server as SVG: no script, no CDN.
 """
 

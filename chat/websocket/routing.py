@@ -1,6 +1,6 @@
 from django.urls import path
 
-from chat.consumers import ChatConsumer
+from chat.websocket.consumer import ChatConsumer
 
 websocket_urlpatterns = [
     # The seed's clients connect to the root URL; /ws/ is there for proxies that route by path.

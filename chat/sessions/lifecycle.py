@@ -23,8 +23,9 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from chat import liveness, pgpool
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
+from chat.sessions import liveness
+from chat.turns import pgpool
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ _END = f"UPDATE {ChatSession._meta.db_table} SET ended_at = %s, end_reason = %s 
 async def _end_live(session_ids: list[uuid.UUID], reason: EndReason, *, on_loop: bool = True) -> int:
     """End those of `session_ids` still live, in one statement; how many it ended.
 
-    `on_loop`: on PostgreSQL, on the event loop's own connection (chat/pgpool.py), as the
+    `on_loop`: on PostgreSQL, on the event loop's own connection (chat/turns/pgpool.py), as the
     consumers end their sessions. Otherwise through the ORM's connection, which sees what
     the caller's own transaction wrote (an operator's request: the admin, a command).
     """

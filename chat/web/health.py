@@ -26,7 +26,7 @@ class HealthCheckMiddleware:
 
     async def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path == "/healthz":
-            from chat.views import healthz
+            from chat.web.views import healthz
 
             return await healthz(request)
         return await self.get_response(request)

@@ -54,7 +54,7 @@ class TrustedProxyMiddleware:
         self.app = app
         self.trusted_proxies = settings.R2D2_TRUSTED_PROXIES if trusted_proxies is None else trusted_proxies
 
-    _asgi_single_callable = True  # see chat/heartbeat.py: returns the inner coroutine, no frame of its own
+    _asgi_single_callable = True  # see chat/sessions/heartbeat.py: returns the inner coroutine, no frame of its own
 
     def __call__(self, scope: Scope, receive, send) -> Awaitable[None]:
         if scope["type"] in ("http", "websocket") and self.trusted_proxies > 0:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from chat.errors import ClientError, ErrorCode
-from chat.text import storable
+from chat.protocol.errors import ClientError, ErrorCode
+from chat.protocol.text import storable
 
 # Requests -------------------------------------------------------------------
 
@@ -259,7 +259,7 @@ def models(available: list[tuple[str, str]]) -> str:
     return encode("models", [{"id": model, "provider": provider} for model, provider in available])
 
 
-# Resumable sessions (chat/resume.py) ------------------------------------------
+# Resumable sessions (chat/sessions/resume.py) ------------------------------------------
 # Frames of a session started with `"resumable": true` carry two more keys after
 # `type` and `data`; every other frame stays exactly as above.
 

@@ -34,7 +34,7 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 CLOSE_NOT_READING = 4408
-CLOSE_SERVICE_RESTART = 1012  # chat/drain.py closes with it
+CLOSE_SERVICE_RESTART = 1012  # chat/sessions/drain.py closes with it
 
 
 def unsent_bytes(transport) -> int:

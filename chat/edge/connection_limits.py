@@ -26,8 +26,8 @@ from typing import Any
 
 from django.conf import settings
 
-from chat.errors import ErrorCode
 from chat.protocol import error
+from chat.protocol.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def counter() -> LocalCounter:
 
 
 class ConnectionLimitMiddleware:
-    """Caps open WebSockets per scope["client"][0] (the address chat/proxy.py settles on)."""
+    """Caps open WebSockets per scope["client"][0] (the address chat/edge/proxy.py settles on)."""
 
     def __init__(self, app, cap: int | None = None) -> None:
         self.app = app

@@ -38,7 +38,7 @@ def _port(netloc_port: str, scheme: str) -> int | None:
 
 def server_origin(scope: dict[str, Any]) -> tuple[str, str, int | None] | None:
     """(scheme, host, port) of the server as the request reached it: the Host header, and the
-    scheme the client used (wss, or https at the load balancer: chat/proxy.py sets it from
+    scheme the client used (wss, or https at the load balancer: chat/edge/proxy.py sets it from
     X-Forwarded-Proto). None when the Host header is outside ALLOWED_HOSTS."""
     host_header = _header(scope, b"host")
     if host_header is None:
@@ -91,7 +91,7 @@ class HostOriginValidator:
     WebSocket handshakes), so it is safe to accept.
     """
 
-    _asgi_single_callable = True  # see chat/heartbeat.py: returns the inner coroutine, no frame of its own
+    _asgi_single_callable = True  # see chat/sessions/heartbeat.py: returns the inner coroutine, no frame of its own
 
     def __init__(self, application) -> None:
         self.application = application

@@ -18,15 +18,13 @@ import hashlib
 import hmac
 import logging
 import secrets
-from dataclasses import dataclass, field
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
-from django.db.models import Q
 from django.utils import timezone
 
-from chat import quotas
-from chat.models import ApiKey, ChatSession
+from chat.accounts.principals import ANONYMOUS, Principal, limits_for_key
+from chat.models import ApiKey
 
 logger = logging.getLogger(__name__)
 
@@ -37,40 +35,6 @@ PREFIX_CHARS = 12
 UNAUTHORIZED_CLOSE_CODE = 4401
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who spends the budget: a user (`user_id`), an API key (`api_key_id`, maybe owned by a user), or nobody."""
-
-    user_id: int | None = None
-    api_key_id: int | None = None
-    label: str = "anonymous"  # a username or key name: safe to log and show
-    limits: quotas.Limits = field(default_factory=quotas.default_limits)
-
-    @property
-    def is_anonymous(self) -> bool:
-        return self.user_id is None and self.api_key_id is None
-
-    @property
-    def quota_key(self) -> str:
-        """The name its quota counters are kept under."""
-        return f"key:{self.api_key_id}" if self.api_key_id is not None else f"user:{self.user_id}"
-
-    def own_sessions(self) -> Q:
-        """The sessions this principal started itself (what its concurrent-session quota counts)."""
-        if self.api_key_id is not None:
-            return Q(api_key_id=self.api_key_id)
-        return Q(user_id=self.user_id, api_key__isnull=True)
-
-    def owns(self, session: ChatSession) -> bool:
-        """A key owns what it started; a person owns what they started and what their keys started."""
-        if self.is_anonymous:
-            return False
-        if self.api_key_id is not None:
-            return session.api_key_id == self.api_key_id
-        return session.user_id == self.user_id
-
-
-ANONYMOUS = Principal()
 
 
 class Unauthorized(Exception):
@@ -194,7 +158,7 @@ def principal_for_key(api_key: ApiKey) -> Principal:
         user_id=api_key.user_id,
         api_key_id=api_key.id,
         label=api_key.name,
-        limits=quotas.limits_for_key(api_key),
+        limits=limits_for_key(api_key),
     )
 
 

@@ -5,8 +5,8 @@ every turn paid two thread hops, two model instantiations and psycopg's
 client-side parameter binding for its two writes, about a fifth of the
 server's CPU under load (`bench/throughput.py --profile`). psycopg's
 `AsyncConnection` runs the same statements on the loop itself. Only what every
-turn or session does uses this (chat/messages.py: a turn's messages;
-chat/sessions.py: a session's start and end); everything else (the admin,
+turn or session does uses this (chat/turns/messages.py: a turn's messages;
+chat/sessions/lifecycle.py: a session's start and end); everything else (the admin,
 checks, the sweeps) stays on the ORM, and SQLite stays on the ORM's thread.
 
 One small pool (R2D2_DB_TURN_POOL_MAX connections) per event loop: Daphne runs

@@ -22,11 +22,13 @@ from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 
-from chat import llm, messages, metrics, prompt, protocol
-from chat.errors import ClientError, ErrorCode
+from chat import llm, protocol
 from chat.models import MessageStatus, Role
+from chat.ops import metrics
 from chat.protocol import PostMessage
-from chat.text import TextRepair
+from chat.protocol.errors import ClientError, ErrorCode
+from chat.protocol.text import TextRepair
+from chat.turns import messages, prompt
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,15 @@ from collections.abc import Awaitable, Callable
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import auth, drain, history, llm, metrics, protocol, quotas, resume, sessions
-from chat.conversation import Conversation
-from chat.errors import ClientError, ErrorCode
-from chat.limits import TokenBucket
+from chat import llm, protocol
+from chat.accounts import auth, principals, quotas
+from chat.accounts.limits import TokenBucket
 from chat.models import EndReason
+from chat.ops import metrics
 from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart
+from chat.protocol.errors import ClientError, ErrorCode
+from chat.sessions import drain, history, lifecycle, resume
+from chat.turns.conversation import Conversation
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.start_rate = TokenBucket(settings.R2D2_RATE_LIMIT_PER_MINUTE)
         client = self.scope.get("client")
         self.client_address = client[0] if client else None
-        self.principal = auth.ANONYMOUS
+        self.principal = principals.ANONYMOUS
         self.accepted = self.refused = False
         try:
             self.principal = await auth.authenticate(self.scope)
@@ -57,7 +60,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # Channels closes stale ORM connections around every message it dispatches: a hop to
         # the database thread for each frame received, ~4% of the server's CPU per turn
         # (bench/throughput.py --profile). A frame's work holds no ORM connection between
-        # frames (on PostgreSQL a turn's writes bypass the ORM, chat/pgpool.py); connect,
+        # frames (on PostgreSQL a turn's writes bypass the ORM, chat/turns/pgpool.py); connect,
         # disconnect and the heartbeat (database_sync_to_async, every few seconds, on the same
         # thread) still close them.
         if message["type"] == "websocket.receive":
@@ -88,7 +91,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Called when the socket closes: stop every generation and end every session it held."""
         if getattr(self, "counted", False):  # connect() accepted it: the socket was counted
             metrics.OPEN_SOCKETS.dec()
-        for group in auth.revocation_groups(getattr(self, "principal", auth.ANONYMOUS), self.scope):
+        for group in auth.revocation_groups(getattr(self, "principal", principals.ANONYMOUS), self.scope):
             await self.channel_layer.group_discard(group, self.channel_name)
         await self.release_all()
 
@@ -105,9 +108,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not conversations:
             return
         await asyncio.gather(*(c.close() for c in conversations.values()), return_exceptions=True)
-        await sessions.end_many(session_ids=list(conversations), reason=EndReason.DISCONNECT)
+        await lifecycle.end_many(session_ids=list(conversations), reason=EndReason.DISCONNECT)
         for session_id in conversations:
-            await self.channel_layer.group_discard(sessions.group(session_id), self.channel_name)
+            await self.channel_layer.group_discard(lifecycle.group(session_id), self.channel_name)
 
     async def send_frame(self, text: str) -> None:
         await self.send(text_data=text)
@@ -144,7 +147,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             session, token = await resume.start(self, model=model, **principal)
             conversation = self.conversations[session.id]
         else:
-            session = await sessions.start(
+            session = await lifecycle.start(
                 model=model, client_address=self.client_address, owner_channel=self.channel_name, **principal
             )
             conversation = Conversation(session_id=session.id, model=model, send=self.send_frame)
@@ -157,7 +160,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(protocol.resumable_session_start(session.id, token))
             return
         metrics.LIVE_SESSIONS.inc()
-        await self.channel_layer.group_add(sessions.group(session.id), self.channel_name)
+        await self.channel_layer.group_add(lifecycle.group(session.id), self.channel_name)
         logger.info("session started", extra={"session_id": str(session.id), "model": model})
         await self.send_frame(protocol.session_start(session.id))
 
@@ -180,7 +183,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def end_session(self, request: SessionEnd) -> None:
         if await self.held(request.session_id, or_mine=True) is None:
             # Held by another connection of this principal: its holder ends it and tells its client.
-            await sessions.request_end(request.session_id, EndReason.CLIENT, wait=2.0)
+            await lifecycle.request_end(request.session_id, EndReason.CLIENT, wait=2.0)
         elif (held := resume.local(request.session_id)) is not None:
             await held.end(EndReason.CLIENT, protocol.session_end())
             return
@@ -193,7 +196,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if conversation is None:
             # Held by another connection of this principal: ask its holder (its client gets processing_end).
             event = {"type": "session.cancel", "session_id": str(request.session_id)}
-            await self.channel_layer.group_send(sessions.group(request.session_id), event)
+            await self.channel_layer.group_send(lifecycle.group(request.session_id), event)
             return
         if not conversation.cancel():
             raise ClientError(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
@@ -255,7 +258,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         conversation = self.conversations.get(session_id)
         if conversation is not None:
             return conversation
-        session = await sessions.get(session_id)
+        session = await lifecycle.get(session_id)
         if session is None:
             raise ClientError(ErrorCode.SESSION_NOT_FOUND, "No session has that session_id.")
         if not session.is_live:
@@ -320,8 +323,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         metrics.LIVE_SESSIONS.dec()
         await conversation.close()
         if reason is not None:
-            await sessions.end(session_id=session_id, reason=reason)
-        await self.channel_layer.group_discard(sessions.group(session_id), self.channel_name)
+            await lifecycle.end(session_id=session_id, reason=reason)
+        await self.channel_layer.group_discard(lifecycle.group(session_id), self.channel_name)
         logger.info("session ended", extra={"session_id": str(session_id), "reason": reason or "elsewhere"})
 
 

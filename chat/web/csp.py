@@ -7,7 +7,7 @@ or send data anywhere but this server. Django 5.2 has no CSP of its own, and one
 page needs one header, so a decorator is enough (no django-csp dependency).
 
 The admin is not covered: Django's admin pages use inline script and are for
-operators, whose transcripts are sanitized server side (chat/markdown.py).
+operators, whose transcripts are sanitized server side (chat/web/markdown.py).
 """
 
 from __future__ import annotations
