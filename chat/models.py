@@ -18,6 +18,7 @@ class EndReason(models.TextChoices):
     OPERATOR = "operator", "Ended by an operator"
     ORPHANED = "orphaned", "Server process gone"
     ABANDONED = "abandoned", "Not resumed in time"
+    REVOKED = "revoked", "Key revoked or account deactivated"
 
 
 class Role(models.TextChoices):
@@ -27,10 +28,17 @@ class Role(models.TextChoices):
 
 
 class MessageStatus(models.TextChoices):
+    """A turn's state lives on its rows. A user's message is `accepted` until its turn ends
+    without a reply row (`failed`, `cancelled` or `interrupted` before a word was said); it is
+    answered once a reply row points to it. A reply is `incomplete` while it streams, then
+    `complete`, `cancelled` or `interrupted` (its holder died, was fenced or timed out)."""
+
     COMPLETE = "complete", "Complete"
     CANCELLED = "cancelled", "Cancelled (partial reply)"
     INCOMPLETE = "incomplete", "Streaming (saved so far)"
     INTERRUPTED = "interrupted", "Interrupted (partial reply)"
+    ACCEPTED = "accepted", "Accepted (not answered yet)"
+    FAILED = "failed", "Failed (no reply)"
 
 
 class ChatSessionQuerySet(models.QuerySet):
@@ -68,6 +76,9 @@ class ChatSession(models.Model):
     # the sweep can end it as abandoned once the resume window has passed.
     resume_token_hash = models.CharField(max_length=64, blank=True, default="")
     released_at = models.DateTimeField(null=True, blank=True)
+    # The holder's lease (chat/sessions/ownership.py): it grows at every takeover, and every write
+    # of a turn is conditioned on it, so a holder that lost the session can write nothing more.
+    fence = models.PositiveBigIntegerField(default=1)
     # Who spent the model budget (chat/accounts/auth.py): a signed-in user or an API key, or
     # neither when auth is off. Kept when the user or key is deleted, as history.
     user = models.ForeignKey(
@@ -157,10 +168,26 @@ class ChatMessage(models.Model):
     latency_ms = models.PositiveIntegerField(
         null=True, blank=True, help_text="Time from the model call to the last token."
     )
+    # A reply's user message: a user message no reply points to, still `accepted`, is unanswered.
+    reply_to = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replies", db_index=False
+    )
+    # The client's own id for a message it posted (`client_message_id`): a resend is recognised.
+    client_message_id = models.CharField(max_length=100, blank=True, default="")
 
     class Meta:
         ordering = ["created_at", "id"]
-        indexes = [models.Index(fields=["session", "created_at", "id"], name="chat_message_session_idx")]
+        indexes = [
+            models.Index(fields=["session", "created_at", "id"], name="chat_message_session_idx"),
+            models.Index(fields=["reply_to"], condition=Q(reply_to__isnull=False), name="chat_message_reply_to_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["session", "client_message_id"],
+                condition=~Q(client_message_id=""),
+                name="chat_message_client_id_uniq",
+            )
+        ]
 
     def __str__(self) -> str:
         preview = self.content if len(self.content) <= 60 else self.content[:57] + "..."
