@@ -16,9 +16,10 @@ class ChatConfig(AppConfig):
 
         from django.contrib.auth import get_user_model
         from django.contrib.auth.signals import user_logged_out
-        from django.db.models.signals import post_save
+        from django.db.models.signals import post_save, pre_save
 
         from chat.accounts import auth
 
         user_logged_out.connect(auth.signed_out, dispatch_uid="r2d2-signed-out")
+        pre_save.connect(auth.account_saving, sender=get_user_model(), dispatch_uid="r2d2-account-saving")
         post_save.connect(auth.account_saved, sender=get_user_model(), dispatch_uid="r2d2-account-saved")

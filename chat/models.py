@@ -37,7 +37,7 @@ class MessageStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled (partial reply)"
     INCOMPLETE = "incomplete", "Streaming (saved so far)"
     INTERRUPTED = "interrupted", "Interrupted (partial reply)"
-    ACCEPTED = "accepted", "Accepted (not answered yet)"
+    ACCEPTED = "accepted", "Accepted"
     FAILED = "failed", "Failed (no reply)"
 
 

@@ -14,6 +14,7 @@ last check is older than R2D2_AUTH_RECHECK_SECONDS, for what the group cannot re
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -21,10 +22,13 @@ import secrets
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
+from django.contrib.auth import get_user_model
+from django.db.models import Q
 from django.utils import timezone
 
 from chat.accounts.principals import ANONYMOUS, Principal, limits_for_key
-from chat.models import ApiKey
+from chat.models import ApiKey, ChatSession, EndReason
+from chat.sessions import lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -122,10 +126,22 @@ def signed_out(sender, request, user, **kwargs) -> None:
         withdraw(login_group(session_key), "You signed out.")
 
 
-def account_saved(sender, instance, **kwargs) -> None:
-    """A user deactivated (the admin's "active" box): their open sockets are closed."""
+def account_saving(sender, instance, **kwargs) -> None:
+    """`pre_save` of a user: remember the password hash it had, to see whether it changes."""
+    if instance.pk is not None:
+        instance._r2d2_password_before = (
+            type(instance).objects.filter(pk=instance.pk).values_list("password", flat=True).first()
+        )
+
+
+def account_saved(sender, instance, created: bool = False, **kwargs) -> None:
+    """A user deactivated (the admin's "active" box): their open sockets are closed and all their
+    sessions end. Their password changed: their signed-in sockets are closed, as signing out does."""
     if not instance.is_active:
         withdraw(user_group(instance.pk), "That account is no longer active.")
+        end_sessions(Q(user_id=instance.pk))
+    elif not created and getattr(instance, "_r2d2_password_before", instance.password) != instance.password:
+        withdraw(user_group(instance.pk), "Your password was changed; sign in again.")
 
 
 def revoke(api_key: ApiKey) -> bool:
@@ -134,9 +150,40 @@ def revoke(api_key: ApiKey) -> bool:
     api_key.refresh_from_db(fields=["revoked_at"])
     # Sent even when already revoked: a socket that missed the first event is closed now.
     withdraw(key_group(api_key.id), "That API key has been revoked.")
+    end_sessions(Q(api_key_id=api_key.id))
     if revoked:
         logger.warning("api key revoked", extra={"api_key": api_key.name, "prefix": api_key.prefix})
     return bool(revoked)
+
+
+def end_sessions(whose: Q) -> int:
+    """End every live session of a withdrawn principal, detached or not, wherever it is held: its turn's
+    model request is closed and its queued messages are not answered (reason `revoked`)."""
+    session_ids = list(ChatSession.objects.live().filter(whose).values_list("id", flat=True))
+    if session_ids:
+        async_to_sync(_end_all)(session_ids)
+    return len(session_ids)
+
+
+async def _end_all(session_ids: list) -> None:
+    # Each holder is asked over the channel layer; one that does not confirm within 3 s (or is gone)
+    # has its session ended in the database, so a resume is refused as `session_ended` either way.
+    await asyncio.gather(
+        *(lifecycle.request_end(session_id, EndReason.REVOKED, wait=3.0) for session_id in session_ids),
+        return_exceptions=True,
+    )
+
+
+def principal_of_session(session: ChatSession) -> Principal:
+    """The principal a session was started for, with its limits today (a session taken over is charged to it)."""
+    if session.api_key_id is not None:
+        api_key = ApiKey.objects.filter(id=session.api_key_id).select_related("user").first()
+        if api_key is not None:
+            return principal_for_key(api_key)
+    if session.user_id is not None:
+        user = get_user_model().objects.filter(pk=session.user_id).first()
+        return Principal(user_id=session.user_id, label=user.get_username() if user else f"user {session.user_id}")
+    return ANONYMOUS
 
 
 # Connections ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ class PostMessage:
     user_message: str
     system_message: str | None
     stream: bool
+    client_message_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +182,8 @@ def _parse_list_models(content: dict, max_message_chars: int) -> ListModels:
 
 #: A resume token is 43 URL-safe characters (32 random bytes); anything far longer is not one.
 MAX_RESUME_TOKEN_CHARS = 200
+#: The largest `last_seq` accepted: 2**53 - 1, the largest integer a JavaScript client holds exactly.
+MAX_SEQ = 2**53 - 1
 
 
 def _parse_resume(content: dict, max_message_chars: int) -> Resume:
@@ -189,8 +192,9 @@ def _parse_resume(content: dict, max_message_chars: int) -> Resume:
     if not isinstance(token, str) or not token or len(token) > MAX_RESUME_TOKEN_CHARS:
         raise ClientError(ErrorCode.RESUME_TOKEN_INVALID, "That resume_token does not resume this session.")
     last_seq = content.get("last_seq", 0)
-    if isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0:
-        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, "'last_seq' must be a whole number, 0 or more.")
+    # Bounded like a JSON number every client can hold exactly; anything larger is no seq R2D2 made.
+    if isinstance(last_seq, bool) or not isinstance(last_seq, int) or not 0 <= last_seq <= MAX_SEQ:
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'last_seq' must be a whole number from 0 to {MAX_SEQ}.")
     return Resume(session_id=session_id, resume_token=token, last_seq=last_seq)
 
 
@@ -279,6 +283,11 @@ def sequenced(frame: str, session_id: uuid.UUID, seq: int) -> str:
     streamed delta, and the frame's own bytes stay whatever `encode` made them.
     """
     return f'{frame[:-1]}, "session_id": "{session_id}", "seq": {seq}}}'
+
+
+def cancelled(session_id: uuid.UUID) -> str:
+    """To the socket that cancelled a turn another of its principal's sockets holds: it was stopped."""
+    return encode("cancelled", {"session_id": str(session_id)})
 
 
 def frame_type(frame: str) -> str:

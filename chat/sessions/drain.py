@@ -9,10 +9,12 @@ connection of the process installs `_on_sigterm` in front of it (`watch`):
    sending it new connections), new handshakes are refused, and new sessions,
    turns and resumes are refused with `server_draining`;
 2. turns in progress, and messages queued behind them, run to their end, for at
-   most R2D2_DRAIN_SECONDS (what is still running then is stopped: its partial
-   reply is saved and its client gets `processing_end`);
+   most R2D2_DRAIN_SECONDS. A turn still running then is interrupted: its client
+   gets `error` `turn_interrupted` then `processing_end`, and its reply is saved as
+   interrupted. A plain session's queued messages each get `error` `server_draining`;
 3. resumable sessions are released (no owner in the database), so that a client
-   resuming on another process takes them over at once, with every frame kept;
+   resuming on another process takes them over at once, with every frame kept, and
+   that process answers the messages still queued (they are saved as `accepted`);
 4. every socket is closed with 1012 (service restart); sessions that are not
    resumable end as `disconnect`, as when any socket closes;
 5. Twisted's own handler runs, and the process exits as before.
@@ -25,22 +27,19 @@ import logging
 import signal
 import weakref
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 
 from chat.edge.daphne import CLOSE_SERVICE_RESTART
 from chat.protocol.errors import ClientError, ErrorCode
-from chat.sessions import resume
-
-if TYPE_CHECKING:
-    from chat.websocket.consumer import ChatConsumer
+from chat.sessions import holder
+from chat.sessions.socket import SessionSocket
 
 logger = logging.getLogger(__name__)
 
 
 draining = False
-_consumers: weakref.WeakSet[ChatConsumer] = weakref.WeakSet()
+_sockets: weakref.WeakSet[SessionSocket] = weakref.WeakSet()
 _installed = False
 _task: asyncio.Task[None] | None = None
 
@@ -51,9 +50,9 @@ def refuse_if_draining() -> None:
         raise ClientError(ErrorCode.SERVER_DRAINING, "This server is restarting; reconnect and resume or start again.")
 
 
-def watch(consumer: ChatConsumer) -> None:
+def watch(socket: SessionSocket) -> None:
     """Note an open socket (to close it when draining); the first one installs the SIGTERM handler."""
-    _consumers.add(consumer)
+    _sockets.add(socket)
     _install()
 
 
@@ -106,17 +105,21 @@ async def drain(seconds: float | None = None) -> None:
     # Polled: turns end in many ways, and this runs once in a process's life.
     while _busy() and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
-    held = resume.held_here()
-    await asyncio.gather(*(h.release() for h in held), return_exceptions=True)
-    consumers = list(_consumers)
-    await asyncio.gather(*(c.close(code=CLOSE_SERVICE_RESTART) for c in consumers), return_exceptions=True)
+    still_busy = sum(h.conversation.busy for h in holder.held_here())
+    held = holder.held_here()
+    await asyncio.gather(*(h.stop_for_drain() for h in held), return_exceptions=True)
+    sockets = list(_sockets)
+    await asyncio.gather(*(s.close(code=CLOSE_SERVICE_RESTART) for s in sockets), return_exceptions=True)
     logger.warning(
-        "drained", extra={"released_sessions": len(held), "closed_sockets": len(consumers), "still_busy": _busy()}
+        "drained",
+        extra={
+            "released_sessions": sum(h.resumable for h in held),
+            "closed_sockets": len(sockets),
+            "cut_short": still_busy,
+        },
     )
     await asyncio.sleep(0.5)  # let the close frames leave before the reactor stops
 
 
 def _busy() -> bool:
-    conversations = [c for consumer in list(_consumers) for c in consumer.conversations.values()]
-    conversations += [h.conversation for h in resume.held_here()]
-    return any(c.busy for c in conversations)
+    return any(h.conversation.busy for h in holder.held_here())

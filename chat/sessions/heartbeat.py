@@ -18,9 +18,10 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from chat.models import ChatSession, EndReason
+from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
 from chat.sessions import lifecycle, liveness
 from chat.sessions.liveness import PROCESS_ID
+from chat.turns import conversation
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ class Heartbeat:
                 if sweep_every > 0 and loop_time - last_sweep >= sweep_every:
                     last_sweep = loop_time
                     await database_sync_to_async(lifecycle.end_orphaned)()
+                    await database_sync_to_async(interrupt_stale_replies)(conversation.streaming_rows())
             except Exception as exc:  # the database may be down: keep beating, the health check reports it
-                logger.warning("heartbeat failed", extra={"error": type(exc).__name__, "process": PROCESS_ID})
+                # `extra` never names a LogRecord attribute ("process" is one): logging would raise
+                # KeyError here and the heartbeat would die (tests/test_boundaries.py checks).
+                logger.warning("heartbeat failed", extra={"error": type(exc).__name__, "process_id": PROCESS_ID})
             await asyncio.sleep(interval)
 
     @staticmethod
@@ -87,6 +91,18 @@ class Heartbeat:
             await lifecycle.tell_holder(session, EndReason.ORPHANED)
         if orphaned:
             logger.warning("sessions found orphaned after a silence", extra={"count": len(orphaned)})
+
+
+def interrupt_stale_replies(streaming: set[int]) -> int:
+    """Replies this process's sessions left `incomplete` that no turn here is writing (the last save of
+    their turn failed: PostgreSQL restarted mid-turn) are marked interrupted."""
+    stale = ChatMessage.objects.filter(
+        status=MessageStatus.INCOMPLETE, session__owner_process=PROCESS_ID, session__ended_at__isnull=True
+    ).exclude(id__in=streaming)
+    count = stale.update(status=MessageStatus.INTERRUPTED)
+    if count:
+        logger.warning("replies left incomplete marked interrupted", extra={"count": count})
+    return count
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

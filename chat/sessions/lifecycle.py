@@ -1,11 +1,15 @@
-"""A session's life: started, looked up, ended; the only code that writes `ended_at`.
+"""A session's life: started, claimed, released, ended; the only code that writes `ended_at`
+and `fence`.
 
-A live session is held by one consumer, in one server process (its
-`owner_process` and `owner_channel`). Ending it from that consumer is `end` (or
-`end_many` when a socket closes). Ending it from anywhere else (the admin, a
-management command, the heartbeat) is `request_end`: it asks the owner over the
-channel layer, so the owner stops the generation and tells its client, and ends
-it in the database directly when no owner can answer.
+A live session is held by one holder (chat/sessions/holder.py) in one server process
+(its `owner_process`, and `owner_channel`, that process's hub). Holding it is a lease:
+`fence` grows at every claim, and a holder's writes are conditioned on the fence it
+claimed, so of two processes that both think they hold a session only the newer can
+write. Ending it from its holder is `end` (or `end_many` when sockets close). Ending it
+from anywhere else (the admin, a management command, revocation, the heartbeat) is
+`request_end`: it asks the holder over the channel layer, so the holder stops the
+generation and tells its client, and ends it in the database directly when no holder
+can answer.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from datetime import timedelta
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
-from django.db.models import Q
+from django.db import connection
+from django.db.models import F, Q
 from django.utils import timezone
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
@@ -28,11 +33,6 @@ from chat.sessions import liveness
 from chat.turns import pgpool
 
 logger = logging.getLogger(__name__)
-
-
-def group(session_id: uuid.UUID | str) -> str:
-    """The channel-layer group that reaches whichever consumer, in whatever process, holds a session."""
-    return f"session.{uuid.UUID(str(session_id)).hex}"
 
 
 async def start(
@@ -62,20 +62,34 @@ async def start(
     return session
 
 
-async def release(session_id: uuid.UUID) -> None:
-    """This process stops holding a live resumable session (handed over, drained): any process may claim it."""
-    await ChatSession.objects.filter(id=session_id, owner_process=liveness.PROCESS_ID, ended_at__isnull=True).aupdate(
-        owner_process="", owner_channel="", released_at=timezone.now()
-    )
+async def release(session_id: uuid.UUID, *, fence: int | None = None) -> None:
+    """This process stops holding a live resumable session (handed over, drained): any process may claim it.
+    With `fence`, only while that lease is still the session's."""
+    held = ChatSession.objects.filter(id=session_id, owner_process=liveness.PROCESS_ID, ended_at__isnull=True)
+    if fence is not None:
+        held = held.filter(fence=fence)
+    await held.aupdate(owner_process="", owner_channel="", released_at=timezone.now())
 
 
-async def claim(session_id: uuid.UUID, *, from_owner: str, channel: str) -> bool:
-    """Become the holder of a live session still held by `from_owner` (released: ""); False when another
-    process claimed it first, or it ended. One UPDATE, so of two claimants exactly one wins."""
-    claimed = await ChatSession.objects.filter(id=session_id, owner_process=from_owner, ended_at__isnull=True).aupdate(
-        owner_process=liveness.PROCESS_ID, owner_channel=channel, released_at=None
-    )
-    return bool(claimed)
+_CLAIM = (
+    f"UPDATE {ChatSession._meta.db_table} SET fence = fence + 1, owner_process = %s, owner_channel = %s, "
+    "released_at = NULL WHERE id = %s AND owner_process = %s AND ended_at IS NULL RETURNING fence"
+)
+
+
+async def claim(session_id: uuid.UUID, *, from_owner: str, channel: str) -> int | None:
+    """Become the holder of a live session still held by `from_owner` (released: ""): returns the new
+    fence, or None when another process claimed it first, or it ended. One UPDATE, so of two claimants
+    exactly one wins, and the fence it returns is larger than any earlier holder's."""
+    return await sync_to_async(_claim)(session_id, from_owner, channel)
+
+
+def _claim(session_id: uuid.UUID, from_owner: str, channel: str) -> int | None:
+    sid = ChatSession._meta.pk.get_db_prep_value(session_id, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(_CLAIM, [liveness.PROCESS_ID, channel, sid, from_owner])
+        row = cursor.fetchone()
+    return int(row[0]) if row else None
 
 
 async def get(session_id: uuid.UUID) -> ChatSession | None:
@@ -99,8 +113,14 @@ async def _end_live(session_ids: list[uuid.UUID], reason: EndReason, *, on_loop:
     )
 
 
-async def end(*, session_id: uuid.UUID, reason: EndReason) -> bool:
-    """Mark a live session ended; False if it had already ended."""
+async def end(*, session_id: uuid.UUID, reason: EndReason, fence: int | None = None) -> bool:
+    """Mark a live session ended; False if it had already ended (or, with `fence`, another holder has it)."""
+    if fence is not None:
+        return bool(
+            await ChatSession.objects.filter(id=session_id, ended_at__isnull=True, fence=fence).aupdate(
+                ended_at=timezone.now(), end_reason=reason
+            )
+        )
     return bool(await _end_live([session_id], reason))
 
 
@@ -150,8 +170,9 @@ def end_orphaned(*, stale_after: float | None = None) -> int:
     candidates = liveness.orphaned_sessions(stale_after=stale_after)
     _release_or_abandon(candidates.exclude(resume_token_hash=""))
     orphaned = list(candidates.filter(resume_token_hash="").values_list("id", flat=True))
-    ended = ChatSession.objects.filter(id__in=orphaned, ended_at__isnull=True).update(
-        ended_at=timezone.now(), end_reason=EndReason.ORPHANED
+    # The fence grows too: a process judged gone by mistake (paused, cut off) can write nothing more.
+    ended = candidates.filter(id__in=orphaned).update(
+        ended_at=timezone.now(), end_reason=EndReason.ORPHANED, fence=F("fence") + 1
     )
     # A reply that was streaming when its process died stays as far as it got.
     ChatMessage.objects.filter(session_id__in=orphaned, status=MessageStatus.INCOMPLETE).update(
@@ -172,8 +193,10 @@ def _release_or_abandon(resumable) -> None:
     held_by_the_gone = resumable.exclude(owner_process="")
     gone_ids = list(held_by_the_gone.values_list("id", flat=True))
     if gone_ids:
-        ChatSession.objects.filter(id__in=gone_ids, ended_at__isnull=True).update(
-            owner_process="", owner_channel="", released_at=now
+        # Conditioned again in the UPDATE (a client may have claimed one meanwhile); the fence grows,
+        # so a holder judged gone by mistake loses its lease, never the conversation.
+        held_by_the_gone.filter(id__in=gone_ids).update(
+            owner_process="", owner_channel="", released_at=now, fence=F("fence") + 1
         )
         ChatMessage.objects.filter(session_id__in=gone_ids, status=MessageStatus.INCOMPLETE).update(
             status=MessageStatus.INTERRUPTED
@@ -251,18 +274,15 @@ async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> En
 
 
 async def tell_holder(session: ChatSession, reason: EndReason) -> None:
-    """Ask the consumer holding `session` to close it: it stops any generation, records `reason`
-    (unless the session already ended) and sends its client `session_end`.
+    """Ask the holder of `session` to end it: it stops any generation, records `reason` (unless the
+    session already ended) and sends its client `session_end`.
 
-    The event goes to the session's group and also straight to the owner's channel: group
-    membership lives only in Redis and is gone after a Redis restart, while the owner's
-    channel name (saved on the session) still routes. The consumer ignores the second copy.
+    The event goes to the owner's channel, its process's hub, saved on the session: a channel
+    name routes across a Redis restart, where group membership would be gone.
     """
-    layer = get_channel_layer()
-    event = {"type": "session.end", "session_id": str(session.id), "reason": reason.value}
-    await layer.group_send(group(session.id), event)
     if session.owner_channel:
-        await layer.send(session.owner_channel, event)
+        event = {"type": "session.end", "session_id": str(session.id), "reason": reason.value}
+        await get_channel_layer().send(session.owner_channel, event)
 
 
 _alive = sync_to_async(liveness.is_alive)

@@ -3,6 +3,7 @@ never imports the consumer (chat/websocket/consumer.py implements it)."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Protocol
 
 
@@ -14,3 +15,6 @@ class SessionSocket(Protocol):
 
     async def close(self, code: int | None = None) -> None:
         """Close the socket with `code`."""
+
+    def dropped(self, session_id: uuid.UUID) -> None:
+        """The session no longer goes through this socket (ended, released, or resumed elsewhere)."""

@@ -8,7 +8,9 @@ need not be read back each turn).
 
 A turn always ends: whatever fails after `processing_start` (the model, saving,
 encoding, sending, a bug), the client gets one `error` frame and then
-`processing_end`, and the next message is answered.
+`processing_end`, and the next message is answered. Every write is conditioned on
+the holder's lease (chat/turns/messages.py): a conversation whose session was taken
+over elsewhere stops at its next write and tells its holder (`on_fenced`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import collections
 import contextlib
 import logging
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 
 from django.conf import settings
@@ -29,6 +32,7 @@ from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.protocol.text import TextRepair
 from chat.turns import messages, prompt
+from chat.turns.messages import Fenced, Lease
 
 logger = logging.getLogger(__name__)
 
@@ -36,40 +40,75 @@ Send = Callable[[str], Awaitable[None]]
 #: Told after every model call (answered, cancelled or failed): the reply, the request and the text said.
 OnUsage = Callable[[llm.Reply, list[dict[str, str]], str], None]
 
+#: The replies this process's turns are writing now (a draft lives as long as its turn): any
+#: other reply its sessions left `incomplete` (its last save failed: the database restarted
+#: mid-turn) is interrupted by the heartbeat (chat/sessions/heartbeat.py).
+_drafts: weakref.WeakSet[_Draft] = weakref.WeakSet()
+
+
+def streaming_rows() -> set[int]:
+    """The reply rows being written by a turn of this process."""
+    return {draft.row_id for draft in list(_drafts) if draft.row_id is not None}
+
+
+class _Queued:
+    """A message accepted (its row saved as `accepted`) and waiting for its turn."""
+
+    __slots__ = ("content", "system_message", "stream", "row_id")
+
+    def __init__(self, content: str, system_message: str | None, stream: bool, row_id: int) -> None:
+        self.content, self.system_message, self.stream, self.row_id = content, system_message, stream, row_id
+
 
 class Conversation:
     # One per live session, so with thousands of idle sockets its size counts (bench/memory.py).
     __slots__ = (
-        "session_id",
+        "lease",
         "model",
         "system_message",
         "history",
         "on_usage",
+        "on_fenced",
         "_send",
         "_pending",
         "_worker",
         "_in_turn",
         "_generating",
-        "_cancel_requested",
+        "_stop",
         "_closed",
     )
 
-    def __init__(self, *, session_id: uuid.UUID, model: str, send: Send, on_usage: OnUsage | None = None) -> None:
-        self.session_id = session_id
+    def __init__(
+        self,
+        *,
+        lease: Lease,
+        model: str,
+        send: Send,
+        on_usage: OnUsage | None = None,
+        on_fenced: Callable[[], None] | None = None,
+    ) -> None:
+        self.lease = lease
         self.model = model
         self.system_message = ""
         self.history: list[tuple[str, str]] = []
         self._send = send
         self.on_usage = on_usage
+        self.on_fenced = on_fenced
         # Accepted messages waiting for their turn, and the task that answers them: it exists only
         # while there is work, so an idle session holds neither a task nor an asyncio.Queue
         # (about 3 KiB each, per session, with 10,000 sockets open: bench/memory.py).
-        self._pending: collections.deque[PostMessage] = collections.deque()
+        self._pending: collections.deque[_Queued] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
         self._in_turn = False
         self._generating = False
-        self._cancel_requested = False
+        # Why the generation in progress is being stopped: a client's cancel, or an interruption
+        # (a drain past its deadline). None while nobody asked.
+        self._stop: MessageStatus | None = None
         self._closed = False
+
+    @property
+    def session_id(self) -> uuid.UUID:
+        return self.lease.session_id
 
     async def accept(self, post: PostMessage) -> None:
         """Take a message: refuse it when the queue is full, else save it and queue it for the worker."""
@@ -79,19 +118,42 @@ class Conversation:
                 ErrorCode.QUEUE_FULL,
                 f"{waiting} messages are already waiting in this session; wait for a reply.",
             )
-        await messages.save_user_message(
-            session_id=self.session_id, content=post.user_message, system_message=post.system_message
-        )
-        self._pending.append(post)
+        try:
+            row_id = await messages.save_user_message(
+                self.lease,
+                content=post.user_message,
+                system_message=post.system_message,
+                client_message_id=post.client_message_id,
+            )
+        except Fenced:
+            self._lost()
+            raise ClientError(ErrorCode.SESSION_NOT_OWNED, "This session was resumed elsewhere.") from None
+        self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id))
+
+    def requeue(self, saved: list[messages.Unanswered]) -> None:
+        """Answer messages an earlier holder saved but did not answer, in order (not streamed: how
+        they were asked is not kept; the reply arrives whole in its `message` frame)."""
+        for message in saved:
+            self._queue(_Queued(message.content, None, False, message.row_id))
+
+    def _queue(self, item: _Queued) -> None:
+        self._pending.append(item)
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name=f"conversation-{self.session_id}")
 
     def cancel(self) -> bool:
         """Stop the generation in progress; False when nothing is generating."""
+        return self._stop_generation(MessageStatus.CANCELLED)
+
+    def interrupt(self) -> bool:
+        """Stop the generation in progress as interrupted (the client gets `turn_interrupted`)."""
+        return self._stop_generation(MessageStatus.INTERRUPTED)
+
+    def _stop_generation(self, why: MessageStatus) -> bool:
         if not self._generating or self._worker is None:
             return False
-        if not self._cancel_requested:
-            self._cancel_requested = True
+        if self._stop is None:
+            self._stop = why
             self._worker.cancel()
         return True
 
@@ -100,35 +162,53 @@ class Conversation:
         """A turn is running or messages wait for one (a resumable session is handed over only when not)."""
         return self._in_turn or bool(self._pending)
 
-    async def close(self) -> None:
-        """Stop for good: cancel the generation (its partial reply is saved) and drop the queue."""
+    @property
+    def generating(self) -> bool:
+        return self._generating
+
+    async def close(self, *, interrupt: bool = False) -> list[int]:
+        """Stop for good: stop the generation (its partial reply is saved: cancelled, or interrupted)
+        and drop the queue, whose messages stay saved as `accepted`; returns the dropped messages' rows."""
         self._closed = True
+        dropped = [queued.row_id for queued in self._pending]
         self._pending.clear()
         if self._worker is None:
-            return
+            return dropped
         if self._generating:
-            self.cancel()
+            self._stop_generation(MessageStatus.INTERRUPTED if interrupt else MessageStatus.CANCELLED)
         # Otherwise the turn is saving its reply: let it finish.
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
+        if self._worker is not asyncio.current_task():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        return dropped
+
+    def _lost(self) -> None:
+        """Another holder has the session: stop here without writing or sending anything more."""
+        self._closed = True
+        self._pending.clear()
+        if self.on_fenced is not None:
+            self.on_fenced()
 
     async def _run(self) -> None:
         """Answer the waiting messages in order, then end (`accept` starts another when one comes)."""
         try:
             while self._pending and not self._closed:
-                post = self._pending.popleft()
+                queued = self._pending.popleft()
                 self._in_turn = True
                 try:
-                    await self._turn(post)
+                    await self._turn(queued)
                 finally:
                     self._in_turn = False
         finally:
             self._worker = None
 
-    async def _turn(self, post: PostMessage) -> None:
+    async def _turn(self, queued: _Queued) -> None:
         await self._send_quietly(protocol.processing_start())
         try:
-            await self._answer(post)
+            await self._answer(queued)
+        except Fenced:
+            self._lost()
+            return  # the new holder ends this turn for the client (turn_interrupted, processing_end)
         except ClientError as exc:
             metrics.turn_failed(exc.code)
             await self._send_quietly(protocol.error(exc.code, exc.message))
@@ -138,36 +218,36 @@ class Conversation:
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
         await self._send_quietly(protocol.processing_end())
 
-    async def _answer(self, post: PostMessage) -> None:
+    async def _answer(self, queued: _Queued) -> None:
         # Daphne (Twisted) writes a frame on the loop's next writable callback,
         # not in send(); building the model request below takes milliseconds of
         # CPU, so let processing_start leave first (two loop turns: the writer is
         # queued behind this task's own wake-up on the first).
         await asyncio.sleep(0)
         await asyncio.sleep(0)
-        if post.system_message is not None:
-            self.system_message = post.system_message
+        if queued.system_message is not None:
+            self.system_message = queued.system_message
         request = prompt.assemble_messages(
             system_message=self.system_message,
             history=self.history,
-            user_message=post.user_message,
+            user_message=queued.content,
             budget_chars=settings.R2D2_MAX_CONTEXT_CHARS,
         )
-        self.history.append((Role.USER.value, post.user_message))
+        self.history.append((Role.USER.value, queued.content))
         reply = llm.Reply()
-        draft = _Draft(self.session_id, self.model, reply)
+        draft = _Draft(self.lease, self.model, reply, queued.row_id)
         repair = TextRepair()
-        cancelled = False
-        self._generating, self._cancel_requested = True, False
+        stopped: MessageStatus | None = None
+        self._generating, self._stop = True, None
         try:
-            async for chunk in llm.generate(model=self.model, messages=request, stream=post.stream, reply=reply):
-                await self._said(repair.feed(chunk), post.stream, draft)
-            await self._said(repair.flush(), post.stream, draft)
+            async for chunk in llm.generate(model=self.model, messages=request, stream=queued.stream, reply=reply):
+                await self._said(repair.feed(chunk), queued.stream, draft)
+            await self._said(repair.flush(), queued.stream, draft)
         except asyncio.CancelledError:
-            if not self._cancel_requested:
+            if self._stop is None:
                 raise
             asyncio.current_task().uncancel()
-            cancelled = True
+            stopped = self._stop
         except ClientError:
             await draft.abandon()
             raise
@@ -176,13 +256,16 @@ class Conversation:
             if self.on_usage is not None:
                 self.on_usage(reply, request, draft.text)
 
-        if cancelled and not draft.said:
-            return  # nothing was said: nothing to keep
-        self.history.append((Role.ASSISTANT.value, draft.text))
-        # Saved before the client sees it, so a process that dies right after
-        # leaves no reply a person read but the database lacks.
-        await draft.save(MessageStatus.CANCELLED if cancelled else MessageStatus.COMPLETE)
-        if cancelled:
+        if stopped is not None and not draft.said:
+            await messages.set_status(self.lease, queued.row_id, stopped)  # nothing was said: the turn's end
+        else:
+            self.history.append((Role.ASSISTANT.value, draft.text))
+            # Saved before the client sees it, so a process that dies right after
+            # leaves no reply a person read but the database lacks.
+            await draft.save(stopped or MessageStatus.COMPLETE)
+        if stopped == MessageStatus.INTERRUPTED:
+            raise ClientError(ErrorCode.TURN_INTERRUPTED, "This server stopped answering; send the message again.")
+        if stopped is not None:
             return
         frame = protocol.message(draft.text)
         # Frames are ASCII (json.dumps escapes the rest), so characters are bytes.
@@ -216,8 +299,9 @@ class _Draft:
     """A reply as the client has seen it, saved at the end, and while it streams at most
     R2D2_CHECKPOINT_SECONDS behind what was sent (marked incomplete until it is done)."""
 
-    def __init__(self, session_id: uuid.UUID, model: str, reply: llm.Reply) -> None:
-        self.session_id = session_id
+    def __init__(self, lease: Lease, model: str, reply: llm.Reply, reply_to: int) -> None:
+        self.lease = lease
+        self.reply_to = reply_to
         self.model = model
         self.reply = reply
         self._parts: list[str] = []  # joined when saved: `+=` on a long reply copies it per chunk
@@ -226,6 +310,7 @@ class _Draft:
         self._saved_chars = 0  # how much of `text` the row holds
         self._loop = asyncio.get_running_loop()
         self._saved_at = self._loop.time()
+        _drafts.add(self)
 
     def add(self, text: str) -> None:
         self._parts.append(text)
@@ -267,12 +352,16 @@ class _Draft:
             "status": status,
         }
         if self.row_id is None:
-            self.row_id = await messages.save_reply(session_id=self.session_id, content=text, model=self.model, **usage)
+            self.row_id = await messages.save_reply(
+                self.lease, reply_to=self.reply_to, content=text, model=self.model, **usage
+            )
         else:
-            await messages.extend_reply(row_id=self.row_id, more=text[self._saved_chars :], **usage)
+            await messages.extend_reply(self.lease, row_id=self.row_id, more=text[self._saved_chars :], **usage)
         self._saved_chars = len(text)
 
     async def abandon(self) -> None:
-        """The model failed midway: what was already checkpointed stays, marked interrupted."""
-        if self.row_id is not None:
+        """The model failed midway: what was said stays, marked interrupted; nothing said, the turn failed."""
+        if self.said:
             await self.save(MessageStatus.INTERRUPTED)
+        else:
+            await messages.set_status(self.lease, self.reply_to, MessageStatus.FAILED)

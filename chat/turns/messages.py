@@ -1,18 +1,23 @@
-"""Saving what is said in a session: the user's messages and the model's replies.
+"""Saving what is said in a session, and a turn's state on its rows.
 
-Only `Conversation` (the owner of a turn) calls these. In the usual turn (no new
-system message) each is one statement: on PostgreSQL it runs on the event loop
-(chat/turns/pgpool.py), elsewhere on the ORM's database thread.
+Only `Conversation` (the owner of a turn) and the holder that takes a session over
+call these. Every write of a turn is conditioned on the holder's fence
+(`ChatSession.fence`, chat/sessions/lifecycle.py): a holder that lost the session
+(taken over, judged dead by mistake, paused) writes nothing more and gets `Fenced`.
+In the usual turn (no new system message) each write is one statement: on
+PostgreSQL it runs on the event loop (chat/turns/pgpool.py), elsewhere on the ORM's
+database thread.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from django.db import connection, transaction
-from django.db.models import F, Value
-from django.db.models.functions import Concat
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
@@ -20,70 +25,119 @@ from chat.protocol.errors import ClientError, ErrorCode
 from chat.turns import pgpool
 
 _MESSAGES, _SESSIONS = ChatMessage._meta.db_table, ChatSession._meta.db_table
+_HELD = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s)"
+_HELD_LIVE = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s AND ended_at IS NULL)"
+_COLUMNS = (
+    "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms, "
+    "reply_to_id, client_message_id)"
+)
 
-# The ORM would need two round trips (a SELECT for "still live?" then the INSERT): this is
-# the hot path of every turn, so it is one INSERT ... SELECT ... WHERE EXISTS.
-_INSERT_IF_LIVE = (
-    f"INSERT INTO {_MESSAGES} "
-    "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms) "
-    "SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL "
-    f"WHERE EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND ended_at IS NULL)"
+# The ORM would need two round trips (a SELECT for "still ours?" then the INSERT): this is
+# the hot path of every turn, so each write is one statement that checks the fence itself.
+_INSERT_USER = (
+    f"INSERT INTO {_MESSAGES} {_COLUMNS} "
+    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s WHERE {_HELD_LIVE} RETURNING id"
 )
 _INSERT_REPLY = (
-    f"INSERT INTO {_MESSAGES} "
-    "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
+    f"INSERT INTO {_MESSAGES} {_COLUMNS} "
+    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '' WHERE {_HELD} RETURNING id"
 )
 _EXTEND_REPLY = (
     f"UPDATE {_MESSAGES} SET content = content || %s, "
-    "prompt_tokens = %s, completion_tokens = %s, latency_ms = %s, status = %s WHERE id = %s"
+    f"prompt_tokens = %s, completion_tokens = %s, latency_ms = %s, status = %s WHERE id = %s AND {_HELD}"
 )
+_SET_STATUS = f"UPDATE {_MESSAGES} SET status = %s WHERE id = %s AND {_HELD}"
 
 
-def _insert_if_live(session_id: uuid.UUID, role: str, content: str) -> bool:
-    """Insert a message only while its session is live, in one statement; False when it has ended."""
-    sid = ChatSession._meta.pk.get_db_prep_value(session_id, connection)
-    created = ChatMessage._meta.get_field("created_at").get_db_prep_value(timezone.now(), connection)
-    with connection.cursor() as cursor:
-        cursor.execute(_INSERT_IF_LIVE, [sid, role, content, created, MessageStatus.COMPLETE.value, sid])
-        return cursor.rowcount == 1
-
-
-def _save_user_message(session_id: uuid.UUID, content: str, system_message: str | None) -> None:
-    if system_message is None:
-        # Ended elsewhere (an operator's command on another process, the orphan sweep):
-        # the database is the authority, whichever path ended it.
-        if not _insert_if_live(session_id, Role.USER.value, content):
-            raise session_ended()
-        return
-    live = ChatSession.objects.live().filter(id=session_id)
-    with transaction.atomic():
-        if not live.update(system_message=system_message):
-            raise session_ended()
-        ChatMessage.objects.create(session_id=session_id, role=Role.SYSTEM, content=system_message)
-        ChatMessage.objects.create(session_id=session_id, role=Role.USER, content=content)
+class Fenced(Exception):
+    """This process no longer holds the session (another took it over): it may write nothing more."""
 
 
 def session_ended() -> ClientError:
     return ClientError(ErrorCode.SESSION_ENDED, "That session has ended; start a new one.")
 
 
-async def save_user_message(*, session_id: uuid.UUID, content: str, system_message: str | None) -> None:
-    """Save the user's message (and a changed system message) when it is accepted, before the model is called.
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Who may write a session's turns: its id and the holder's fence."""
 
-    Raises ClientError(session_ended) when the database says the session is over.
-    """
-    if system_message is None and pgpool.enabled():
-        params = (session_id, Role.USER.value, content, timezone.now(), MessageStatus.COMPLETE.value, session_id)
-        if not await pgpool.execute(_INSERT_IF_LIVE, params):
-            raise session_ended()
-        return
-    return await sync_to_async(_save_user_message)(session_id, content, system_message)
+    session_id: uuid.UUID
+    fence: int
+
+
+async def _run(sql: str, params: Sequence[object], *, returning: bool) -> object | None:
+    """One statement: on the loop's own connection on PostgreSQL, else on the ORM's thread."""
+    if pgpool.enabled():
+        if returning:
+            return await pgpool.fetch_value(sql, params)
+        return await pgpool.execute(sql, params)
+    return await sync_to_async(_run_on_orm)(sql, params, returning)
+
+
+def _run_on_orm(sql: str, params: Sequence[object], returning: bool) -> object | None:
+    prepared = [_prepare(value) for value in params]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, prepared)
+        if returning:
+            row = cursor.fetchone()
+            return row[0] if row else None
+        return cursor.rowcount
+
+
+def _prepare(value: object) -> object:
+    if isinstance(value, uuid.UUID):
+        return ChatSession._meta.pk.get_db_prep_value(value, connection)
+    if hasattr(value, "tzinfo"):
+        return ChatMessage._meta.get_field("created_at").get_db_prep_value(value, connection)
+    return value
+
+
+async def _why_not(lease: Lease) -> Exception:
+    """A conditioned write changed nothing: the session ended, or another holder has it."""
+    row = await ChatSession.objects.filter(id=lease.session_id).values("fence", "ended_at").afirst()
+    if row is None or row["fence"] != lease.fence:
+        return Fenced()
+    return session_ended()
+
+
+async def save_user_message(
+    lease: Lease, *, content: str, system_message: str | None, client_message_id: str = ""
+) -> int:
+    """Save the user's message as `accepted` (and a changed system message), before the model is called;
+    returns its row id. Raises ClientError(session_ended) when the session is over, `Fenced` when it is
+    no longer this holder's."""
+    if system_message is None:
+        params = (lease.session_id, Role.USER.value, content, timezone.now(), MessageStatus.ACCEPTED.value)
+        row_id = await _run(_INSERT_USER, (*params, client_message_id, lease.session_id, lease.fence), returning=True)
+        if row_id is None:
+            raise await _why_not(lease)
+        return int(row_id)
+    row_id = await sync_to_async(_save_with_system_message)(lease, content, system_message, client_message_id)
+    if row_id is None:
+        raise await _why_not(lease)
+    return row_id
+
+
+def _save_with_system_message(lease: Lease, content: str, system_message: str, client_message_id: str) -> int | None:
+    held = ChatSession.objects.live().filter(id=lease.session_id, fence=lease.fence)
+    with transaction.atomic():
+        if not held.update(system_message=system_message):
+            return None
+        ChatMessage.objects.create(session_id=lease.session_id, role=Role.SYSTEM, content=system_message)
+        row = ChatMessage.objects.create(
+            session_id=lease.session_id,
+            role=Role.USER,
+            content=content,
+            status=MessageStatus.ACCEPTED,
+            client_message_id=client_message_id,
+        )
+        return row.id
 
 
 async def save_reply(
+    lease: Lease,
     *,
-    session_id: uuid.UUID,
+    reply_to: int | None,
     content: str,
     model: str,
     prompt_tokens: int | None,
@@ -91,24 +145,17 @@ async def save_reply(
     latency_ms: int | None,
     status: MessageStatus = MessageStatus.COMPLETE,
 ) -> int:
-    """Save the model's reply as a new row; returns its id."""
-    if pgpool.enabled():
-        params = (session_id, Role.ASSISTANT.value, content, timezone.now(), status.value, model)
-        return await pgpool.fetch_value(_INSERT_REPLY, (*params, prompt_tokens, completion_tokens, latency_ms))
-    row = await ChatMessage.objects.acreate(
-        session_id=session_id,
-        role=Role.ASSISTANT,
-        content=content,
-        model=model,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        latency_ms=latency_ms,
-        status=status,
-    )
-    return row.id
+    """Save the model's reply to the user message `reply_to` as a new row; returns its id."""
+    params = (lease.session_id, Role.ASSISTANT.value, content, timezone.now(), status.value, model)
+    usage = (prompt_tokens, completion_tokens, latency_ms, reply_to)
+    row_id = await _run(_INSERT_REPLY, (*params, *usage, lease.session_id, lease.fence), returning=True)
+    if row_id is None:
+        raise Fenced()
+    return int(row_id)
 
 
 async def extend_reply(
+    lease: Lease,
     *,
     row_id: int,
     more: str,
@@ -124,13 +171,51 @@ async def extend_reply(
     whole each time (and the database driver keeps buffers the size of the
     largest statement it sent).
     """
-    if pgpool.enabled():
-        await pgpool.execute(_EXTEND_REPLY, (more, prompt_tokens, completion_tokens, latency_ms, status.value, row_id))
-        return
-    await ChatMessage.objects.filter(id=row_id).aupdate(
-        content=Concat(F("content"), Value(more)) if more else F("content"),
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        latency_ms=latency_ms,
-        status=status,
+    params = (more, prompt_tokens, completion_tokens, latency_ms, status.value, row_id, lease.session_id, lease.fence)
+    if not await _run(_EXTEND_REPLY, params, returning=False):
+        raise Fenced()
+
+
+async def set_status(lease: Lease, row_id: int, status: MessageStatus) -> None:
+    """A turn ended without a reply row (failed, cancelled or interrupted before a word): its user message says so."""
+    if not await _run(_SET_STATUS, (status.value, row_id, lease.session_id, lease.fence), returning=False):
+        raise Fenced()
+
+
+# A session taken over: what its last holder left -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    """A user message saved but not answered: the new holder answers it."""
+
+    row_id: int
+    content: str
+    client_message_id: str
+
+
+async def interrupt_open_replies(lease: Lease) -> list[int]:
+    """Replies a dead or fenced holder left streaming are interrupted; returns the user messages they answered."""
+
+    def mark() -> list[int]:
+        with transaction.atomic():
+            if not ChatSession.objects.filter(id=lease.session_id, fence=lease.fence).exists():
+                raise Fenced()
+            open_replies = ChatMessage.objects.filter(session_id=lease.session_id, status=MessageStatus.INCOMPLETE)
+            answered = [r for r in open_replies.values_list("reply_to_id", flat=True) if r is not None]
+            open_replies.update(status=MessageStatus.INTERRUPTED)
+            return answered
+
+    return await sync_to_async(mark)()
+
+
+async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
+    """The session's user messages still `accepted` with no reply, oldest first."""
+    replies = ChatMessage.objects.filter(reply_to=OuterRef("pk"))
+    rows = ChatMessage.objects.filter(session_id=session_id, role=Role.USER, status=MessageStatus.ACCEPTED).filter(
+        ~Exists(replies)
     )
+    return [
+        Unanswered(row_id=r.id, content=r.content, client_message_id=r.client_message_id)
+        async for r in rows.order_by("id")
+    ]

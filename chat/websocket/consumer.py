@@ -1,8 +1,11 @@
 """The WebSocket consumer: parse a frame, check who may do it, dispatch, send frames back.
 
-It reads like a table of actions (`HANDLERS`). Everything slow (the model call)
-runs in each session's `Conversation`, so the socket keeps reading while a reply is
-generated, and a cancel or a closed socket can stop it.
+It reads like a table of actions (`HANDLERS`). Every session it starts or resumes is
+held by a `Holder` (chat/sessions/holder.py), the same kind whether resumable or not;
+everything slow (the model call) runs in the holder's `Conversation`, so the socket
+keeps reading while a reply is generated, and a cancel or a closed socket can stop it.
+The consumer is the holder's `SessionSocket`: it sends frames and forgets a session
+its holder let go of.
 """
 
 from __future__ import annotations
@@ -18,20 +21,31 @@ from django.conf import settings
 from chat import llm, protocol
 from chat.accounts import auth, principals, quotas
 from chat.accounts.limits import TokenBucket
-from chat.models import EndReason
+from chat.models import ChatSession, EndReason
 from chat.ops import metrics
 from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart
 from chat.protocol.errors import ClientError, ErrorCode
-from chat.sessions import drain, history, lifecycle, resume
-from chat.turns.conversation import Conversation
+from chat.sessions import drain, history, holder, lifecycle, resume
+from chat.sessions.holder import Holder
 
 logger = logging.getLogger(__name__)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Daphne cancels an application that outlives its close timeout (a take-over waiting,
+            # a slow drain): disconnect() is never called then, and nothing it does may leak.
+            if not getattr(self, "finished", True):
+                self.uncount()
+                holder.spawn(self.finish())
+
     async def connect(self) -> None:
         """Called when a WebSocket connection is opened (Origin and Host were already checked)."""
-        self.conversations: dict[uuid.UUID, Conversation] = {}
+        self.sessions: dict[uuid.UUID, Holder] = {}
+        self.finished = self.counted = False
         if drain.draining:
             await self.close()  # the handshake is refused: this process is stopping
             return
@@ -88,32 +102,35 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to handle that frame."))
 
     async def disconnect(self, code: int) -> None:
-        """Called when the socket closes: stop every generation and end every session it held."""
+        """Called when the socket closes: its sessions end, or carry on detached if resumable."""
+        self.uncount()
+        await self.finish()
+
+    def uncount(self) -> None:
         if getattr(self, "counted", False):  # connect() accepted it: the socket was counted
+            self.counted = False
             metrics.OPEN_SOCKETS.dec()
+
+    async def finish(self) -> None:
+        """Let go of everything this socket held (once): its revocation groups and its sessions."""
+        if getattr(self, "finished", True):
+            return
+        self.finished = True
         for group in auth.revocation_groups(getattr(self, "principal", principals.ANONYMOUS), self.scope):
             await self.channel_layer.group_discard(group, self.channel_name)
         await self.release_all()
 
     async def release_all(self) -> None:
-        """Stop every generation and end every session this socket holds (it is closing)."""
-        conversations, self.conversations = getattr(self, "conversations", {}), {}
-        # A resumable session carries on without its socket, for the resume window.
-        for session_id in list(conversations):
-            held = resume.local(session_id)
-            if held is not None and held.conversation is conversations[session_id]:
-                held.detach(self)
-                del conversations[session_id]
-        metrics.LIVE_SESSIONS.dec(len(conversations))  # resumable sessions are not counted there
-        if not conversations:
-            return
-        await asyncio.gather(*(c.close() for c in conversations.values()), return_exceptions=True)
-        await lifecycle.end_many(session_ids=list(conversations), reason=EndReason.DISCONNECT)
-        for session_id in conversations:
-            await self.channel_layer.group_discard(lifecycle.group(session_id), self.channel_name)
+        """Let go of every session: each ends, or carries on detached if resumable (the socket is closing)."""
+        held, self.sessions = list(getattr(self, "sessions", {}).values()), {}
+        await asyncio.gather(*(h.detach(self) for h in held), return_exceptions=True)
 
     async def send_frame(self, text: str) -> None:
         await self.send(text_data=text)
+
+    def dropped(self, session_id: uuid.UUID) -> None:
+        """The holder let go of the session (ended, released, resumed elsewhere): it is not this socket's now."""
+        self.sessions.pop(session_id, None)
 
     # Actions ---------------------------------------------------------------
 
@@ -126,10 +143,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 ErrorCode.MODEL_NOT_ALLOWED,
                 f"Model not allowed here; choose one of: {', '.join(settings.R2D2_ALLOWED_MODELS)}.",
             )
-        if len(self.conversations) >= settings.R2D2_MAX_SESSIONS_PER_CONNECTION:
+        if len(self.sessions) >= settings.R2D2_MAX_SESSIONS_PER_CONNECTION:
             raise ClientError(
                 ErrorCode.TOO_MANY_SESSIONS,
-                f"This connection already has {len(self.conversations)} open sessions; end one first.",
+                f"This connection already has {len(self.sessions)} open sessions; end one first.",
             )
         drain.refuse_if_draining()
         quotas.check_model(self.principal, model)
@@ -137,35 +154,28 @@ class ChatConsumer(AsyncWebsocketConsumer):
             _take(self.start_rate, "sessions")
         else:
             await quotas.check_sessions(self.principal)
-        principal = {
-            "user_id": self.principal.user_id,
-            "api_key_id": self.principal.api_key_id,
-            "continued_from_id": earlier.session.id if earlier else None,
-        }
-        token = None
-        if request.resumable:
-            session, token = await resume.start(self, model=model, **principal)
-            conversation = self.conversations[session.id]
-        else:
-            session = await lifecycle.start(
-                model=model, client_address=self.client_address, owner_channel=self.channel_name, **principal
-            )
-            conversation = Conversation(session_id=session.id, model=model, send=self.send_frame)
-            self.conversations[session.id] = conversation
-        conversation.on_usage = None if self.principal.is_anonymous else self.charge
+        started, token = await holder.start(
+            self,
+            model=model,
+            principal=self.principal,
+            resumable=request.resumable,
+            client_address=self.client_address,
+            continued_from_id=earlier.session.id if earlier else None,
+        )
         if earlier:
-            conversation.system_message, conversation.history = earlier.system_message, earlier.history
+            started.conversation.system_message = earlier.system_message
+            started.conversation.history = earlier.history
+        self.sessions[started.session_id] = started
+        logger.info(
+            "session started", extra={"session_id": str(started.session_id), "model": model, "resumable": bool(token)}
+        )
         if token is not None:
-            logger.info("session started", extra={"session_id": str(session.id), "model": model, "resumable": True})
-            await self.send_frame(protocol.resumable_session_start(session.id, token))
-            return
-        metrics.LIVE_SESSIONS.inc()
-        await self.channel_layer.group_add(lifecycle.group(session.id), self.channel_name)
-        logger.info("session started", extra={"session_id": str(session.id), "model": model})
-        await self.send_frame(protocol.session_start(session.id))
+            await self.send_frame(protocol.resumable_session_start(started.session_id, token))
+        else:
+            await self.send_frame(protocol.session_start(started.session_id))
 
     async def post_message(self, request: PostMessage) -> None:
-        conversation = await self.held(request.session_id)
+        held = await self.held(request.session_id)
         drain.refuse_if_draining()
         await self.still_authorized()
         if self.principal.is_anonymous:
@@ -173,45 +183,48 @@ class ChatConsumer(AsyncWebsocketConsumer):
         else:
             await quotas.check_message(self.principal)  # nothing reaches the model over a quota
         try:
-            await conversation.accept(request)
+            await held.conversation.accept(request)
         except ClientError as exc:
             if exc.code == ErrorCode.SESSION_ENDED:
                 # Ended elsewhere while this socket held it (e.g. by a command that could not reach us).
-                await self.close_session(request.session_id, reason=None)
+                await held.end(None)
             raise
 
     async def end_session(self, request: SessionEnd) -> None:
-        if await self.held(request.session_id, or_mine=True) is None:
-            # Held by another connection of this principal: its holder ends it and tells its client.
-            await lifecycle.request_end(request.session_id, EndReason.CLIENT, wait=2.0)
-        elif (held := resume.local(request.session_id)) is not None:
+        held = await self.held(request.session_id, or_mine=True)
+        if isinstance(held, Holder):
             await held.end(EndReason.CLIENT, protocol.session_end())
             return
-        else:
-            await self.close_session(request.session_id, EndReason.CLIENT)
+        # Held by another connection of this principal: its holder ends it and tells its client.
+        await lifecycle.request_end(request.session_id, EndReason.CLIENT, wait=2.0)
         await self.send_frame(protocol.session_end())
 
     async def cancel_turn(self, request: Cancel) -> None:
-        conversation = await self.held(request.session_id, or_mine=True)
-        if conversation is None:
-            # Held by another connection of this principal: ask its holder (its client gets processing_end).
-            event = {"type": "session.cancel", "session_id": str(request.session_id)}
-            await self.channel_layer.group_send(lifecycle.group(request.session_id), event)
+        held = await self.held(request.session_id, or_mine=True)
+        if isinstance(held, Holder):
+            if not held.conversation.cancel():
+                raise ClientError(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
             return
-        if not conversation.cancel():
+        if not held.owner_channel:  # released: nothing runs until a client resumes it
             raise ClientError(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
+        # Held by another connection of this principal, maybe in another process: ask its holder, through
+        # its process's channel; its client gets processing_end, and this socket `cancelled` or an error.
+        event = {"type": "session.cancel", "session_id": str(request.session_id), "reply_to": self.channel_name}
+        await self.channel_layer.send(held.owner_channel, event)
 
     async def list_models(self, request: ListModels) -> None:
         await self.send_frame(protocol.models(llm.models(only=self.principal.limits.models)))
 
     async def resume_session(self, request: Resume) -> None:
         drain.refuse_if_draining()
-        await resume.resume(self, request.session_id, request.resume_token, request.last_seq)
+        resumed = await resume.resume(self, self.principal, request.session_id, request.resume_token, request.last_seq)
+        if resumed is not None and resumed.socket is self:
+            self.sessions[resumed.session_id] = resumed
 
     async def unhandled(self, request: Request) -> None:
         raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
 
-    #: Request type → action. A new action is one parser in chat/protocol.py and one entry here.
+    #: Request type → action. A new action is one parser in chat/protocol/__init__.py and one entry here.
     HANDLERS: dict[type, Callable[[ChatConsumer, Request], Awaitable[None]]] = {
         SessionStart: start_session,
         PostMessage: post_message,
@@ -223,41 +236,31 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # Channel-layer events --------------------------------------------------
 
-    async def session_end(self, event: dict) -> None:
-        """Called on a `session.end` event: one of this socket's sessions is ended from outside
-        (an operator, or the orphan sweep)."""
+    async def session_cancelled(self, event: dict) -> None:
+        """Called on a `session.cancelled` event: the holder of another socket's session answered this
+        socket's `chatbot_cancel`."""
         session_id = uuid.UUID(event["session_id"])
-        if session_id not in self.conversations:
-            return
-        reason = EndReason(event.get("reason", EndReason.OPERATOR))
-        await self.close_session(session_id, reason)
-        await self.send_frame(protocol.session_ended_by_server(session_id, reason.value))
-
-    async def resumed_elsewhere(self, session_id: uuid.UUID) -> None:
-        """Another connection resumed one of this socket's resumable sessions: it is no longer ours."""
-        self.conversations.pop(session_id, None)
-        await self.send_frame(protocol.session_ended_by_server(session_id, "resumed_elsewhere"))
-
-    async def session_cancel(self, event: dict) -> None:
-        """Called on a `session.cancel` event: another connection of the same principal stops a generation."""
-        conversation = self.conversations.get(uuid.UUID(event["session_id"]))
-        if conversation is not None:
-            conversation.cancel()
+        if event["cancelled"]:
+            await self.send_frame(protocol.cancelled(session_id))
+        else:
+            await self.send_frame(
+                protocol.error(ErrorCode.NOTHING_TO_CANCEL, "Nothing is being generated in this session.")
+            )
 
     async def principal_revoked(self, event: dict) -> None:
-        """Called on a `principal.revoked` event: this socket's key was revoked, or its user signed out
-        or was deactivated (in any process)."""
+        """Called on a `principal.revoked` event: this socket's key was revoked, or its user signed out,
+        changed their password or was deactivated (in any process)."""
         await self.refuse(event.get("message", "That API key has been revoked."))
 
     # Helpers ---------------------------------------------------------------
 
-    async def held(self, session_id: uuid.UUID, *, or_mine: bool = False) -> Conversation | None:
-        """The live session this connection holds, or the ClientError that says why not.
+    async def held(self, session_id: uuid.UUID, *, or_mine: bool = False) -> Holder | ChatSession:
+        """The session this connection holds, or the ClientError that says why not.
 
-        With `or_mine`, None when another connection of the same principal holds it."""
-        conversation = self.conversations.get(session_id)
-        if conversation is not None:
-            return conversation
+        With `or_mine`, the session's row when another connection of the same principal holds it."""
+        held = self.sessions.get(session_id)
+        if held is not None:
+            return held
         session = await lifecycle.get(session_id)
         if session is None:
             raise ClientError(ErrorCode.SESSION_NOT_FOUND, "No session has that session_id.")
@@ -265,7 +268,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise ClientError(ErrorCode.SESSION_ENDED, "That session has ended; start a new one.")
         if self.principal.owns(session):
             if or_mine:
-                return None
+                return session
             raise ClientError(
                 ErrorCode.SESSION_NOT_OWNED,
                 "Another of your connections holds that session; post there, or start a session here "
@@ -308,24 +311,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.close(code=auth.UNAUTHORIZED_CLOSE_CODE)
         await self.release_all()  # now, not when the client acknowledges the close: no more spending
         logger.info("connection refused", extra={"principal": self.principal.label, "reason": message})
-
-    def charge(self, reply: llm.Reply, request: list[dict[str, str]], text: str) -> None:
-        """Conversation's usage hook: charge the model call's tokens to the principal's daily quota."""
-        quotas.charge_in_background(self.principal, quotas.tokens_used(reply, request, text))
-
-    async def close_session(self, session_id: uuid.UUID, reason: EndReason | None) -> None:
-        """Stop holding a session; record `reason` unless it was already ended elsewhere (None)."""
-        held = resume.local(session_id)
-        if held is not None:
-            await held.end(reason)
-            return
-        conversation = self.conversations.pop(session_id)
-        metrics.LIVE_SESSIONS.dec()
-        await conversation.close()
-        if reason is not None:
-            await lifecycle.end(session_id=session_id, reason=reason)
-        await self.channel_layer.group_discard(lifecycle.group(session_id), self.channel_name)
-        logger.info("session ended", extra={"session_id": str(session_id), "reason": reason or "elsewhere"})
 
 
 def _take(bucket: TokenBucket, what: str) -> None:

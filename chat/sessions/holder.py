@@ -1,0 +1,412 @@
+"""Holding a live session: one path for every session, resumable or not.
+
+Every live session is held by exactly one `Holder`, in exactly one server process
+(the database names it: `owner_process`, and `owner_channel`, this process's hub).
+The holder owns the session's `Conversation`, its lease (the session's `fence`:
+every write of a turn is conditioned on it, chat/turns/messages.py), the principal
+it charges, and the socket attached to it, if any.
+
+`resumable` decides three things only:
+
+- whether the client gets a resume token (chat/sessions/resume.py);
+- whether its frames carry `session_id` and `seq` and are kept (chat/sessions/framelog.py);
+- whether the session outlives its socket: detached, a resumable session carries on
+  (its turns finish and are saved, its queue is answered, its frames kept) and ends
+  as `abandoned` after R2D2_RESUME_WINDOW_SECONDS unless a client resumes it; any
+  other session ends with its socket (`disconnect`).
+
+The hub is this process's own channel on the channel layer: an operator's end, a
+cancel from another socket, a hand-over request and a fencing notice reach the
+holder there, attached to a socket or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from chat import protocol
+from chat.accounts import quotas
+from chat.accounts.principals import Principal
+from chat.models import EndReason, MessageStatus
+from chat.ops import metrics
+from chat.protocol.errors import ClientError, ErrorCode
+from chat.sessions import framelog, lifecycle
+from chat.sessions.socket import SessionSocket
+from chat.turns import messages
+from chat.turns.conversation import Conversation
+from chat.turns.messages import Lease
+
+logger = logging.getLogger(__name__)
+
+#: The sessions this process holds, attached to a socket or not.
+_held: dict[uuid.UUID, Holder] = {}
+
+
+def local(session_id: uuid.UUID) -> Holder | None:
+    """The session this process holds under that id, if any (and still in use)."""
+    holder = _held.get(session_id)
+    return holder if holder is not None and not holder.leaving else None
+
+
+def held_here() -> list[Holder]:
+    """Every session this process holds (for draining)."""
+    return [holder for holder in _held.values() if not holder.leaving]
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh resume token and the hash that is stored (the token itself never is)."""
+    token = secrets.token_urlsafe(32)
+    return token, token_hash(token)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Holder:
+    """One live session held by this process: its conversation, its lease, its principal, its socket if any."""
+
+    __slots__ = (
+        "session_id",
+        "principal",
+        "resumable",
+        "lease",
+        "conversation",
+        "socket",
+        "next_seq",
+        "delivered",
+        "frames",
+        "leaving",
+        "_lock",
+        "_window",
+    )
+
+    def __init__(
+        self,
+        *,
+        session_id: uuid.UUID,
+        fence: int,
+        model: str,
+        principal: Principal,
+        resumable: bool,
+        socket: SessionSocket | None,
+        next_seq: int = 1,
+    ) -> None:
+        self.session_id = session_id
+        self.principal = principal
+        self.resumable = resumable
+        self.lease = Lease(session_id, fence)
+        self.conversation = Conversation(
+            lease=self.lease,
+            model=model,
+            send=self.send,
+            on_usage=None if principal.is_anonymous else self._charge,
+            on_fenced=self._fenced,
+        )
+        self.socket = socket
+        self.next_seq = next_seq
+        self.delivered = next_seq - 1  # the last seq that went through `send` to its socket and the logs
+        self.frames = framelog.LocalFrames() if resumable else None
+        self.leaving = False  # ended, handed over, released or fenced: no longer this process's
+        # Socket writes and shared-log appends in seq order: asyncio.Lock wakes waiters first come first served.
+        self._lock = asyncio.Lock()
+        self._window: asyncio.TimerHandle | None = None
+        _held[session_id] = self
+        metrics.LIVE_SESSIONS.inc()
+
+    # Frames --------------------------------------------------------------------
+
+    async def send(self, frame: str) -> None:
+        """The conversation's `send`: to the socket attached; for a resumable session numbered and kept too."""
+        if self.frames is None:
+            if self.socket is not None:
+                await self.socket.send_frame(frame)
+            return
+        seq = self.next_seq
+        self.next_seq += 1
+        text = protocol.sequenced(frame, self.session_id, seq)
+        self.frames.append(seq, text)
+        async with self._lock:
+            log = framelog.shared()
+            if log is not None:
+                await log.append(self.session_id, seq, text)
+            self.delivered = seq
+            if self.socket is not None:
+                try:
+                    await self.socket.send_frame(text)
+                except Exception:  # the socket is going: the frame is kept for the resume
+                    logger.info("frame not delivered", extra={"session_id": str(self.session_id), "seq": seq})
+
+    # The socket ----------------------------------------------------------------
+
+    async def detach(self, socket: SessionSocket) -> None:
+        """The socket closed: a resumable session carries on without it for the resume window; any
+        other ends (a socket that lost the session to another resume changes nothing)."""
+        if self.socket is not socket or self.leaving:
+            return
+        self.socket = None
+        if not self.resumable:
+            if await self._leave():
+                await lifecycle.end_many(session_ids=[self.session_id], reason=EndReason.DISCONNECT)
+                logger.info("session ended", extra={"session_id": str(self.session_id), "reason": "disconnect"})
+            return
+        self._cancel_window()
+        loop = asyncio.get_running_loop()
+        self._window = loop.call_later(settings.R2D2_RESUME_WINDOW_SECONDS, self._window_passed)
+        logger.info("resumable session detached", extra={"session_id": str(self.session_id)})
+
+    def _window_passed(self) -> None:
+        logger.info("resumable session abandoned", extra={"session_id": str(self.session_id)})
+        spawn(self.end(EndReason.ABANDONED))
+
+    def _cancel_window(self) -> None:
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
+
+    async def attach(self, socket: SessionSocket, last_seq: int) -> None:
+        """A client resumes on this process: replay what it lacks, then it gets the live frames."""
+        if self.frames is None:
+            raise unavailable("That session is not resumable.")
+        async with self._lock:  # no frame goes out between the replay and the first live one
+            if last_seq > self.delivered:
+                raise unavailable(f"last_seq {last_seq} is beyond this session's last frame ({self.delivered}).")
+            frames = self.frames.after(last_seq, self.delivered)
+            if frames is None:
+                raise unavailable("The frames after that last_seq are no longer kept.")
+            old, self.socket = self.socket, socket
+            self._cancel_window()
+            if old is not None and old is not socket:
+                await _tell_resumed_elsewhere(old, self.session_id)
+            await socket.send_frame(protocol.session_resumed(self.session_id, self.delivered))
+            for _, text in frames:
+                await socket.send_frame(text)
+        logger.info("session resumed", extra={"session_id": str(self.session_id), "from_seq": last_seq})
+
+    # Leaving -------------------------------------------------------------------
+
+    async def end(self, reason: EndReason | None, frame: str | None = None, *, interrupt: bool = False) -> None:
+        """End the session here: stop its conversation, record `reason` (None: it already ended
+        elsewhere) and send `frame` (by default `session_end` with the reason) to the socket."""
+        if not await self._leave(interrupt=interrupt):
+            return
+        if reason is not None:
+            await lifecycle.end(session_id=self.session_id, reason=reason, fence=self.lease.fence)
+            frame = frame or protocol.session_ended_by_server(self.session_id, reason.value)
+        if frame is not None:
+            try:
+                await self.send(frame)  # after the conversation's last frames; numbered and kept if resumable
+            except Exception:
+                logger.info("frame not delivered", extra={"session_id": str(self.session_id)})
+        self._let_go_of_socket()
+        logger.info("session ended", extra={"session_id": str(self.session_id), "reason": reason or "elsewhere"})
+
+    async def _leave(self, *, interrupt: bool = False) -> bool:
+        """Stop holding the session here (its conversation stopped, its socket let go); False if already."""
+        if self.leaving:
+            return False
+        self.leaving = True
+        self._cancel_window()
+        if _held.get(self.session_id) is self:
+            del _held[self.session_id]
+            metrics.LIVE_SESSIONS.dec()
+        await self.conversation.close(interrupt=interrupt)
+        return True
+
+    def _let_go_of_socket(self) -> None:
+        socket, self.socket = self.socket, None
+        if socket is not None:
+            socket.dropped(self.session_id)
+
+    async def hand_over(self) -> None:
+        """Another process's client resumes this session: drop the socket, finish the turns
+        accepted so far (their frames go to the shared log, which the new holder replays),
+        then release the session so that the new holder can claim it."""
+        if self.leaving:
+            return
+        self._cancel_window()
+        old, self.socket = self.socket, None
+        if old is not None:
+            await _tell_resumed_elsewhere(old, self.session_id)
+        # Polled: a turn ends in many ways (reply, error, cancel) and none of them is worth a hook here.
+        while self.conversation.busy and not self.leaving:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await self.release()
+
+    async def release(self, *, interrupt: bool = False) -> None:
+        """Stop holding the session without ending it: any process may claim it, and answers what
+        is left in its queue (the messages stay saved as `accepted`)."""
+        if not await self._leave(interrupt=interrupt):
+            return
+        self._let_go_of_socket()
+        await lifecycle.release(self.session_id, fence=self.lease.fence)
+        logger.info("session released", extra={"session_id": str(self.session_id)})
+
+    async def stop_for_drain(self) -> None:
+        """Past the drain's deadline: the turn in progress is interrupted (its client gets `turn_interrupted`,
+        its reply is saved as interrupted). A resumable session is released: whichever process resumes it
+        answers its queued messages. Any other session's queued messages each get `server_draining`."""
+        if self.resumable:
+            await self.release(interrupt=True)
+            return
+        dropped = await self.conversation.close(interrupt=True)
+        refusal = protocol.error(ErrorCode.SERVER_DRAINING, "This server restarted before answering; send it again.")
+        for row_id in dropped:
+            await self.send(refusal)
+            try:
+                await messages.set_status(self.lease, row_id, MessageStatus.FAILED)
+            except Exception as exc:  # the refusal was sent; the row stays `accepted` in an ended session
+                extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
+                logger.info("queued message not marked", extra=extra)
+
+    def _fenced(self) -> None:
+        """The conversation found that another holder has the session (its write was refused)."""
+        spawn(self.lose())
+
+    async def lose(self) -> None:
+        """Another process took the session over: stop here, write nothing more, tell the socket."""
+        socket, self.socket = self.socket, None
+        if not await self._leave():
+            return
+        logger.warning("session taken over elsewhere", extra={"session_id": str(self.session_id)})
+        if socket is not None:
+            await _tell_resumed_elsewhere(socket, self.session_id)
+
+    # Accounting ----------------------------------------------------------------
+
+    def _charge(self, reply: Any, request: list[dict[str, str]], text: str) -> None:
+        """Conversation's usage hook: the principal the session belongs to pays, on whichever process holds it."""
+        quotas.charge_in_background(self.principal, quotas.tokens_used(reply, request, text))
+
+
+def unavailable(why: str) -> ClientError:
+    return ClientError(ErrorCode.RESUME_UNAVAILABLE, f"{why} Its transcript is kept; start a new session.")
+
+
+async def _tell_resumed_elsewhere(socket: SessionSocket, session_id: uuid.UUID) -> None:
+    socket.dropped(session_id)
+    await _send_quietly(socket, protocol.session_ended_by_server(session_id, "resumed_elsewhere"))
+
+
+async def _send_quietly(socket: SessionSocket, frame: str) -> None:
+    try:
+        await socket.send_frame(frame)
+    except Exception:  # the socket is going
+        logger.info("frame not delivered", extra={"frame": protocol.frame_type(frame)})
+
+
+async def start(
+    socket: SessionSocket,
+    *,
+    model: str,
+    principal: Principal,
+    resumable: bool,
+    client_address: str | None,
+    continued_from_id: uuid.UUID | None = None,
+) -> tuple[Holder, str | None]:
+    """Start a session held by this process, attached to `socket`; returns its holder and its resume
+    token (None unless resumable)."""
+    token, hashed = new_token() if resumable else (None, "")
+    session = await lifecycle.start(
+        model=model,
+        client_address=client_address,
+        owner_channel=await hub.channel(),
+        resume_token_hash=hashed,
+        user_id=principal.user_id,
+        api_key_id=principal.api_key_id,
+        continued_from_id=continued_from_id,
+    )
+    holder = Holder(
+        session_id=session.id,
+        fence=session.fence,
+        model=model,
+        principal=principal,
+        resumable=resumable,
+        socket=socket,
+    )
+    return holder, token
+
+
+# The hub: this process's channel for the sessions it holds ------------------------
+
+
+class Hub:
+    """A channel-layer channel of this process's own, the `owner_channel` of every session it holds:
+    a detached session has no consumer to receive an operator's `session.end` or another process's
+    `resume.handover`, so this receives them for all of them."""
+
+    def __init__(self) -> None:
+        self._channel: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def channel(self) -> str:
+        loop = asyncio.get_running_loop()
+        if self._channel is None or self._loop is not loop or self._task is None or self._task.done():
+            name = await get_channel_layer().new_channel()
+            if self._loop is not loop or self._task is None or self._task.done():  # nobody started it meanwhile
+                self._channel, self._loop = name, loop
+                self._task = loop.create_task(self._run(name), name="r2d2-session-hub")
+        return self._channel
+
+    async def _run(self, channel: str) -> None:
+        layer = get_channel_layer()
+        while True:
+            try:
+                event = await layer.receive(channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("session hub receive failed", extra={"error": type(exc).__name__})
+                await asyncio.sleep(1)
+                continue
+            spawn(self._handle(event))  # a hand-over waits for turns to finish: never block the others
+
+    @staticmethod
+    async def _handle(event: dict[str, Any]) -> None:
+        session_id = uuid.UUID(event["session_id"])
+        holder = local(session_id)
+        kind = event["type"]
+        if kind == "session.end":
+            if holder is not None:
+                await holder.end(EndReason(event.get("reason", EndReason.OPERATOR)))
+        elif kind == "session.cancel":
+            cancelled = holder is not None and holder.conversation.cancel()
+            if event.get("reply_to"):
+                answer = {"type": "session.cancelled", "session_id": str(session_id), "cancelled": cancelled}
+                await get_channel_layer().send(event["reply_to"], answer)
+        elif kind == "session.fenced":
+            if holder is not None and holder.lease.fence < int(event["fence"]):
+                await holder.lose()
+        elif kind == "resume.handover":
+            if holder is not None:
+                await holder.hand_over()
+            else:
+                await lifecycle.release(session_id)  # recorded as ours, but not held here: let it go
+
+
+hub = Hub()
+
+_tasks: set[asyncio.Task] = set()
+
+
+def spawn(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run in the background, holding a reference (the loop keeps only a weak one), logging failures."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _tasks.add(task)
+    task.add_done_callback(_finished)
+
+
+def _finished(task: asyncio.Task) -> None:
+    _tasks.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("session task failed", exc_info=task.exception())
