@@ -168,7 +168,10 @@ async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> 
     conversation.system_message = row.system_message
     conversation.history = await _history(lease, exclude={p.row_id for p in pending})
     if await _turn_left_open(log, lease.session_id):
-        stopped = "The server answering this message stopped; its reply so far is saved."
+        stopped = (
+            "The server answering this message stopped; what it said is saved, "
+            "and a message it had not begun to answer is answered again."
+        )
         await new.send(protocol.error(ErrorCode.TURN_INTERRUPTED, stopped))
         await new.send(protocol.processing_end())
     conversation.requeue(pending)
