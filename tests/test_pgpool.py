@@ -14,6 +14,7 @@ from django.db import connection
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
 from chat.sessions import lifecycle
 from chat.turns import messages, pgpool
+from chat.turns.messages import Lease
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
@@ -41,7 +42,7 @@ async def test_dropped_connections_cost_at_most_one_failed_write() -> None:
     failures = 0
     for n in range(5):
         try:
-            await messages.save_user_message(session_id=session.id, content=f"m{n}", system_message=None)
+            await messages.save_user_message(Lease(session.id, session.fence), content=f"m{n}", system_message=None)
         except psycopg.OperationalError:
             failures += 1
     assert failures <= 1
@@ -58,7 +59,8 @@ async def test_a_write_cut_short_never_leaves_a_busy_connection_for_the_next() -
         with pytest.raises(asyncio.CancelledError):
             await slow
         row_id = await messages.save_reply(
-            session_id=session.id,
+            Lease(session.id, session.fence),
+            reply_to=None,
             content="hello",
             model="m",
             prompt_tokens=None,
@@ -67,6 +69,7 @@ async def test_a_write_cut_short_never_leaves_a_busy_connection_for_the_next() -
             status=MessageStatus.INCOMPLETE,
         )
         await messages.extend_reply(
+            Lease(session.id, session.fence),
             row_id=row_id,
             more=" there",
             prompt_tokens=3,
@@ -83,6 +86,6 @@ async def test_a_message_for_an_ended_or_unknown_session_is_refused_and_not_save
     assert await lifecycle.end(session_id=ended.id, reason=EndReason.CLIENT)
     for session_id in (ended.id, uuid.uuid4()):
         with pytest.raises(messages.ClientError) as refused:
-            await messages.save_user_message(session_id=session_id, content="hi", system_message=None)
+            await messages.save_user_message(Lease(session_id, 1), content="hi", system_message=None)
         assert refused.value.code == "session_ended"
     assert not await ChatMessage.objects.filter(session_id=ended.id).aexists()

@@ -114,9 +114,12 @@ def revocation_groups(principal: Principal, scope: dict) -> list[str]:
     return [user_group(principal.user_id), *([login_group(session_key)] if session_key else [])]
 
 
-def withdraw(group: str, message: str) -> None:
-    """Close every socket in `group`, in every process: an `unauthorized` frame, then 4401."""
-    async_to_sync(get_channel_layer().group_send)(group, {"type": "principal.revoked", "message": message})
+def withdraw(group: str, message: str, *, revoked: bool = False) -> None:
+    """Close every socket in `group`, in every process: an `unauthorized` frame, then 4401. `revoked`: the
+    principal may spend no more (a key revoked, an account deactivated): its sessions end as `revoked`
+    instead of being let go as when a socket closes."""
+    event = {"type": "principal.revoked", "message": message, "revoked": revoked}
+    async_to_sync(get_channel_layer().group_send)(group, event)
 
 
 def signed_out(sender, request, user, **kwargs) -> None:
@@ -138,7 +141,10 @@ def account_saved(sender, instance, created: bool = False, **kwargs) -> None:
     """A user deactivated (the admin's "active" box): their open sockets are closed and all their
     sessions end. Their password changed: their signed-in sockets are closed, as signing out does."""
     if not instance.is_active:
-        withdraw(user_group(instance.pk), "That account is no longer active.")
+        withdraw(user_group(instance.pk), "That account is no longer active.", revoked=True)
+        # Its keys stop too (authenticate() and still_valid() refuse a key whose user is inactive).
+        for key_id in ApiKey.objects.filter(user_id=instance.pk).values_list("id", flat=True):
+            withdraw(key_group(key_id), "That API key's account is no longer active.", revoked=True)
         end_sessions(Q(user_id=instance.pk))
     elif not created and getattr(instance, "_r2d2_password_before", instance.password) != instance.password:
         withdraw(user_group(instance.pk), "Your password was changed; sign in again.")
@@ -149,7 +155,7 @@ def revoke(api_key: ApiKey) -> bool:
     revoked = ApiKey.objects.filter(id=api_key.id, revoked_at__isnull=True).update(revoked_at=timezone.now())
     api_key.refresh_from_db(fields=["revoked_at"])
     # Sent even when already revoked: a socket that missed the first event is closed now.
-    withdraw(key_group(api_key.id), "That API key has been revoked.")
+    withdraw(key_group(api_key.id), "That API key has been revoked.", revoked=True)
     end_sessions(Q(api_key_id=api_key.id))
     if revoked:
         logger.warning("api key revoked", extra={"api_key": api_key.name, "prefix": api_key.prefix})
@@ -218,6 +224,8 @@ async def authenticate(scope: dict) -> Principal:
             raise Unauthorized("That API key is not valid.")
         if not api_key.is_active:
             raise Unauthorized("That API key has been revoked.")
+        if api_key.user is not None and not api_key.user.is_active:
+            raise Unauthorized("That API key's account is no longer active.")
         await ApiKey.objects.filter(id=api_key.id).aupdate(last_used_at=timezone.now())
         return principal_for_key(api_key)
     user = scope.get("user")
@@ -230,7 +238,8 @@ async def still_valid(principal: Principal) -> bool:
     """Is the principal's key still unrevoked (a user's session cookie is checked at connect only)?"""
     if principal.api_key_id is None:
         return True
-    return await ApiKey.objects.filter(id=principal.api_key_id, revoked_at__isnull=True).aexists()
+    usable = ApiKey.objects.filter(id=principal.api_key_id, revoked_at__isnull=True)
+    return await usable.exclude(user__is_active=False).aexists()
 
 
 _find_key = sync_to_async(find_key)

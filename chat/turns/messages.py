@@ -95,7 +95,7 @@ def _prepare(value: object) -> object:
 async def _why_not(lease: Lease) -> Exception:
     """A conditioned write changed nothing: the session ended, or another holder has it."""
     row = await ChatSession.objects.filter(id=lease.session_id).values("fence", "ended_at").afirst()
-    if row is None or row["fence"] != lease.fence:
+    if row is not None and row["fence"] != lease.fence:
         return Fenced()
     return session_ended()
 

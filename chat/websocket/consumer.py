@@ -250,7 +250,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def principal_revoked(self, event: dict) -> None:
         """Called on a `principal.revoked` event: this socket's key was revoked, or its user signed out,
         changed their password or was deactivated (in any process)."""
-        await self.refuse(event.get("message", "That API key has been revoked."))
+        await self.refuse(event.get("message", "That API key has been revoked."), revoked=event.get("revoked", True))
 
     # Helpers ---------------------------------------------------------------
 
@@ -295,12 +295,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if now - self.checked_at < settings.R2D2_AUTH_RECHECK_SECONDS:
             return
         if not await auth.still_valid(self.principal):
-            await self.refuse("That API key has been revoked.")
+            await self.refuse("That API key has been revoked.", revoked=True)
             raise ClientError(ErrorCode.UNAUTHORIZED, "That API key has been revoked.")
         self.checked_at = now
 
-    async def refuse(self, message: str) -> None:
-        """One `unauthorized` frame, then close with 4401 (the socket is accepted first so the frame arrives)."""
+    async def refuse(self, message: str, *, revoked: bool = False) -> None:
+        """One `unauthorized` frame, then close with 4401 (the socket is accepted first so the frame arrives).
+        `revoked`: the principal may spend no more, and its sessions end as `revoked`."""
         if self.refused:
             return
         self.refused = True
@@ -309,6 +310,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.accepted = True
         await self.send_frame(protocol.error(ErrorCode.UNAUTHORIZED, message))
         await self.close(code=auth.UNAUTHORIZED_CLOSE_CODE)
+        if revoked:
+            held, self.sessions = list(self.sessions.values()), {}
+            await asyncio.gather(*(h.end(EndReason.REVOKED) for h in held), return_exceptions=True)
         await self.release_all()  # now, not when the client acknowledges the close: no more spending
         logger.info("connection refused", extra={"principal": self.principal.label, "reason": message})
 
