@@ -144,7 +144,7 @@ def account_saved(sender, instance, created: bool = False, **kwargs) -> None:
         withdraw(user_group(instance.pk), "That account is no longer active.", revoked=True)
         # Its keys stop too (authenticate() and still_valid() refuse a key whose user is inactive).
         for key_id in ApiKey.objects.filter(user_id=instance.pk).values_list("id", flat=True):
-            withdraw(key_group(key_id), "That API key's account is no longer active.", revoked=True)
+            withdraw(key_group(key_id), "That account is no longer active.", revoked=True)
         end_sessions(Q(user_id=instance.pk))
     elif not created and getattr(instance, "_r2d2_password_before", instance.password) != instance.password:
         withdraw(user_group(instance.pk), "Your password was changed; sign in again.")
