@@ -165,7 +165,24 @@ def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
         user_message=user_message,
         system_message=system_message,
         stream=stream,
+        client_message_id=_client_message_id(content),
     )
+
+
+#: `client_message_id`: the client's own id for a message, so that a resend is recognised.
+MAX_CLIENT_MESSAGE_ID_CHARS = 100
+
+
+def _client_message_id(content: dict) -> str:
+    value = content.get("client_message_id")
+    if value is None:
+        return ""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CLIENT_MESSAGE_ID_CHARS or not value.isprintable():
+        raise ClientError(
+            ErrorCode.INVALID_FIELD_TYPE,
+            f"'client_message_id' must be a string of 1 to {MAX_CLIENT_MESSAGE_ID_CHARS} printable characters.",
+        )
+    return value
 
 
 def _parse_session_end(content: dict, max_message_chars: int) -> SessionEnd:

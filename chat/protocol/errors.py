@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     QUEUE_FULL = "queue_full"
+    DUPLICATE_MESSAGE = "duplicate_message"
     NOTHING_TO_CANCEL = "nothing_to_cancel"
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
     UPSTREAM_SERVER_ERROR = "upstream_server_error"

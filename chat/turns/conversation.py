@@ -76,6 +76,7 @@ class Conversation:
         "_generating",
         "_stop",
         "_closed",
+        "_current",
     )
 
     def __init__(
@@ -105,6 +106,7 @@ class Conversation:
         # (a drain past its deadline). None while nobody asked.
         self._stop: MessageStatus | None = None
         self._closed = False
+        self._current: int | None = None  # the row of the message being answered
 
     @property
     def session_id(self) -> uuid.UUID:
@@ -128,7 +130,33 @@ class Conversation:
         except Fenced:
             self._lost()
             raise ClientError(ErrorCode.SESSION_NOT_OWNED, "This session was resumed elsewhere.") from None
+        except messages.Duplicate:
+            await self.refuse_duplicate(post.client_message_id)
+            raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
         self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id))
+
+    async def refuse_duplicate(self, client_message_id: str) -> None:
+        """A resend of a message this session already has (on any socket or process): refused with
+        `duplicate_message`, whose message says the original's state. No new message, call or charge."""
+        if not client_message_id:
+            return
+        original = await messages.original(self.session_id, client_message_id)
+        if original is None:
+            return
+        raise ClientError(
+            ErrorCode.DUPLICATE_MESSAGE,
+            f"This session already has the message {client_message_id!r}; it is {self._state(original)}.",
+        )
+
+    def _state(self, original: messages.Original) -> str:
+        """queued, answering, answered or failed: what became of a message, as its client would say it."""
+        if original.reply_status in {MessageStatus.COMPLETE, MessageStatus.CANCELLED}:
+            return "answered"
+        if original.reply_status == MessageStatus.INCOMPLETE or original.row_id == self._current:
+            return "answering"
+        if original.reply_status is not None or original.status != MessageStatus.ACCEPTED:
+            return "failed"
+        return "queued"
 
     def requeue(self, saved: list[messages.Unanswered]) -> None:
         """Answer messages an earlier holder saved but did not answer, in order (not streamed: how
@@ -194,11 +222,11 @@ class Conversation:
         try:
             while self._pending and not self._closed:
                 queued = self._pending.popleft()
-                self._in_turn = True
+                self._in_turn, self._current = True, queued.row_id
                 try:
                     await self._turn(queued)
                 finally:
-                    self._in_turn = False
+                    self._in_turn, self._current = False, None
         finally:
             self._worker = None
 

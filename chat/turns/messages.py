@@ -15,8 +15,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import psycopg
 from asgiref.sync import sync_to_async
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
@@ -51,6 +52,10 @@ _SET_STATUS = f"UPDATE {_MESSAGES} SET status = %s WHERE id = %s AND {_HELD}"
 
 class Fenced(Exception):
     """This process no longer holds the session (another took it over): it may write nothing more."""
+
+
+class Duplicate(Exception):
+    """The session already has a message with that `client_message_id` (a resend)."""
 
 
 def session_ended() -> ClientError:
@@ -106,16 +111,19 @@ async def save_user_message(
     """Save the user's message as `accepted` (and a changed system message), before the model is called;
     returns its row id. Raises ClientError(session_ended) when the session is over, `Fenced` when it is
     no longer this holder's."""
-    if system_message is None:
-        params = (lease.session_id, Role.USER.value, content, timezone.now(), MessageStatus.ACCEPTED.value)
-        row_id = await _run(_INSERT_USER, (*params, client_message_id, lease.session_id, lease.fence), returning=True)
-        if row_id is None:
-            raise await _why_not(lease)
-        return int(row_id)
-    row_id = await sync_to_async(_save_with_system_message)(lease, content, system_message, client_message_id)
+    try:
+        if system_message is None:
+            params = (lease.session_id, Role.USER.value, content, timezone.now(), MessageStatus.ACCEPTED.value)
+            params += (client_message_id, lease.session_id, lease.fence)
+            row_id = await _run(_INSERT_USER, params, returning=True)
+        else:
+            row_id = await sync_to_async(_save_with_system_message)(lease, content, system_message, client_message_id)
+    except (IntegrityError, psycopg.errors.UniqueViolation):
+        # Two resends raced past `original()`: the unique index on (session, client_message_id) decides.
+        raise Duplicate() from None
     if row_id is None:
         raise await _why_not(lease)
-    return row_id
+    return int(row_id)
 
 
 def _save_with_system_message(lease: Lease, content: str, system_message: str, client_message_id: str) -> int | None:
@@ -180,6 +188,25 @@ async def set_status(lease: Lease, row_id: int, status: MessageStatus) -> None:
     """A turn ended without a reply row (failed, cancelled or interrupted before a word): its user message says so."""
     if not await _run(_SET_STATUS, (status.value, row_id, lease.session_id, lease.fence), returning=False):
         raise Fenced()
+
+
+@dataclass(frozen=True, slots=True)
+class Original:
+    """The message a resend repeats: its row, its status, and its reply's status if it has one."""
+
+    row_id: int
+    status: str
+    reply_status: str | None
+
+
+async def original(session_id: uuid.UUID, client_message_id: str) -> Original | None:
+    """The session's message with that `client_message_id`, if any: one lookup on a unique index."""
+    rows = ChatMessage.objects.filter(session_id=session_id, client_message_id=client_message_id)
+    row = await rows.values("id", "status").afirst()
+    if row is None:
+        return None
+    reply = await ChatMessage.objects.filter(reply_to_id=row["id"]).order_by("-id").values("status").afirst()
+    return Original(row["id"], row["status"], reply["status"] if reply else None)
 
 
 # A session taken over: what its last holder left -----------------------------------

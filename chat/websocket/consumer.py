@@ -178,6 +178,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         held = await self.held(request.session_id)
         drain.refuse_if_draining()
         await self.still_authorized()
+        await held.conversation.refuse_duplicate(request.client_message_id)  # before a quota counts it
         if self.principal.is_anonymous:
             _take(self.post_rate, "messages")
         else:
