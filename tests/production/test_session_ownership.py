@@ -252,3 +252,24 @@ async def test_gauges_return_to_zero(daphne_factory, fake_llm):
     for server in servers:
         await wait_for(lambda server=server: _gauge_is(server, "r2d2_open_sockets", 0.0))
         await wait_for(lambda server=server: _gauge_is(server, "r2d2_live_sessions", 0.0), timeout=20)
+
+
+async def test_a_socket_daphne_kills_while_a_take_over_waits_is_uncounted(daphne_factory, fake_llm):
+    """The client gives up while its resume waits for the other process to finish a long turn: Daphne
+    cancels the consumer after its close timeout (disconnect() never runs), and the gauges still
+    come back to 0 on both processes."""
+    server_a, server_b = daphne_factory(**FAST_LIVENESS), daphne_factory(**FAST_LIVENESS)
+    client = await ProtocolClient.connect(server_a.url)
+    session_id, token = await start(client)
+    await post(client, session_id, "[[token_delay=0.6 text=" + "_".join(["w"] * 40) + "]] long")
+    first = await client.recv()
+    await client.connection.close()
+
+    client = await ProtocolClient.connect(server_b.url)
+    assert (await resume(client, session_id, token, first["seq"]))["type"] == "session_resumed"
+    await wait_for(lambda: _gauge_is(server_b, "r2d2_open_sockets", 1.0))
+    await client.connection.close()  # while B's consumer is still busy taking the session over
+    await wait_for(lambda: _gauge_is(server_b, "r2d2_open_sockets", 0.0), timeout=20)
+    await wait_for(lambda: _gauge_is(server_b, "r2d2_live_sessions", 0.0), timeout=40)
+    await wait_for(lambda: _gauge_is(server_a, "r2d2_live_sessions", 0.0), timeout=40)
+    assert (await ChatSession.objects.aget(id=session_id)).ended_at is None  # released: still resumable
