@@ -25,7 +25,7 @@ from chat.web import markdown
 from chat.web.csp import content_security_policy
 
 ASYNCAPI_PATH = Path(settings.BASE_DIR) / "asyncapi.yaml"
-FAVICON_PATH = Path(__file__).resolve().parent / "static" / "chat" / "favicon.svg"
+FAVICON_PATH = Path(__file__).resolve().parent.parent / "static" / "chat" / "favicon.svg"
 
 
 @require_GET
