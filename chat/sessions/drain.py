@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 
+from chat import llm
 from chat.edge.daphne import CLOSE_SERVICE_RESTART
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import resume
@@ -114,6 +115,7 @@ async def drain(seconds: float | None = None) -> None:
         "drained", extra={"released_sessions": len(held), "closed_sockets": len(consumers), "still_busy": _busy()}
     )
     await asyncio.sleep(0.5)  # let the close frames leave before the reactor stops
+    await llm.close_clients()  # the model servers' HTTP sessions: else aiohttp logs "Unclosed client session" ERRORs
 
 
 def _busy() -> bool:
