@@ -8,6 +8,7 @@ fresh clone runs with nothing installed but the requirements.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -68,6 +69,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    # Sign-in lockout (chat/accounts/lockout.py).
+    "axes",
     "chat",
 ]
 
@@ -81,6 +84,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out sign-in into the 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "r2d2site.urls"
@@ -289,6 +294,23 @@ R2D2_AUTH_RECHECK_SECONDS = env_float("R2D2_AUTH_RECHECK_SECONDS", 5.0)
 # "gpt-4o-mini=0.15:0.60,gpt-4o=2.50:10".
 R2D2_MODEL_PRICES = os.environ.get("R2D2_MODEL_PRICES", "")
 
+# Sign-in lockout with django-axes (chat/accounts/lockout.py): after this many failed sign-ins
+# for one username from one client address, that pair is refused (429) for this many minutes
+# after its last attempt, on the page's sign-in and the admin's. `manage.py axes_reset` lifts it.
+R2D2_SIGNIN_FAILURE_LIMIT = env_int("R2D2_SIGNIN_FAILURE_LIMIT", 10)
+R2D2_SIGNIN_LOCKOUT_MINUTES = env_int("R2D2_SIGNIN_LOCKOUT_MINUTES", 15)
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out pair before any password check
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = R2D2_SIGNIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(minutes=R2D2_SIGNIN_LOCKOUT_MINUTES)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True  # a person's own typos do not add up across successful sign-ins
+AXES_CLIENT_IP_CALLABLE = "chat.accounts.lockout.client_address"
+AXES_CLIENT_STR_CALLABLE = "chat.accounts.lockout.describe"
+AXES_LOCKOUT_CALLABLE = "chat.accounts.lockout.locked_out"
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"
 LOGOUT_REDIRECT_URL = "chat"
@@ -310,9 +332,19 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "chat.ops.logging.JsonFormatter"}},
+    # Lines a client can cause at will (a 4xx, a bad Host, a failed sign-in): at most one per
+    # client per minute, with a count of the rest (chat/ops/throttle.py).
+    "filters": {"client_triggered": {"()": "chat.ops.throttle.ClientTriggeredFilter"}},
     # stderr, where Daphne and Django write their own messages too (Elastic Beanstalk
     # collects both streams of the Procfile's process into web.stdout.log).
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "json"}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stderr",
+            "formatter": "json",
+            "filters": ["client_triggered"],
+        }
+    },
     "root": {"handlers": ["stderr"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
     "loggers": {
         # httpx2/openai log request URLs at INFO; keep them quiet.
@@ -321,5 +353,8 @@ LOGGING = {
         # botocore logs request details (and, at DEBUG, bodies and signed headers): never.
         "botocore": {"level": "WARNING"},
         "urllib3": {"level": "WARNING"},
+        # django-axes says at INFO that it runs for every failed sign-in; its warnings (a failure,
+        # a lockout) are the lines worth keeping, throttled per client.
+        "axes": {"level": "WARNING"},
     },
 }
