@@ -263,8 +263,10 @@ R2D2_PAGE_REMOTE_IMAGES = env_bool("R2D2_PAGE_REMOTE_IMAGES", False)
 # 0 trusts no header (the peer is the client); the Elastic Beanstalk bundle sets 2
 # (the load balancer and nginx).
 R2D2_TRUSTED_PROXIES = env_int("R2D2_TRUSTED_PROXIES", 0)
-# Open WebSockets per client address, across processes on Redis (chat/edge/connection_limits.py); 0: no cap.
+# Open WebSockets across processes on Redis (chat/edge/connection_limits.py); 0: no cap. Anonymous
+# ones per client address (IPv6 by /64); those of a principal (an API key, a signed-in person) per principal.
 R2D2_MAX_CONNECTIONS_PER_ADDRESS = env_int("R2D2_MAX_CONNECTIONS_PER_ADDRESS", 20)
+R2D2_MAX_CONNECTIONS_PER_PRINCIPAL = env_int("R2D2_MAX_CONNECTIONS_PER_PRINCIPAL", 50)
 # Liveness of server processes (chat/sessions/liveness.py): a process beats every
 # R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
 # its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).

@@ -43,6 +43,13 @@ def forwarded_address(header: str | None, trusted_proxies: int) -> str | None:
         return None
 
 
+def client_address(headers: list[tuple[bytes, bytes]], peer: str | None) -> str | None:
+    """The client's address as TrustedProxyMiddleware settles it, for code below the ASGI scope
+    (Daphne's protocol object has the handshake's headers and the socket's peer)."""
+    forwarded = forwarded_address(_header({"headers": headers}, b"x-forwarded-for"), settings.R2D2_TRUSTED_PROXIES)
+    return forwarded or peer
+
+
 def address_group(address: str) -> str:
     """An address as one client: IPv4 as it is, IPv6 by its /64.
 
