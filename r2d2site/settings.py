@@ -76,6 +76,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "chat.web.health.HealthCheckMiddleware",
+    # /metrics for private peers (a Prometheus in the VPC): plain HTTP, any Host (chat/ops/metrics.py).
+    "chat.ops.metrics.PrivateScrapeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
