@@ -29,9 +29,8 @@ import hmac
 import ipaddress
 import os
 import time
-from collections.abc import Callable
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
@@ -46,6 +45,7 @@ from prometheus_client import (
 
 from chat.accounts.usage import prices
 from chat.llm.base import Reply
+from chat.web.health import EarlyMiddleware
 
 # Seconds from the model call to the first delta and to the final message: a 50 ms model
 # is the lowest a real one answers, a minute is the upstream timeout.
@@ -194,19 +194,11 @@ def view(request: HttpRequest) -> HttpResponse:
     return exposition()
 
 
-class PrivateScrapeMiddleware:
+class PrivateScrapeMiddleware(EarlyMiddleware):
     """/metrics for a private peer, before Django's HTTPS redirect and Host check (see the module docstring).
 
     Everyone else goes the usual way: redirected to HTTPS, Host checked, then `view`
     (staff, or the bearer token)."""
-
-    async_capable = True
-    sync_capable = False
-
-    def __init__(self, get_response: Callable) -> None:
-        self.get_response = get_response
-        if iscoroutinefunction(self.get_response):
-            markcoroutinefunction(self)
 
     async def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path == "/metrics" and private_request(request):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import websockets
 import yaml
 
 from tests.client import ProtocolClient
-from tests.conftest import ROOT, free_port, server_env, wait_for_port
+from tests.conftest import ROOT, LiveServer, server_env
 from tests.interfaces.test_dashboard import concrete, expressions
 from tests.production.bundle import ProcfileServer, environment_properties
 from tests.production.conftest import FAST_LIVENESS, http_get
@@ -76,10 +77,11 @@ def local_configuration(directory: Path, port: int) -> Path:
     return path
 
 
-class Prometheus:
+class Prometheus(LiveServer):
+    """Debian's Prometheus on a free port, with a storage directory of its own."""
+
     def __init__(self, config: Path, directory: Path) -> None:
-        self.port = free_port()
-        self.log_path = directory / "prometheus.log"
+        super().__init__(dict(os.environ), directory / "prometheus.log")
         self.command = [
             PROMETHEUS,
             f"--config.file={config}",
@@ -89,27 +91,15 @@ class Prometheus:
         ]
 
     def start(self) -> Prometheus:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.process)
+        super().start()
         deadline = time.monotonic() + 30
         while True:  # the port opens before the storage is ready (503 until then)
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5):
                     return self
             except OSError:
-                assert time.monotonic() < deadline, self.log_path.read_text()
+                assert time.monotonic() < deadline, self.log()
                 time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self._log.close()
 
     def api(self, path: str, **params: str) -> dict:
         url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
