@@ -310,6 +310,7 @@ AUTHENTICATION_BACKENDS = [
 AXES_FAILURE_LIMIT = R2D2_SIGNIN_FAILURE_LIMIT
 AXES_COOLOFF_TIME = timedelta(minutes=R2D2_SIGNIN_LOCKOUT_MINUTES)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_USERNAME_FORM_FIELD = "username"  # the sign-in forms' field (axes' default is a lazy lookup of the same)
 AXES_RESET_ON_SUCCESS = True  # a person's own typos do not add up across successful sign-ins
 AXES_CLIENT_IP_CALLABLE = "chat.accounts.lockout.client_address"
 AXES_CLIENT_STR_CALLABLE = "chat.accounts.lockout.describe"
