@@ -276,8 +276,9 @@ def daphne_env(model: Process, **overrides: str) -> dict[str, str]:
             "OPENAI_BASE_URL": model_url(model),
             "OPENAI_API_KEY": API_KEY,
             "R2D2_RATE_LIMIT_PER_MINUTE": "0",
-            # Every simulated client connects from 127.0.0.1.
+            # Every simulated client connects from 127.0.0.1 (bench/auth_cost.py: all with one key).
             "R2D2_MAX_CONNECTIONS_PER_ADDRESS": "0",
+            "R2D2_MAX_CONNECTIONS_PER_PRINCIPAL": "0",
             # The load clients are anonymous; bench/auth_cost.py measures authenticated turns.
             "R2D2_REQUIRE_AUTH": "0",
             "R2D2_LOG_LEVEL": "WARNING",

@@ -19,8 +19,8 @@ from chat.websocket.routing import websocket_urlpatterns  # noqa: E402
 
 # The first request or socket starts this process's heartbeat (chat/sessions/heartbeat.py).
 # The client's address and scheme are settled first (chat/edge/proxy.py): the Host/Origin
-# check compares the scheme, and only handshakes it lets through count towards the
-# per-address connection cap.
+# check compares the scheme, and only handshakes it lets through are counted. The connection
+# caps count a socket by its principal (after the session cookie is read) or its address.
 application = HeartbeatMiddleware(
     TrustedProxyMiddleware(
         ProtocolTypeRouter(
@@ -29,7 +29,7 @@ application = HeartbeatMiddleware(
                 # The session cookie's user is the web page's principal (chat/accounts/auth.py);
                 # API keys come in a header.
                 "websocket": allowed_hosts_origin_validator(
-                    ConnectionLimitMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+                    AuthMiddlewareStack(ConnectionLimitMiddleware(URLRouter(websocket_urlpatterns)))
                 ),
             }
         )

@@ -8,6 +8,7 @@ fresh clone runs with nothing installed but the requirements.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -68,11 +69,15 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    # Sign-in lockout (chat/accounts/lockout.py).
+    "axes",
     "chat",
 ]
 
 MIDDLEWARE = [
     "chat.web.health.HealthCheckMiddleware",
+    # /metrics for private peers (a Prometheus in the VPC): plain HTTP, any Host (chat/ops/metrics.py).
+    "chat.ops.metrics.PrivateScrapeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -81,6 +86,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out sign-in into the 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "r2d2site.urls"
@@ -258,8 +265,10 @@ R2D2_PAGE_REMOTE_IMAGES = env_bool("R2D2_PAGE_REMOTE_IMAGES", False)
 # 0 trusts no header (the peer is the client); the Elastic Beanstalk bundle sets 2
 # (the load balancer and nginx).
 R2D2_TRUSTED_PROXIES = env_int("R2D2_TRUSTED_PROXIES", 0)
-# Open WebSockets per client address, across processes on Redis (chat/edge/connection_limits.py); 0: no cap.
+# Open WebSockets across processes on Redis (chat/edge/connection_limits.py); 0: no cap. Anonymous
+# ones per client address (IPv6 by /64); those of a principal (an API key, a signed-in person) per principal.
 R2D2_MAX_CONNECTIONS_PER_ADDRESS = env_int("R2D2_MAX_CONNECTIONS_PER_ADDRESS", 20)
+R2D2_MAX_CONNECTIONS_PER_PRINCIPAL = env_int("R2D2_MAX_CONNECTIONS_PER_PRINCIPAL", 50)
 # Liveness of server processes (chat/sessions/liveness.py): a process beats every
 # R2D2_HEARTBEAT_SECONDS; one silent for R2D2_PROCESS_STALE_SECONDS is gone and
 # its live sessions are ended as orphaned (swept every R2D2_ORPHAN_SWEEP_SECONDS).
@@ -289,6 +298,24 @@ R2D2_AUTH_RECHECK_SECONDS = env_float("R2D2_AUTH_RECHECK_SECONDS", 5.0)
 # "gpt-4o-mini=0.15:0.60,gpt-4o=2.50:10".
 R2D2_MODEL_PRICES = os.environ.get("R2D2_MODEL_PRICES", "")
 
+# Sign-in lockout with django-axes (chat/accounts/lockout.py): after this many failed sign-ins
+# for one username from one client address, that pair is refused (429) for this many minutes
+# after its last attempt, on the page's sign-in and the admin's. `manage.py axes_reset` lifts it.
+R2D2_SIGNIN_FAILURE_LIMIT = env_int("R2D2_SIGNIN_FAILURE_LIMIT", 10)
+R2D2_SIGNIN_LOCKOUT_MINUTES = env_int("R2D2_SIGNIN_LOCKOUT_MINUTES", 15)
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out pair before any password check
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = R2D2_SIGNIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(minutes=R2D2_SIGNIN_LOCKOUT_MINUTES)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_USERNAME_FORM_FIELD = "username"  # the sign-in forms' field (axes' default is a lazy lookup of the same)
+AXES_RESET_ON_SUCCESS = True  # a person's own typos do not add up across successful sign-ins
+AXES_CLIENT_IP_CALLABLE = "chat.accounts.lockout.client_address"
+AXES_CLIENT_STR_CALLABLE = "chat.accounts.lockout.describe"
+AXES_LOCKOUT_CALLABLE = "chat.accounts.lockout.locked_out"
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"
 LOGOUT_REDIRECT_URL = "chat"
@@ -310,9 +337,19 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "chat.ops.logging.JsonFormatter"}},
+    # Lines a client can cause at will (a 4xx, a bad Host, a failed sign-in): at most one per
+    # client per minute, with a count of the rest (chat/ops/throttle.py).
+    "filters": {"client_triggered": {"()": "chat.ops.throttle.ClientTriggeredFilter"}},
     # stderr, where Daphne and Django write their own messages too (Elastic Beanstalk
     # collects both streams of the Procfile's process into web.stdout.log).
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "json"}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "stream": "ext://sys.stderr",
+            "formatter": "json",
+            "filters": ["client_triggered"],
+        }
+    },
     "root": {"handlers": ["stderr"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
     "loggers": {
         # httpx2/openai log request URLs at INFO; keep them quiet.
@@ -321,5 +358,8 @@ LOGGING = {
         # botocore logs request details (and, at DEBUG, bodies and signed headers): never.
         "botocore": {"level": "WARNING"},
         "urllib3": {"level": "WARNING"},
+        # django-axes says at INFO that it runs for every failed sign-in; its warnings (a failure,
+        # a lockout) are the lines worth keeping, throttled per client.
+        "axes": {"level": "WARNING"},
     },
 }

@@ -180,8 +180,9 @@ def server_env(fake: FakeLLM | None, **overrides: str) -> dict[str, str]:
         env["OPENAI_API_KEY"] = TEST_API_KEY
     # Every test client connects from 127.0.0.1, and one run starts and stops hundreds of servers
     # sharing one Redis (a stopped server's sockets count for 30 s more): the per-address cap has
-    # its own tests (tests/production/test_connection_limits.py), which set it.
+    # its own tests (tests/production/test_connection_limits.py), which set it; so has the per-principal cap.
     env["R2D2_MAX_CONNECTIONS_PER_ADDRESS"] = "0"
+    env["R2D2_MAX_CONNECTIONS_PER_PRINCIPAL"] = "0"
     env["DJANGO_SETTINGS_MODULE"] = "r2d2site.settings"
     # Anonymous by default, whatever DEBUG is: the auth tests turn it on explicitly.
     env["R2D2_REQUIRE_AUTH"] = "0"

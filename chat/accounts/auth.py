@@ -215,8 +215,39 @@ def principal_for_key(api_key: ApiKey) -> Principal:
     )
 
 
+#: Where `settle` leaves the handshake's principal (or its Unauthorized) in the scope.
+SCOPE_KEY = "r2d2.principal"
+
+
+async def settle(scope: dict) -> dict:
+    """The scope with its principal worked out once: the connection cap (chat/edge/connection_limits.py)
+    counts by it before the consumer runs, and the consumer's `authenticate` reuses it."""
+    if SCOPE_KEY in scope:
+        return scope
+    try:
+        outcome: Principal | Unauthorized = await _authenticate(scope)
+    except Unauthorized as exc:
+        outcome = exc
+    return {**scope, SCOPE_KEY: outcome}
+
+
+def settled(scope: dict) -> Principal | None:
+    """The principal `settle` found, or None (not settled, or not valid)."""
+    outcome = scope.get(SCOPE_KEY)
+    return outcome if isinstance(outcome, Principal) else None
+
+
 async def authenticate(scope: dict) -> Principal:
     """The handshake's principal. A key, if one is sent, must be valid, whether or not auth is required."""
+    outcome = scope.get(SCOPE_KEY)
+    if isinstance(outcome, Unauthorized):
+        raise outcome
+    if isinstance(outcome, Principal):
+        return outcome
+    return await _authenticate(scope)
+
+
+async def _authenticate(scope: dict) -> Principal:
     token = bearer_token(scope)
     if token is not None:
         api_key = await _find_key(token)

@@ -1,19 +1,31 @@
-"""At most R2D2_MAX_CONNECTIONS_PER_ADDRESS open WebSockets per client address (ASGI middleware).
+"""Caps on open WebSockets (ASGI middleware): anonymous sockets per client address, authenticated
+sockets per principal.
+
+- A socket that acts for nobody counts towards its address: R2D2_MAX_CONNECTIONS_PER_ADDRESS,
+  IPv6 addresses grouped by /64 (a host picks any address in its /64, chat/edge/proxy.py).
+- A socket that acts for a principal (an API key, a signed-in person) counts towards that
+  principal instead: R2D2_MAX_CONNECTIONS_PER_PRINCIPAL. An office behind one NAT address,
+  where every person has a key of their own, is then as many clients as it has keys.
+
+It runs after Channels' AuthMiddlewareStack, which reads the session cookie; the handshake's
+principal is settled here once (chat/accounts/auth.py `settle`: one look-up of an API key) and
+the consumer reuses it. A handshake with a key that is not valid counts as anonymous (the
+consumer then refuses it, 4401).
 
 Counted across every server process when REDIS_URL is set, in this process
-otherwise. Over the cap the handshake is accepted (so that a browser can read
+otherwise. Over a cap the handshake is accepted (so that a browser can read
 why) and the client gets one `too_many_connections` error frame, then close
 code 4429. The consumer never sees such a socket.
 
-Redis accounting, robust to a killed process: per address, one hash
-`<prefix>:conns:<address>` maps a process id to that process's open sockets
-for the address; each process also keeps `<prefix>:conns-process:<id>` alive
+Redis accounting, robust to a killed process: per counted name (an address or a
+principal), one hash `<prefix>:conns:<name>` maps a process id to that process's open
+sockets for it; each process also keeps `<prefix>:conns-process:<id>` alive
 with a TTL it refreshes. Counting (one Lua script, so check-and-add is atomic
 across processes) sums only the fields of processes whose key still exists and
 deletes the others: a SIGKILLed process's sockets stop counting within
 PROCESS_TTL seconds, without anyone having to clean up after it. The refresher
-also renews the address hashes this process holds, which otherwise expire, so
-addresses never seen again do not stay in Redis.
+also renews the hashes this process holds, which otherwise expire, so
+names never seen again do not stay in Redis.
 """
 
 from __future__ import annotations
@@ -26,6 +38,10 @@ from typing import Any
 
 from django.conf import settings
 
+from chat.accounts import auth
+from chat.accounts.principals import Principal
+from chat.edge.proxy import address_group
+from chat.ops import throttle
 from chat.protocol import error
 from chat.protocol.errors import ErrorCode
 
@@ -37,7 +53,7 @@ CLOSE_TOO_MANY_CONNECTIONS = 4429
 PROCESS_TTL = 30
 REFRESH_SECONDS = 10
 
-# KEYS[1] the address hash; ARGV: this process's id, the cap, the process-key prefix, the TTL.
+# KEYS[1] the counted name's hash; ARGV: this process's id, the cap, the process-key prefix, the TTL.
 _ACQUIRE = """
 local total = 0
 local fields = redis.call('HGETALL', KEYS[1])
@@ -55,7 +71,7 @@ redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
-# KEYS[1] the address hash; ARGV[1] this process's id.
+# KEYS[1] the counted name's hash; ARGV[1] this process's id.
 _RELEASE = """
 if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then
     redis.call('HDEL', KEYS[1], ARGV[1])
@@ -65,25 +81,25 @@ return 1
 
 
 class LocalCounter:
-    """This process's sockets per address: enough when there is one process (no Redis)."""
+    """This process's sockets per counted name: enough when there is one process (no Redis)."""
 
     def __init__(self) -> None:
         self.open: Counter[str] = Counter()
 
-    async def acquire(self, address: str, cap: int) -> bool:
-        if self.open[address] >= cap:
+    async def acquire(self, name: str, cap: int) -> bool:
+        if self.open[name] >= cap:
             return False
-        self.open[address] += 1
+        self.open[name] += 1
         return True
 
-    async def release(self, address: str) -> None:
-        self.open[address] -= 1
-        if self.open[address] <= 0:
-            del self.open[address]
+    async def release(self, name: str) -> None:
+        self.open[name] -= 1
+        if self.open[name] <= 0:
+            del self.open[name]
 
 
 class RedisCounter(LocalCounter):
-    """Every process's sockets per address, in Redis (see the module docstring)."""
+    """Every process's sockets per counted name, in Redis (see the module docstring)."""
 
     def __init__(self, url: str, prefix: str) -> None:
         super().__init__()
@@ -94,8 +110,8 @@ class RedisCounter(LocalCounter):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._refresher: asyncio.Task | None = None
 
-    def _key(self, address: str) -> str:
-        return f"{self.prefix}:conns:{address}"
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:conns:{name}"
 
     def _process_key(self) -> str:
         return f"{self.prefix}:conns-process:{self.process_id}"
@@ -119,25 +135,25 @@ class RedisCounter(LocalCounter):
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.set(self._process_key(), 1, ex=PROCESS_TTL)
-                    for address in list(self.open):
-                        pipe.expire(self._key(address), PROCESS_TTL * 2)
+                    for name in list(self.open):
+                        pipe.expire(self._key(name), PROCESS_TTL * 2)
                     await pipe.execute()
             except Exception as exc:  # Redis away for a moment: the next round tries again.
                 logger.warning("connection-count refresh failed", extra={"error": type(exc).__name__})
 
-    async def acquire(self, address: str, cap: int) -> bool:
+    async def acquire(self, name: str, cap: int) -> bool:
         redis = await self._client()
         accepted = await redis.eval(
-            _ACQUIRE, 1, self._key(address), self.process_id, cap, f"{self.prefix}:conns-process:", PROCESS_TTL * 2
+            _ACQUIRE, 1, self._key(name), self.process_id, cap, f"{self.prefix}:conns-process:", PROCESS_TTL * 2
         )
         if accepted:
-            self.open[address] += 1
+            self.open[name] += 1
         return bool(accepted)
 
-    async def release(self, address: str) -> None:
-        await super().release(address)
+    async def release(self, name: str) -> None:
+        await super().release(name)
         redis = await self._client()
-        await redis.eval(_RELEASE, 1, self._key(address), self.process_id)
+        await redis.eval(_RELEASE, 1, self._key(name), self.process_id)
 
 
 _counter: LocalCounter | None = None
@@ -151,45 +167,65 @@ def counter() -> LocalCounter:
     return _counter
 
 
-class ConnectionLimitMiddleware:
-    """Caps open WebSockets per scope["client"][0] (the address chat/edge/proxy.py settles on)."""
+def counted_as(principal: Principal | None, address: str | None) -> tuple[str, str] | None:
+    """What a socket counts towards, as (name, who for the refusal), or None when nothing counts it."""
+    if principal is not None and not principal.is_anonymous:
+        who = "This API key" if principal.api_key_id is not None else "This account"
+        return f"principal:{principal.quota_key}", who
+    if address is not None:
+        return f"address:{address}", "This address"
+    return None
 
-    def __init__(self, app, cap: int | None = None) -> None:
+
+class ConnectionLimitMiddleware:
+    """Caps open WebSockets per principal, or per address (chat/edge/proxy.py's, IPv6 by /64) for anonymous ones."""
+
+    def __init__(self, app, cap: int | None = None, principal_cap: int | None = None) -> None:
         self.app = app
-        self.cap = settings.R2D2_MAX_CONNECTIONS_PER_ADDRESS if cap is None else cap
+        self.address_cap = settings.R2D2_MAX_CONNECTIONS_PER_ADDRESS if cap is None else cap
+        self.principal_cap = settings.R2D2_MAX_CONNECTIONS_PER_PRINCIPAL if principal_cap is None else principal_cap
 
     async def __call__(self, scope, receive, send) -> None:
-        client = scope.get("client")
-        if scope["type"] != "websocket" or self.cap <= 0 or not client:
+        if scope["type"] != "websocket":
             return await self.app(scope, receive, send)
-        address = client[0]
+        client = scope.get("client")
+        address = address_group(client[0]) if client else None
+        # This connection's tasks log client-caused warnings under its address (chat/ops/throttle.py).
+        throttle.CLIENT.set(address)
+        if self.address_cap <= 0 and self.principal_cap <= 0:
+            return await self.app(scope, receive, send)
+        scope = await auth.settle(scope)
+        counted = counted_as(auth.settled(scope), address)
+        if counted is None:
+            return await self.app(scope, receive, send)
+        name, who = counted
+        cap = self.address_cap if name.startswith("address:") else self.principal_cap
+        if cap <= 0:
+            return await self.app(scope, receive, send)
         limits = counter()
         try:
-            accepted = await limits.acquire(address, self.cap)
+            accepted = await limits.acquire(name, cap)
         except Exception as exc:
             # Redis unreachable: serve the socket uncounted rather than refuse everyone.
             logger.warning("connection limit unavailable; socket not counted", extra={"error": type(exc).__name__})
             return await self.app(scope, receive, send)
         if not accepted:
-            return await self._refuse(receive, send)
+            return await self._refuse(receive, send, f"{who} already has {cap} open connections")
         try:
             return await self.app(scope, receive, send)
         finally:
             # Shielded: Daphne cancels an application that outlives its socket, and an
             # interrupted release would count this socket until its process dies.
             try:
-                await asyncio.shield(limits.release(address))
+                await asyncio.shield(limits.release(name))
             except Exception as exc:
                 logger.warning("connection count release failed", extra={"error": type(exc).__name__})
 
-    async def _refuse(self, receive, send) -> None:
+    async def _refuse(self, receive, send, why: str) -> None:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept"})
-        text = error(
-            ErrorCode.TOO_MANY_CONNECTIONS,
-            f"This address already has {self.cap} open connections; close one and reconnect.",
-        )
+        text = error(ErrorCode.TOO_MANY_CONNECTIONS, f"{why}; close one and reconnect.")
         await send({"type": "websocket.send", "text": text})
         await send({"type": "websocket.close", "code": CLOSE_TOO_MANY_CONNECTIONS})

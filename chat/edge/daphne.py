@@ -31,6 +31,9 @@ from daphne import server as daphne_server
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 from django.conf import settings
 
+from chat.edge.proxy import address_group, client_address
+from chat.ops.throttle import warn_throttled
+
 logger = logging.getLogger(__name__)
 
 CLOSE_NOT_READING = 4408
@@ -70,7 +73,10 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         if backlog == 0:
             self._largest_in_flight = 0
         if 0 < settings.R2D2_MAX_UNSENT_BYTES < backlog - self._largest_in_flight:
-            logger.warning("closing a connection that does not read", extra={"unsent_bytes": backlog})
+            # A client can do this on purpose, socket after socket: one line per client per minute.
+            warn_throttled(
+                logger, "closing a connection that does not read", key=self._client(), extra={"unsent_bytes": backlog}
+            )
             self.sendClose(code=CLOSE_NOT_READING, reason="client is not reading")
             return
         self._largest_in_flight = max(self._largest_in_flight, len(payload))
@@ -80,6 +86,11 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
             super().sendMessage(payload, isBinary, *args, **kwargs)
         finally:
             self.maxMessagePayloadSize = incoming_limit
+
+    def _client(self) -> str | None:
+        peer = self.client_addr[0] if getattr(self, "client_addr", None) else None
+        address = client_address(getattr(self, "clean_headers", []), peer)
+        return address_group(address) if address else None
 
     def _connectionMade(self) -> None:
         # autobahn pretty-prints the connection's forty options for a debug line, before its

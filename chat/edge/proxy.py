@@ -43,6 +43,31 @@ def forwarded_address(header: str | None, trusted_proxies: int) -> str | None:
         return None
 
 
+def client_address(headers: list[tuple[bytes, bytes]], peer: str | None) -> str | None:
+    """The client's address as TrustedProxyMiddleware settles it, for code below the ASGI scope
+    (Daphne's protocol object has the handshake's headers and the socket's peer)."""
+    forwarded = forwarded_address(_header({"headers": headers}, b"x-forwarded-for"), settings.R2D2_TRUSTED_PROXIES)
+    return forwarded or peer
+
+
+def address_group(address: str) -> str:
+    """An address as one client: IPv4 as it is, IPv6 by its /64.
+
+    A /64 is one network (a home, an office, a server's allocation): a host there picks
+    any of its addresses, so counting IPv6 addresses one by one lets one client be as
+    many as it likes. An IPv4-mapped IPv6 address is its IPv4 address. Not an IP address: as given.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class TrustedProxyMiddleware:
     """Rewrites scope["client"] (and the scheme from X-Forwarded-Proto) for http and websocket scopes.
 
@@ -61,6 +86,8 @@ class TrustedProxyMiddleware:
             scope = dict(scope)
             address = forwarded_address(_header(scope, b"x-forwarded-for"), self.trusted_proxies)
             if address is not None:
+                # The socket's own peer stays known: /metrics serves private peers only (chat/ops/metrics.py).
+                scope["proxy_peer"] = scope.get("client")
                 scope["client"] = [address, 0]
             # The load balancer sets X-Forwarded-Proto itself (nginx passes it on): the
             # scheme the client used, which the WebSocket origin check compares.

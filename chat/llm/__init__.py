@@ -22,6 +22,7 @@ from chat.llm.base import Provider, Reply, UpstreamError, timed_out
 from chat.llm.bedrock import BedrockProvider
 from chat.llm.offline import OfflineProvider
 from chat.llm.openai_compat import OpenAIProvider
+from chat.ops.throttle import client, warn_throttled
 from chat.protocol.errors import ErrorCode
 
 __all__ = ["Provider", "Reply", "UpstreamError", "close_clients", "generate", "models", "provider_for"]
@@ -57,7 +58,8 @@ def models(only: list[str] | None = None) -> list[tuple[str, str]]:
 
 
 async def close_clients() -> None:
-    """Close the running loop's upstream connections (tests, and anything else whose loop ends)."""
+    """Close the running loop's upstream connections: at the end of a drain (chat/sessions/drain.py),
+    in tests, and wherever else a loop ends (aiohttp logs an ERROR for each session left open)."""
     for provider in PROVIDERS.values():
         await provider.close()
 
@@ -68,6 +70,7 @@ async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, 
     Cancelling the consuming task closes the upstream request.
     """
     provider = provider_for(model)
+    reply.model = model
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.R2D2_UPSTREAM_TIMEOUT
     attempt = 0
@@ -80,7 +83,8 @@ async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, 
             reply.finished = time.monotonic()
             return
         except TimeoutError:
-            logger.warning("model call timed out", extra={"model": model, "attempt": attempt})
+            # A client can cause these at will (a model name the server refuses, a slow prompt): throttled.
+            warn_throttled(logger, "model call timed out", key=client(), extra={"model": model, "attempt": attempt})
             raise timed_out() from None
         except UpstreamError as exc:
             delay = _backoff(exc, attempt)
@@ -90,8 +94,10 @@ async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, 
                 or attempt >= settings.R2D2_UPSTREAM_RETRIES
                 or loop.time() + delay >= deadline
             ):
-                logger.warning(
+                warn_throttled(
+                    logger,
                     "model call failed",
+                    key=client(),
                     extra={"code": exc.code, "provider": provider.name, "model": model, "attempt": attempt},
                 )
                 raise

@@ -19,6 +19,7 @@ class Reply:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     headers_received: bool = False  # the model began answering (a later failure cut it off)
+    model: str = ""  # the model asked for (set by chat.llm.generate): /metrics labels tokens and cost by it
 
     @property
     def latency_ms(self) -> int:

@@ -9,17 +9,28 @@ so totals never go backwards. With no directory (one process) values live in mem
 
 Who may read it: staff signed in to the admin, a request carrying
 `Authorization: Bearer <R2D2_METRICS_TOKEN>` (compared in constant time, never
-logged), or a request whose every address is private (the socket's peer and each
-X-Forwarded-For hop, so a client behind the load balancer cannot claim one).
+logged), or a request whose every address is private (the client's address, the
+socket's own peer and each X-Forwarded-For hop, so a client behind the load balancer
+cannot claim one). A private peer is answered first thing (`PrivateScrapeMiddleware`):
+over plain HTTP, whatever its Host, because a Prometheus in the VPC scrapes each
+instance at its private address (deploy/prometheus/prometheus.yml) and neither
+redirecting it to HTTPS nor refusing that Host leaves anything to scrape.
+
+Tokens and cost are labelled by model, but a client may name any model when no list
+limits them: the label is the model only when the server's configuration names it
+(R2D2_DEFAULT_MODEL, R2D2_ALLOWED_MODELS, R2D2_QUOTA_MODELS, R2D2_BEDROCK_MODELS,
+R2D2_MODEL_PRICES), `other` otherwise, so a client cannot grow the label set.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import os
 import time
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
@@ -32,7 +43,9 @@ from prometheus_client import (
     multiprocess,
 )
 
+from chat.accounts.usage import prices
 from chat.llm.base import Reply
+from chat.web.health import EarlyMiddleware
 
 # Seconds from the model call to the first delta and to the final message: a 50 ms model
 # is the lowest a real one answers, a minute is the upstream timeout.
@@ -44,7 +57,8 @@ TURNS = Counter("r2d2_turns", "Turns answered or failed", ["outcome"])
 FIRST_DELTA = Histogram("r2d2_time_to_first_delta_seconds", "Model call to first message_delta", buckets=_BUCKETS)
 FINAL_MESSAGE = Histogram("r2d2_time_to_message_seconds", "Model call to the final message", buckets=_BUCKETS)
 UPSTREAM_ERRORS = Counter("r2d2_upstream_errors", "Failed model calls, by error code", ["code"])
-TOKENS = Counter("r2d2_tokens", "Tokens the model reported", ["kind"])
+TOKENS = Counter("r2d2_tokens", "Tokens the model reported, by kind and model", ["kind", "model"])
+COST = Counter("r2d2_cost_dollars", "Estimated model cost (R2D2_MODEL_PRICES), by model", ["model"])
 REJECTED_FRAMES = Counter("r2d2_rejected_frames", "Client frames refused, by error code", ["code"])
 
 
@@ -58,10 +72,15 @@ def first_delta(reply: Reply) -> None:
 def answered(reply: Reply) -> None:
     FINAL_MESSAGE.observe(_since(reply))
     TURNS.labels("answered").inc()
+    model = model_label(reply.model)
     if reply.prompt_tokens:
-        TOKENS.labels("prompt").inc(reply.prompt_tokens)
+        TOKENS.labels("prompt", model).inc(reply.prompt_tokens)
     if reply.completion_tokens:
-        TOKENS.labels("completion").inc(reply.completion_tokens)
+        TOKENS.labels("completion", model).inc(reply.completion_tokens)
+    price = _price_table(settings.R2D2_MODEL_PRICES).get(reply.model)
+    if price is not None and (reply.prompt_tokens or reply.completion_tokens):
+        dollars = ((reply.prompt_tokens or 0) * price[0] + (reply.completion_tokens or 0) * price[1]) / 1_000_000
+        COST.labels(model).inc(dollars)
 
 
 def turn_failed(code: str) -> None:
@@ -78,6 +97,32 @@ def _since(reply: Reply) -> float:
     return time.monotonic() - reply.started
 
 
+def model_label(model: str) -> str:
+    """The model, when the server's configuration names it; else `other` (see the module docstring)."""
+    return model if model in _configured_models(*_model_settings()) else "other"
+
+
+def _model_settings() -> tuple:
+    return (
+        settings.R2D2_DEFAULT_MODEL,
+        tuple(settings.R2D2_ALLOWED_MODELS),
+        tuple(settings.R2D2_QUOTA_MODELS),
+        tuple(settings.R2D2_BEDROCK_MODELS),
+        settings.R2D2_MODEL_PRICES,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _configured_models(default: str, allowed: tuple, quota: tuple, bedrock: tuple, priced: str) -> frozenset[str]:
+    return frozenset({default, *allowed, *quota, *bedrock, *_price_table(priced)})
+
+
+@functools.lru_cache(maxsize=4)
+def _price_table(raw: str) -> dict[str, tuple[float, float]]:
+    """R2D2_MODEL_PRICES parsed (chat/accounts/usage.py), once per value of the setting."""
+    return prices(raw)
+
+
 # The page ------------------------------------------------------------------------
 
 
@@ -86,33 +131,53 @@ def may_read(request: HttpRequest) -> bool:
     offered = request.headers.get("Authorization", "")
     if token and offered.startswith("Bearer ") and hmac.compare_digest(offered[7:].encode(), token.encode()):
         return True
-    hops = [request.META.get("REMOTE_ADDR", "")]
-    hops += [hop.strip() for hop in request.headers.get("X-Forwarded-For", "").split(",") if hop.strip()]
-    if all(_private(hop) for hop in hops):
+    if private_request(request):
         return True
     user = getattr(request, "user", None)
     return bool(user is not None and user.is_active and user.is_staff)
 
 
-#: A VPC's and this host's own addresses. Not `ipaddress`'s is_private, which also counts
-#: documentation and other reserved ranges that a forged X-Forwarded-For could name.
+def private_request(request: HttpRequest) -> bool:
+    """Every address the request came through is private: the client's, the socket's own peer
+    (before chat/edge/proxy.py read X-Forwarded-For) and each X-Forwarded-For hop."""
+    hops = [request.META.get("REMOTE_ADDR", "")]
+    peer = getattr(request, "scope", {}).get("proxy_peer")
+    if peer:
+        hops.append(peer[0])
+    hops += [hop.strip() for hop in request.headers.get("X-Forwarded-For", "").split(",") if hop.strip()]
+    return all(_private(hop) for hop in hops)
+
+
+#: A VPC's and this host's own addresses: RFC 1918, loopback, link-local, IPv6 unique local.
+#: Not `ipaddress`'s is_private, which also counts documentation and other reserved ranges
+#: that a forged X-Forwarded-For could name.
 PRIVATE_NETWORKS = [
     ipaddress.ip_network(net)
-    for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "::1/128", "fc00::/7")
+    for net in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
 ]
 
 
 def _private(address: str) -> bool:
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone (fe80::1%eth0) says nothing more
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
     return any(ip in net for net in PRIVATE_NETWORKS if net.version == ip.version)
 
 
-def view(request: HttpRequest) -> HttpResponse:
-    if not may_read(request):
-        return HttpResponse("Forbidden\n", status=403, content_type="text/plain")
+def exposition() -> HttpResponse:
+    """Every process's metrics (PROMETHEUS_MULTIPROC_DIR), or this one's, in Prometheus text format."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
         registry = CollectorRegistry()
@@ -121,3 +186,22 @@ def view(request: HttpRequest) -> HttpResponse:
     else:
         body = generate_latest()
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
+
+
+def view(request: HttpRequest) -> HttpResponse:
+    if not may_read(request):
+        return HttpResponse("Forbidden\n", status=403, content_type="text/plain")
+    return exposition()
+
+
+class PrivateScrapeMiddleware(EarlyMiddleware):
+    """/metrics for a private peer, before Django's HTTPS redirect and Host check (see the module docstring).
+
+    Everyone else goes the usual way: redirected to HTTPS, Host checked, then `view`
+    (staff, or the bearer token)."""
+
+    async def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path == "/metrics" and private_request(request):
+            # Reading the processes' files is blocking file I/O: off the event loop.
+            return await sync_to_async(exposition, thread_sensitive=False)()
+        return await self.get_response(request)

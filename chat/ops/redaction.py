@@ -49,7 +49,8 @@ class CredentialRedactingFilter(SafeExceptionReporterFilter):
         # Django's version recurses into dicts, lists and tuples through this method,
         # so every nested string (CHANNEL_LAYERS' host address) passes here.
         cleansed = super().cleanse_setting(key, value)
-        return scrub(cleansed) if isinstance(cleansed, str) else cleansed
+        # str(): a lazy object wrapping a string passes isinstance (django-axes sets one) but not re.sub.
+        return scrub(str(cleansed)) if isinstance(cleansed, str) else cleansed
 
     def get_traceback_frame_variables(self, request, tb_frame) -> list[tuple[str, Any]]:
         return [

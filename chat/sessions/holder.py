@@ -37,7 +37,7 @@ from chat import protocol
 from chat.accounts import quotas
 from chat.accounts.principals import Principal
 from chat.models import EndReason, MessageStatus
-from chat.ops import metrics
+from chat.ops import metrics, throttle
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, lifecycle
 from chat.sessions.socket import SessionSocket
@@ -277,7 +277,8 @@ class Holder:
         socket, self.socket = self.socket, None
         if not await self._leave():
             return
-        logger.warning("session taken over elsewhere", extra={"session_id": str(self.session_id)})
+        extra = {"session_id": str(self.session_id)}
+        throttle.warn_throttled(logger, "session taken over elsewhere", key=throttle.client(), extra=extra)
         if socket is not None:
             await _tell_resumed_elsewhere(socket, self.session_id)
 

@@ -36,6 +36,7 @@ from chat import protocol
 from chat.accounts import auth
 from chat.accounts.principals import Principal
 from chat.models import ChatMessage, ChatSession, Role
+from chat.ops import throttle
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, holder, lifecycle, liveness
 from chat.sessions.holder import Holder, unavailable
@@ -71,7 +72,9 @@ async def resume(
         if not _same_principal(principal, session):
             raise ClientError(ErrorCode.SESSION_NOT_OWNED, "That session belongs to someone else.")
         if not token_matches(session, token):
-            logger.warning("resume refused: wrong token", extra={"session_id": str(session_id)})
+            # A client can send wrong tokens at will: one line per client address per minute, with a count.
+            extra = {"session_id": str(session_id)}
+            throttle.warn_throttled(logger, "resume refused: wrong token", key=throttle.client(), extra=extra)
             raise ClientError(ErrorCode.RESUME_TOKEN_INVALID, "That resume_token does not resume this session.")
         if not session.is_live:
             raise ClientError(ErrorCode.SESSION_ENDED, "That session has ended; start a new one.")

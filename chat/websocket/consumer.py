@@ -22,7 +22,7 @@ from chat import llm, protocol
 from chat.accounts import auth, principals, quotas
 from chat.accounts.limits import TokenBucket
 from chat.models import ChatSession, EndReason
-from chat.ops import metrics
+from chat.ops import metrics, throttle
 from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import drain, history, holder, lifecycle, resume
@@ -315,7 +315,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             held, self.sessions = list(self.sessions.values()), {}
             await asyncio.gather(*(h.end(EndReason.REVOKED) for h in held), return_exceptions=True)
         await self.release_all()  # now, not when the client acknowledges the close: no more spending
-        logger.info("connection refused", extra={"principal": self.principal.label, "reason": message})
+        extra = {"principal": self.principal.label, "reason": message}
+        throttle.warn_throttled(logger, "connection refused", key=throttle.client(), extra=extra, level=logging.INFO)
 
 
 def _take(bucket: TokenBucket, what: str) -> None:

@@ -91,6 +91,7 @@ REQUIRED = [
     ".platform/nginx/conf.d/elasticbeanstalk/00_application.conf",
 ]
 FORBIDDEN_PREFIXES = (
+    "deploy/",
     "tests/",
     "bench/",
     ".ci/",
