@@ -174,6 +174,8 @@ class ChatMessage(models.Model):
     )
     # The client's own id for a message it posted (`client_message_id`): a resend is recognised.
     client_message_id = models.CharField(max_length=100, blank=True, default="")
+    # How the client asked for its reply, so a holder that takes the session over answers it the same way.
+    stream = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["created_at", "id"]

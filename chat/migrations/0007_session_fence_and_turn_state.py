@@ -18,6 +18,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='chatmessage',
+            name='stream',
+            field=models.BooleanField(default=False),
+        ),
+        migrations.AddField(
+            model_name='chatmessage',
             name='reply_to',
             field=models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='replies', to='chat.chatmessage'),
         ),

@@ -35,7 +35,7 @@ from channels.layers import get_channel_layer
 from chat import protocol
 from chat.accounts import auth
 from chat.accounts.principals import Principal
-from chat.models import ChatMessage, ChatSession, Role
+from chat.models import ChatMessage, ChatSession, MessageStatus, Role
 from chat.ops import throttle
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, holder, lifecycle, liveness
@@ -163,24 +163,42 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
 
 async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> None:
     """What the last holder left, from the database: a reply left streaming is interrupted, a turn the
-    client saw start is ended for it, and messages saved but not answered are answered here."""
+    client saw start is ended for it (its message marked interrupted if nothing of its reply was saved),
+    and messages saved but not answered are answered here, in order."""
     lease = new.lease
     await messages.interrupt_open_replies(lease)
     pending = await messages.unanswered(lease.session_id)
+    open_turn = await _open_turn(log, lease.session_id, pending)
+    if open_turn is not None:
+        if any(p.row_id == open_turn for p in pending):
+            await messages.set_status(lease, open_turn, MessageStatus.INTERRUPTED)
+            pending = [p for p in pending if p.row_id != open_turn]
+        stopped = "The server answering this message stopped; what it had said is saved. Send it again."
+        await new.send(protocol.error(ErrorCode.TURN_INTERRUPTED, stopped))
+        await new.send(protocol.processing_end())
     conversation = new.conversation
     conversation.system_message = row.system_message
     conversation.history = await _history(lease, exclude={p.row_id for p in pending})
-    if await _turn_left_open(log, lease.session_id):
-        stopped = (
-            "The server answering this message stopped; what it said is saved, "
-            "and a message it had not begun to answer is answered again."
-        )
-        await new.send(protocol.error(ErrorCode.TURN_INTERRUPTED, stopped))
-        await new.send(protocol.processing_end())
     conversation.requeue(pending)
     if pending:
         extra = {"session_id": str(lease.session_id), "count": len(pending)}
         logger.info("unanswered messages taken over", extra=extra)
+
+
+async def _open_turn(log: framelog.SharedLog, session_id: uuid.UUID, pending: list[messages.Unanswered]) -> int | None:
+    """The user message whose turn the client saw start and not end, if the log's last turn is open.
+
+    Every message accepted gets exactly one `processing_start`, in the order accepted, whichever
+    process answers it: the n-th one in the log is the n-th user message. A log trimmed at its start
+    (MAX_FRAMES) cannot be counted; then it is the oldest message not answered."""
+    frames = await log.after(session_id, 0)
+    kinds = [protocol.frame_type(text) for _, text in frames]
+    starts = [k for k in kinds if k in {"processing_start", "processing_end"}]
+    if not starts or starts[-1] != "processing_start":
+        return None
+    if frames[0][0] == 1:
+        return await messages.nth_user_message(session_id, kinds.count("processing_start"))
+    return pending[0].row_id if pending else None
 
 
 async def _free(row: ChatSession) -> bool:
@@ -218,15 +236,6 @@ async def _forward(
             await socket.send_frame(text)
             cursor = seq
     return cursor
-
-
-async def _turn_left_open(log: framelog.SharedLog, session_id: uuid.UUID) -> bool:
-    """Whether the log's last turn has a processing_start and no processing_end."""
-    for _, text in reversed(await log.after(session_id, 0)):
-        kind = protocol.frame_type(text)
-        if kind in {"processing_start", "processing_end"}:
-            return kind == "processing_start"
-    return False
 
 
 async def _history(lease: Lease, *, exclude: set[int]) -> list[tuple[str, str]]:

@@ -126,6 +126,7 @@ class Conversation:
                 content=post.user_message,
                 system_message=post.system_message,
                 client_message_id=post.client_message_id,
+                stream=post.stream,
             )
         except Fenced:
             self._lost()
@@ -159,10 +160,9 @@ class Conversation:
         return "queued"
 
     def requeue(self, saved: list[messages.Unanswered]) -> None:
-        """Answer messages an earlier holder saved but did not answer, in order (not streamed: how
-        they were asked is not kept; the reply arrives whole in its `message` frame)."""
+        """Answer messages an earlier holder saved but did not answer, in order, as they were asked."""
         for message in saved:
-            self._queue(_Queued(message.content, None, False, message.row_id))
+            self._queue(_Queued(message.content, None, message.stream, message.row_id))
 
     def _queue(self, item: _Queued) -> None:
         self._pending.append(item)
@@ -243,6 +243,7 @@ class Conversation:
         except Exception:
             metrics.turn_failed(ErrorCode.INTERNAL_ERROR)
             logger.exception("turn failed", extra={"session_id": str(self.session_id)})
+            await self._mark_failed(queued.row_id)
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
         await self._send_quietly(protocol.processing_end())
 
@@ -314,6 +315,15 @@ class Conversation:
         if stream:
             await self._send(protocol.message_delta(text))
             await draft.checkpoint()
+
+    async def _mark_failed(self, row_id: int) -> None:
+        """The turn failed on our side: its message says so (unless a reply was saved), so that no later
+        holder answers it again. Best effort: the failure may be the database's."""
+        try:
+            await messages.set_status(self.lease, row_id, MessageStatus.FAILED)
+        except Exception as exc:
+            extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
+            logger.info("failed turn not marked", extra=extra)
 
     async def _send_quietly(self, frame: str) -> None:
         """Send a frame whose failure must not stop the turn from ending (the socket may be gone)."""

@@ -30,18 +30,18 @@ _HELD = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s)"
 _HELD_LIVE = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s AND ended_at IS NULL)"
 _COLUMNS = (
     "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms, "
-    "reply_to_id, client_message_id)"
+    "reply_to_id, client_message_id, stream)"
 )
 
 # The ORM would need two round trips (a SELECT for "still ours?" then the INSERT): this is
 # the hot path of every turn, so each write is one statement that checks the fence itself.
 _INSERT_USER = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s WHERE {_HELD_LIVE} RETURNING id"
+    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s WHERE {_HELD_LIVE} RETURNING id"
 )
 _INSERT_REPLY = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '' WHERE {_HELD} RETURNING id"
+    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE WHERE {_HELD} RETURNING id"
 )
 _EXTEND_REPLY = (
     f"UPDATE {_MESSAGES} SET content = content || %s, "
@@ -106,7 +106,7 @@ async def _why_not(lease: Lease) -> Exception:
 
 
 async def save_user_message(
-    lease: Lease, *, content: str, system_message: str | None, client_message_id: str = ""
+    lease: Lease, *, content: str, system_message: str | None, client_message_id: str = "", stream: bool = False
 ) -> int:
     """Save the user's message as `accepted` (and a changed system message), before the model is called;
     returns its row id. Raises ClientError(session_ended) when the session is over, `Fenced` when it is
@@ -114,10 +114,11 @@ async def save_user_message(
     try:
         if system_message is None:
             params = (lease.session_id, Role.USER.value, content, timezone.now(), MessageStatus.ACCEPTED.value)
-            params += (client_message_id, lease.session_id, lease.fence)
+            params += (client_message_id, stream, lease.session_id, lease.fence)
             row_id = await _run(_INSERT_USER, params, returning=True)
         else:
-            row_id = await sync_to_async(_save_with_system_message)(lease, content, system_message, client_message_id)
+            save = sync_to_async(_save_with_system_message)
+            row_id = await save(lease, content, system_message, client_message_id, stream)
     except (IntegrityError, psycopg.errors.UniqueViolation):
         # Two resends raced past `original()`: the unique index on (session, client_message_id) decides.
         raise Duplicate() from None
@@ -126,7 +127,9 @@ async def save_user_message(
     return int(row_id)
 
 
-def _save_with_system_message(lease: Lease, content: str, system_message: str, client_message_id: str) -> int | None:
+def _save_with_system_message(
+    lease: Lease, content: str, system_message: str, client_message_id: str, stream: bool
+) -> int | None:
     held = ChatSession.objects.live().filter(id=lease.session_id, fence=lease.fence)
     with transaction.atomic():
         if not held.update(system_message=system_message):
@@ -138,6 +141,7 @@ def _save_with_system_message(lease: Lease, content: str, system_message: str, c
             content=content,
             status=MessageStatus.ACCEPTED,
             client_message_id=client_message_id,
+            stream=stream,
         )
         return row.id
 
@@ -218,7 +222,7 @@ class Unanswered:
 
     row_id: int
     content: str
-    client_message_id: str
+    stream: bool
 
 
 async def interrupt_open_replies(lease: Lease) -> list[int]:
@@ -242,7 +246,10 @@ async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
     rows = ChatMessage.objects.filter(session_id=session_id, role=Role.USER, status=MessageStatus.ACCEPTED).filter(
         ~Exists(replies)
     )
-    return [
-        Unanswered(row_id=r.id, content=r.content, client_message_id=r.client_message_id)
-        async for r in rows.order_by("id")
-    ]
+    return [Unanswered(row_id=r.id, content=r.content, stream=r.stream) async for r in rows.order_by("id")]
+
+
+async def nth_user_message(session_id: uuid.UUID, n: int) -> int | None:
+    """The row of the session's n-th user message (1-based, in the order they were accepted)."""
+    rows = ChatMessage.objects.filter(session_id=session_id, role=Role.USER).order_by("id")
+    return await rows.values_list("id", flat=True)[n - 1 : n].afirst()

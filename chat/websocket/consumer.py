@@ -175,8 +175,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(protocol.session_start(started.session_id))
 
     async def post_message(self, request: PostMessage) -> None:
+        drain.refuse_if_draining()  # first: a session this process just released is not "another's"
         held = await self.held(request.session_id)
-        drain.refuse_if_draining()
         await self.still_authorized()
         await held.conversation.refuse_duplicate(request.client_message_id)  # before a quota counts it
         if self.principal.is_anonymous:

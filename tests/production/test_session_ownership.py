@@ -15,7 +15,7 @@ from chat.models import ChatMessage, ChatSession, MessageStatus, Role
 from chat.turns import messages
 from chat.turns.messages import Fenced, Lease
 from tests.client import ProtocolClient
-from tests.e2e.test_resume import SLOW, SLOW_REPLY, post, resume, start, wait_for
+from tests.e2e.test_resume import SLOW, post, resume, start, wait_for
 from tests.production.conftest import FAST_LIVENESS
 from tests.production.test_redis_restart import private_redis  # noqa: F401 (a fixture)
 
@@ -160,8 +160,9 @@ async def test_every_write_is_conditioned_on_the_fence():
 
 async def test_messages_queued_on_a_killed_holder_are_answered_by_the_new_one(daphne_factory, fake_llm):
     """The holder dies mid-turn, before the reply's first save, with two messages queued: the client
-    resumes elsewhere, the turn it saw start ends for it (turn_interrupted, processing_end), and every
-    message not answered is answered there, in order: the interrupted one again, then the queued ones."""
+    resumes elsewhere, the turn it saw start ends for it (turn_interrupted, processing_end; its message
+    is marked interrupted, not answered twice), and the queued messages are answered there, in order,
+    streamed as they were asked."""
     server_a = daphne_factory(**FAST_LIVENESS, R2D2_CHECKPOINT_SECONDS="60")
     server_b = daphne_factory(**FAST_LIVENESS)
     client = await ProtocolClient.connect(server_a.url)
@@ -179,14 +180,18 @@ async def test_messages_queued_on_a_killed_holder_are_answered_by_the_new_one(da
     assert [f["type"] for f in rest][-2:] == ["error", "processing_end"]
     assert rest[-2]["data"]["code"] == "turn_interrupted"
     answers = []
-    for _ in range(3):
+    for _ in range(2):
         turn = await client.until("processing_end", timeout=20)
         rest += turn
+        assert "message_delta" in [f["type"] for f in turn]  # post() asked for a stream
         answers += [f["data"] for f in turn if f["type"] == "message"]
-    assert answers == [SLOW_REPLY, "Echo: queued one", "Echo: queued two"]
+    assert answers == ["Echo: queued one", "Echo: queued two"]
+    assert await frames_until_quiet(client, 1.5) == []  # the interrupted one is not answered again
     seqs = [f["seq"] for f in frames + rest]
     assert seqs == list(range(1, len(seqs) + 1))
     assert await messages.unanswered(session_id) == []
+    interrupted = await ChatMessage.objects.aget(session_id=session_id, content=SLOW)
+    assert interrupted.status == MessageStatus.INTERRUPTED
     await client.close()
 
 
