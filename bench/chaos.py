@@ -83,6 +83,16 @@ def now() -> float:
     return time.monotonic()
 
 
+def error_code(frame: dict[str, Any] | None) -> str:
+    """The code of an `error` frame; what else came, for anything else."""
+    if frame is None:
+        return "no answer"
+    data = frame.get("data")
+    if frame.get("type") == "error" and isinstance(data, dict):
+        return str(data.get("code", "?"))
+    return f"frame {frame.get('type')}"
+
+
 # Services --------------------------------------------------------------------------------------------
 
 
@@ -377,10 +387,6 @@ class Client:
         self.link: Link | None = None
         self.count = 0
 
-    @property
-    def kind(self) -> str:
-        return ("resumable" if self.resumable else "plain") + ("/stream" if self.stream else "/whole")
-
     async def run(self) -> None:
         session: Session | None = None
         while not self.soak.hard_stop:
@@ -472,8 +478,7 @@ class Client:
         await link.send({"action": "chatbot_session_start", "resumable": self.resumable})
         frame = await self.answer(link, None)
         if frame is None or frame.get("type") != "session_start":
-            code = (frame or {}).get("data", {}).get("code", "no answer") if frame else "no answer"
-            self.soak.refusals[f"start:{code}"] += 1
+            self.soak.refusals[f"start:{error_code(frame)}"] += 1
             await asyncio.sleep(self.rng.uniform(0.2, 1.0))
             return None
         data = frame["data"]
@@ -502,7 +507,7 @@ class Client:
                 session.anomalies.append(f"session_resumed last_seq {said} below the client's {session.max_seq}")
             self.soak.resumes += 1
             return True
-        code = frame["data"].get("code", "?") if frame and frame.get("type") == "error" else "no answer"
+        code = error_code(frame)
         self.soak.refusals[f"resume:{code}"] += 1
         session.note(self.soak.t0, f"resume refused on server {link.server}: {code}")
         if code in TERMINAL_RESUME or code == "session_not_owned":
@@ -637,6 +642,12 @@ class Client:
                 if code == "session_not_owned" and session.resumable:
                     raise Reconnect
                 self.give_up(session, f"post refused: {code}")
+            return
+        late = [p for p in session.posts if p.fate == "dropped" and p.turn is None and not p.in_doubt]
+        if late:  # refused after the client stopped waiting: a refusal all the same
+            late[-1].fate = f"refused:{code}"
+            session.note(self.soak.t0, f"{late[-1].tag} refused late: {code}")
+            self.soak.refusals[f"post (late):{code}"] += 1
             return
         if session.just_resumed:
             session.double_answers.append(code)
@@ -1408,7 +1419,7 @@ def main() -> int:
     parser.add_argument("--settle-seconds", type=float, default=60.0, help="how long turns may take to end at the end")
     parser.add_argument("--stall-seconds", type=float, default=40.0, help="a turn silent this long is wedged")
     parser.add_argument(
-        "--doubt-seconds", type=float, default=15.0, help="a post neither answered nor refused this long"
+        "--doubt-seconds", type=float, default=35.0, help="a post neither answered nor refused this long"
     )
     parser.add_argument("--resume-window", type=float, default=30.0, help="the servers' R2D2_RESUME_WINDOW_SECONDS")
     parser.add_argument("--stale-seconds", type=float, default=5.0, help="the servers' R2D2_PROCESS_STALE_SECONDS")
