@@ -278,6 +278,7 @@ class Turn:
     queue_next: bool = False  # post the next message while this turn runs (resumable clients)
     queued: bool = False
     tag_checked: bool = False
+    answer_to: Post | None = None  # a second turn for a message already answered: that message
 
     @property
     def types(self) -> str:
@@ -311,6 +312,7 @@ class Session:
     resumes: int = 0
     resume_failures: int = 0
     double_answers: list[str] = field(default_factory=list)
+    again: list[Turn] = field(default_factory=list)  # turns answering a message a second time
     taken: list[str] = field(default_factory=list)  # the server ended it, or gave it away, under its client
     ending: bool = False  # the client asked to end it
     anomalies: list[str] = field(default_factory=list)
@@ -728,13 +730,16 @@ class Client:
         if post is None:
             session.anomalies.append(f"a reply to {tag}, a message this session never sent")
             return
-        if post.turn is not None and post.turn is not turn:
-            session.anomalies.append(f"{tag} answered by a second turn")
-            return
         previous = turn.post
         if previous is not None:  # the order guessed wrong: put it back
             previous.turn, previous.fate = None, "unknown"
             session.awaiting.appendleft(previous)
+            turn.post = None
+        if post.turn is not None and post.turn is not turn:
+            turn.answer_to = post  # the server answered this message a second time
+            session.again.append(turn)
+            session.note(self.soak.t0, f"{tag} answered again (seq {turn.seq}, server {turn.server})")
+            return
         with contextlib.suppress(ValueError):
             session.awaiting.remove(post)
         post.fate, post.turn, turn.post = "accepted", turn, post
@@ -914,6 +919,19 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
                     "history": session.history,
                 }
             )
+        for turn in session.again:
+            first, saved = turn.answer_to.turn, rows_of(session, turn.answer_to)
+            found["duplicated"].append(
+                {
+                    **where(session),
+                    "message": turn.answer_to.tag,
+                    "answered again": f"t={turn.started:.1f}s seq {turn.seq} on server {turn.server}: {turn.types}",
+                    "first answer": f"t={first.started:.1f}s seq {first.seq} on server {first.server}: {first.types}",
+                    "rows": brief(saved[0] + saved[1]),
+                    "t": round(turn.started, 1),
+                    "history": session.history,
+                }
+            )
         if session.resumable:
             gaps = [seq for seq in range(1, session.max_seq) if seq not in session.frames]
             for kind, items in (("gaps", gaps), ("reused", session.conflicts), ("out of order", session.out_of_order)):
@@ -957,6 +975,8 @@ def reply_problem(post: Post, turn: Turn, row: dict[str, Any] | None, stream: bo
     """What is wrong between the reply the client assembled, the saved one and what the model said; None if nothing."""
     seen = "".join(turn.deltas)
     if turn.message is not None:
+        if stream and not turn.deltas:
+            return "a streamed message answered without a message_delta"
         if stream and seen != turn.message:
             return "the deltas do not add up to the message"
         if turn.message != post.expected:
@@ -1172,6 +1192,8 @@ class Soak:
 
     async def run(self) -> Observed:
         a = self.args
+        for name in ("server-0.log", "server-1.log", "redis.log", "model.log", "postgres.log"):
+            (self.logdir / name).unlink(missing_ok=True)  # this run's logs only, to read beside its timeline
         self.log(f"logs in {self.logdir}")
         self.workdir = Path(tempfile.mkdtemp(prefix="r2d2-chaos-"))
         os.chmod(self.workdir, 0o755)
