@@ -162,17 +162,30 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
 
 
 async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> None:
-    """What the last holder left, from the database: a reply left streaming is interrupted, a turn the
-    client saw start is ended for it (its message marked interrupted if nothing of its reply was saved),
-    and messages saved but not answered are answered here, in order."""
+    """What the last holder left, from the database and the log: a reply left streaming is interrupted;
+    a turn the client saw start and not end is ended for it (`turn_interrupted`, `processing_end`);
+    a message whose turn started but left no reply (a failure the database could not record) is not
+    answered twice; messages saved and never started are answered here, in order."""
     lease = new.lease
     await messages.interrupt_open_replies(lease)
     pending = await messages.unanswered(lease.session_id)
-    open_turn = await _open_turn(log, lease.session_id, pending)
-    if open_turn is not None:
-        if any(p.row_id == open_turn for p in pending):
-            await messages.set_status(lease, open_turn, MessageStatus.INTERRUPTED)
-            pending = [p for p in pending if p.row_id != open_turn]
+    frames = await log.after(lease.session_id, 0)
+    kinds = [protocol.frame_type(text) for _, text in frames]
+    turn_ends = [k for k in kinds if k in {"processing_start", "processing_end"}]
+    left_open = bool(turn_ends) and turn_ends[-1] == "processing_start"
+    if pending:
+        # Every message accepted gets exactly one processing_start, in the order accepted, whichever
+        # process answers it: the first `started` user messages have had their turn. A log trimmed at
+        # its start (MAX_FRAMES) cannot be counted: then only the oldest, if its turn was left open.
+        started = kinds.count("processing_start") if frames and frames[0][0] == 1 else None
+        order = await messages.user_message_ids(lease.session_id)
+        had_their_turn = set(order[:started]) if started is not None else {pending[0].row_id} if left_open else set()
+        last_started = order[started - 1] if started else None
+        for message in [p for p in pending if p.row_id in had_their_turn]:
+            ended = MessageStatus.INTERRUPTED if left_open and message.row_id == last_started else MessageStatus.FAILED
+            await messages.set_status(lease, message.row_id, ended)
+        pending = [p for p in pending if p.row_id not in had_their_turn]
+    if left_open:
         stopped = "The server answering this message stopped; what it had said is saved. Send it again."
         await new.send(protocol.error(ErrorCode.TURN_INTERRUPTED, stopped))
         await new.send(protocol.processing_end())
@@ -183,22 +196,6 @@ async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> 
     if pending:
         extra = {"session_id": str(lease.session_id), "count": len(pending)}
         logger.info("unanswered messages taken over", extra=extra)
-
-
-async def _open_turn(log: framelog.SharedLog, session_id: uuid.UUID, pending: list[messages.Unanswered]) -> int | None:
-    """The user message whose turn the client saw start and not end, if the log's last turn is open.
-
-    Every message accepted gets exactly one `processing_start`, in the order accepted, whichever
-    process answers it: the n-th one in the log is the n-th user message. A log trimmed at its start
-    (MAX_FRAMES) cannot be counted; then it is the oldest message not answered."""
-    frames = await log.after(session_id, 0)
-    kinds = [protocol.frame_type(text) for _, text in frames]
-    starts = [k for k in kinds if k in {"processing_start", "processing_end"}]
-    if not starts or starts[-1] != "processing_start":
-        return None
-    if frames[0][0] == 1:
-        return await messages.nth_user_message(session_id, kinds.count("processing_start"))
-    return pending[0].row_id if pending else None
 
 
 async def _free(row: ChatSession) -> bool:

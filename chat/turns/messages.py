@@ -249,7 +249,7 @@ async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
     return [Unanswered(row_id=r.id, content=r.content, stream=r.stream) async for r in rows.order_by("id")]
 
 
-async def nth_user_message(session_id: uuid.UUID, n: int) -> int | None:
-    """The row of the session's n-th user message (1-based, in the order they were accepted)."""
+async def user_message_ids(session_id: uuid.UUID) -> list[int]:
+    """The rows of the session's user messages, in the order they were accepted."""
     rows = ChatMessage.objects.filter(session_id=session_id, role=Role.USER).order_by("id")
-    return await rows.values_list("id", flat=True)[n - 1 : n].afirst()
+    return [row_id async for row_id in rows.values_list("id", flat=True)]
