@@ -28,16 +28,17 @@ class Role(models.TextChoices):
 
 
 class MessageStatus(models.TextChoices):
-    """A turn's state lives on its rows. A user's message is `accepted` until its turn ends
-    without a reply row (`failed`, `cancelled` or `interrupted` before a word was said); it is
-    answered once a reply row points to it. A reply is `incomplete` while it streams, then
-    `complete`, `cancelled` or `interrupted` (its holder died, was fenced or timed out)."""
+    """A turn's state lives on its rows. A user's message is `accepted` while it waits, `started` once
+    its turn begins (answered once a reply row points to it), or `failed`, `cancelled` or `interrupted`
+    when its turn ended without a reply. A reply is `incomplete` while it streams, then `complete`,
+    `cancelled` or `interrupted` (its holder died, was fenced, drained or timed out)."""
 
     COMPLETE = "complete", "Complete"
     CANCELLED = "cancelled", "Cancelled (partial reply)"
     INCOMPLETE = "incomplete", "Streaming (saved so far)"
     INTERRUPTED = "interrupted", "Interrupted (partial reply)"
     ACCEPTED = "accepted", "Accepted"
+    STARTED = "started", "Started"
     FAILED = "failed", "Failed (no reply)"
 
 

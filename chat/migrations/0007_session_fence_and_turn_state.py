@@ -34,7 +34,7 @@ class Migration(migrations.Migration):
         migrations.AlterField(
             model_name='chatmessage',
             name='status',
-            field=models.CharField(choices=[('complete', 'Complete'), ('cancelled', 'Cancelled (partial reply)'), ('incomplete', 'Streaming (saved so far)'), ('interrupted', 'Interrupted (partial reply)'), ('accepted', 'Accepted'), ('failed', 'Failed (no reply)')], default='complete', max_length=12),
+            field=models.CharField(choices=[('complete', 'Complete'), ('cancelled', 'Cancelled (partial reply)'), ('incomplete', 'Streaming (saved so far)'), ('interrupted', 'Interrupted (partial reply)'), ('accepted', 'Accepted'), ('started', 'Started'), ('failed', 'Failed (no reply)')], default='complete', max_length=12),
         ),
         migrations.AlterField(
             model_name='chatsession',

@@ -35,7 +35,7 @@ from channels.layers import get_channel_layer
 from chat import protocol
 from chat.accounts import auth
 from chat.accounts.principals import Principal
-from chat.models import ChatMessage, ChatSession, MessageStatus, Role
+from chat.models import ChatMessage, ChatSession, Role
 from chat.ops import throttle
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, holder, lifecycle, liveness
@@ -162,30 +162,14 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
 
 
 async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> None:
-    """What the last holder left, from the database and the log: a reply left streaming is interrupted;
-    a turn the client saw start and not end is ended for it (`turn_interrupted`, `processing_end`);
-    a message whose turn started but left no reply (a failure the database could not record) is not
-    answered twice; messages saved and never started are answered here, in order."""
+    """What the last holder left, from the database: what it left open is interrupted (a reply left
+    streaming; a message whose turn started and left no reply, never answered twice); a turn the client
+    saw start and not end is ended for it (`turn_interrupted`, `processing_end`); messages saved and
+    never started are answered here, in order, as they were asked."""
     lease = new.lease
-    await messages.interrupt_open_replies(lease)
+    await messages.interrupt_open_turns(lease)
     pending = await messages.unanswered(lease.session_id)
-    frames = await log.after(lease.session_id, 0)
-    kinds = [protocol.frame_type(text) for _, text in frames]
-    turn_ends = [k for k in kinds if k in {"processing_start", "processing_end"}]
-    left_open = bool(turn_ends) and turn_ends[-1] == "processing_start"
-    if pending:
-        # Every message accepted gets exactly one processing_start, in the order accepted, whichever
-        # process answers it: the first `started` user messages have had their turn. A log trimmed at
-        # its start (MAX_FRAMES) cannot be counted: then only the oldest, if its turn was left open.
-        started = kinds.count("processing_start") if frames and frames[0][0] == 1 else None
-        order = await messages.user_message_ids(lease.session_id)
-        had_their_turn = set(order[:started]) if started is not None else {pending[0].row_id} if left_open else set()
-        last_started = order[started - 1] if started else None
-        for message in [p for p in pending if p.row_id in had_their_turn]:
-            ended = MessageStatus.INTERRUPTED if left_open and message.row_id == last_started else MessageStatus.FAILED
-            await messages.set_status(lease, message.row_id, ended)
-        pending = [p for p in pending if p.row_id not in had_their_turn]
-    if left_open:
+    if await _turn_left_open(log, lease.session_id):
         stopped = "The server answering this message stopped; what it had said is saved. Send it again."
         await new.send(protocol.error(ErrorCode.TURN_INTERRUPTED, stopped))
         await new.send(protocol.processing_end())
@@ -196,6 +180,15 @@ async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> 
     if pending:
         extra = {"session_id": str(lease.session_id), "count": len(pending)}
         logger.info("unanswered messages taken over", extra=extra)
+
+
+async def _turn_left_open(log: framelog.SharedLog, session_id: uuid.UUID) -> bool:
+    """Whether the log's last turn has a processing_start and no processing_end (the client saw it start)."""
+    for _, text in reversed(await log.after(session_id, 0)):
+        kind = protocol.frame_type(text)
+        if kind in {"processing_start", "processing_end"}:
+            return kind == "processing_start"
+    return False
 
 
 async def _free(row: ChatSession) -> bool:

@@ -54,10 +54,11 @@ def streaming_rows() -> set[int]:
 class _Queued:
     """A message accepted (its row saved as `accepted`) and waiting for its turn."""
 
-    __slots__ = ("content", "system_message", "stream", "row_id")
+    __slots__ = ("content", "system_message", "stream", "row_id", "started")
 
-    def __init__(self, content: str, system_message: str | None, stream: bool, row_id: int) -> None:
+    def __init__(self, content: str, system_message: str | None, stream: bool, row_id: int, started: bool) -> None:
         self.content, self.system_message, self.stream, self.row_id = content, system_message, stream, row_id
+        self.started = started  # saved as `started` already
 
 
 class Conversation:
@@ -120,6 +121,8 @@ class Conversation:
                 ErrorCode.QUEUE_FULL,
                 f"{waiting} messages are already waiting in this session; wait for a reply.",
             )
+        # Answered at once (the usual case): saved as `started` in the same statement, no second write.
+        starts_now = not self._in_turn and not self._pending
         try:
             row_id = await messages.save_user_message(
                 self.lease,
@@ -127,6 +130,7 @@ class Conversation:
                 system_message=post.system_message,
                 client_message_id=post.client_message_id,
                 stream=post.stream,
+                started=starts_now,
             )
         except Fenced:
             self._lost()
@@ -134,7 +138,7 @@ class Conversation:
         except messages.Duplicate:
             await self.refuse_duplicate(post.client_message_id)
             raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
-        self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id))
+        self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id, starts_now))
 
     async def refuse_duplicate(self, client_message_id: str) -> None:
         """A resend of a message this session already has (on any socket or process): refused with
@@ -155,14 +159,14 @@ class Conversation:
             return "answered"
         if original.reply_status == MessageStatus.INCOMPLETE or original.row_id == self._current:
             return "answering"
-        if original.reply_status is not None or original.status != MessageStatus.ACCEPTED:
-            return "failed"
-        return "queued"
+        if original.status == MessageStatus.ACCEPTED and original.reply_status is None:
+            return "queued"
+        return "failed"  # its turn ended without a reply worth the name (an error, interrupted)
 
     def requeue(self, saved: list[messages.Unanswered]) -> None:
         """Answer messages an earlier holder saved but did not answer, in order, as they were asked."""
         for message in saved:
-            self._queue(_Queued(message.content, None, message.stream, message.row_id))
+            self._queue(_Queued(message.content, None, message.stream, message.row_id, False))
 
     def _queue(self, item: _Queued) -> None:
         self._pending.append(item)
@@ -231,6 +235,17 @@ class Conversation:
             self._worker = None
 
     async def _turn(self, queued: _Queued) -> None:
+        if not queued.started:
+            # Recorded before the client sees the turn start: a holder that takes the session over never
+            # answers it again, whatever becomes of this turn.
+            try:
+                await messages.set_status(self.lease, queued.row_id, MessageStatus.STARTED)
+            except Fenced:
+                self._lost()
+                return
+            except Exception as exc:  # the database is down: the turn runs, and will most likely fail
+                extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
+                logger.info("turn start not recorded", extra=extra)
         await self._send_quietly(protocol.processing_start())
         try:
             await self._answer(queued)

@@ -106,19 +106,26 @@ async def _why_not(lease: Lease) -> Exception:
 
 
 async def save_user_message(
-    lease: Lease, *, content: str, system_message: str | None, client_message_id: str = "", stream: bool = False
+    lease: Lease,
+    *,
+    content: str,
+    system_message: str | None,
+    client_message_id: str = "",
+    stream: bool = False,
+    started: bool = False,
 ) -> int:
-    """Save the user's message as `accepted` (and a changed system message), before the model is called;
-    returns its row id. Raises ClientError(session_ended) when the session is over, `Fenced` when it is
-    no longer this holder's."""
+    """Save the user's message as `accepted` (`started` when its turn begins at once), and a changed
+    system message, before the model is called; returns its row id. Raises ClientError(session_ended)
+    when the session is over, `Fenced` when it is no longer this holder's."""
     try:
         if system_message is None:
-            params = (lease.session_id, Role.USER.value, content, timezone.now(), MessageStatus.ACCEPTED.value)
+            status = MessageStatus.STARTED if started else MessageStatus.ACCEPTED
+            params = (lease.session_id, Role.USER.value, content, timezone.now(), status.value)
             params += (client_message_id, stream, lease.session_id, lease.fence)
             row_id = await _run(_INSERT_USER, params, returning=True)
         else:
             save = sync_to_async(_save_with_system_message)
-            row_id = await save(lease, content, system_message, client_message_id, stream)
+            row_id = await save(lease, content, system_message, client_message_id, stream, started)
     except (IntegrityError, psycopg.errors.UniqueViolation):
         # Two resends raced past `original()`: the unique index on (session, client_message_id) decides.
         raise Duplicate() from None
@@ -128,7 +135,7 @@ async def save_user_message(
 
 
 def _save_with_system_message(
-    lease: Lease, content: str, system_message: str, client_message_id: str, stream: bool
+    lease: Lease, content: str, system_message: str, client_message_id: str, stream: bool, started: bool
 ) -> int | None:
     held = ChatSession.objects.live().filter(id=lease.session_id, fence=lease.fence)
     with transaction.atomic():
@@ -139,7 +146,7 @@ def _save_with_system_message(
             session_id=lease.session_id,
             role=Role.USER,
             content=content,
-            status=MessageStatus.ACCEPTED,
+            status=MessageStatus.STARTED if started else MessageStatus.ACCEPTED,
             client_message_id=client_message_id,
             stream=stream,
         )
@@ -225,23 +232,26 @@ class Unanswered:
     stream: bool
 
 
-async def interrupt_open_replies(lease: Lease) -> list[int]:
-    """Replies a dead or fenced holder left streaming are interrupted; returns the user messages they answered."""
+async def interrupt_open_turns(lease: Lease) -> None:
+    """What a dead, fenced or drained holder left open is interrupted: replies left streaming, and
+    messages whose turn started but left no reply (even a failure it could not record: the database
+    was down). They are never answered twice."""
 
-    def mark() -> list[int]:
+    def mark() -> None:
         with transaction.atomic():
             if not ChatSession.objects.filter(id=lease.session_id, fence=lease.fence).exists():
                 raise Fenced()
-            open_replies = ChatMessage.objects.filter(session_id=lease.session_id, status=MessageStatus.INCOMPLETE)
-            answered = [r for r in open_replies.values_list("reply_to_id", flat=True) if r is not None]
-            open_replies.update(status=MessageStatus.INTERRUPTED)
-            return answered
+            rows = ChatMessage.objects.filter(session_id=lease.session_id)
+            rows.filter(status=MessageStatus.INCOMPLETE).update(status=MessageStatus.INTERRUPTED)
+            replies = ChatMessage.objects.filter(reply_to=OuterRef("pk"))
+            started = rows.filter(role=Role.USER, status=MessageStatus.STARTED).filter(~Exists(replies))
+            started.update(status=MessageStatus.INTERRUPTED)
 
-    return await sync_to_async(mark)()
+    await sync_to_async(mark)()
 
 
 async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
-    """The session's user messages still `accepted` with no reply, oldest first."""
+    """The session's user messages still waiting (`accepted`, never started), oldest first."""
     replies = ChatMessage.objects.filter(reply_to=OuterRef("pk"))
     rows = ChatMessage.objects.filter(session_id=session_id, role=Role.USER, status=MessageStatus.ACCEPTED).filter(
         ~Exists(replies)
@@ -249,7 +259,4 @@ async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
     return [Unanswered(row_id=r.id, content=r.content, stream=r.stream) async for r in rows.order_by("id")]
 
 
-async def user_message_ids(session_id: uuid.UUID) -> list[int]:
-    """The rows of the session's user messages, in the order they were accepted."""
-    rows = ChatMessage.objects.filter(session_id=session_id, role=Role.USER).order_by("id")
-    return [row_id async for row_id in rows.values_list("id", flat=True)]
+

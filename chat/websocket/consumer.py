@@ -64,7 +64,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return await self.refuse("Sign in, or send an API key in the handshake: 'Authorization: Bearer <key>'.")
         # Revoking the key, signing out or deactivating the account (in any process) reaches this socket.
         for group in auth.revocation_groups(self.principal, self.scope):
-            await self.channel_layer.group_add(group, self.channel_name)
+            try:
+                await self.channel_layer.group_add(group, self.channel_name)
+            except Exception as exc:  # Redis restarting: a key is still re-checked before spending
+                logger.warning("revocation group not joined", extra={"error": type(exc).__name__})
         self.checked_at = asyncio.get_running_loop().time()
         await self.accept()
         self.accepted = self.counted = True
@@ -116,9 +119,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if getattr(self, "finished", True):
             return
         self.finished = True
+        await self.release_all()  # first: Redis may be down, and the sessions must not wait for it
         for group in auth.revocation_groups(getattr(self, "principal", principals.ANONYMOUS), self.scope):
-            await self.channel_layer.group_discard(group, self.channel_name)
-        await self.release_all()
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except Exception as exc:  # Redis restarting: the group's entry expires on its own
+                logger.info("revocation group not left", extra={"error": type(exc).__name__})
 
     async def release_all(self) -> None:
         """Let go of every session: each ends, or carries on detached if resumable (the socket is closing)."""
