@@ -25,14 +25,16 @@ _MESSAGES, _SESSIONS = ChatMessage._meta.db_table, ChatSession._meta.db_table
 # the hot path of every turn, so it is one INSERT ... SELECT ... WHERE EXISTS.
 _INSERT_IF_LIVE = (
     f"INSERT INTO {_MESSAGES} "
-    "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms) "
-    "SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL "
+    "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms, "
+    "client_message_id) "
+    "SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, '' "
     f"WHERE EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND ended_at IS NULL)"
 )
 _INSERT_REPLY = (
     f"INSERT INTO {_MESSAGES} "
-    "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
+    "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms, "
+    "client_message_id) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, '') RETURNING id"
 )
 _EXTEND_REPLY = (
     f"UPDATE {_MESSAGES} SET content = content || %s, "
