@@ -62,19 +62,33 @@ async def close_clients() -> None:
         await provider.close()
 
 
-async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply) -> AsyncIterator[str]:
+async def generate(
+    *,
+    model: str,
+    messages: list[dict[str, str]],
+    stream: bool,
+    reply: Reply,
+    max_output_tokens: int | None = None,
+) -> AsyncIterator[str]:
     """Yield the reply's text chunks (one chunk when not streaming), filling `reply`.
 
-    Cancelling the consuming task closes the upstream request.
+    `max_output_tokens` is sent as the request's output limit (a key's cap). Cancelling the
+    consuming task closes the upstream request.
     """
     provider = provider_for(model)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.R2D2_UPSTREAM_TIMEOUT
     attempt = 0
     while True:
+        reply.sent = True
         try:
             async for chunk in provider.generate(
-                model=model, messages=messages, stream=stream, reply=reply, deadline=deadline
+                model=model,
+                messages=messages,
+                stream=stream,
+                reply=reply,
+                deadline=deadline,
+                max_output_tokens=max_output_tokens,
             ):
                 yield chunk
             reply.finished = time.monotonic()
@@ -83,6 +97,8 @@ async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, 
             logger.warning("model call timed out", extra={"model": model, "attempt": attempt})
             raise timed_out() from None
         except UpstreamError as exc:
+            if not reply.headers_received and exc.code != ErrorCode.UPSTREAM_TIMEOUT:
+                reply.sent = False  # refused or unreachable: the model did no work for it
             delay = _backoff(exc, attempt)
             if (
                 delay is None
