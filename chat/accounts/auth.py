@@ -18,13 +18,14 @@ import hashlib
 import hmac
 import logging
 import secrets
+from decimal import Decimal
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.utils import timezone
 
-from chat.accounts.principals import ANONYMOUS, Principal, limits_for_key
-from chat.models import ApiKey
+from chat.accounts.principals import ANONYMOUS, Principal, limits_for_key, limits_for_user
+from chat.models import ApiKey, UserLimits
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def create_api_key(
     tokens_per_day: int | None = None,
     max_sessions: int | None = None,
     models: list[str] | None = None,
+    usd_per_day: Decimal | None = None,
+    usd_per_month: Decimal | None = None,
+    max_output_tokens: int | None = None,
 ) -> tuple[ApiKey, str]:
     """Make a key; returns the row and the key itself, which exists nowhere else: show it once."""
     key = KEY_START + secrets.token_urlsafe(32)
@@ -68,6 +72,9 @@ def create_api_key(
         tokens_per_day=tokens_per_day,
         max_sessions=max_sessions,
         allowed_models=",".join(models or []),
+        usd_per_day=usd_per_day,
+        usd_per_month=usd_per_month,
+        max_output_tokens=max_output_tokens,
     )
     return row, key
 
@@ -175,8 +182,14 @@ async def authenticate(scope: dict) -> Principal:
         return principal_for_key(api_key)
     user = scope.get("user")
     if user is not None and user.is_authenticated:
-        return Principal(user_id=user.pk, label=user.get_username())
+        return await principal_for_user(user)
     return ANONYMOUS
+
+
+async def principal_for_user(user) -> Principal:
+    """A signed-in person, with their own spending limits where the admin set some."""
+    own = await UserLimits.objects.filter(user_id=user.pk).afirst()
+    return Principal(user_id=user.pk, label=user.get_username(), limits=limits_for_user(own))
 
 
 async def still_valid(principal: Principal) -> bool:

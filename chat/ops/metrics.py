@@ -46,6 +46,8 @@ FINAL_MESSAGE = Histogram("r2d2_time_to_message_seconds", "Model call to the fin
 UPSTREAM_ERRORS = Counter("r2d2_upstream_errors", "Failed model calls, by error code", ["code"])
 TOKENS = Counter("r2d2_tokens", "Tokens the model reported", ["kind"])
 REJECTED_FRAMES = Counter("r2d2_rejected_frames", "Client frames refused, by error code", ["code"])
+# Once per principal per period (chat/accounts/quotas.py): its spend passed 80% of a money limit.
+SPEND_WARNINGS = Counter("r2d2_spend_warnings", "Principals past 80% of a money limit, by limit", ["limit"])
 
 
 # Hooks (one line at each call site) -------------------------------------------

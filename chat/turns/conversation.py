@@ -19,6 +19,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
@@ -30,11 +31,12 @@ from chat.protocol.errors import ClientError, ErrorCode
 from chat.protocol.text import TextRepair
 from chat.turns import messages, prompt
 
+if TYPE_CHECKING:
+    from chat.accounts.quotas import Reservation
+
 logger = logging.getLogger(__name__)
 
 Send = Callable[[str], Awaitable[None]]
-#: Told after every model call (answered, cancelled or failed): the reply, the request and the text said.
-OnUsage = Callable[[llm.Reply, list[dict[str, str]], str], None]
 
 
 class Conversation:
@@ -44,7 +46,6 @@ class Conversation:
         "model",
         "system_message",
         "history",
-        "on_usage",
         "_send",
         "_pending",
         "_worker",
@@ -54,35 +55,43 @@ class Conversation:
         "_closed",
     )
 
-    def __init__(self, *, session_id: uuid.UUID, model: str, send: Send, on_usage: OnUsage | None = None) -> None:
+    def __init__(self, *, session_id: uuid.UUID, model: str, send: Send) -> None:
         self.session_id = session_id
         self.model = model
         self.system_message = ""
         self.history: list[tuple[str, str]] = []
         self._send = send
-        self.on_usage = on_usage
         # Accepted messages waiting for their turn, and the task that answers them: it exists only
         # while there is work, so an idle session holds neither a task nor an asyncio.Queue
         # (about 3 KiB each, per session, with 10,000 sockets open: bench/memory.py).
-        self._pending: collections.deque[PostMessage] = collections.deque()
+        # [issue 20] Each with its quota reservation (chat/accounts/quotas.py): settled when its turn
+        # has called the model, released when it never does.
+        self._pending: collections.deque[tuple[PostMessage, Reservation | None]] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
         self._in_turn = False
         self._generating = False
         self._cancel_requested = False
         self._closed = False
 
-    async def accept(self, post: PostMessage) -> None:
-        """Take a message: refuse it when the queue is full, else save it and queue it for the worker."""
-        waiting = len(self._pending)
-        if waiting >= settings.R2D2_MAX_QUEUED_MESSAGES:
-            raise ClientError(
-                ErrorCode.QUEUE_FULL,
-                f"{waiting} messages are already waiting in this session; wait for a reply.",
+    async def accept(self, post: PostMessage, reservation: Reservation | None = None) -> None:
+        """Take a message: refuse it when the queue is full, else save it and queue it for the worker.
+
+        `reservation` (what admitting it reserved) is the turn's from here: released if refused."""
+        try:  # [issue 20]
+            waiting = len(self._pending)
+            if waiting >= settings.R2D2_MAX_QUEUED_MESSAGES:
+                raise ClientError(
+                    ErrorCode.QUEUE_FULL,
+                    f"{waiting} messages are already waiting in this session; wait for a reply.",
+                )
+            await messages.save_user_message(
+                session_id=self.session_id, content=post.user_message, system_message=post.system_message
             )
-        await messages.save_user_message(
-            session_id=self.session_id, content=post.user_message, system_message=post.system_message
-        )
-        self._pending.append(post)
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+        self._pending.append((post, reservation))
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name=f"conversation-{self.session_id}")
 
@@ -103,7 +112,7 @@ class Conversation:
     async def close(self) -> None:
         """Stop for good: cancel the generation (its partial reply is saved) and drop the queue."""
         self._closed = True
-        self._pending.clear()
+        self._drop_pending()
         if self._worker is None:
             return
         if self._generating:
@@ -116,19 +125,29 @@ class Conversation:
         """Answer the waiting messages in order, then end (`accept` starts another when one comes)."""
         try:
             while self._pending and not self._closed:
-                post = self._pending.popleft()
+                post, reservation = self._pending.popleft()
                 self._in_turn = True
                 try:
-                    await self._turn(post)
+                    await self._turn(post, reservation)
                 finally:
                     self._in_turn = False
+                    if reservation is not None:
+                        reservation.release()  # [issue 20] the turn ended before the model call: no charge
         finally:
             self._worker = None
+            self._drop_pending()
 
-    async def _turn(self, post: PostMessage) -> None:
+    def _drop_pending(self) -> None:
+        """[issue 20] Forget the messages still waiting (closed), giving back what they reserved."""
+        while self._pending:
+            _, reservation = self._pending.popleft()
+            if reservation is not None:
+                reservation.release()
+
+    async def _turn(self, post: PostMessage, reservation: Reservation | None) -> None:
         await self._send_quietly(protocol.processing_start())
         try:
-            await self._answer(post)
+            await self._answer(post, reservation)
         except ClientError as exc:
             metrics.turn_failed(exc.code)
             await self._send_quietly(protocol.error(exc.code, exc.message))
@@ -138,7 +157,7 @@ class Conversation:
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
         await self._send_quietly(protocol.processing_end())
 
-    async def _answer(self, post: PostMessage) -> None:
+    async def _answer(self, post: PostMessage, reservation: Reservation | None) -> None:
         # Daphne (Twisted) writes a frame on the loop's next writable callback,
         # not in send(); building the model request below takes milliseconds of
         # CPU, so let processing_start leave first (two loop turns: the writer is
@@ -154,13 +173,21 @@ class Conversation:
             budget_chars=settings.R2D2_MAX_CONTEXT_CHARS,
         )
         self.history.append((Role.USER.value, post.user_message))
+        if reservation is not None:
+            await reservation.cover(request)  # [issue 20] its prompt, with the replies before it, within quota
         reply = llm.Reply()
         draft = _Draft(self.session_id, self.model, reply)
         repair = TextRepair()
         cancelled = False
         self._generating, self._cancel_requested = True, False
         try:
-            async for chunk in llm.generate(model=self.model, messages=request, stream=post.stream, reply=reply):
+            async for chunk in llm.generate(
+                model=self.model,
+                messages=request,
+                stream=post.stream,
+                reply=reply,
+                max_output_tokens=reservation.max_output_tokens if reservation is not None else None,  # [issue 20]
+            ):
                 await self._said(repair.feed(chunk), post.stream, draft)
             await self._said(repair.flush(), post.stream, draft)
         except asyncio.CancelledError:
@@ -173,8 +200,8 @@ class Conversation:
             raise
         finally:
             self._generating = False
-            if self.on_usage is not None:
-                self.on_usage(reply, request, draft.text)
+            if reservation is not None:  # [issue 20] charged what the model call cost, whatever came of it
+                reservation.settle_soon(reply, request, draft.text)
 
         if cancelled and not draft.said:
             return  # nothing was said: nothing to keep

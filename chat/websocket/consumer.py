@@ -20,7 +20,7 @@ from chat.accounts import auth, principals, quotas
 from chat.accounts.limits import TokenBucket
 from chat.models import EndReason
 from chat.ops import metrics
-from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart
+from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart, Usage
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import drain, history, lifecycle, resume
 from chat.turns.conversation import Conversation
@@ -135,12 +135,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         quotas.check_model(self.principal, model)
         if self.principal.is_anonymous:
             _take(self.start_rate, "sessions")
-        else:
-            await quotas.check_sessions(self.principal)
         principal = {
             "user_id": self.principal.user_id,
             "api_key_id": self.principal.api_key_id,
             "continued_from_id": earlier.session.id if earlier else None,
+            # [issue 20] The principal's limit of live sessions, counted and held in the same transaction.
+            "within": quotas.session_limit(self.principal),
         }
         token = None
         if request.resumable:
@@ -152,7 +152,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
             conversation = Conversation(session_id=session.id, model=model, send=self.send_frame)
             self.conversations[session.id] = conversation
-        conversation.on_usage = None if self.principal.is_anonymous else self.charge
         if earlier:
             conversation.system_message, conversation.history = earlier.system_message, earlier.history
         if token is not None:
@@ -170,10 +169,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.still_authorized()
         if self.principal.is_anonymous:
             _take(self.post_rate, "messages")
-        else:
-            await quotas.check_message(self.principal)  # nothing reaches the model over a quota
+        # [issue 20] Nothing reaches the model over a quota: the turn's cost is reserved, atomically across
+        # processes, and travels with the message (settled when its turn ends, released if it never runs).
+        reservation = await quotas.admit(
+            self.principal,
+            model=conversation.model,
+            prompt_tokens_estimate=quotas.estimate_prompt_tokens(
+                conversation.system_message, conversation.history, request
+            ),
+            max_output_tokens=self.principal.limits.max_output_tokens,
+            tally=self.own_tally(),
+        )
         try:
-            await conversation.accept(request)
+            await conversation.accept(request, reservation)
         except ClientError as exc:
             if exc.code == ErrorCode.SESSION_ENDED:
                 # Ended elsewhere while this socket held it (e.g. by a command that could not reach us).
@@ -208,6 +216,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         drain.refuse_if_draining()
         await resume.resume(self, request.session_id, request.resume_token, request.last_seq)
 
+    async def usage(self, request: Usage) -> None:
+        """[issue 20] The principal's use against its limits; an anonymous socket's own figures."""
+        figures = await quotas.figures(self.principal, tally=self.own_tally(), socket_sessions=len(self.conversations))
+        await self.send_frame(protocol.usage(figures))
+
     async def unhandled(self, request: Request) -> None:
         raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
 
@@ -219,6 +232,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         Cancel: cancel_turn,
         ListModels: list_models,
         Resume: resume_session,
+        Usage: usage,
     }
 
     # Channel-layer events --------------------------------------------------
@@ -309,9 +323,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.release_all()  # now, not when the client acknowledges the close: no more spending
         logger.info("connection refused", extra={"principal": self.principal.label, "reason": message})
 
-    def charge(self, reply: llm.Reply, request: list[dict[str, str]], text: str) -> None:
-        """Conversation's usage hook: charge the model call's tokens to the principal's daily quota."""
-        quotas.charge_in_background(self.principal, quotas.tokens_used(reply, request, text))
+    def own_tally(self) -> quotas.Tally:
+        """[issue 20] This socket's own figures (what `chatbot_usage` answers when it is anonymous), made at first use:
+        an idle socket holds none."""
+        tally = self.__dict__.get("tally")
+        if tally is None:
+            tally = self.tally = quotas.Tally()
+        return tally
 
     async def close_session(self, session_id: uuid.UUID, reason: EndReason | None) -> None:
         """Stop holding a session; record `reason` unless it was already ended elsewhere (None)."""
