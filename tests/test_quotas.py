@@ -155,16 +155,18 @@ async def test_a_principal_with_a_money_limit_may_use_only_priced_models(setting
 
 
 async def test_eighty_percent_of_a_money_limit_warns_once_a_period(settings, caplog):
+    """Judged as turns settle, whether they cost more or less than they reserved; once a period."""
     settings.R2D2_MODEL_PRICES = "priced=1000:1000"  # 1 m$ a token
-    who = principal(usd_per_day=0.1)
+    who = principal(usd_per_day=0.2)
     before = metrics.SPEND_WARNINGS.labels("usd_per_day")._value.get()
     with caplog.at_level(logging.WARNING, logger="chat.accounts.quotas"):
-        for spent in (70, 15, 5):  # 70 m$, then 85 (past 80), then 90
-            reservation = await admit(who, model="priced", prompt=1, cap=1)
+        # Each reserves 1 + 100 m$; they cost 70 m$ (35%), then 95 more (82.5%: less than reserved), then 5.
+        for spent, cap in ((70, 100), (95, 100), (5, 1)):
+            reservation = await admit(who, model="priced", prompt=1, cap=cap)
             await reservation.settle(llm.Reply(prompt_tokens=spent, completion_tokens=0, sent=True), REQUEST, "")
     warnings = [r for r in caplog.records if r.getMessage() == "spending past 80% of a limit"]
     assert len(warnings) == 1
-    assert (warnings[0].limit, warnings[0].spent_usd, warnings[0].limit_usd) == ("usd_per_day", 0.085, 0.1)
+    assert (warnings[0].limit, warnings[0].spent_usd, warnings[0].limit_usd) == ("usd_per_day", 0.165, 0.2)
     assert metrics.SPEND_WARNINGS.labels("usd_per_day")._value.get() == before + 1
     assert quotas.near_limit(who, await quotas.usage(who, now=NOON)) == ["usd_per_day"]
 
@@ -239,9 +241,11 @@ async def test_redis_admission_is_atomic_across_processes_and_keys_expire(settin
     assert sum(refused is None for refused, _ in outcomes) == 16
     assert {refused for refused, _ in outcomes} == {None, quotas.TOKENS}
     assert (await second.read(keys))[: quotas.USD_DAY] == [16, 960]
-    assert await first.adjust(keys, 0, -60, 900, (1000, 0)) == [(quotas.USD_DAY, 900)]
-    assert await second.adjust(keys, 0, 0, 10, (1000, 0)) == []  # past 80% already told
-    assert await first.read(keys) == [16, 900, 910, 910]
+    assert await first.adjust(keys, 0, -60, 700, (1000, 0)) == []  # 70%
+    assert await second.adjust(keys, 0, 0, 0, (1000, 0)) == []
+    assert await first.adjust(keys, 0, 0, 200, (1000, 0)) == [(quotas.USD_DAY, 900)]
+    assert await second.adjust(keys, 0, 0, -10, (1000, 0)) == []  # past 80% already told
+    assert await first.read(keys) == [16, 900, 890, 890]
     client = redis.Redis.from_url(settings.REDIS_URL)
     names = [f"{prefix}:quota:{key}" for key in keys[:5]]
     ttls = [await client.ttl(name) for name in names]

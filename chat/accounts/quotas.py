@@ -220,7 +220,7 @@ class Reservation:
             return
         self._open = False
         if self.principal is not None:
-            _spawn(self._adjust(-1, -self._tokens, -self._nano))
+            _spawn(self._adjust(-1, -self._tokens, -self._nano, settling=False))
         elif self._tally is not None:
             self._tally.unmessage()
 
@@ -234,13 +234,14 @@ class Reservation:
             if self._tally is not None:
                 self._tally.spent(prompt + completion, nano, time.time())
             return None
-        return self._adjust(0, prompt + completion - self._tokens, nano - self._nano)
+        return self._adjust(0, prompt + completion - self._tokens, nano - self._nano, settling=True)
 
-    async def _adjust(self, messages: int, tokens: int, nano: int) -> None:
+    async def _adjust(self, messages: int, tokens: int, nano: int, *, settling: bool) -> None:
         assert self.principal is not None
         limits = self.principal.limits
-        # Warned about only as spend grows (a release only gives back).
-        watch = nano > 0 and limits.in_money
+        # Spend is judged against 80% as turns are settled (whether they cost more or less than they
+        # reserved); a release only gives back.
+        watch = settling and limits.in_money
         warn = (_nano(limits.usd_per_day), _nano(limits.usd_per_month)) if watch else (0, 0)
         crossed = await counters().adjust(self._keys, messages, tokens, nano, warn)
         for index, total in crossed:
@@ -621,6 +622,7 @@ return {0, used[1], used[2], used[3], used[4]}
 _ADJUST = """
 local delta = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[3])}
 local ttl = {ARGV[6], ARGV[7], ARGV[7], ARGV[8]}
+local limits = {tonumber(ARGV[4]), tonumber(ARGV[5])}
 local total = {0, 0, 0, 0}
 for i = 1, 4 do
   if delta[i] ~= 0 then
@@ -631,10 +633,11 @@ for i = 1, 4 do
     end
     if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl[i]) end
     total[i] = n
+  elseif i > 2 and limits[i - 2] > 0 then
+    total[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
   end
 end
 local crossed = {}
-local limits = {tonumber(ARGV[4]), tonumber(ARGV[5])}
 for j = 1, 2 do
   local i = j + 2
   if limits[j] > 0 and total[i] * 5 >= limits[j] * 4 and redis.call('SET', KEYS[4 + j], 1, 'NX', 'EX', ttl[i]) then
