@@ -1,8 +1,9 @@
 """Who spends the model budget, and within which limits: one home for `Principal` and its `Limits`.
 
 A principal is a signed-in Django user, an API key (maybe owned by a user), or nobody
-(when auth is off). Its limits are the key's own where it has them, the R2D2_QUOTA_*
-settings elsewhere; chat/accounts/quotas.py enforces them.
+(when auth is off). Its limits are the key's own where it has them (a signed-in person's
+own money limits: UserLimits, set in the admin), the R2D2_QUOTA_* settings elsewhere;
+chat/accounts/quotas.py enforces them.
 """
 
 from __future__ import annotations
