@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from django.conf import settings
 
 from chat.accounts import prices
-from chat.ops import metrics
 from chat.protocol import PostMessage, UsageFigures
 from chat.protocol.errors import ClientError, ErrorCode
 
@@ -449,6 +448,10 @@ def _warn(principal: Principal, index: int, total: int, keys: tuple[str, ...]) -
             "limit_usd": limit,
         },
     )
+    # Imported here: chat/ops/metrics.py imports the model providers (openai: seconds), and every
+    # management command loads this module through the admin.
+    from chat.ops import metrics
+
     metrics.SPEND_WARNINGS.labels(name).inc()
 
 
