@@ -318,3 +318,17 @@ def test_a_bad_limit_on_the_command_line_is_one_clear_line():
     assert result.returncode == 1
     assert result.stderr.strip() == "CommandError: --usd-per-day must be an amount in dollars, 0 or more, not 'five'."
     assert "r2d2_" not in result.stdout
+
+
+async def test_concurrent_starts_stop_at_the_session_limit(require_auth):
+    """Six starts at once for a key with two sessions at most: exactly two start (counted and inserted together)."""
+    _, key = await make_key("two-at-most", max_sessions=2)
+    clients = [Client(key) for _ in range(6)]
+    for client in clients:
+        await client.connect()
+    frames = await asyncio.gather(*(client.start(resumable=n % 2 == 0) for n, client in enumerate(clients)))
+    assert sorted(frame["type"] for frame in frames) == ["error"] * 4 + ["session_start"] * 2
+    assert {frame["data"]["code"] for frame in frames if frame["type"] == "error"} == {"quota_exceeded"}
+    assert await ChatSession.objects.live().acount() == 2
+    for client in clients:
+        await client.ws.disconnect()
