@@ -14,6 +14,7 @@ import uuid
 from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Exists, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
@@ -21,10 +22,11 @@ from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpR
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.html import format_html
 from django.utils.timezone import localtime
 
 from chat.accounts import auth, principals, quotas, usage
-from chat.models import ApiKey, ChatMessage, ChatSession, Role, ServerProcess
+from chat.models import ApiKey, ChatMessage, ChatSession, Role, ServerProcess, UserLimits
 from chat.sessions import lifecycle
 from chat.web import markdown, transcripts
 
@@ -257,7 +259,7 @@ class ServerProcessAdmin(admin.ModelAdmin):
 class ApiKeyAdmin(admin.ModelAdmin):
     """Create (the key is shown once, on the page that follows), list, revoke; and the usage page."""
 
-    list_display = ["name", "prefix", "user", "created_at", "last_used_at", "active", "tokens_today"]
+    list_display = ["name", "prefix", "user", "created_at", "last_used_at", "active", "tokens_today", "spent_today"]
     list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["name", "prefix", "user__username"]
     fields = [
@@ -271,6 +273,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "tokens_per_day",
         "max_sessions",
         "allowed_models",
+        "usd_per_day",
+        "usd_per_month",
+        "max_output_tokens",
     ]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke_selected"]
@@ -285,7 +290,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.display(description="tokens today")
     def tokens_today(self, obj: ApiKey) -> int:
-        return async_to_sync(quotas.usage)(auth.principal_for_key(obj))["tokens_today"]
+        return self._today(obj)[1]["tokens_today"]
+
+    @admin.display(description="spent today / this month")
+    def spent_today(self, obj: ApiKey) -> str:
+        principal, used = self._today(obj)
+        return spend_mark(principal, used)
+
+    def _today(self, obj: ApiKey) -> tuple[principals.Principal, dict]:
+        """The key's principal and its counters, read once for the row's two columns."""
+        found = getattr(obj, "_today", None)
+        if found is None:
+            principal = auth.principal_for_key(obj)
+            found = obj._today = (principal, async_to_sync(quotas.usage)(principal))
+        return found
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form, change: bool) -> None:
         if change:
@@ -297,6 +315,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
             tokens_per_day=obj.tokens_per_day,
             max_sessions=obj.max_sessions,
             models=obj.model_list,
+            usd_per_day=obj.usd_per_day,
+            usd_per_month=obj.usd_per_month,
+            max_output_tokens=obj.max_output_tokens,
         )
         obj.pk, obj.prefix, obj.key_hash = row.pk, row.prefix, row.key_hash
         obj._new_key = key  # shown by response_add, then gone
@@ -326,7 +347,12 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for key in ApiKey.objects.filter(revoked_at__isnull=True):
             keys.setdefault(key.id, key)
             spent.setdefault(("key", key.id), usage.PrincipalUsage("key", key.id))
-        users = {u.id: u for u in get_user_model().objects.filter(id__in=[i for kind, i in spent if kind == "user"])}
+        users = {
+            u.id: u
+            for u in get_user_model()
+            .objects.filter(id__in=[i for kind, i in spent if kind == "user"])
+            .select_related("chat_limits")
+        }
         rows = []
         for (kind, ident), used in sorted(
             spent.items(), key=lambda item: -(sum(m.tokens for m in item[1].models.values()))
@@ -334,7 +360,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
             if kind == "key":
                 principal, label = auth.principal_for_key(keys[ident]), f"API key {keys[ident]}"
             elif kind == "user" and ident in users:
-                principal, label = principals.Principal(user_id=ident), f"user {users[ident].get_username()}"
+                own = getattr(users[ident], "chat_limits", None)
+                principal = principals.Principal(user_id=ident, limits=principals.limits_for_user(own))
+                label = f"user {users[ident].get_username()}"
             else:
                 principal, label = None, "anonymous (no quota)"
             today = async_to_sync(quotas.usage)(principal) if principal else {}
@@ -344,6 +372,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
                     "label": label,
                     "limits": principal.limits if principal else None,
                     "today": today,
+                    "near": quotas.near_limit(principal, today) if principal else [],
                     "live": live,
                     "models": sorted(used.models.values(), key=lambda m: -m.tokens),
                     "cost": used.cost,
@@ -361,3 +390,51 @@ class ApiKeyAdmin(admin.ModelAdmin):
             "priced": bool(usage.prices()),
         }
         return TemplateResponse(request, "admin/chat/usage.html", context)
+
+
+def spend_mark(principal: principals.Principal, used: dict) -> str:
+    """Dollars spent today and this month against the money limits, marked past 80% of one."""
+    limits = principal.limits
+    near = quotas.near_limit(principal, used)
+    parts = []
+    for name, spent, limit in (
+        ("usd_per_day", used["usd_today"], limits.usd_per_day),
+        ("usd_per_month", used["usd_this_month"], limits.usd_per_month),
+    ):
+        text = f"${spent:.4f}" + (f" of ${limit:.2f}" if limit else "")
+        if name in near:
+            text = format_html('<strong class="spend-warning" title="past 80% of its limit">⚠ {}</strong>', text)
+        parts.append(text)
+    return format_html("{} / {}", *parts)
+
+
+# People's own spending limits (issue 20) ---------------------------------------------------
+
+
+class UserLimitsInline(admin.StackedInline):
+    """A person's money limits (used when they chat signed in on the page); empty: R2D2_QUOTA_USD_*."""
+
+    model = UserLimits
+    can_delete = True
+    extra = 0
+    max_num = 1
+    verbose_name_plural = "spending limits (signed in on the page; empty: the R2D2_QUOTA_USD_* settings)"
+
+
+class UserWithLimitsAdmin(UserAdmin):
+    inlines = [*UserAdmin.inlines, UserLimitsInline]
+    list_display = [*UserAdmin.list_display, "spent_today"]
+
+    @admin.display(description="spent today / this month")
+    def spent_today(self, obj) -> str:
+        own = getattr(obj, "chat_limits", None)  # none set: the settings' limits
+        principal = principals.Principal(user_id=obj.pk, limits=principals.limits_for_user(own))
+        return spend_mark(principal, async_to_sync(quotas.usage)(principal))
+
+    def get_queryset(self, request: HttpRequest):
+        return super().get_queryset(request).select_related("chat_limits")
+
+
+if admin.site.is_registered(get_user_model()):
+    admin.site.unregister(get_user_model())
+admin.site.register(get_user_model(), UserWithLimitsAdmin)

@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import Coalesce
@@ -138,6 +139,16 @@ class ApiKey(models.Model):
     tokens_per_day = models.PositiveIntegerField(null=True, blank=True)
     max_sessions = models.PositiveIntegerField(null=True, blank=True, help_text="Concurrent live sessions.")
     allowed_models = models.CharField(max_length=500, blank=True, default="", help_text="Comma-separated; empty: any.")
+    # Money limits (chat/accounts/quotas.py): dollars per UTC day and per calendar month, at R2D2_MODEL_PRICES.
+    usd_per_day = models.DecimalField(
+        "USD per day", max_digits=12, decimal_places=4, null=True, blank=True, validators=[MinValueValidator(0)]
+    )
+    usd_per_month = models.DecimalField(
+        "USD per month", max_digits=12, decimal_places=4, null=True, blank=True, validators=[MinValueValidator(0)]
+    )
+    max_output_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Sent to the model as each request's output limit; empty: none."
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -153,6 +164,29 @@ class ApiKey(models.Model):
     @property
     def model_list(self) -> list[str]:
         return [m.strip() for m in self.allowed_models.split(",") if m.strip()]
+
+
+class UserLimits(models.Model):
+    """A person's own money limits (signed in on the page); left empty, the R2D2_QUOTA_USD_* settings apply.
+
+    A key has its own (ApiKey), whoever owns it."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, primary_key=True, on_delete=models.CASCADE, related_name="chat_limits"
+    )
+    usd_per_day = models.DecimalField(
+        "USD per day", max_digits=12, decimal_places=4, null=True, blank=True, validators=[MinValueValidator(0)]
+    )
+    usd_per_month = models.DecimalField(
+        "USD per month", max_digits=12, decimal_places=4, null=True, blank=True, validators=[MinValueValidator(0)]
+    )
+
+    class Meta:
+        verbose_name = "spending limits"
+        verbose_name_plural = "spending limits"
+
+    def __str__(self) -> str:
+        return f"limits of user {self.user_id}"
 
 
 class ChatMessage(models.Model):

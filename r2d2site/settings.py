@@ -14,6 +14,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from chat.accounts import prices as _prices
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -294,9 +296,22 @@ R2D2_QUOTA_MODELS = env_list("R2D2_QUOTA_MODELS")
 # revocation could not reach (in-memory layer, another process) re-checks its key
 # before spending anything when its last check is older than this.
 R2D2_AUTH_RECHECK_SECONDS = env_float("R2D2_AUTH_RECHECK_SECONDS", 5.0)
-# Prices per million input:output tokens, for the admin's cost estimate:
-# "gpt-4o-mini=0.15:0.60,gpt-4o=2.50:10".
+# Dollars per million input:output tokens: "gpt-4o-mini=0.15:0.60,gpt-4o=2.50:10" (0: free). What a
+# turn costs, for the money limits below and the admin's cost figures (chat/accounts/prices.py).
+# An entry that does not parse stops start-up here, naming it, rather than letting a spending
+# limit count nothing.
 R2D2_MODEL_PRICES = os.environ.get("R2D2_MODEL_PRICES", "")
+try:
+    _prices.parse(R2D2_MODEL_PRICES)
+except _prices.PriceError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+# Money limits per principal, in dollars (a key's or a user's own limit wins; 0: none): per UTC
+# day and per calendar month (UTC). A principal with one may use only priced models.
+R2D2_QUOTA_USD_PER_DAY = env_float("R2D2_QUOTA_USD_PER_DAY", 0.0)
+R2D2_QUOTA_USD_PER_MONTH = env_float("R2D2_QUOTA_USD_PER_MONTH", 0.0)
+# What a turn reserves for its reply when its key sets no output cap (--max-output-tokens): about
+# a long chat answer. A reply may use more; it is charged what it used when the turn ends.
+R2D2_QUOTA_RESERVE_OUTPUT_TOKENS = env_int("R2D2_QUOTA_RESERVE_OUTPUT_TOKENS", 500)
 
 # Sign-in lockout with django-axes (chat/accounts/lockout.py): after this many failed sign-ins
 # for one username from one client address, that pair is refused (429) for this many minutes

@@ -3,11 +3,11 @@ from django.contrib.auth.views import LogoutView
 from django.urls import path
 
 from chat.ops import metrics
-from chat.web import views
+from chat.web import health, views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("healthz", views.healthz, name="healthz"),
+    path("healthz", health.healthz, name="healthz"),
     path("metrics", metrics.view, name="metrics"),
     path("", views.chat_page, name="chat"),
     path("asyncapi.yaml", views.asyncapi, name="asyncapi"),

@@ -191,9 +191,11 @@ def _last_user(body: dict[str, Any]) -> str:
 
 
 def _reply_text(script: BedrockScript, body: dict[str, Any]) -> str:
-    if script.text is not None:
-        return script.text
-    return "Echo: " + _DIRECTIVE.sub("", _last_user(body)).strip()
+    text = script.text if script.text is not None else "Echo: " + _DIRECTIVE.sub("", _last_user(body)).strip()
+    limit = (body.get("inferenceConfig") or {}).get("maxTokens")
+    if isinstance(limit, int):
+        text = "".join(tokenize(text)[:limit])  # as Bedrock stops at the request's output limit
+    return text
 
 
 def _usage(body: dict[str, Any], text: str) -> dict[str, int]:

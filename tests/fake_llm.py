@@ -8,7 +8,8 @@ Behaviour for a request comes, in order, from: a `Script` queued with
 `enqueue()`; a directive in the last user message such as
 ``[[status=500]]`` or ``[[cut_after=3 token_delay=0.05]]`` (for concurrent
 tests and other processes); the server-wide defaults. The default reply
-echoes the last user message: ``Echo: <message>``.
+echoes the last user message: ``Echo: <message>``. A request's ``max_tokens`` cuts
+the reply to that many tokens (finish_reason ``length``), as a real server does.
 
 Run it alone for benchmarks: ``python -m tests.fake_llm --port 8765 --ttft 0.05``.
 """
@@ -197,6 +198,10 @@ class FakeLLM:
             return _error_response(script)
         text = script.text if script.text is not None else "Echo: " + _DIRECTIVE.sub("", _last_user(body)).strip()
         tokens = script.chunks if script.chunks is not None else tokenize(text)
+        limit = body.get("max_tokens")
+        truncated = isinstance(limit, int) and len(tokens) > limit
+        if truncated:
+            tokens = tokens[:limit]  # as a real server stops at the request's output limit
         text = "".join(tokens)
         model = body.get("model", "unknown")
         usage = {
@@ -210,10 +215,10 @@ class FakeLLM:
             if script.token_delay:
                 await asyncio.sleep(script.token_delay * len(tokens))
             self.completed += 1
-            return web.json_response(_completion(model, text, usage))
-        return await self._stream(request, script, model, tokens, usage, body)
+            return web.json_response(_completion(model, text, usage, "length" if truncated else "stop"))
+        return await self._stream(request, script, model, tokens, usage, body, "length" if truncated else "stop")
 
-    async def _stream(self, request, script, model, tokens, usage, body) -> web.StreamResponse:
+    async def _stream(self, request, script, model, tokens, usage, body, finish: str) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         chunk_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
@@ -231,7 +236,7 @@ class FakeLLM:
                     await response.write(b'data: {"id": "broken", "choices": [\n\n')
                     await response.write_eof()
                     return response
-            await response.write(_sse(_chunk(chunk_id, model, {}, "stop")))
+            await response.write(_sse(_chunk(chunk_id, model, {}, finish)))
             if (body.get("stream_options") or {}).get("include_usage"):
                 await response.write(_sse({**_chunk(chunk_id, model, {}, None), "choices": [], "usage": usage}))
             await response.write(b"data: [DONE]\n\n")
@@ -261,13 +266,13 @@ def _error_response(script: Script) -> web.Response:
     return web.json_response({"error": error}, status=script.status, headers=headers)
 
 
-def _completion(model: str, text: str, usage: dict[str, int]) -> dict[str, Any]:
+def _completion(model: str, text: str, usage: dict[str, int], finish: str = "stop") -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
         "usage": usage,
     }
 

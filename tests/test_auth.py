@@ -6,12 +6,14 @@ import asyncio
 import json
 import subprocess
 import sys
+from decimal import Decimal
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from chat import llm
 from chat.accounts import auth
@@ -271,3 +273,62 @@ def test_create_and_revoke_commands(capsys):
     call_command("revoke_api_key", "ci")
     assert "Revoked" in capsys.readouterr().out
     assert not auth.find_key(key).is_active
+
+
+def test_create_api_key_with_money_limits_and_an_output_cap(capsys):
+    call_command(
+        "create_api_key", "spender", "--usd-per-day", "5", "--usd-per-month", "$40.25", "--max-output-tokens", "512"
+    )
+    row = auth.find_key(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row.usd_per_day, row.usd_per_month, row.max_output_tokens) == (Decimal("5"), Decimal("40.25"), 512)
+    limits = auth.principal_for_key(row).limits
+    assert (limits.usd_per_day, limits.usd_per_month, limits.max_output_tokens) == (5.0, 40.25, 512)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--usd-per-day", "-1", "--usd-per-day must be an amount in dollars, 0 or more, not '-1'."),
+        ("--usd-per-month", "lots", "--usd-per-month must be an amount in dollars, 0 or more, not 'lots'."),
+        ("--usd-per-day", "nan", "--usd-per-day must be an amount in dollars, 0 or more, not 'nan'."),
+        ("--usd-per-day", "0.00001", "--usd-per-day must be under $100,000,000, with at most 4 decimal places."),
+        ("--max-output-tokens", "-5", "--max-output-tokens must be from 0 to 2147483647, not -5."),
+        ("--max-output-tokens", "1e3", "--max-output-tokens must be a whole number, 0 or more, not '1e3'."),
+        ("--tokens-per-day", "ten", "--tokens-per-day must be a whole number, 0 or more, not 'ten'."),
+        ("--max-sessions", "-1", "--max-sessions must be from 0 to 2147483647, not -1."),
+    ],
+)
+def test_create_api_key_refuses_a_bad_limit_and_creates_nothing(option, value, says):
+    with pytest.raises(CommandError) as refused:
+        call_command("create_api_key", "bad", option, value)
+    assert str(refused.value) == says
+    assert not ApiKey.objects.exists()
+
+
+def test_a_bad_limit_on_the_command_line_is_one_clear_line():
+    """From a shell: exit status 1 and the CommandError's sentence, no usage text, no traceback, no key."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "create_api_key", "bad", "--usd-per-day", "five"],
+        cwd=ROOT,
+        env=server_env(None),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "CommandError: --usd-per-day must be an amount in dollars, 0 or more, not 'five'."
+    assert "r2d2_" not in result.stdout
+
+
+async def test_concurrent_starts_stop_at_the_session_limit(require_auth):
+    """Six starts at once for a key with two sessions at most: exactly two start (counted and inserted together)."""
+    _, key = await make_key("two-at-most", max_sessions=2)
+    clients = [Client(key) for _ in range(6)]
+    for client in clients:
+        await client.connect()
+    frames = await asyncio.gather(*(client.start(resumable=n % 2 == 0) for n, client in enumerate(clients)))
+    assert sorted(frame["type"] for frame in frames) == ["error"] * 4 + ["session_start"] * 2
+    assert {frame["data"]["code"] for frame in frames if frame["type"] == "error"} == {"quota_exceeded"}
+    assert await ChatSession.objects.live().acount() == 2
+    for client in clients:
+        await client.ws.disconnect()

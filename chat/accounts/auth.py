@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+from decimal import Decimal
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
@@ -26,8 +27,8 @@ from django.contrib.auth import get_user_model
 from django.db.models import Q
 from django.utils import timezone
 
-from chat.accounts.principals import ANONYMOUS, Principal, limits_for_key
-from chat.models import ApiKey, ChatSession, EndReason
+from chat.accounts.principals import ANONYMOUS, Principal, limits_for_key, limits_for_user
+from chat.models import ApiKey, ChatSession, EndReason, UserLimits
 from chat.sessions import lifecycle
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ def create_api_key(
     tokens_per_day: int | None = None,
     max_sessions: int | None = None,
     models: list[str] | None = None,
+    usd_per_day: Decimal | None = None,
+    usd_per_month: Decimal | None = None,
+    max_output_tokens: int | None = None,
 ) -> tuple[ApiKey, str]:
     """Make a key; returns the row and the key itself, which exists nowhere else: show it once."""
     key = KEY_START + secrets.token_urlsafe(32)
@@ -72,6 +76,9 @@ def create_api_key(
         tokens_per_day=tokens_per_day,
         max_sessions=max_sessions,
         allowed_models=",".join(models or []),
+        usd_per_day=usd_per_day,
+        usd_per_month=usd_per_month,
+        max_output_tokens=max_output_tokens,
     )
     return row, key
 
@@ -261,8 +268,14 @@ async def _authenticate(scope: dict) -> Principal:
         return principal_for_key(api_key)
     user = scope.get("user")
     if user is not None and user.is_authenticated:
-        return Principal(user_id=user.pk, label=user.get_username())
+        return await principal_for_user(user)
     return ANONYMOUS
+
+
+async def principal_for_user(user) -> Principal:
+    """A signed-in person, with their own spending limits where the admin set some."""
+    own = await UserLimits.objects.filter(user_id=user.pk).afirst()
+    return Principal(user_id=user.pk, label=user.get_username(), limits=limits_for_user(own))
 
 
 async def still_valid(principal: Principal) -> bool:

@@ -1,28 +1,41 @@
 """Who spends the model budget, and within which limits: one home for `Principal` and its `Limits`.
 
 A principal is a signed-in Django user, an API key (maybe owned by a user), or nobody
-(when auth is off). Its limits are the key's own where it has them, the R2D2_QUOTA_*
-settings elsewhere; chat/accounts/quotas.py enforces them.
+(when auth is off). Its limits are the key's own where it has them (a signed-in person's
+own money limits: UserLimits, set in the admin), the R2D2_QUOTA_* settings elsewhere;
+chat/accounts/quotas.py enforces them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
 
 from django.conf import settings
 from django.db.models import Q
 
-from chat.models import ApiKey, ChatSession
+from chat.models import ApiKey, ChatSession, UserLimits
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """A principal's limits; 0 means no limit, an empty `models` any model."""
+    """A principal's limits; 0 means no limit, an empty `models` any model.
+
+    Money limits are in dollars (at R2D2_MODEL_PRICES); `max_output_tokens` is sent to
+    the model as each request's output limit (a key's only)."""
 
     messages_per_minute: int
     tokens_per_day: int
     max_sessions: int
     models: tuple[str, ...] = ()
+    usd_per_day: float = 0.0
+    usd_per_month: float = 0.0
+    max_output_tokens: int = 0
+
+    @property
+    def in_money(self) -> bool:
+        """A money limit: then only priced models may be used."""
+        return self.usd_per_day > 0 or self.usd_per_month > 0
 
 
 def default_limits() -> Limits:
@@ -31,6 +44,8 @@ def default_limits() -> Limits:
         tokens_per_day=settings.R2D2_QUOTA_TOKENS_PER_DAY,
         max_sessions=settings.R2D2_QUOTA_MAX_SESSIONS,
         models=tuple(settings.R2D2_QUOTA_MODELS),
+        usd_per_day=settings.R2D2_QUOTA_USD_PER_DAY,
+        usd_per_month=settings.R2D2_QUOTA_USD_PER_MONTH,
     )
 
 
@@ -42,11 +57,30 @@ def limits_for_key(api_key: ApiKey) -> Limits:
         tokens_per_day=_own(api_key.tokens_per_day, default.tokens_per_day),
         max_sessions=_own(api_key.max_sessions, default.max_sessions),
         models=tuple(api_key.model_list) or default.models,
+        usd_per_day=_own_usd(api_key.usd_per_day, default.usd_per_day),
+        usd_per_month=_own_usd(api_key.usd_per_month, default.usd_per_month),
+        max_output_tokens=api_key.max_output_tokens or 0,
+    )
+
+
+def limits_for_user(own: UserLimits | None) -> Limits:
+    """A signed-in person's limits: their own money limits (the admin's "spending limits"), else the settings'."""
+    default = default_limits()
+    if own is None:
+        return default
+    return replace(
+        default,
+        usd_per_day=_own_usd(own.usd_per_day, default.usd_per_day),
+        usd_per_month=_own_usd(own.usd_per_month, default.usd_per_month),
     )
 
 
 def _own(value: int | None, default: int) -> int:
     return default if value is None else value
+
+
+def _own_usd(value: Decimal | None, default: float) -> float:
+    return default if value is None else float(value)
 
 
 

@@ -19,23 +19,16 @@ from django.utils import timezone
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
+from chat.accounts.prices import parse as parse_prices
 from chat.models import ChatMessage, Role
 
 DAYS = 30
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"]
 
 
-def prices(raw: str | None = None) -> dict[str, tuple[float, float]]:
-    """R2D2_MODEL_PRICES (or `raw`) as {model: (input, output) per million tokens}; malformed entries are skipped."""
-    found = {}
-    for item in (settings.R2D2_MODEL_PRICES if raw is None else raw).split(","):
-        model, _, pair = item.strip().partition("=")
-        given, _, taken = pair.partition(":")
-        try:
-            found[model.strip()] = (float(given), float(taken or given))
-        except ValueError:
-            continue
-    return found
+def prices() -> dict[str, tuple[float, float]]:
+    """R2D2_MODEL_PRICES as {model: (input, output) per million tokens} (checked at start-up: prices.py)."""
+    return parse_prices(settings.R2D2_MODEL_PRICES)
 
 
 @dataclass

@@ -64,10 +64,18 @@ async def close_clients() -> None:
         await provider.close()
 
 
-async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply) -> AsyncIterator[str]:
+async def generate(
+    *,
+    model: str,
+    messages: list[dict[str, str]],
+    stream: bool,
+    reply: Reply,
+    max_output_tokens: int | None = None,
+) -> AsyncIterator[str]:
     """Yield the reply's text chunks (one chunk when not streaming), filling `reply`.
 
-    Cancelling the consuming task closes the upstream request.
+    `max_output_tokens` is sent as the request's output limit (a key's cap). Cancelling the
+    consuming task closes the upstream request.
     """
     provider = provider_for(model)
     reply.model = model
@@ -75,9 +83,15 @@ async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, 
     deadline = loop.time() + settings.R2D2_UPSTREAM_TIMEOUT
     attempt = 0
     while True:
+        reply.sent = True
         try:
             async for chunk in provider.generate(
-                model=model, messages=messages, stream=stream, reply=reply, deadline=deadline
+                model=model,
+                messages=messages,
+                stream=stream,
+                reply=reply,
+                deadline=deadline,
+                max_output_tokens=max_output_tokens,
             ):
                 yield chunk
             reply.finished = time.monotonic()
@@ -87,6 +101,8 @@ async def generate(*, model: str, messages: list[dict[str, str]], stream: bool, 
             warn_throttled(logger, "model call timed out", key=client(), extra={"model": model, "attempt": attempt})
             raise timed_out() from None
         except UpstreamError as exc:
+            if not reply.headers_received and exc.code != ErrorCode.UPSTREAM_TIMEOUT:
+                reply.sent = False  # refused or unreachable: the model did no work for it
             delay = _backoff(exc, attempt)
             if (
                 delay is None

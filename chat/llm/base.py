@@ -20,6 +20,10 @@ class Reply:
     finished: float | None = None
     headers_received: bool = False  # the model began answering (a later failure cut it off)
     model: str = ""  # the model asked for (set by chat.llm.generate): /metrics labels tokens and cost by it
+    # The request went to the model and was not refused: from here a cancel, a timeout or a cut
+    # costs at least the prompt (chat/accounts/quotas.py). Cleared when an attempt is refused
+    # (an error status) or never connects: the model did no work.
+    sent: bool = False
 
     @property
     def latency_ms(self) -> int:
@@ -74,9 +78,17 @@ class Provider(Protocol):
     name: str
 
     def generate(
-        self, *, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply, deadline: float
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, str]],
+        stream: bool,
+        reply: Reply,
+        deadline: float,
+        max_output_tokens: int | None = None,
     ) -> AsyncIterator[str]:
-        """Yield the reply's text (one chunk when not streaming), filling `reply`.
+        """Yield the reply's text (one chunk when not streaming), filling `reply`; `max_output_tokens`
+        is sent as the request's output limit (None: the model's own).
 
         Each wait on the model is bounded by `deadline` (event-loop time) and may raise
         TimeoutError; every other failure is an `UpstreamError`. Closing the iterator

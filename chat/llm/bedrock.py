@@ -47,7 +47,9 @@ def answers(model: str) -> bool:
     return model.startswith(PREFIX) or model_id(model) in {model_id(m) for m in settings.R2D2_BEDROCK_MODELS}
 
 
-def converse_request(model: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+def converse_request(
+    model: str, messages: list[dict[str, str]], max_output_tokens: int | None = None
+) -> dict[str, Any]:
     """The Converse request for chat messages: system text apart, and strictly alternating turns.
 
     Converse refuses two consecutive messages of one role, which R2D2's history has
@@ -67,6 +69,8 @@ def converse_request(model: str, messages: list[dict[str, str]]) -> dict[str, An
     request: dict[str, Any] = {"modelId": model_id(model), "messages": turns}
     if system:
         request["system"] = system
+    if max_output_tokens is not None:
+        request["inferenceConfig"] = {"maxTokens": max_output_tokens}
     return request
 
 
@@ -111,9 +115,16 @@ class BedrockProvider:
             return client
 
     async def generate(
-        self, *, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply, deadline: float
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, str]],
+        stream: bool,
+        reply: Reply,
+        deadline: float,
+        max_output_tokens: int | None = None,
     ) -> AsyncIterator[str]:
-        request = converse_request(model, messages)
+        request = converse_request(model, messages, max_output_tokens)
         if stream:
             async for chunk in self._stream(request, reply, deadline):
                 yield chunk

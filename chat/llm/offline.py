@@ -54,7 +54,14 @@ class OfflineProvider:
         pass
 
     async def generate(
-        self, *, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply, deadline: float
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, str]],
+        stream: bool,
+        reply: Reply,
+        deadline: float,
+        max_output_tokens: int | None = None,  # its answer is short: no cap to honour
     ) -> AsyncIterator[str]:
         if not OfflineProvider._warned:
             OfflineProvider._warned = True

@@ -170,14 +170,25 @@ class OpenAIProvider:
             await upstream.close()
 
     async def generate(
-        self, *, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply, deadline: float
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, str]],
+        stream: bool,
+        reply: Reply,
+        deadline: float,
+        max_output_tokens: int | None = None,
     ) -> AsyncIterator[str]:
+        body: dict[str, object] = {"model": model, "messages": messages}
+        if max_output_tokens is not None:
+            # Chat Completions' output limit, as OpenAI-compatible servers (vLLM, Ollama, llama.cpp) read it.
+            body["max_tokens"] = max_output_tokens
         try:
             if stream:
-                async for chunk in self._stream(model, messages, reply, deadline):
+                async for chunk in self._stream(body, reply, deadline):
                     yield chunk
             else:
-                yield await self._complete(model, messages, reply, deadline)
+                yield await self._complete(body, reply, deadline)
         except aiohttp.ClientError as exc:
             # Before ValueError: some of aiohttp's errors are ValueErrors too (InvalidURL).
             raise _map_error(exc, mid_stream=reply.headers_received) from None
@@ -199,9 +210,9 @@ class OpenAIProvider:
             raise _status_error(response.status, response.headers)
         return response
 
-    async def _complete(self, model: str, messages: list[dict[str, str]], reply: Reply, deadline: float) -> str:
+    async def _complete(self, body: dict[str, object], reply: Reply, deadline: float) -> str:
         async with asyncio.timeout_at(deadline):
-            response = await self._post({"model": model, "messages": messages})
+            response = await self._post(body)
             try:
                 data = await response.read()
             finally:
@@ -217,15 +228,13 @@ class OpenAIProvider:
         _record_usage(completion, reply)
         return text
 
-    async def _stream(
-        self, model: str, messages: list[dict[str, str]], reply: Reply, deadline: float
-    ) -> AsyncIterator[str]:
+    async def _stream(self, body: dict[str, object], reply: Reply, deadline: float) -> AsyncIterator[str]:
         """Yield text as it streams in.
 
         Each wait on the model is bounded by `deadline` separately, so no timeout
         scope spans a `yield` (the consumer's own awaits are never cancelled by it).
         """
-        body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         async with asyncio.timeout_at(deadline):
             response = await self._post(body)
         reply.headers_received = True

@@ -43,9 +43,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-from chat.accounts.usage import prices
+from chat.accounts import prices
+from chat.edge.early import EarlyMiddleware
 from chat.llm.base import Reply
-from chat.web.health import EarlyMiddleware
 
 # Seconds from the model call to the first delta and to the final message: a 50 ms model
 # is the lowest a real one answers, a minute is the upstream timeout.
@@ -60,6 +60,8 @@ UPSTREAM_ERRORS = Counter("r2d2_upstream_errors", "Failed model calls, by error 
 TOKENS = Counter("r2d2_tokens", "Tokens the model reported, by kind and model", ["kind", "model"])
 COST = Counter("r2d2_cost_dollars", "Estimated model cost (R2D2_MODEL_PRICES), by model", ["model"])
 REJECTED_FRAMES = Counter("r2d2_rejected_frames", "Client frames refused, by error code", ["code"])
+# Once per principal per period (chat/accounts/quotas.py): its spend passed 80% of a money limit.
+SPEND_WARNINGS = Counter("r2d2_spend_warnings", "Principals past 80% of a money limit, by limit", ["limit"])
 
 
 # Hooks (one line at each call site) -------------------------------------------
@@ -120,7 +122,7 @@ def _configured_models(default: str, allowed: tuple, quota: tuple, bedrock: tupl
 @functools.lru_cache(maxsize=4)
 def _price_table(raw: str) -> dict[str, tuple[float, float]]:
     """R2D2_MODEL_PRICES parsed (chat/accounts/usage.py), once per value of the setting."""
-    return prices(raw)
+    return prices.parse(raw)
 
 
 # The page ------------------------------------------------------------------------

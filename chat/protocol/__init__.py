@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
@@ -57,7 +58,12 @@ class Resume:
     last_seq: int
 
 
-Request = SessionStart | PostMessage | SessionEnd | Cancel | ListModels | Resume
+@dataclass(frozen=True, slots=True)
+class Usage:
+    pass
+
+
+Request = SessionStart | PostMessage | SessionEnd | Cancel | ListModels | Resume | Usage
 
 
 def parse_text(text: str, *, max_message_chars: int) -> Request:
@@ -215,6 +221,10 @@ def _parse_resume(content: dict, max_message_chars: int) -> Resume:
     return Resume(session_id=session_id, resume_token=token, last_seq=last_seq)
 
 
+def _parse_usage(content: dict, max_message_chars: int) -> Usage:
+    return Usage()
+
+
 PARSERS = {
     "chatbot_session_start": _parse_session_start,
     "chatbot_post_message": _parse_post_message,
@@ -222,6 +232,7 @@ PARSERS = {
     "chatbot_cancel": _parse_cancel,
     "chatbot_models": _parse_list_models,
     "chatbot_session_resume": _parse_resume,
+    "chatbot_usage": _parse_usage,
 }
 
 
@@ -278,6 +289,44 @@ def error(code: str, message: str) -> str:
 def models(available: list[tuple[str, str]]) -> str:
     """The models a client may choose: `(model id, provider name)` pairs, in the server's order."""
     return encode("models", [{"id": model, "provider": provider} for model, provider in available])
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFigures:
+    """A principal's use against its limits (None: no limit), as chat/accounts/quotas.py reads them."""
+
+    messages_this_minute: int
+    messages_per_minute: int | None
+    tokens_today: int
+    tokens_per_day: int | None
+    usd_today: float
+    usd_per_day: float | None
+    usd_this_month: float
+    usd_per_month: float | None
+    sessions: int
+    max_sessions: int | None
+    day_resets_at: datetime
+    month_resets_at: datetime
+
+
+def usage(figures: UsageFigures) -> str:
+    """The answer to `chatbot_usage`: each figure used against its limit, and when the day's and month's reset."""
+    day, month = _instant(figures.day_resets_at), _instant(figures.month_resets_at)
+    return encode(
+        "usage",
+        {
+            "messages_per_minute": {"used": figures.messages_this_minute, "limit": figures.messages_per_minute},
+            "tokens_today": {"used": figures.tokens_today, "limit": figures.tokens_per_day, "resets_at": day},
+            "usd_today": {"used": figures.usd_today, "limit": figures.usd_per_day, "resets_at": day},
+            "usd_this_month": {"used": figures.usd_this_month, "limit": figures.usd_per_month, "resets_at": month},
+            "sessions": {"used": figures.sessions, "limit": figures.max_sessions},
+        },
+    )
+
+
+def _instant(moment: datetime) -> str:
+    """UTC, to the second, with a Z: "2026-12-03T00:00:00Z"."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # Resumable sessions (chat/sessions/resume.py) ------------------------------------------

@@ -105,13 +105,7 @@ class Holder:
         self.principal = principal
         self.resumable = resumable
         self.lease = Lease(session_id, fence)
-        self.conversation = Conversation(
-            lease=self.lease,
-            model=model,
-            send=self.send,
-            on_usage=None if principal.is_anonymous else self._charge,
-            on_fenced=self._fenced,
-        )
+        self.conversation = Conversation(lease=self.lease, model=model, send=self.send, on_fenced=self._fenced)
         self.socket = socket
         self.next_seq = next_seq
         self.delivered = next_seq - 1  # the last seq that went through `send` to its socket and the logs
@@ -284,9 +278,9 @@ class Holder:
 
     # Accounting ----------------------------------------------------------------
 
-    def _charge(self, reply: Any, request: list[dict[str, str]], text: str) -> None:
-        """Conversation's usage hook: the principal the session belongs to pays, on whichever process holds it."""
-        quotas.charge_in_background(self.principal, quotas.tokens_used(reply, request, text))
+    def charge_only(self) -> quotas.Reservation | None:
+        """What a message admitted by an earlier holder is charged to: the session's principal, here."""
+        return quotas.charge_only(self.principal, self.conversation.model)
 
 
 def unavailable(why: str) -> ClientError:
@@ -325,6 +319,8 @@ async def start(
         user_id=principal.user_id,
         api_key_id=principal.api_key_id,
         continued_from_id=continued_from_id,
+        # The principal's limit of live sessions, counted and held in the same transaction.
+        within=quotas.session_limit(principal),
     )
     holder = Holder(
         session_id=session.id,

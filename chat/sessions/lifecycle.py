@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -44,7 +46,9 @@ async def start(
     user_id: int | None = None,
     api_key_id: int | None = None,
     continued_from_id: uuid.UUID | None = None,
+    within: SessionLimit | None = None,
 ) -> ChatSession:
+    """Record a new live session held here; `within`: its principal's limit of live sessions, held exactly."""
     session = ChatSession(
         model=model,
         client_address=client_address,
@@ -55,11 +59,49 @@ async def start(
         api_key_id=api_key_id,
         continued_from_id=continued_from_id,
     )
-    if pgpool.enabled():
+    if within is not None:
+        await _insert_within(session, within)
+    elif pgpool.enabled():
         await pgpool.insert(session)  # one per session, on the event loop like the turn's writes
     else:
         await session.asave(force_insert=True)
     return session
+
+
+# A principal's limit of live sessions (issue 20) ------------------------------------
+# Counting, then inserting, lets two starts in two processes both see one slot free. The
+# count and the insert run in one transaction that first takes a lock named for the
+# principal: on PostgreSQL a transaction-scoped advisory lock, on SQLite the write lock the
+# transaction takes at its start (transaction_mode IMMEDIATE), which serialises every writer.
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimit:
+    """At most `limit` live sessions matching `live` (one principal's); `refusal(live)` is raised past it."""
+
+    key: str  # names the lock: the principal's quota key
+    live: Q
+    limit: int
+    refusal: Callable[[int], Exception]
+
+    @property
+    def lock_id(self) -> int:
+        """A 64-bit advisory lock id for this principal (a collision only makes two principals wait on each other)."""
+        return int.from_bytes(hashlib.sha256(f"r2d2-sessions:{self.key}".encode()).digest()[:8], "big", signed=True)
+
+
+def _insert_within_sync(session: ChatSession, within: SessionLimit) -> None:
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [within.lock_id])
+        live = ChatSession.objects.live().filter(within.live).count()
+        if live >= within.limit:
+            raise within.refusal(live)
+        session.save(force_insert=True)
+
+
+_insert_within = sync_to_async(_insert_within_sync)
 
 
 async def release(session_id: uuid.UUID, *, fence: int | None = None) -> None:

@@ -22,6 +22,7 @@ import logging
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
@@ -34,11 +35,12 @@ from chat.protocol.text import TextRepair
 from chat.turns import messages, prompt
 from chat.turns.messages import Fenced, Lease
 
+if TYPE_CHECKING:
+    from chat.accounts.quotas import Reservation
+
 logger = logging.getLogger(__name__)
 
 Send = Callable[[str], Awaitable[None]]
-#: Told after every model call (answered, cancelled or failed): the reply, the request and the text said.
-OnUsage = Callable[[llm.Reply, list[dict[str, str]], str], None]
 
 #: The replies this process's turns are writing now (a draft lives as long as its turn): any
 #: other reply its sessions left `incomplete` (its last save failed: the database restarted
@@ -54,11 +56,22 @@ def streaming_rows() -> set[int]:
 class _Queued:
     """A message accepted (its row saved as `accepted`) and waiting for its turn."""
 
-    __slots__ = ("content", "system_message", "stream", "row_id", "started")
+    __slots__ = ("content", "system_message", "stream", "row_id", "started", "reservation")
 
-    def __init__(self, content: str, system_message: str | None, stream: bool, row_id: int, started: bool) -> None:
+    def __init__(
+        self,
+        content: str,
+        system_message: str | None,
+        stream: bool,
+        row_id: int,
+        started: bool,
+        reservation: Reservation | None,
+    ) -> None:
         self.content, self.system_message, self.stream, self.row_id = content, system_message, stream, row_id
         self.started = started  # saved as `started` already
+        # Its quota reservation (chat/accounts/quotas.py): settled once its turn has called the model,
+        # released when it never does (refused, or the queue dropped).
+        self.reservation = reservation
 
 
 class Conversation:
@@ -68,7 +81,6 @@ class Conversation:
         "model",
         "system_message",
         "history",
-        "on_usage",
         "on_fenced",
         "_send",
         "_pending",
@@ -86,7 +98,6 @@ class Conversation:
         lease: Lease,
         model: str,
         send: Send,
-        on_usage: OnUsage | None = None,
         on_fenced: Callable[[], None] | None = None,
     ) -> None:
         self.lease = lease
@@ -94,7 +105,6 @@ class Conversation:
         self.system_message = ""
         self.history: list[tuple[str, str]] = []
         self._send = send
-        self.on_usage = on_usage
         self.on_fenced = on_fenced
         # Accepted messages waiting for their turn, and the task that answers them: it exists only
         # while there is work, so an idle session holds neither a task nor an asyncio.Queue
@@ -113,8 +123,18 @@ class Conversation:
     def session_id(self) -> uuid.UUID:
         return self.lease.session_id
 
-    async def accept(self, post: PostMessage) -> None:
-        """Take a message: refuse it when the queue is full, else save it and queue it for the worker."""
+    async def accept(self, post: PostMessage, reservation: Reservation | None = None) -> None:
+        """Take a message: refuse it when the queue is full, else save it and queue it for the worker.
+
+        `reservation` (what admitting it reserved) is the turn's from here: released if refused."""
+        try:
+            await self._accept(post, reservation)
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+
+    async def _accept(self, post: PostMessage, reservation: Reservation | None) -> None:
         waiting = len(self._pending)
         if waiting >= settings.R2D2_MAX_QUEUED_MESSAGES:
             raise ClientError(
@@ -138,7 +158,7 @@ class Conversation:
         except messages.Duplicate:
             await self.refuse_duplicate(post.client_message_id)
             raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
-        self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id, starts_now))
+        self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id, starts_now, reservation))
 
     async def refuse_duplicate(self, client_message_id: str) -> None:
         """A resend of a message this session already has (on any socket or process): refused with
@@ -163,10 +183,11 @@ class Conversation:
             return "queued"
         return "failed"  # its turn ended without a reply worth the name (an error, interrupted)
 
-    def requeue(self, saved: list[messages.Unanswered]) -> None:
-        """Answer messages an earlier holder saved but did not answer, in order, as they were asked."""
+    def requeue(self, saved: list[messages.Unanswered], charge: Callable[[], Reservation | None]) -> None:
+        """Answer messages an earlier holder saved but did not answer, in order, as they were asked
+        (`charge()`: what their turns are charged to: they were admitted when first accepted)."""
         for message in saved:
-            self._queue(_Queued(message.content, None, message.stream, message.row_id, False))
+            self._queue(_Queued(message.content, None, message.stream, message.row_id, False, charge()))
 
     def _queue(self, item: _Queued) -> None:
         self._pending.append(item)
@@ -203,7 +224,7 @@ class Conversation:
         and drop the queue, whose messages stay saved as `accepted`; returns the dropped messages' rows."""
         self._closed = True
         dropped = [queued.row_id for queued in self._pending]
-        self._pending.clear()
+        self._drop_pending()
         if self._worker is None:
             return dropped
         if self._generating:
@@ -214,10 +235,17 @@ class Conversation:
                 await self._worker
         return dropped
 
+    def _drop_pending(self) -> None:
+        """Forget the messages still waiting, giving back what they reserved."""
+        while self._pending:
+            reservation = self._pending.popleft().reservation
+            if reservation is not None:
+                reservation.release()
+
     def _lost(self) -> None:
         """Another holder has the session: stop here without writing or sending anything more."""
         self._closed = True
-        self._pending.clear()
+        self._drop_pending()
         if self.on_fenced is not None:
             self.on_fenced()
 
@@ -231,8 +259,11 @@ class Conversation:
                     await self._turn(queued)
                 finally:
                     self._in_turn, self._current = False, None
+                    if queued.reservation is not None:
+                        queued.reservation.release()  # the turn ended before the model call: no charge
         finally:
             self._worker = None
+            self._drop_pending()
 
     async def _turn(self, queued: _Queued) -> None:
         if not queued.started:
@@ -277,6 +308,8 @@ class Conversation:
             user_message=queued.content,
             budget_chars=settings.R2D2_MAX_CONTEXT_CHARS,
         )
+        if queued.reservation is not None:
+            await queued.reservation.cover(request)  # its prompt, with the replies before it, within quota
         self.history.append((Role.USER.value, queued.content))
         reply = llm.Reply()
         draft = _Draft(self.lease, self.model, reply, queued.row_id)
@@ -284,7 +317,11 @@ class Conversation:
         stopped: MessageStatus | None = None
         self._generating, self._stop = True, None
         try:
-            async for chunk in llm.generate(model=self.model, messages=request, stream=queued.stream, reply=reply):
+            cap = queued.reservation.max_output_tokens if queued.reservation is not None else None
+            chunks = llm.generate(
+                model=self.model, messages=request, stream=queued.stream, reply=reply, max_output_tokens=cap
+            )
+            async for chunk in chunks:
                 await self._said(repair.feed(chunk), queued.stream, draft)
             await self._said(repair.flush(), queued.stream, draft)
         except asyncio.CancelledError:
@@ -297,8 +334,8 @@ class Conversation:
             raise
         finally:
             self._generating = False
-            if self.on_usage is not None:
-                self.on_usage(reply, request, draft.text)
+            if queued.reservation is not None:  # charged what the model call cost, whatever came of it
+                queued.reservation.settle_soon(reply, request, draft.text)
 
         if stopped is not None and not draft.said:
             await messages.set_status(self.lease, queued.row_id, stopped)  # nothing was said: the turn's end

@@ -1,24 +1,17 @@
-"""Middleware that must run before Django's host and HTTPS checks."""
+"""/healthz, the load balancer's health check, answered before Django's host and HTTPS checks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import uuid
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest, HttpResponse
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
-
-class EarlyMiddleware:
-    """An async middleware placed before SecurityMiddleware: what it answers skips the HTTPS
-    redirect and the Host check (this one and chat/ops/metrics.py's PrivateScrapeMiddleware)."""
-
-    async_capable = True
-    sync_capable = False
-
-    def __init__(self, get_response: Callable) -> None:
-        self.get_response = get_response
-        if iscoroutinefunction(self.get_response):
-            markcoroutinefunction(self)
+from chat.edge.early import EarlyMiddleware
+from chat.sessions import drain
 
 
 class HealthCheckMiddleware(EarlyMiddleware):
@@ -31,7 +24,33 @@ class HealthCheckMiddleware(EarlyMiddleware):
 
     async def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path == "/healthz":
-            from chat.web.views import healthz
-
             return await healthz(request)
         return await self.get_response(request)
+
+
+def _check_database() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+async def healthz(request: HttpRequest) -> JsonResponse:
+    """200 when the database and the channel layer answer, 503 otherwise (for the load balancer)."""
+    checks: dict[str, str] = {}
+    try:
+        await sync_to_async(_check_database)()
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure means unhealthy
+        checks["database"] = type(exc).__name__
+    try:
+        layer = get_channel_layer()
+        async with asyncio.timeout(3):
+            channel = await layer.new_channel()
+            await layer.send(channel, {"type": "health.ping", "id": uuid.uuid4().hex})
+            await layer.receive(channel)
+        checks["channel_layer"] = "ok"
+    except Exception as exc:
+        checks["channel_layer"] = type(exc).__name__
+    if drain.draining:  # stopping (SIGTERM): the load balancer should send new connections elsewhere
+        checks["process"] = "draining"
+    healthy = all(value == "ok" for value in checks.values())
+    return JsonResponse({"status": "ok" if healthy else "unhealthy", "checks": checks}, status=200 if healthy else 503)

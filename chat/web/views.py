@@ -3,24 +3,20 @@ the published protocol document, the favicon, and the load balancer's health che
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from pathlib import Path
 
-from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.db import connection
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils.decorators import method_decorator
 from django.views.decorators.cache import cache_control
 from django.views.decorators.http import require_GET
 
 from chat.models import ChatSession, MessageStatus, Role
-from chat.sessions import drain, history
+from chat.sessions import history
 from chat.web import markdown
 from chat.web.csp import content_security_policy
 
@@ -112,34 +108,3 @@ def asyncapi(request: HttpRequest) -> FileResponse:
 def favicon(request: HttpRequest) -> FileResponse:
     """/favicon.ico: browsers ask for it on every page (the admin, the protocol document) whatever the HTML says."""
     return FileResponse(FAVICON_PATH.open("rb"), content_type="image/svg+xml")
-
-
-# The health check ---------------------------------------------------------------
-
-
-def _check_database() -> None:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
-
-
-async def healthz(request: HttpRequest) -> JsonResponse:
-    """200 when the database and the channel layer answer, 503 otherwise (for the load balancer)."""
-    checks: dict[str, str] = {}
-    try:
-        await sync_to_async(_check_database)()
-        checks["database"] = "ok"
-    except Exception as exc:  # any failure means unhealthy
-        checks["database"] = type(exc).__name__
-    try:
-        layer = get_channel_layer()
-        async with asyncio.timeout(3):
-            channel = await layer.new_channel()
-            await layer.send(channel, {"type": "health.ping", "id": uuid.uuid4().hex})
-            await layer.receive(channel)
-        checks["channel_layer"] = "ok"
-    except Exception as exc:
-        checks["channel_layer"] = type(exc).__name__
-    if drain.draining:  # stopping (SIGTERM): the load balancer should send new connections elsewhere
-        checks["process"] = "draining"
-    healthy = all(value == "ok" for value in checks.values())
-    return JsonResponse({"status": "ok" if healthy else "unhealthy", "checks": checks}, status=200 if healthy else 503)

@@ -23,7 +23,7 @@ from chat.accounts import auth, principals, quotas
 from chat.accounts.limits import TokenBucket
 from chat.models import ChatSession, EndReason
 from chat.ops import metrics, throttle
-from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart
+from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart, Usage
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import drain, history, holder, lifecycle, resume
 from chat.sessions.holder import Holder
@@ -158,8 +158,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         quotas.check_model(self.principal, model)
         if self.principal.is_anonymous:
             _take(self.start_rate, "sessions")
-        else:
-            await quotas.check_sessions(self.principal)
         started, token = await holder.start(
             self,
             model=model,
@@ -187,10 +185,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await held.conversation.refuse_duplicate(request.client_message_id)  # before a quota counts it
         if self.principal.is_anonymous:
             _take(self.post_rate, "messages")
-        else:
-            await quotas.check_message(self.principal)  # nothing reaches the model over a quota
+        # Nothing reaches the model over a quota: the turn's cost is reserved, atomically across processes,
+        # from the session's principal, and travels with the message (settled when its turn ends, released
+        # if it never runs).
+        conversation = held.conversation
+        reservation = await quotas.admit(
+            held.principal,
+            model=conversation.model,
+            prompt_tokens_estimate=quotas.estimate_prompt_tokens(
+                conversation.system_message, conversation.history, request
+            ),
+            max_output_tokens=held.principal.limits.max_output_tokens,
+            tally=self.own_tally(),
+        )
         try:
-            await held.conversation.accept(request)
+            await conversation.accept(request, reservation)
         except ClientError as exc:
             if exc.code == ErrorCode.SESSION_ENDED:
                 # Ended elsewhere while this socket held it (e.g. by a command that could not reach us).
@@ -228,6 +237,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if resumed is not None and resumed.socket is self:
             self.sessions[resumed.session_id] = resumed
 
+    async def usage(self, request: Usage) -> None:
+        """The principal's use against its limits; an anonymous socket's own figures."""
+        figures = await quotas.figures(self.principal, tally=self.own_tally(), socket_sessions=len(self.sessions))
+        await self.send_frame(protocol.usage(figures))
+
     async def unhandled(self, request: Request) -> None:
         raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
 
@@ -239,6 +253,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         Cancel: cancel_turn,
         ListModels: list_models,
         Resume: resume_session,
+        Usage: usage,
     }
 
     # Channel-layer events --------------------------------------------------
@@ -305,6 +320,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.refuse("That API key has been revoked.", revoked=True)
             raise ClientError(ErrorCode.UNAUTHORIZED, "That API key has been revoked.")
         self.checked_at = now
+
+    def own_tally(self) -> quotas.Tally:
+        """This socket's own figures (what `chatbot_usage` answers when it is anonymous), made at first use:
+        an idle socket holds none."""
+        tally = self.__dict__.get("tally")
+        if tally is None:
+            tally = self.tally = quotas.Tally()
+        return tally
 
     async def refuse(self, message: str, *, revoked: bool = False) -> None:
         """One `unauthorized` frame, then close with 4401 (the socket is accepted first so the frame arrives).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from django.db import connection
 
 from chat.accounts import auth
 from tests.client import ProtocolClient, seed_conversation
-from tests.conftest import ROOT, server_env
+from tests.conftest import ROOT, bedrock_env, server_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -114,3 +115,47 @@ async def test_a_keys_model_list_is_what_it_may_use(daphne_factory):
         frame = await client.recv()
         assert [m["id"] for m in frame["data"]] == expected
         await client.close()
+
+
+async def test_a_keys_output_cap_is_the_requests_output_limit_on_both_providers(daphne_factory, fake_llm, fake_bedrock):
+    """`--max-output-tokens 3`: the OpenAI-compatible server is sent max_tokens 3, Bedrock inferenceConfig.maxTokens
+    3, and each stops the reply there; a key without a cap sends neither."""
+    server = daphne_factory(R2D2_REQUIRE_AUTH="1", **bedrock_env(fake_bedrock, "amazon.nova-lite-v1:0"))
+    _, capped = await make_key("capped", max_output_tokens=3)
+    _, free = await make_key("free")
+    client = await ProtocolClient.connect(server.url, **bearer(capped))
+    for model in ("gpt-4o-mini", "amazon.nova-lite-v1:0"):
+        session = await client.start_session(gpt_model=model)
+        for stream in (False, True):
+            frames = await client.post(session, "one two three four five six", stream=stream)
+            assert {"type": "message", "data": "Echo: one two "} in frames, (model, stream, frames)
+    assert [r.body["max_tokens"] for r in fake_llm.requests] == [3, 3]
+    assert [r.body["inferenceConfig"] for r in fake_bedrock.requests] == [{"maxTokens": 3}] * 2
+
+    client = await ProtocolClient.connect(server.url, **bearer(free))
+    session = await client.start_session(gpt_model="gpt-4o-mini")
+    assert {"type": "message", "data": "Echo: one two three"} in await client.post(session, "one two three")
+    assert "max_tokens" not in fake_llm.requests[-1].body
+
+
+async def test_terminal_client_prints_the_usage_frame(daphne_factory, fake_llm):
+    """`manage.py chat --usage`: the server's usage frame for the key, as sent, and nothing else."""
+    server = daphne_factory(R2D2_REQUIRE_AUTH="1")
+    _, key = await make_key("counted", tokens_per_day=5000, max_sessions=3)
+    client = await ProtocolClient.connect(server.url, **bearer(key))
+    await client.post(await client.start_session(), "count me")
+
+    result = await sync_to_async(subprocess.run)(
+        [sys.executable, "manage.py", "chat", "--url", server.url, "--usage"],
+        cwd=ROOT,
+        env=server_env(None, R2D2_API_KEY=key),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    frame = json.loads(line)
+    assert frame["type"] == "usage"
+    assert frame["data"]["sessions"] == {"used": 1, "limit": 3}
+    assert frame["data"]["tokens_today"]["limit"] == 5000 and frame["data"]["tokens_today"]["used"] > 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 from django.contrib.auth import get_user_model
 from playwright.sync_api import expect
 
-from chat.models import ChatSession
+from chat.models import ChatSession, UserLimits
 from tests.interfaces.test_chat_page import in_thread
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -82,3 +84,32 @@ def test_another_persons_conversation_is_not_found(client):
     assert "continueFrom" not in client.get(f"/?continue={session.id}").content.decode()
     client.logout()
     assert client.get(f"/conversations/{session.id}/").status_code == 302  # to sign in
+
+
+def test_the_page_shows_todays_spend_against_the_persons_limit(browser_page, daphne_factory, fake_llm):
+    """Signed in, the header shows what the person spent today against their own limit, after each turn;
+    past 80% of it, marked."""
+    # A tenth of a cent a token; a turn reserves its prompt and 20 tokens of reply.
+    server = daphne_factory(
+        R2D2_REQUIRE_AUTH="1", R2D2_MODEL_PRICES="gpt-3.5-turbo=1000:1000", R2D2_QUOTA_RESERVE_OUTPUT_TOKENS="20"
+    )
+
+    def ada() -> None:
+        user = get_user_model().objects.create_user("ada", password="pw-for-tests-1")
+        UserLimits.objects.create(user=user, usd_per_day=Decimal("0.037"))
+
+    in_thread(ada)
+    page = browser_page
+    page.goto(server.http_url + "/")
+    page.fill("#id_username", "ada")
+    page.fill("#id_password", "pw-for-tests-1")
+    page.click("#sign-in")
+    expect(page.locator("#spend")).to_have_text("Today: $0.0000 of $0.0370 · 0 of 200,000 tokens")
+    page.click("#start")
+    expect(page.locator("#session-bar")).to_be_visible()
+    page.fill("#input", "a question of some twenty tokens, give or take a few more words")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg-assistant .text").last).to_contain_text("Echo: a question")
+    # It reserved 16 + 20 tokens ($0.036); the model counted 16 prompt and 14 reply tokens: 81% of the limit.
+    expect(page.locator("#spend")).to_have_text("Today: $0.0300 of $0.0370 · 30 of 200,000 tokens")
+    expect(page.locator("#spend")).to_have_class("who spend near")

@@ -55,7 +55,7 @@ def test_every_end_reason_is_documented():
 
 
 def test_every_action_is_documented_and_examples_validate():
-    """The six actions are there, and each message's examples match its own payload schema."""
+    """The seven actions are there, and each message's examples match its own payload schema."""
     messages = document()["components"]["messages"]
     actions = {m["name"] for m in messages.values() if "action" in m["payload"].get("properties", {})}
     assert actions == {
@@ -65,6 +65,7 @@ def test_every_action_is_documented_and_examples_validate():
         "chatbot_cancel",
         "chatbot_models",
         "chatbot_session_resume",
+        "chatbot_usage",
     }
     for message_id, message in messages.items():
         check = validator(f"/components/messages/{message_id}/payload")
@@ -82,6 +83,7 @@ def test_every_action_is_documented_and_examples_validate():
         "sessionResumed",
         "cancelled",
         "models",
+        "usage",
         "error",
     }
 
@@ -126,6 +128,8 @@ async def test_a_live_conversation_sends_every_documented_frame(daphne, fake_llm
     ]
     [models] = await exchange({"action": "chatbot_models"})
     assert models["data"][0]["id"] == "gpt-3.5-turbo"
+    [usage] = await exchange({"action": "chatbot_usage"})
+    assert usage["data"]["sessions"] == {"used": 1, "limit": 8}
     post = {"action": "chatbot_post_message", "session_id": session_id}
     await exchange({**post, "user_message": "whole"}, "processing_end")
     await exchange({**post, "user_message": "streamed", "stream": True, "system_message": "Hi"}, "processing_end")

@@ -63,12 +63,13 @@ async def test_quotas_hold_across_two_processes(daphne_factory, fake_llm):
     await b.send({"action": "chatbot_session_end", "session_id": on_b})
     assert (await b.recv())["type"] == "session_end"  # the socket stays usable
 
-    # Tokens per day: the first turn spends more than 5; the other process then refuses.
-    _, key = await make_key("tpd", tokens_per_day=5)
+    # Tokens per day: the first turn (its prompt and its reply of at most 10 tokens fit in 20) spends 11;
+    # the other process then refuses a message that might need 11 more.
+    _, key = await make_key("tpd", tokens_per_day=20, max_output_tokens=10)
     a, b = await connect(server_a, key), await connect(server_b, key)
     on_a, on_b = await a.start_session(), await b.start_session()
     assert {"type": "message", "data": "Echo: a long enough question"} in await a.post(on_a, "a long enough question")
-    await asyncio.sleep(0.3)  # charged as the turn ends
+    await asyncio.sleep(0.3)  # settled as the turn ends
     await b.send({"action": "chatbot_post_message", "session_id": on_b, "user_message": "more"})
     frame = await b.recv()
     assert code_of(frame) == "quota_exceeded" and "resets at 00:00 UTC" in frame["data"]["message"]

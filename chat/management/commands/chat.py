@@ -6,7 +6,9 @@ connection drops (a network change, a server restart or deploy) the client recon
 with backoff and resumes it, printing nothing twice and missing nothing. Piped: one message per line,
 each reply waited for, the session ended at end of input; replies go to stdout,
 everything else (banner, errors, notices) to stderr, so scripts read only answers.
-`--list-models` prints the models the server offers (id, tab, provider) and exits.
+`--list-models` prints the models the server offers (id, tab, provider) and exits;
+`--usage` prints the server's `usage` frame (what this key or connection used, against
+its limits) and exits.
 """
 
 from __future__ import annotations
@@ -42,12 +44,21 @@ class Command(BaseCommand):
             "--list-models", action="store_true", help="print the models the server offers (id, provider) and exit"
         )
         parser.add_argument(
+            "--usage", action="store_true", help="print the server's usage frame (use against limits) and exit"
+        )
+        parser.add_argument(
             "--api-key",
             default=os.environ.get("R2D2_API_KEY") or None,
             help="API key sent as 'Authorization: Bearer <key>' (default: $R2D2_API_KEY)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["usage"]:
+            try:
+                print(asyncio.run(usage_frame(options["url"], options["api_key"])))
+            except (OSError, websockets.InvalidURI, websockets.InvalidHandshake, TimeoutError) as exc:
+                raise CommandError(f"Could not talk to {options['url']}: {exc}") from None
+            return
         if options["list_models"]:
             try:
                 models = asyncio.run(list_models(options["url"], options["api_key"]))
@@ -305,6 +316,18 @@ async def list_models(url: str, api_key: str | None = None) -> list[dict[str, st
     if frame.get("type") != "models":
         raise CommandError(f"The server did not list its models: {frame.get('data')}")
     return frame["data"]
+
+
+async def usage_frame(url: str, api_key: str | None = None) -> str:
+    """The server's answer to `chatbot_usage`, as it sent it."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        await ws.send(json.dumps({"action": "chatbot_usage"}))
+        text = await asyncio.wait_for(ws.recv(), 10)
+    frame = json.loads(text)
+    if frame.get("type") != "usage":
+        raise CommandError(f"The server did not give its usage: {frame.get('data')}")
+    return text
 
 
 async def _first(*aws) -> Any:

@@ -10,6 +10,7 @@
     connection: $("connection"), setup: $("setup"), model: $("model"), system: $("system"), start: $("start"),
     sessionBar: $("session-bar"), sessionId: $("session-id"), sessionModel: $("session-model"), end: $("end"),
     notices: $("notices"), log: $("log"), composer: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
+    spend: $("spend"),  // signed in only: today's spend against the principal's limits
   };
   const END_REASONS = {
     operator: "An operator ended this session.",
@@ -53,6 +54,7 @@
       state.lostSession = false;
       state.everConnected = true;
       send({ action: "chatbot_models" });  // fills the model picker (the "models" frame)
+      askUsage();
       render();
     });
     ws.addEventListener("message", (event) => {
@@ -146,6 +148,7 @@
         break;
       case "processing_end":
         finishReply();
+        askUsage();
         break;
       case "error":
         state.starting = false;
@@ -164,6 +167,9 @@
         break;
       case "models":
         fillModels(data);
+        break;
+      case "usage":
+        showSpend(data);
         break;
       case "session_end":
         finishReply();
@@ -240,6 +246,25 @@
       const list = els.model.list;
       if (list) list.replaceChildren(...options);
     }
+  }
+
+  // Today's spend against the signed-in principal's limits (the "usage" frame), after each turn.
+  function askUsage() {
+    if (els.spend && state.connected) send({ action: "chatbot_usage" });
+  }
+
+  function showSpend(usage) {
+    if (!els.spend) return;
+    const dollars = (n) => `$${n.toFixed(n < 1 ? 4 : 2)}`;
+    const amount = (figure, show, unit) => (figure.limit === null ? `${show(figure.used)}${unit}`
+      : `${show(figure.used)} of ${show(figure.limit)}${unit}`);
+    const usd = usage.usd_today, tokens = usage.tokens_today;
+    els.spend.textContent = `Today: ${amount(usd, dollars, "")} · ${amount(tokens, (n) => n.toLocaleString("en"), " tokens")}`;
+    const month = usage.usd_this_month;
+    const near = [usd, month].some((f) => f.limit !== null && f.used >= 0.8 * f.limit);
+    els.spend.classList.toggle("near", near);
+    els.spend.title = near ? "Past 80% of a spending limit" : "What you spent today, against your limits";
+    els.spend.hidden = false;
   }
 
   function endSessionLocally() {
