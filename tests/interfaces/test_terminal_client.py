@@ -207,7 +207,9 @@ def test_a_dropped_connection_is_resumed_with_nothing_lost_or_repeated(daphne, f
     )
     process.stdin.write("tell me\n")
     process.stdin.flush()
-    time.sleep(1.5)  # a third of the reply has streamed
+    # The client takes seconds to start on a busy machine: count from the model's request.
+    assert fake_llm.wait_for(lambda f: len(f.requests) == 1, timeout=30)
+    time.sleep(1.0)  # a third of the reply has streamed
     proxy.cut()
     time.sleep(2.5)  # resumed meanwhile; the reply goes on
     stdout, stderr = process.communicate("and then?\n", timeout=60)
