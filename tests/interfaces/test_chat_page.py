@@ -13,6 +13,7 @@ from playwright.sync_api import expect
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
 from tests.conftest import ARTIFACTS, bedrock_env
 from tests.fake_llm import SECRET_DETAIL, Script
+from tests.interfaces.drops import PostDroppingProxy, error_codes, restarting, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -214,3 +215,99 @@ def test_the_model_picker_offers_the_servers_models(browser_page, daphne_factory
     expect(page.locator(".msg-assistant .text")).to_have_text("Echo: Hello, Bedrock")
     assert [r.model_id for r in fake_bedrock.requests] == ["amazon.nova-lite-v1:0"]
     assert violations == []
+
+
+@pytest.mark.parametrize("delivered", [True, False], ids=["reached-the-server", "lost-on-the-way"])
+def test_a_message_sent_as_the_socket_drops_is_answered_once(browser_page, daphne, fake_llm, delivered):
+    """Every message carries a fresh client_message_id. The socket drops right as one is sent, before its
+    processing_start reaches the page (the server got it, or it was lost on the way): the page reconnects,
+    resumes, sends it again with the same id, and shows exactly one answer and no error; the server saved
+    it once and asked the model once."""
+    proxy = PostDroppingProxy(daphne.port)
+    page = browser_page
+    page.goto(f"http://127.0.0.1:{proxy.port}/")
+    expect(page.locator("#connection")).to_have_text("Connected")
+    page.fill("#system", "You are a test droid.")
+    page.click("#start")
+    expect(page.locator("#session-bar")).to_be_visible()
+    session_id = page.locator("#session-id").inner_text()
+    page.fill("#input", "first")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg-assistant .text").last).to_have_text("Echo: first")
+
+    proxy.drop_at_next_post(deliver=delivered)
+    page.fill("#input", "Are you still there?")
+    page.keyboard.press("Enter")
+    assert proxy.dropped.wait(10)
+    if delivered:  # the server has the message before the client can resume and send it again
+        saved = ChatMessage.objects.filter(content="Are you still there?").exists
+        assert wait_until(lambda: in_thread(saved), timeout=10)
+    proxy.let_reconnect()
+    expect(page.locator(".msg-assistant .text").last).to_have_text("Echo: Are you still there?", timeout=20_000)
+    expect(page.locator(".notice")).to_have_text("Reconnected.")
+    # What the page sent on the new connection: the resume, then the message again, the same frame.
+    resumed = proxy.websockets[-1]
+    assert [m["action"] for m in resumed.sent][:1] == ["chatbot_session_resume"]
+    assert [m for m in resumed.sent if m["action"] == "chatbot_post_message"] == [proxy.dropped_post]
+    # The socket still works; a refusal of the resend came before this reply, so the page has handled it.
+    page.fill("#input", "And now?")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg-assistant .text").last).to_have_text("Echo: And now?")
+    refusals = [m["data"]["code"] for m in resumed.received if m["type"] == "error"]
+    assert refusals == (["duplicate_message"] if delivered else [])
+    expect(page.locator(".msg-error")).to_have_count(0)
+    expect(page.locator(".msg-user .text")).to_have_text(["first", "Are you still there?", "And now?"])
+    expect(page.locator(".msg-assistant .text")).to_have_text(
+        ["Echo: first", "Echo: Are you still there?", "Echo: And now?"]
+    )
+
+    rows = in_thread(
+        lambda: list(
+            ChatMessage.objects.filter(session_id=session_id, role=Role.USER)
+            .order_by("id")
+            .values_list("content", "client_message_id")
+        )
+    )
+    assert [content for content, _ in rows] == ["first", "Are you still there?", "And now?"]
+    ids = [cid for _, cid in rows]
+    assert all(ids) and len(set(ids)) == 3, ids
+    assert ids[1] == proxy.dropped_post["client_message_id"]
+    assert [r.messages[-1]["content"] for r in fake_llm.requests] == ["first", "Are you still there?", "And now?"]
+    proxy.close()
+
+
+@pytest.mark.redis
+def test_a_message_refused_by_a_restarting_server_is_answered_after_the_resume(browser_page, daphne, fake_llm):
+    """A deploy: the server is draining when a message arrives, and refuses it with server_draining.
+    The page says it will send it again (no error), resumes on the restarted server, sends it again,
+    and shows its one answer."""
+    proxy = PostDroppingProxy(daphne.port)  # not armed: it only shows what passes
+    page = browser_page
+    page.goto(f"http://127.0.0.1:{proxy.port}/")
+    page.click("#start")
+    page.fill("#input", "first")
+    page.keyboard.press("Enter")
+    expect(page.locator(".msg-assistant .text").last).to_have_text("Echo: first")
+    with restarting(daphne):
+        page.fill("#input", "Are you there?")
+        page.keyboard.press("Enter")
+        frames = proxy.websockets[-1].received
+        assert wait_until(lambda: "server_draining" in error_codes(frames), timeout=5), frames
+        expect(page.locator(".notice")).to_have_text(
+            "The server is restarting; your message will be sent again when the page reconnects."
+        )
+    expect(page.locator(".msg-assistant .text").last).to_have_text("Echo: Are you there?", timeout=30_000)
+    expect(page.locator(".notice")).to_have_text("Reconnected.")
+    expect(page.locator(".msg-error")).to_have_count(0)
+    expect(page.locator(".msg-assistant .text")).to_have_text(["Echo: first", "Echo: Are you there?"])
+    session_id = page.locator("#session-id").inner_text()
+    rows = in_thread(
+        lambda: list(
+            ChatMessage.objects.filter(session_id=session_id, role=Role.USER)
+            .order_by("id")
+            .values_list("content", "client_message_id")
+        )
+    )
+    assert [content for content, _ in rows] == ["first", "Are you there?"] and all(cid for _, cid in rows)
+    assert [r.messages[-1]["content"] for r in fake_llm.requests].count("Are you there?") == 1
+    proxy.close()

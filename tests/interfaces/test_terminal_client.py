@@ -14,6 +14,7 @@ import pytest
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
 from tests.conftest import ROOT, bedrock_env, server_env
 from tests.fake_llm import SECRET_DETAIL, Script
+from tests.interfaces.drops import PostDroppingProxy, error_codes, restarting, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -207,7 +208,9 @@ def test_a_dropped_connection_is_resumed_with_nothing_lost_or_repeated(daphne, f
     )
     process.stdin.write("tell me\n")
     process.stdin.flush()
-    time.sleep(1.5)  # a third of the reply has streamed
+    # The client takes seconds to start on a busy machine: count from the model's request.
+    assert fake_llm.wait_for(lambda f: len(f.requests) == 1, timeout=30)
+    time.sleep(1.0)  # a third of the reply has streamed
     proxy.cut()
     time.sleep(2.5)  # resumed meanwhile; the reply goes on
     stdout, stderr = process.communicate("and then?\n", timeout=60)
@@ -220,3 +223,111 @@ def test_a_dropped_connection_is_resumed_with_nothing_lost_or_repeated(daphne, f
         "".join(words),
         "Echo: and then?",
     ]
+
+
+class RunningChat:
+    """`manage.py chat` running with piped input, its stdout collected as it comes."""
+
+    def __init__(self, url: str, *args: str) -> None:
+        self.process = subprocess.Popen(
+            chat_command(url, *args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env=server_env(None),
+        )
+        self.output = bytearray()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while chunk := os.read(self.process.stdout.fileno(), 4096):
+            self.output.extend(chunk)
+
+    def say(self, line: str) -> None:
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def wait_for_output(self, text: str, timeout: float = 20) -> None:
+        assert wait_until(lambda: text.encode() in self.output, timeout), self.output
+
+    def finish(self) -> tuple[str, str]:
+        """End of input: the exit status must be 0; stdout and stderr."""
+        self.process.stdin.close()
+        assert self.process.wait(30) == 0
+        self.reader.join(5)
+        return self.output.decode(), self.process.stderr.read().decode()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+@pytest.mark.parametrize("delivered", [True, False], ids=["reached-the-server", "lost-on-the-way"])
+def test_a_message_sent_as_the_connection_drops_is_answered_once(daphne, fake_llm, delivered):
+    """Every message carries a fresh client_message_id. The connection drops right as one is sent, before
+    its processing_start arrives (the server got it, or it was lost on the way): the client reconnects,
+    resumes, sends it again with the same id, and prints exactly one answer and no error; the server saved
+    it once and asked the model once."""
+    proxy = PostDroppingProxy(daphne.port)
+    chat = RunningChat(f"ws://127.0.0.1:{proxy.port}/", "--system", "Be terse.")
+    try:
+        chat.say("first")
+        chat.wait_for_output("Echo: first\n")
+        proxy.drop_at_next_post(deliver=delivered)
+        chat.say("are you still there?")
+        assert proxy.dropped.wait(10)
+        if delivered:  # the server has the message before the client can resume and send it again
+            assert wait_until(lambda: ChatMessage.objects.filter(content="are you still there?").exists(), timeout=10)
+        proxy.let_reconnect()
+        chat.wait_for_output("Echo: are you still there?\n")
+        chat.say("and now?")
+        stdout, stderr = chat.finish()
+    finally:
+        chat.kill()
+        proxy.close()
+    assert stdout == "Echo: first\nEcho: are you still there?\nEcho: and now?\n"
+    assert "[resumed]" in stderr and "error" not in stderr, stderr
+
+    # What the client sent on the new connection: the resume, then the message again (the same frame).
+    resumed = proxy.websockets[-1]
+    assert [m["action"] for m in resumed.sent][:1] == ["chatbot_session_resume"]
+    posts = [m for m in resumed.sent if m["action"] == "chatbot_post_message"]
+    assert posts[0] == proxy.dropped_post and [p["user_message"] for p in posts] == ["are you still there?", "and now?"]
+    assert error_codes(resumed.received) == (["duplicate_message"] if delivered else [])
+
+    rows = list(ChatMessage.objects.filter(role=Role.USER).order_by("id").values_list("content", "client_message_id"))
+    assert [content for content, _ in rows] == ["first", "are you still there?", "and now?"]
+    ids = [cid for _, cid in rows]
+    assert all(ids) and len(set(ids)) == 3, ids
+    assert ids[1] == proxy.dropped_post["client_message_id"]
+    assert [r.messages[-1]["content"] for r in fake_llm.requests] == ["first", "are you still there?", "and now?"]
+
+
+@pytest.mark.redis
+def test_a_message_refused_by_a_restarting_server_is_answered_after_the_resume(daphne, fake_llm):
+    """A deploy: the server is draining when a message arrives, and refuses it with server_draining.
+    The client keeps it, resumes on the restarted server (the frames are kept in Redis), sends it
+    again, and prints its one answer."""
+    proxy = PostDroppingProxy(daphne.port)  # not armed: it only shows what passes
+    chat = RunningChat(f"ws://127.0.0.1:{proxy.port}/")
+    try:
+        chat.say("first")
+        chat.wait_for_output("Echo: first\n")
+        with restarting(daphne):
+            chat.say("are you there?")
+            frames = proxy.websockets[0].received
+            assert wait_until(lambda: "server_draining" in error_codes(frames), timeout=5), frames
+        chat.wait_for_output("Echo: are you there?\n", timeout=60)
+        stdout, stderr = chat.finish()
+    finally:
+        chat.kill()
+        proxy.close()
+    assert stdout == "Echo: first\nEcho: are you there?\n"
+    assert "[the server is restarting; the message will be sent again once resumed]" in stderr, stderr
+    assert "[resumed]" in stderr and "error [" not in stderr, stderr
+    session = ChatSession.objects.get(messages__content="first")
+    rows = list(session.messages.filter(role=Role.USER).order_by("id").values_list("content", "client_message_id"))
+    assert [content for content, _ in rows] == ["first", "are you there?"] and all(cid for _, cid in rows)
+    assert [r.messages[-1]["content"] for r in fake_llm.requests].count("are you there?") == 1

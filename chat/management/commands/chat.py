@@ -3,7 +3,8 @@
 Interactive: a prompt, the reply printed as it streams in, Ctrl-C stops the reply
 being generated, Ctrl-D ends the session and exits. The session is resumable: if the
 connection drops (a network change, a server restart or deploy) the client reconnects
-with backoff and resumes it, printing nothing twice and missing nothing. Piped: one message per line,
+with backoff and resumes it, printing nothing twice and missing nothing (a message sent as it
+dropped is sent again, with the same client_message_id, so it is answered once). Piped: one message per line,
 each reply waited for, the session ended at end of input; replies go to stdout,
 everything else (banner, errors, notices) to stderr, so scripts read only answers.
 `--list-models` prints the models the server offers (id, tab, provider) and exits;
@@ -14,11 +15,13 @@ its limits) and exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
+import uuid
 from typing import Any
 
 import websockets
@@ -102,6 +105,9 @@ class TerminalChat:
         self.lost = False
         self.resume_token: str | None = None
         self.last_seq = 0  # the last frame of the session shown: a resume asks for what follows
+        # Messages sent whose processing_start has not arrived: perhaps never received if the connection
+        # dropped, so each is sent again, with the same client_message_id, after a resume (answered once).
+        self.unstarted: list[dict[str, Any]] = []
         self.connected = asyncio.Event()
 
     async def run(self) -> int:
@@ -152,12 +158,13 @@ class TerminalChat:
                 "session_id": self.session_id,
                 "user_message": text,
                 "stream": self.stream,
+                "client_message_id": str(uuid.uuid4()),
             }
             if system:
                 post["system_message"], system = system, None
             self.turn_done.clear()
             self.awaiting, self.streamed, self.stopping = True, False, False
-            await self.send(post)
+            await self.post(post)
             await _first(self.turn_done.wait(), self.ended.wait())
         loop.remove_signal_handler(signal.SIGINT)
         reader.cancel()
@@ -208,6 +215,10 @@ class TerminalChat:
             except (websockets.ConnectionClosed, TimeoutError):
                 continue
             if answer.get("type") == "session_resumed":
+                # A resend the server already has is refused (duplicate_message); its frames come by replay or live.
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    for post in self.unstarted:
+                        await self.ws.send(json.dumps(post))
                 self.connected.set()
                 self.note("[resumed]")
                 return True
@@ -228,6 +239,8 @@ class TerminalChat:
             self.resume_token = data.get("resume_token")
             self.started.set()
         elif kind == "processing_start":
+            if self.unstarted:
+                self.unstarted.pop(0)  # answered in order: the oldest message sent is being answered
             self.in_turn = True
             if self.interactive:
                 self.out("r2d2> ")
@@ -244,6 +257,16 @@ class TerminalChat:
                 self.note("[stopped]")
             self.finish_turn()
         elif kind == "error":
+            if data["code"] == "duplicate_message":
+                # The answer to a resend after a resume (every message gets a fresh id, so only a resend
+                # repeats one): the original is on the server and its frames arrive as usual, maybe already have.
+                return
+            if seq is None and self.unstarted and not self.in_turn:
+                if data["code"] == "server_draining":
+                    self.note("[the server is restarting; the message will be sent again once resumed]")
+                    return
+                if data["code"] != "nothing_to_cancel":
+                    self.unstarted.pop()  # refused: not sent again
             if self.in_turn and self.streamed:
                 self.out("\n")
             self.note(f"error [{data['code']}]: {data['message']}")
@@ -252,6 +275,7 @@ class TerminalChat:
             if self.session_id is None:
                 self.ended.set()  # the session could not start
         elif kind == "session_end":
+            self.unstarted.clear()
             if isinstance(data, dict) and data.get("reason"):
                 self.note(f"The server ended the session ({data['reason']}).")
             else:
@@ -272,6 +296,12 @@ class TerminalChat:
             await self.ws.send(json.dumps(frame))
         except websockets.ConnectionClosed:
             pass  # the reader says so (e.g. refused as unauthorized: the server sent why, then closed)
+
+    async def post(self, frame: dict[str, Any]) -> None:
+        """Send a message, kept until its processing_start arrives (to send again after a resume)."""
+        await _first(self.connected.wait(), self.ended.wait())
+        self.unstarted.append(frame)
+        await self.send(frame)
 
     async def end_session(self) -> None:
         await self.send({"action": "chatbot_session_end", "session_id": self.session_id})

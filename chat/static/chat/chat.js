@@ -29,6 +29,9 @@
     // `/?continue=<id>`: the first session started here carries on that conversation (the server remembers it).
     continueFrom: config.continueFrom || null,
     reply: null, replyText: "", renderQueued: false, generating: false, stopRequested: false,
+    // Messages sent whose processing_start has not arrived: perhaps never received if the socket dropped,
+    // so each is sent again, with the same client_message_id, after a resume (the server answers it once).
+    unstarted: [],
   };
 
   // Connection -----------------------------------------------------------------
@@ -112,6 +115,8 @@
       case "session_resumed":
         state.resuming = false;
         notice("info", "Reconnected.", "connection");
+        // A resend the server already has is refused (duplicate_message) and its frames come by replay or live.
+        for (const post of state.unstarted) send(post);
         break;
       case "session_start":
         state.starting = false;
@@ -129,6 +134,7 @@
         els.input.focus();
         break;
       case "processing_start":
+        state.unstarted.shift();  // answered in order: the oldest message sent is being answered
         state.generating = true;
         state.stopRequested = false;
         startReply();
@@ -160,6 +166,17 @@
           endSessionLocally();
           notice("info", "Reconnected. Start a new session to carry on.", "connection");
           break;
+        }
+        // The answer to a resend after a resume (every message gets a fresh id, so only a resend repeats
+        // one): the original is on the server and its frames arrive as usual, maybe already have. Nothing to show.
+        if (data.code === "duplicate_message") break;
+        if (frame.seq === undefined && state.unstarted.length) {
+          if (data.code === "server_draining") {
+            // Refused only because the server is restarting: sent again once the page has resumed.
+            notice("info", "The server is restarting; your message will be sent again when the page reconnects.", "connection");
+            break;
+          }
+          if (data.code !== "nothing_to_cancel") state.unstarted.pop();  // refused: not sent again
         }
         // A refused message (rate limit, full queue...) gets this one frame and no processing_end.
         if (state.generating && !state.reply) state.generating = false;
@@ -272,6 +289,7 @@
     state.pendingSystem = null;
     state.resumeToken = null;
     state.lastSeq = 0;
+    state.unstarted = [];
   }
 
   // Actions --------------------------------------------------------------------
@@ -297,9 +315,13 @@
     event.preventDefault();
     const text = els.input.value;
     if (!text.trim() || !state.sessionId || state.generating) return;
-    const frame = { action: "chatbot_post_message", session_id: state.sessionId, user_message: text, stream: true };
+    const frame = {
+      action: "chatbot_post_message", session_id: state.sessionId, user_message: text, stream: true,
+      client_message_id: newMessageId(),
+    };
     if (state.pendingSystem) frame.system_message = state.pendingSystem;
     send(frame);
+    state.unstarted.push(frame);
     state.pendingSystem = null;
     bubble("user", text);
     els.input.value = "";
@@ -332,6 +354,13 @@
   els.end.addEventListener("click", () => {
     if (state.sessionId) send({ action: "chatbot_session_end", session_id: state.sessionId });
   });
+
+  // A fresh id for each message (its resends repeat it). randomUUID needs a secure context (https or
+  // localhost); getRandomValues works on plain http too.
+  function newMessageId() {
+    if (crypto.randomUUID) return crypto.randomUUID();
+    return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+  }
 
   // Rendering ------------------------------------------------------------------
 
