@@ -200,6 +200,7 @@ async def test_a_cancel_before_the_first_token_is_charged_the_prompt(daphne_fact
 
     await other.send({"action": "chatbot_cancel", "session_id": session})
     assert [f["type"] for f in await holder.until("processing_end")] == ["processing_end"]
+    assert (await other.recv())["type"] == "cancelled"  # the canceller's answer
     prompt = math.ceil(sum(len(m["content"]) for m in fake_llm.requests[0].messages) / 4)
     spent = await settled_usage(other)
     assert spent["tokens_today"]["used"] == prompt  # its prompt, in place of the reservation

@@ -161,8 +161,10 @@ async def detached_with_a_turn_in_flight(server, key: str) -> tuple[str, str, in
 
 
 async def test_a_session_resumed_on_the_other_process_is_charged_to_its_key(daphne_factory, fake_llm):
+    """Admitted and charged from the session's key on whichever process holds it: a turn answered on B
+    after the resume is the key's, and past the day's tokens the next post is refused there."""
     server_a, server_b = daphne_factory(**SERVER), daphne_factory(**SERVER)
-    row, key = await make_key("metered", tokens_per_day=60)
+    row, key = await make_key("metered", tokens_per_day=200, max_output_tokens=20)
     principal = await sync_to_async(auth.principal_for_key)(row)
 
     client = await with_key(server_a, key)
@@ -170,25 +172,25 @@ async def test_a_session_resumed_on_the_other_process_is_charged_to_its_key(daph
     frames = await client.post(session_id, "hi")
     assert frames[1]["data"] == "Echo: hi"
     on_a = await spent(session_id)
-    assert 0 < on_a < 60
+    assert 0 < on_a < 200
     await charged(principal, on_a)
     holder_a = (await session_row(session_id)).owner_process
     await client.close()
 
     client = await with_key(server_b, key)
     assert (await resume(client, session_id, token, frames[-1]["seq"]))["type"] == "session_resumed"
-    question = "a question long enough to cost more than the rest of the day's tokens " * 3
+    question = "a question long enough to cost most of the rest of the day's tokens " * 6
     frames = await client.post(session_id, question)
     assert frames[1]["type"] == "message", frames
     assert (await session_row(session_id)).owner_process not in {"", holder_a}  # B answered it
     total = await spent(session_id)
-    assert total >= 60 > on_a
+    assert total > on_a
     await charged(principal, total)  # the turn answered on B is the key's
 
-    await client.send({"action": "chatbot_post_message", "session_id": session_id, "user_message": "one more"})
+    await client.send({"action": "chatbot_post_message", "session_id": session_id, "user_message": question})
     frame = await client.recv()
     assert frame["type"] == "error" and frame["data"]["code"] == "quota_exceeded", frame
-    assert frame["data"]["message"].startswith(f"Tokens per day: {total} of 60 used")
+    assert frame["data"]["message"].startswith(f"Tokens per day: {total} of 200 used")
     assert len(fake_llm.requests) == 2  # nothing reached the model
     await client.close()
 
