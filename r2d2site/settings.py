@@ -239,7 +239,11 @@ R2D2_MAX_MESSAGE_CHARS = env_int("R2D2_MAX_MESSAGE_CHARS", 16_000)
 R2D2_MAX_QUEUED_MESSAGES = env_int("R2D2_MAX_QUEUED_MESSAGES", 4)
 R2D2_MAX_SESSIONS_PER_CONNECTION = env_int("R2D2_MAX_SESSIONS_PER_CONNECTION", 8)
 R2D2_RATE_LIMIT_PER_MINUTE = env_int("R2D2_RATE_LIMIT_PER_MINUTE", 30)
+# A model call's deadlines (chat/llm/base.py): its first chunk (connect, response headers and
+# first chunk, retries included), each gap between chunks, and the whole reply.
 R2D2_UPSTREAM_TIMEOUT = env_float("R2D2_UPSTREAM_TIMEOUT", 60.0)
+R2D2_UPSTREAM_IDLE_TIMEOUT = env_float("R2D2_UPSTREAM_IDLE_TIMEOUT", 60.0)
+R2D2_MAX_REPLY_SECONDS = env_float("R2D2_MAX_REPLY_SECONDS", 900.0)
 R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
 # A streamed reply is saved while it streams, at most this far behind what was sent.
 R2D2_CHECKPOINT_SECONDS = env_float("R2D2_CHECKPOINT_SECONDS", 1.0)

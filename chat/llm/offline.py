@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from chat.llm.base import Reply
+from chat.llm.base import Deadlines, Reply
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class OfflineProvider:
         pass
 
     async def generate(
-        self, *, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply, deadline: float
+        self, *, model: str, messages: list[dict[str, str]], stream: bool, reply: Reply, deadlines: Deadlines
     ) -> AsyncIterator[str]:
         if not OfflineProvider._warned:
             OfflineProvider._warned = True

@@ -273,6 +273,7 @@ class _Draft:
         self._saved_chars = len(text)
 
     async def abandon(self) -> None:
-        """The model failed midway: what was already checkpointed stays, marked interrupted."""
-        if self.row_id is not None:
+        """The model failed midway (cut off, stalled, out of time): what it said is saved, marked
+        interrupted, whether or not a checkpoint had saved any of it yet."""
+        if self.said or self.row_id is not None:
             await self.save(MessageStatus.INTERRUPTED)
