@@ -18,6 +18,7 @@ from django.conf import settings
 from chat import llm, protocol
 from chat.accounts import auth, principals, quotas
 from chat.accounts.limits import TokenBucket
+from chat.edge import flow
 from chat.models import EndReason
 from chat.ops import metrics
 from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart
@@ -113,6 +114,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(lifecycle.group(session_id), self.channel_name)
 
     async def send_frame(self, text: str) -> None:
+        await flow.writable(self.scope)  # waits while the client is behind (chat/edge/flow.py)
         await self.send(text_data=text)
 
     # Actions ---------------------------------------------------------------
