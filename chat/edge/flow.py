@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import socket
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -57,6 +59,25 @@ def unsent_bytes(transport: Any) -> int:
         transport = transport.transport  # a wrapping transport (TLS): the TCP one underneath
     buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
     return buffered + getattr(transport, "_tempDataLen", 0)
+
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a __u64 at this offset (Linux 4.1 and later).
+_BYTES_ACKED = slice(120, 128)
+
+
+def taken(transport: Any) -> int:
+    """A count that grows exactly when the client takes bytes: what its TCP acknowledged (Linux's
+    TCP_INFO), else less what waits in Twisted's buffer. (Twisted's buffer alone would count the
+    kernel's send buffer growing as progress.)"""
+    while not hasattr(transport, "getHandle") and hasattr(transport, "transport"):
+        transport = transport.transport
+    try:
+        info = transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BYTES_ACKED.stop)
+    except (AttributeError, OSError):
+        info = b""
+    if len(info) >= _BYTES_ACKED.stop:
+        return int.from_bytes(info[_BYTES_ACKED], sys.byteorder)
+    return -unsent_bytes(transport)
 
 
 @implementer(IPushProducer)
@@ -115,7 +136,7 @@ class Flow:
         loop = asyncio.get_running_loop()
         limit = settings.R2D2_STALLED_READER_SECONDS
         check = min(1.0, limit / 4) if limit > 0 else 1.0
-        backlog, progressed_at = unsent_bytes(self.transport), loop.time()
+        mark, progressed_at = taken(self.transport), loop.time()
         while self.paused and not self.closed:
             if self._resumed is None:
                 self._resumed = loop.create_future()
@@ -123,14 +144,15 @@ class Flow:
             await asyncio.wait((self._resumed,), timeout=check)
             if not self.paused or self.closed:
                 return
-            now = unsent_bytes(self.transport)
-            if now < backlog:
-                backlog, progressed_at = now, loop.time()
+            now = taken(self.transport)
+            if now > mark:
+                mark, progressed_at = now, loop.time()
             elif limit > 0 and loop.time() - progressed_at >= limit and not self.closing:
                 # Writers keep waiting until the connection is gone (autobahn aborts it when the
                 # close handshake times out), then the turn hears the disconnect: it reads no more
                 # of its model for a socket that is closing.
-                logger.warning("closing a connection that does not read", extra={"unsent_bytes": now})
+                unsent = unsent_bytes(self.transport)
+                logger.warning("closing a connection that does not read", extra={"unsent_bytes": unsent})
                 self.closing = True
                 self.connection.close_not_reading()
 
