@@ -168,6 +168,10 @@ async def writable(scope: Mapping[str, Any]) -> None:
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 
 
+#: The scope's extensions (shared by every connection's scope: read, never changed).
+_EXTENSIONS: Mapping[str, Any] = {"websocket.http.response": {}}
+
+
 class FlowMiddleware:
     """ASGI middleware for WebSocket scopes: when the server is R2D2's Daphne, puts the connection's
     Flow in the scope, where `writable` finds it, and declares the ASGI denial-response extension
@@ -184,5 +188,6 @@ class FlowMiddleware:
             # Daphne's own scope, made for this connection: the key is added in place, and the
             # scopes the inner layers copy from it keep it.
             scope[SCOPE_KEY] = flow
-            scope.setdefault("extensions", {})["websocket.http.response"] = {}
+            extensions = scope.get("extensions")
+            scope["extensions"] = _EXTENSIONS if extensions is None else {**extensions, **_EXTENSIONS}
         return self.app(scope, receive, send)
