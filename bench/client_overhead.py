@@ -43,7 +43,7 @@ async def main(calls: int, stream: bool) -> dict:
     os.environ["OPENAI_BASE_URL"] = model_url(model)
     os.environ["OPENAI_API_KEY"] = API_KEY
     django.setup()
-    from chat.llm.base import Reply
+    from chat.llm.base import Deadlines, Reply
     from chat.llm.openai_compat import OpenAIProvider
 
     client = direct_client(model_url(model))
@@ -68,11 +68,11 @@ async def main(calls: int, stream: bool) -> dict:
         return text
 
     async def r2d2() -> str:
-        loop = asyncio.get_running_loop()
+        deadlines = Deadlines(first=30, idle=30, whole=30)
         parts = [
             c
             async for c in provider.generate(
-                model="m", messages=HISTORY, stream=stream, reply=Reply(), deadline=loop.time() + 30
+                model="m", messages=HISTORY, stream=stream, reply=Reply(), deadlines=deadlines
             )
         ]
         return "".join(parts)

@@ -248,15 +248,22 @@ R2D2_MAX_MESSAGE_CHARS = env_int("R2D2_MAX_MESSAGE_CHARS", 16_000)
 R2D2_MAX_QUEUED_MESSAGES = env_int("R2D2_MAX_QUEUED_MESSAGES", 4)
 R2D2_MAX_SESSIONS_PER_CONNECTION = env_int("R2D2_MAX_SESSIONS_PER_CONNECTION", 8)
 R2D2_RATE_LIMIT_PER_MINUTE = env_int("R2D2_RATE_LIMIT_PER_MINUTE", 30)
+# A model call's deadlines (chat/llm/base.py): its first chunk (connect, response headers and
+# first chunk, retries included), each gap between chunks, and the whole reply.
 R2D2_UPSTREAM_TIMEOUT = env_float("R2D2_UPSTREAM_TIMEOUT", 60.0)
+R2D2_UPSTREAM_IDLE_TIMEOUT = env_float("R2D2_UPSTREAM_IDLE_TIMEOUT", 60.0)
+R2D2_MAX_REPLY_SECONDS = env_float("R2D2_MAX_REPLY_SECONDS", 900.0)
 R2D2_UPSTREAM_RETRIES = env_int("R2D2_UPSTREAM_RETRIES", 2)
 # A streamed reply is saved while it streams, at most this far behind what was sent.
 R2D2_CHECKPOINT_SECONDS = env_float("R2D2_CHECKPOINT_SECONDS", 1.0)
 # Outgoing WebSocket frames (a whole reply is one `message` frame) may be this large;
 # incoming frames keep Daphne's own 1 MiB limit (chat/edge/daphne.py).
 R2D2_MAX_OUTGOING_FRAME_BYTES = env_int("R2D2_MAX_OUTGOING_FRAME_BYTES", 16 * 1024 * 1024)
-# A connection with more than this many bytes sent but not yet read is closed (code 4408).
-R2D2_MAX_UNSENT_BYTES = env_int("R2D2_MAX_UNSENT_BYTES", 1024 * 1024)
+# Past this many bytes waiting in a socket's send buffer, the turns sending to it stop reading
+# their model until it drains; a client that takes nothing for R2D2_STALLED_READER_SECONDS
+# while frames wait is closed with code 4408 (chat/edge/flow.py).
+R2D2_SEND_BUFFER_BYTES = max(1, env_int("R2D2_SEND_BUFFER_BYTES", 256 * 1024))
+R2D2_STALLED_READER_SECONDS = env_float("R2D2_STALLED_READER_SECONDS", 30.0)
 # Who may read /metrics besides staff and private addresses: `Authorization: Bearer <token>` (chat/ops/metrics.py).
 R2D2_METRICS_TOKEN = os.environ.get("R2D2_METRICS_TOKEN", "")
 # Images in model replies (web page and admin transcript) load from other sites

@@ -156,6 +156,8 @@ class FakeBedrock(FakeLLM):
             for index, token in enumerate(tokenize(text)):
                 if index and script.token_delay:
                     await asyncio.sleep(script.token_delay)
+                if index and index == script.stall_after:
+                    await asyncio.sleep(script.stall_for)
                 if script.exception and index >= script.exception_after:
                     break
                 if script.cut_after is not None and index >= script.cut_after:

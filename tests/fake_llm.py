@@ -49,6 +49,8 @@ class Script:
     cut_after: int | None = None  # stream: close the connection after N tokens, no [DONE]
     malformed: bool = False  # stream: send an unparseable SSE event after the first token
     chunks: list[str] | None = None  # stream: exactly these text chunks (e.g. a surrogate pair split in two)
+    stall_after: int | None = None  # stream: after N tokens, go silent for `stall_for` seconds (a stalled model)
+    stall_for: float = 3600.0
 
     @classmethod
     def from_directive(cls, base: Script, text: str) -> Script:
@@ -226,6 +228,8 @@ class FakeLLM:
             for index, token in enumerate(tokens):
                 if index and script.token_delay:
                     await asyncio.sleep(script.token_delay)
+                if index and index == script.stall_after:
+                    await asyncio.sleep(script.stall_for)
                 if script.cut_after is not None and index >= script.cut_after:
                     # Drop the connection mid-stream: no finish_reason, no [DONE].
                     request.transport.close()

@@ -39,6 +39,25 @@ class RawWebSocket:
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         self.sock.sendall(header + mask + masked)
 
+    def receive(self) -> dict:
+        """Read one frame the server sent (text, unmasked), as JSON: for a client that reads a little."""
+        header = self._exactly(2)
+        length = header[1] & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self._exactly(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._exactly(8))[0]
+        return json.loads(self._exactly(length))
+
+    def _exactly(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            data += chunk
+        return data
+
     def read_until_closed(self, timeout: float = 10.0) -> int:
         """Read everything the server sends until it closes the connection; the bytes read."""
         self.sock.settimeout(timeout)

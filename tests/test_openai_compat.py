@@ -1,10 +1,8 @@
 """chat/llm/openai_compat.py posts on its own aiohttp session: the model server still gets the client's headers."""
 
-import asyncio
-
 import pytest
 
-from chat.llm.base import Reply
+from chat.llm.base import Deadlines, Reply
 from chat.llm.openai_compat import OpenAIProvider
 from tests.conftest import TEST_API_KEY
 
@@ -12,13 +10,13 @@ from tests.conftest import TEST_API_KEY
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 async def test_the_model_server_gets_the_key_and_a_json_body(fake_llm, stream):
     provider = OpenAIProvider()
-    deadline = asyncio.get_running_loop().time() + 10
+    deadlines = Deadlines(first=10, idle=10, whole=10)
     try:
         messages = [{"role": "user", "content": "hi"}]
         parts = [
             c
             async for c in provider.generate(
-                model="m", messages=messages, stream=stream, reply=Reply(), deadline=deadline
+                model="m", messages=messages, stream=stream, reply=Reply(), deadlines=deadlines
             )
         ]
         user_agent = provider.client().user_agent

@@ -1,4 +1,4 @@
-"""Daphne's WebSocket protocol with R2D2's two bounds on what it sends.
+"""Daphne's WebSocket protocol with R2D2's bounds on what it sends, and its refusals.
 
 Daphne applies one limit, `--websocket-max-message-size` (1 MiB), to frames in both
 directions: a reply longer than that failed to send and, before, killed its turn.
@@ -6,44 +6,40 @@ Incoming frames keep Daphne's limit; outgoing frames may be up to
 R2D2_MAX_OUTGOING_FRAME_BYTES, so a long reply reaches a seed client as one whole
 `message` frame.
 
-A client that never reads makes Twisted buffer every frame sent to it, without
-bound (measured: +100 MiB in 5 s for one socket receiving streamed replies). When
-more than R2D2_MAX_UNSENT_BYTES wait in a connection's buffer (beyond the largest
-frame in flight), the connection is
-closed with code 4408: its close frame is queued, and when the client does not
-answer it within autobahn's close-handshake timeout (1 s) the connection is
-aborted and its buffer freed. The application hears a disconnect as for any
-closed socket: the turn's partial reply is saved.
+A client that reads slowly, or not at all, would make Twisted buffer every frame
+sent to it, without bound. Each connection has a `Flow` (chat/edge/flow.py), its
+transport's producer: past R2D2_SEND_BUFFER_BYTES waiting, the turns sending to it
+stop reading their model until the buffer drains, and a client that takes nothing
+for R2D2_STALLED_READER_SECONDS is closed with code 4408 (`close_not_reading`).
 
-There is no hook for either in Daphne, so `install()` (called from
+A handshake the application refuses with an ASGI denial response
+(`websocket.http.response.start`, e.g. 404 for an unknown path) is answered with
+that HTTP status; Daphne itself knows only 403.
+
+There is no hook for any of this in Daphne, so `install()` (called from
 `ChatConfig.ready()`, before Daphne builds its server) substitutes this
 factory for Daphne's own.
 """
 
 from __future__ import annotations
 
+import http
 import logging
 import pprint
 
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol as _Autobahn
+from autobahn.websocket.types import ConnectionDeny
 from daphne import server as daphne_server
 from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 from django.conf import settings
 
-from chat.edge.proxy import address_group, client_address
-from chat.ops.throttle import warn_throttled
+from chat.edge import flow
 
 logger = logging.getLogger(__name__)
 
-CLOSE_NOT_READING = 4408
+CLOSE_NOT_READING = flow.CLOSE_NOT_READING
 CLOSE_SERVICE_RESTART = 1012  # chat/sessions/drain.py closes with it
-
-
-def unsent_bytes(transport) -> int:
-    """Bytes written to a Twisted TCP transport that the kernel has not taken yet."""
-    buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-    return buffered + getattr(transport, "_tempDataLen", 0)
 
 
 class _Formatted:
@@ -62,24 +58,36 @@ class _Formatted:
 
 
 class BoundedWebSocketProtocol(WebSocketProtocol):
-    # The largest frame written since the buffer was last empty: one frame may always be
-    # in flight (a 4 MiB reply is one frame), so the bound counts what waits beyond it.
-    _largest_in_flight = 0
+    flow: flow.Flow | None = None
+
+    def onConnect(self, request):
+        # Daphne builds the ASGI scope and creates the application in this call: the
+        # application's FlowMiddleware reads `connecting` and puts the Flow in the scope.
+        self.flow = flow.Flow(self)
+        self.flow.attach(self.transport)
+        token = flow.connecting.set(self.flow)
+        try:
+            return super().onConnect(request)
+        finally:
+            flow.connecting.reset(token)
+
+    def connectionLost(self, reason) -> None:
+        # autobahn unregisters the producer before it drops a connection, so the transport
+        # may not tell the Flow: writers waiting on it must not wait for nothing.
+        if self.flow is not None:
+            self.flow.stop()
+        super().connectionLost(reason)
+
+    def close_not_reading(self) -> None:
+        """Close a client that takes nothing (chat/edge/flow.py): its close frame is queued, and
+        when it does not answer within autobahn's close-handshake timeout (1 s) the connection is
+        aborted and its buffer freed."""
+        if self.state == _Autobahn.STATE_OPEN:
+            self.sendClose(code=CLOSE_NOT_READING, reason="client is not reading")
 
     def sendMessage(self, payload: bytes, isBinary: bool = False, *args, **kwargs) -> None:
         if self.state != _Autobahn.STATE_OPEN:
             return  # closing or closed: what the application still sends has nowhere to go
-        backlog = unsent_bytes(self.transport)
-        if backlog == 0:
-            self._largest_in_flight = 0
-        if 0 < settings.R2D2_MAX_UNSENT_BYTES < backlog - self._largest_in_flight:
-            # A client can do this on purpose, socket after socket: one line per client per minute.
-            warn_throttled(
-                logger, "closing a connection that does not read", key=self._client(), extra={"unsent_bytes": backlog}
-            )
-            self.sendClose(code=CLOSE_NOT_READING, reason="client is not reading")
-            return
-        self._largest_in_flight = max(self._largest_in_flight, len(payload))
         incoming_limit = self.maxMessagePayloadSize
         self.maxMessagePayloadSize = settings.R2D2_MAX_OUTGOING_FRAME_BYTES
         try:
@@ -87,10 +95,27 @@ class BoundedWebSocketProtocol(WebSocketProtocol):
         finally:
             self.maxMessagePayloadSize = incoming_limit
 
-    def _client(self) -> str | None:
-        peer = self.client_addr[0] if getattr(self, "client_addr", None) else None
-        address = client_address(getattr(self, "clean_headers", []), peer)
-        return address_group(address) if address else None
+    def handle_reply(self, message: dict) -> None:
+        # The ASGI denial response (the scope's "websocket.http.response" extension, declared by
+        # chat/edge/flow.py's middleware): the handshake is refused with its status. Its body is
+        # not sent (autobahn answers a refusal with headers only).
+        kind = message.get("type")
+        if kind == "websocket.http.response.start" and self.state == _Autobahn.STATE_CONNECTING:
+            self.deny(int(message["status"]))
+        elif kind != "websocket.http.response.body":
+            super().handle_reply(message)
+
+    def deny(self, status: int) -> None:
+        """Refuse the handshake with HTTP `status` (Daphne's serverReject, which knows only 403)."""
+        try:
+            reason = http.HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Refused"
+        self.handshake_deferred.errback(ConnectionDeny(code=status, reason=reason))
+        del self.handshake_deferred
+        self.server.protocol_disconnected(self)
+        client = "%s:%s" % tuple(self.client_addr) if self.client_addr else None  # noqa: UP031 (Daphne's own form)
+        self.server.log_action("websocket", "rejected", {"path": self.request.path, "client": client})
 
     def _connectionMade(self) -> None:
         # autobahn pretty-prints the connection's forty options for a debug line, before its

@@ -1,9 +1,11 @@
 """Model calls: which provider answers a model, and the retry loop around one attempt.
 
 Providers (`chat/llm/*.py`) make one attempt each and raise `UpstreamError`; this
-module bounds the whole call, retries included, by R2D2_UPSTREAM_TIMEOUT, and
-retries only what may succeed, only before the client saw any text, and only when
-the wait fits the time left. Models are routed by name: Bedrock's (R2D2_BEDROCK_MODELS,
+module gives the call its deadlines (`Deadlines`: R2D2_UPSTREAM_TIMEOUT until the
+model's first chunk, retries included; R2D2_UPSTREAM_IDLE_TIMEOUT between chunks;
+R2D2_MAX_REPLY_SECONDS for the whole reply), and retries only what may succeed,
+only before the client saw any text, and only when the wait fits the time left
+for the first chunk. Models are routed by name: Bedrock's (R2D2_BEDROCK_MODELS,
 or a `bedrock/` prefix) to Bedrock, every other name to the OpenAI-compatible
 provider, or, when that is not configured, to the offline responder.
 """
@@ -18,7 +20,7 @@ from collections.abc import AsyncIterator
 from django.conf import settings
 
 from chat.llm import bedrock
-from chat.llm.base import Provider, Reply, UpstreamError, timed_out
+from chat.llm.base import Deadlines, Provider, Reply, UpstreamError, timed_out
 from chat.llm.bedrock import BedrockProvider
 from chat.llm.offline import OfflineProvider
 from chat.llm.openai_compat import OpenAIProvider
@@ -80,7 +82,11 @@ async def generate(
     provider = provider_for(model)
     reply.model = model
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.R2D2_UPSTREAM_TIMEOUT
+    deadlines = Deadlines(
+        first=settings.R2D2_UPSTREAM_TIMEOUT,
+        idle=settings.R2D2_UPSTREAM_IDLE_TIMEOUT,
+        whole=settings.R2D2_MAX_REPLY_SECONDS,
+    )
     attempt = 0
     while True:
         reply.sent = True
@@ -90,7 +96,7 @@ async def generate(
                 messages=messages,
                 stream=stream,
                 reply=reply,
-                deadline=deadline,
+                deadlines=deadlines,
                 max_output_tokens=max_output_tokens,
             ):
                 yield chunk
@@ -98,7 +104,8 @@ async def generate(
             return
         except TimeoutError:
             # A client can cause these at will (a model name the server refuses, a slow prompt): throttled.
-            warn_throttled(logger, "model call timed out", key=client(), extra={"model": model, "attempt": attempt})
+            extra = {"model": model, "attempt": attempt, "deadline": deadlines.missed()}
+            warn_throttled(logger, "model call timed out", key=client(), extra=extra)
             raise timed_out() from None
         except UpstreamError as exc:
             if not reply.headers_received and exc.code != ErrorCode.UPSTREAM_TIMEOUT:
@@ -108,7 +115,7 @@ async def generate(
                 delay is None
                 or reply.headers_received
                 or attempt >= settings.R2D2_UPSTREAM_RETRIES
-                or loop.time() + delay >= deadline
+                or loop.time() + delay >= deadlines.first_by
             ):
                 warn_throttled(
                     logger,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,6 +29,39 @@ class Reply:
     @property
     def latency_ms(self) -> int:
         return int(((self.finished or time.monotonic()) - self.started) * 1000)
+
+
+class Deadlines:
+    """A model call's three deadlines, in event-loop time: the first chunk (connect, response headers
+    and the first chunk of the body, retries included), each gap between chunks after it, and the
+    whole reply. Providers bound each wait on the model by `next()` and call `arrived()` whenever
+    the model sends something, so a reply that keeps streaming is never cut before the last."""
+
+    __slots__ = ("_loop", "first_by", "idle", "end_by", "receiving")
+
+    def __init__(self, *, first: float, idle: float, whole: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self.first_by = now + first
+        self.idle = idle
+        self.end_by = now + whole
+        self.receiving = False  # the first chunk came
+
+    def next(self) -> float:
+        """When the next thing from the model must have arrived by."""
+        if not self.receiving:
+            return min(self.first_by, self.end_by)
+        return min(self._loop.time() + self.idle, self.end_by)
+
+    def arrived(self) -> None:
+        """The model sent something: from now on, only the idle and whole-reply deadlines apply."""
+        self.receiving = True
+
+    def missed(self) -> str:
+        """Which deadline a timeout was (for the log): first_chunk, idle or whole_reply."""
+        if self._loop.time() >= self.end_by:
+            return "whole_reply"
+        return "idle" if self.receiving else "first_chunk"
 
 
 class UpstreamError(ClientError):
@@ -84,15 +118,15 @@ class Provider(Protocol):
         messages: list[dict[str, str]],
         stream: bool,
         reply: Reply,
-        deadline: float,
+        deadlines: Deadlines,
         max_output_tokens: int | None = None,
     ) -> AsyncIterator[str]:
         """Yield the reply's text (one chunk when not streaming), filling `reply`; `max_output_tokens`
         is sent as the request's output limit (None: the model's own).
 
-        Each wait on the model is bounded by `deadline` (event-loop time) and may raise
-        TimeoutError; every other failure is an `UpstreamError`. Closing the iterator
-        (the turn was cancelled) closes the upstream request.
+        Each wait on the model is bounded by `deadlines.next()` and may raise TimeoutError
+        (`deadlines.arrived()` after each thing the model sends); every other failure is an
+        `UpstreamError`. Closing the iterator (the turn was cancelled) closes the upstream request.
         """
         ...
 

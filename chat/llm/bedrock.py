@@ -4,9 +4,11 @@ APIs. The only module that creates a `bedrock-runtime` client.
 boto3 blocks, so each call runs on its own daemon thread (not the default executor,
 whose few workers would cap concurrent replies), which hands the response and then
 each stream event to the event loop through a queue. The loop waits on that queue
-under the deadline; when the turn is cancelled, times out or fails, it shuts the
-stream's socket down, which ends the thread's blocked read and closes the HTTP
-connection (Bedrock stops generating, and billing, for a reader that left).
+under the call's deadlines; when the turn is cancelled, times out or fails, it shuts
+the stream's socket down, which ends the thread's blocked read and closes the HTTP
+connection (Bedrock stops generating, and billing, for a reader that left). The
+queue is short: while the turn waits for a slow client (chat/edge/flow.py), the
+thread stops reading and TCP pushes back on Bedrock.
 
 Credentials come from boto3's usual chain (on Elastic Beanstalk, the instance
 role); boto3's own retries are off (the caller retries within its deadline). AWS
@@ -25,7 +27,7 @@ from typing import Any
 
 from django.conf import settings
 
-from chat.llm.base import Reply, UpstreamError, interrupted, unavailable
+from chat.llm.base import Deadlines, Reply, UpstreamError, interrupted, unavailable
 from chat.protocol.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ PREFIX = "bedrock/"
 
 # Calls in flight beyond this open extra connections that are dropped after use.
 _MAX_POOL_CONNECTIONS = 100
+# Stream events a call's thread may hand over before the loop takes them (then it stops reading).
+_MAX_WAITING_EVENTS = 64
 
 
 def model_id(model: str) -> str:
@@ -91,7 +95,15 @@ class BedrockProvider:
     def client(self) -> Any:
         """The process's client for the current settings (called on worker threads: boto3's
         clients are thread-safe, creating them is not)."""
-        key = (settings.R2D2_BEDROCK_REGION, settings.R2D2_BEDROCK_ENDPOINT_URL, settings.R2D2_UPSTREAM_TIMEOUT)
+        # boto3's own timeouts only back R2D2's deadlines up (chat/llm/base.py): its read timeout
+        # is the longest wait those allow, and a second more, so that they are what fires.
+        read_timeout = max(settings.R2D2_UPSTREAM_TIMEOUT, settings.R2D2_UPSTREAM_IDLE_TIMEOUT) + 1
+        key = (
+            settings.R2D2_BEDROCK_REGION,
+            settings.R2D2_BEDROCK_ENDPOINT_URL,
+            settings.R2D2_UPSTREAM_TIMEOUT,
+            read_timeout,
+        )
         with self._lock:
             client = self._clients.get(key)
             if client is None:
@@ -105,7 +117,7 @@ class BedrockProvider:
                     endpoint_url=settings.R2D2_BEDROCK_ENDPOINT_URL,
                     config=Config(
                         connect_timeout=settings.R2D2_UPSTREAM_TIMEOUT,
-                        read_timeout=settings.R2D2_UPSTREAM_TIMEOUT,
+                        read_timeout=read_timeout,
                         # Retries are the caller's: bounded by the whole-call deadline.
                         retries={"mode": "standard", "total_max_attempts": 1},
                         max_pool_connections=_MAX_POOL_CONNECTIONS,
@@ -121,22 +133,22 @@ class BedrockProvider:
         messages: list[dict[str, str]],
         stream: bool,
         reply: Reply,
-        deadline: float,
+        deadlines: Deadlines,
         max_output_tokens: int | None = None,
     ) -> AsyncIterator[str]:
         request = converse_request(model, messages, max_output_tokens)
         if stream:
-            async for chunk in self._stream(request, reply, deadline):
+            async for chunk in self._stream(request, reply, deadlines):
                 yield chunk
         else:
-            yield await self._complete(request, reply, deadline)
+            yield await self._complete(request, reply, deadlines)
 
-    async def _complete(self, request: dict[str, Any], reply: Reply, deadline: float) -> str:
+    async def _complete(self, request: dict[str, Any], reply: Reply, deadlines: Deadlines) -> str:
         # A cancelled whole-reply call cannot be interrupted: its thread ends when the
         # answer (dropped) or boto3's read timeout arrives.
         feed = _Feed(lambda feed: feed.put(self.client().converse(**request)))
         try:
-            response = await feed.get(deadline)
+            response = await feed.get(deadlines.next())
         except TimeoutError:
             raise
         except Exception as exc:
@@ -151,8 +163,8 @@ class BedrockProvider:
         _count_tokens(reply, response.get("usage"))
         return text
 
-    async def _stream(self, request: dict[str, Any], reply: Reply, deadline: float) -> AsyncIterator[str]:
-        """Yield text as it streams in. Each wait is bounded by `deadline` separately, so no
+    async def _stream(self, request: dict[str, Any], reply: Reply, deadlines: Deadlines) -> AsyncIterator[str]:
+        """Yield text as it streams in. Each wait is bounded by `deadlines` separately, so no
         timeout scope spans a `yield`."""
 
         def read(feed: _Feed) -> None:
@@ -165,10 +177,12 @@ class BedrockProvider:
         feed = _Feed(read)
         stopped = said = False
         try:
-            while (event := await feed.get(deadline)) is not _END:
+            while (event := await feed.get(deadlines.next())) is not _END:
                 if event is _OPENED:
                     reply.headers_received = True
-                elif "contentBlockDelta" in event:
+                    continue
+                deadlines.arrived()
+                if "contentBlockDelta" in event:
                     text = event["contentBlockDelta"].get("delta", {}).get("text")
                     if text:
                         said = True
@@ -216,6 +230,8 @@ class _Feed:
         self._lock = threading.Lock()
         self._closed = False
         self._held: Any = None
+        # Room in the queue: the thread waits for it, so it reads no further ahead of the loop.
+        self._room = threading.Semaphore(_MAX_WAITING_EVENTS)
         threading.Thread(target=self._run, args=(work,), name="bedrock-call", daemon=True).start()
 
     def _run(self, work: Callable[[_Feed], None]) -> None:
@@ -227,6 +243,10 @@ class _Feed:
             self.put(_END)
 
     def put(self, item: Any) -> None:
+        """(On the thread) hand `item` to the loop, once the loop has taken enough of the earlier ones."""
+        if self._closed:
+            return
+        self._room.acquire()
         if self._closed:
             return
         try:
@@ -246,6 +266,7 @@ class _Feed:
     async def get(self, deadline: float) -> Any:
         async with asyncio.timeout_at(deadline):
             item = await self._queue.get()
+        self._room.release()
         if isinstance(item, _Failed):
             raise item.exc
         return item
@@ -254,6 +275,7 @@ class _Feed:
         with self._lock:
             self._closed = True
             held, self._held = self._held, None
+        self._room.release(_MAX_WAITING_EVENTS)  # a thread waiting for room wakes, and ends
         if held is not None:
             _hang_up(held)
 

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from chat.llm.base import Reply
+from chat.llm.base import Deadlines, Reply
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class OfflineProvider:
         messages: list[dict[str, str]],
         stream: bool,
         reply: Reply,
-        deadline: float,
+        deadlines: Deadlines,
         max_output_tokens: int | None = None,  # its answer is short: no cap to honour
     ) -> AsyncIterator[str]:
         if not OfflineProvider._warned:

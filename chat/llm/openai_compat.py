@@ -39,7 +39,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from yarl import URL
 
-from chat.llm.base import Reply, UpstreamError, connection_failed, interrupted, timed_out, unavailable
+from chat.llm.base import Deadlines, Reply, UpstreamError, connection_failed, interrupted, timed_out, unavailable
 from chat.protocol.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -93,9 +93,9 @@ class _Upstream:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=_POOL_LIMIT, keepalive_timeout=_KEEPALIVE_SECONDS),
             headers=_headers(client),
-            # What the client gave each request: no limit on the whole (the deadline is the
-            # caller's), its timeout on connecting and on each read.
-            timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_connect=timeout, sock_read=timeout),
+            # The client's timeout on connecting; none on the whole or on each read: the caller's
+            # deadlines bound every wait (chat/llm/base.py, Deadlines), a long stream included.
+            timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_connect=timeout, sock_read=None),
             proxy=proxy,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=True,  # the client decoded gzip/deflate bodies too (httpx2 did, over aiohttp)
@@ -176,7 +176,7 @@ class OpenAIProvider:
         messages: list[dict[str, str]],
         stream: bool,
         reply: Reply,
-        deadline: float,
+        deadlines: Deadlines,
         max_output_tokens: int | None = None,
     ) -> AsyncIterator[str]:
         body: dict[str, object] = {"model": model, "messages": messages}
@@ -185,10 +185,10 @@ class OpenAIProvider:
             body["max_tokens"] = max_output_tokens
         try:
             if stream:
-                async for chunk in self._stream(body, reply, deadline):
+                async for chunk in self._stream(body, reply, deadlines):
                     yield chunk
             else:
-                yield await self._complete(body, reply, deadline)
+                yield await self._complete(body, reply, deadlines)
         except aiohttp.ClientError as exc:
             # Before ValueError: some of aiohttp's errors are ValueErrors too (InvalidURL).
             raise _map_error(exc, mid_stream=reply.headers_received) from None
@@ -210,15 +210,15 @@ class OpenAIProvider:
             raise _status_error(response.status, response.headers)
         return response
 
-    async def _complete(self, body: dict[str, object], reply: Reply, deadline: float) -> str:
-        async with asyncio.timeout_at(deadline):
+    async def _complete(self, body: dict[str, object], reply: Reply, deadlines: Deadlines) -> str:
+        async with asyncio.timeout_at(deadlines.next()):
             response = await self._post(body)
-            try:
-                data = await response.read()
-            finally:
-                # Back to the pool when read to the end; closed when cut short (the connection
-                # is no use half-read).
-                response.release()
+        try:
+            data = b"".join([chunk async for chunk in _body(response, deadlines)])
+        finally:
+            # Back to the pool when read to the end; closed when cut short (the connection
+            # is no use half-read).
+            response.release()
         completion = _decode(data)
         choices = _field(completion, "choices", list)
         if not choices:
@@ -228,19 +228,20 @@ class OpenAIProvider:
         _record_usage(completion, reply)
         return text
 
-    async def _stream(self, body: dict[str, object], reply: Reply, deadline: float) -> AsyncIterator[str]:
+    async def _stream(self, body: dict[str, object], reply: Reply, deadlines: Deadlines) -> AsyncIterator[str]:
         """Yield text as it streams in.
 
-        Each wait on the model is bounded by `deadline` separately, so no timeout
-        scope spans a `yield` (the consumer's own awaits are never cancelled by it).
+        Each wait on the model is bounded by `deadlines` separately, so no timeout
+        scope spans a `yield` (the consumer's own awaits, a slow client's included,
+        are never cancelled by it, nor counted as the model's).
         """
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        async with asyncio.timeout_at(deadline):
+        async with asyncio.timeout_at(deadlines.next()):
             response = await self._post(body)
         reply.headers_received = True
         finished = False
         try:
-            async for data in _sse_data(response, deadline):
+            async for data in _sse_data(response, deadlines):
                 chunk = _as_dict(_decode(data))
                 if chunk.get("error"):
                     # An error event inside the stream (what the client raised as APIError).
@@ -304,17 +305,24 @@ def _encode(body: dict[str, object]) -> bytes:
         return json.dumps(body).encode()
 
 
-async def _sse_data(response: aiohttp.ClientResponse, deadline: float) -> AsyncIterator[bytes]:
+async def _body(response: aiohttp.ClientResponse, deadlines: Deadlines) -> AsyncIterator[bytes]:
+    """The response's body as it arrives, each wait bounded by `deadlines` (told of each piece)."""
+    while True:
+        async with asyncio.timeout_at(deadlines.next()):
+            chunk = await response.content.readany()
+        if not chunk:
+            return
+        deadlines.arrived()
+        yield chunk
+
+
+async def _sse_data(response: aiohttp.ClientResponse, deadlines: Deadlines) -> AsyncIterator[bytes]:
     """The `data` of each server-sent event, up to `[DONE]` (the rest of the body is drained, so
     the connection can be reused). Transport failures are raised as aiohttp raises them."""
     pending = b""
     data: list[bytes] = []
     done = False
-    while True:
-        async with asyncio.timeout_at(deadline):
-            chunk = await response.content.readany()
-        if not chunk:
-            return
+    async for chunk in _body(response, deadlines):
         if done:
             continue
         pending += chunk

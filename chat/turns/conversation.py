@@ -450,8 +450,9 @@ class _Draft:
         self._saved_chars = len(text)
 
     async def abandon(self) -> None:
-        """The model failed midway: what was said stays, marked interrupted; nothing said, the turn failed."""
-        if self.said:
+        """The model failed midway (cut off, stalled, out of time): what it said is saved, marked
+        interrupted, whether or not a checkpoint had saved any of it yet; nothing said, the turn failed."""
+        if self.said or self.row_id is not None:
             await self.save(MessageStatus.INTERRUPTED)
         else:
             await messages.set_status(self.lease, self.reply_to, MessageStatus.FAILED)

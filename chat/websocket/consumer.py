@@ -21,6 +21,7 @@ from django.conf import settings
 from chat import llm, protocol
 from chat.accounts import auth, principals, quotas
 from chat.accounts.limits import TokenBucket
+from chat.edge import flow
 from chat.models import ChatSession, EndReason
 from chat.ops import metrics, throttle
 from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart, Usage
@@ -132,6 +133,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await asyncio.gather(*(h.detach(self) for h in held), return_exceptions=True)
 
     async def send_frame(self, text: str) -> None:
+        await flow.writable(self.scope)  # waits while the client is behind (chat/edge/flow.py)
         await self.send(text_data=text)
 
     def dropped(self, session_id: uuid.UUID) -> None:

@@ -9,7 +9,7 @@ import pytest
 from chat.models import ChatMessage, MessageStatus
 from tests.client import ProtocolClient
 from tests.conftest import bedrock_env, free_port
-from tests.e2e.test_upstream_faults import assert_clean_failure
+from tests.e2e.test_upstream_faults import assert_clean_failure, turn_with_fault
 from tests.fake_bedrock import BedrockScript
 from tests.fake_llm import SECRET_DETAIL
 
@@ -183,6 +183,37 @@ async def test_timeout(daphne_factory, fake_bedrock):
     follow_up = await client.post(session_id, "next turn")
     await client.close()
     assert_clean_failure(frames, follow_up, "upstream_timeout")
+
+
+async def test_a_stream_that_outlasts_the_first_chunk_timeout_completes(daphne_factory, fake_bedrock):
+    """As with OpenAI-compatible servers, R2D2_UPSTREAM_TIMEOUT bounds the wait for the first chunk
+    only: a Bedrock stream of 3 s against a 1 s timeout is answered whole (boto3's read timeout
+    does not cut it either)."""
+    server = daphne_factory(R2D2_UPSTREAM_TIMEOUT="1", **bedrock_env(fake_bedrock, NOVA))
+    text = "slow " * 30
+    fake_bedrock.enqueue(BedrockScript(text=text, token_delay=0.1))
+    client = await ProtocolClient.connect(server.url)
+    session_id = await client.start_session(gpt_model=NOVA)
+    started = time.monotonic()
+    frames = await client.post(session_id, "take your time", stream=True)
+    took = time.monotonic() - started
+    await client.close()
+    assert text_of(frames) == text
+    assert took > 2.5
+
+
+async def test_a_stalled_stream_ends_within_the_idle_timeout(daphne_factory, fake_bedrock):
+    """A Bedrock stream that goes silent after a few deltas ends one R2D2_UPSTREAM_IDLE_TIMEOUT later
+    with upstream_timeout; what it said is saved, marked interrupted; its connection is closed."""
+    server = daphne_factory(R2D2_UPSTREAM_IDLE_TIMEOUT="1", **bedrock_env(fake_bedrock, NOVA))
+    script = BedrockScript(text="one two three four", stall_after=2, stall_for=30)
+    frames, follow_up, session_id, _, took = await turn_with_fault(server.url, fake_bedrock, script, gpt_model=NOVA)
+    assert_clean_failure(frames, follow_up, "upstream_timeout")
+    assert "".join(f["data"] for f in frames if f["type"] == "message_delta") == "one two "
+    assert took < 4, took
+    reply = await ChatMessage.objects.filter(session_id=session_id, role="assistant").order_by("id").afirst()
+    assert (reply.content, reply.status) == ("one two ", MessageStatus.INTERRUPTED)
+    assert fake_bedrock.wait_for(lambda s: s.disconnects == 1, timeout=2)
 
 
 async def test_unreachable_and_uncredentialed(daphne_factory, fake_bedrock):

@@ -1,6 +1,9 @@
-"""The WebSocket handshake's Host and Origin checks, over real sockets against a live Daphne."""
+"""The WebSocket handshake's Host and Origin checks and unknown paths, over real sockets against a live Daphne."""
 
 from __future__ import annotations
+
+import asyncio
+import socket
 
 import pytest
 import websockets
@@ -65,3 +68,32 @@ async def test_behind_the_load_balancer_the_origin_is_https_on_443(daphne_factor
     assert await accepted(**lb, origin="https://r2d2.example.com")
     assert await refused(**lb, origin="http://r2d2.example.com") == 403
     assert await refused(**lb, origin="https://r2d2.example.com:8443") == 403
+
+
+def raw_handshake(port: int, path: str) -> bytes:
+    """A WebSocket handshake for `path` on a plain socket; the server's whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    return answer
+
+
+async def test_an_unknown_path_is_refused_with_404_and_no_traceback(daphne):
+    """A handshake to a path no route serves answers HTTP 404 (not 500), logs no error, and the
+    server's own paths still work."""
+    for path in ("/nowhere", "/ws/extra/", "/static/x?y=1"):
+        answer = await asyncio.to_thread(raw_handshake, daphne.port, path)
+        assert answer.startswith(b"HTTP/1.1 404 "), answer[:80]
+        assert await refused(f"ws://127.0.0.1:{daphne.port}{path}") == 404
+    assert await accepted(daphne.url)
+    assert await accepted(f"ws://127.0.0.1:{daphne.port}/ws/")
+    log = daphne.log()
+    assert '"level": "ERROR"' not in log and "Traceback" not in log, log[-2000:]
+    assert "WSREJECT /nowhere" in log

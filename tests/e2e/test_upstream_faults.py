@@ -14,16 +14,20 @@ from tests.fake_llm import SECRET_DETAIL, Script
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def turn_with_fault(server_url: str, fake_llm, script: Script | None, *, stream: bool = True):
-    """One faulty turn then one good turn in the same session; returns (frames of the faulty turn, session_id)."""
+async def turn_with_fault(server_url: str, fake_llm, script: Script | None, *, stream: bool = True, **start):
+    """One faulty turn then one good turn in the same session (started with `start`, e.g. a gpt_model;
+    `fake_llm` is the fake server that answers it); returns (frames of the faulty turn, frames of the
+    next turn, session_id, the client, seconds the faulty turn took)."""
     if script is not None:
         fake_llm.enqueue(script)
     client = await ProtocolClient.connect(server_url)
-    session_id = await client.start_session()
+    session_id = await client.start_session(**start)
+    started = time.monotonic()
     frames = await client.post(session_id, "faulty turn", stream=stream)
+    took = time.monotonic() - started
     follow_up = await client.post(session_id, "next turn")
     await client.close()
-    return frames, follow_up, session_id, client
+    return frames, follow_up, session_id, client, took
 
 
 def assert_clean_failure(frames, follow_up, code: str) -> None:
@@ -34,13 +38,17 @@ def assert_clean_failure(frames, follow_up, code: str) -> None:
     assert [f["type"] for f in follow_up] == ["processing_start", "message", "processing_end"]
 
 
-async def assert_nothing_lost(session_id: str) -> None:
-    """Both messages saved, the second answered; what the failed turn had said, if anything, is kept as interrupted."""
+async def assert_nothing_lost(session_id: str, said: list[dict] | None = None) -> None:
+    """The session's rows: both messages, the good reply, and what the faulty turn streamed before it
+    failed (`said`: its frames), saved as interrupted."""
+    partial = "".join(f["data"] for f in said or [] if f["type"] == "message_delta")
     rows = [(m.role, m.content, m.status) async for m in ChatMessage.objects.filter(session_id=session_id)]
-    partial = [r for r in rows if r[2] == MessageStatus.INTERRUPTED]
-    assert all(r[0] == "assistant" and "Echo: faulty turn".startswith(r[1]) and r[1] for r in partial), partial
-    rest = [(role, content) for role, content, status in rows if status != MessageStatus.INTERRUPTED]
-    assert rest == [("user", "faulty turn"), ("user", "next turn"), ("assistant", "Echo: next turn")]
+    expected = [("user", "faulty turn")]
+    if partial:
+        expected.append(("assistant", partial, MessageStatus.INTERRUPTED))
+    expected += [("user", "next turn"), ("assistant", "Echo: next turn")]
+    assert [row[: len(want)] for row, want in zip(rows, expected, strict=False)] == expected
+    assert len(rows) == len(expected), rows
 
 
 @pytest.mark.parametrize(
@@ -55,11 +63,12 @@ async def assert_nothing_lost(session_id: str) -> None:
     ids=["500", "400-unknown-model", "401", "cut-midway", "malformed-sse"],
 )
 async def test_upstream_fault(daphne_factory, fake_llm, script, code):
-    """The client hears a distinct error code and processing_end; the session keeps working; no secret leaks."""
+    """The client hears a distinct error code and processing_end; the session keeps working; what was
+    said before a stream broke is kept, marked interrupted; no secret leaks."""
     server = daphne_factory(R2D2_UPSTREAM_RETRIES="0")
-    frames, follow_up, session_id, client = await turn_with_fault(server.url, fake_llm, script)
+    frames, follow_up, session_id, client, _ = await turn_with_fault(server.url, fake_llm, script)
     assert_clean_failure(frames, follow_up, code)
-    await assert_nothing_lost(session_id)
+    await assert_nothing_lost(session_id, said=frames)
     everything = "".join(client.received) + server.log()
     assert SECRET_DETAIL not in everything
     assert TEST_API_KEY not in everything
@@ -80,31 +89,98 @@ async def test_rate_limit_honours_retry_after_then_succeeds(daphne, fake_llm):
 async def test_rate_limit_beyond_the_timeout_gives_up(daphne_factory, fake_llm):
     """A Retry-After longer than the remaining time budget is not waited for: upstream_rate_limited at once."""
     server = daphne_factory(R2D2_UPSTREAM_TIMEOUT="2")
-    started = time.monotonic()
-    frames, follow_up, session_id, client = await turn_with_fault(
+    frames, follow_up, session_id, client, took = await turn_with_fault(
         server.url, fake_llm, Script(status=429, retry_after=30)
     )
     assert_clean_failure(frames, follow_up, "upstream_rate_limited")
-    assert time.monotonic() - started < 10
+    assert took < 10
     await assert_nothing_lost(session_id)
     assert SECRET_DETAIL not in server.log()
 
 
-async def test_timeout_bounds_the_whole_call(daphne_factory, fake_llm):
-    """A model that never answers is cut off at R2D2_UPSTREAM_TIMEOUT with upstream_timeout."""
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "plain"])
+async def test_a_model_that_never_answers_is_cut_at_the_first_chunk_timeout(daphne_factory, fake_llm, stream):
+    """A model that sends nothing is cut off at R2D2_UPSTREAM_TIMEOUT with upstream_timeout."""
     server = daphne_factory(R2D2_UPSTREAM_TIMEOUT="1")
-    frames, follow_up, session_id, _ = await turn_with_fault(server.url, fake_llm, Script(stall=30))
+    script = Script(stall=30)
+    frames, follow_up, session_id, _, took = await turn_with_fault(server.url, fake_llm, script, stream=stream)
     assert_clean_failure(frames, follow_up, "upstream_timeout")
+    assert took < 6
     await assert_nothing_lost(session_id)
+    assert '"deadline": "first_chunk"' in server.log()
 
 
-async def test_slow_stream_is_cut_at_the_timeout_too(daphne_factory, fake_llm):
-    """The timeout bounds the whole reply, not just the first byte."""
+async def test_a_stream_that_outlasts_the_first_chunk_timeout_completes(daphne_factory, fake_llm):
+    """R2D2_UPSTREAM_TIMEOUT bounds the wait for the first chunk only: a reply that keeps streaming
+    for three times as long (3 s against 1 s) is answered whole."""
     server = daphne_factory(R2D2_UPSTREAM_TIMEOUT="1")
-    script = Script(text="slow " * 50, token_delay=0.1)
-    frames, follow_up, session_id, _ = await turn_with_fault(server.url, fake_llm, script)
-    assert "message_delta" in [f["type"] for f in frames]
+    text = "slow " * 30
+    fake_llm.enqueue(Script(text=text, token_delay=0.1))
+    client = await ProtocolClient.connect(server.url)
+    session_id = await client.start_session()
+    started = time.monotonic()
+    frames = await client.post(session_id, "take your time", stream=True)
+    took = time.monotonic() - started
+    await client.close()
+    assert [f["type"] for f in frames][-2:] == ["message", "processing_end"], frames[-3:]
+    assert frames[-2]["data"] == text
+    assert "".join(f["data"] for f in frames if f["type"] == "message_delta") == text
+    assert took > 2.5
+    reply = await ChatMessage.objects.aget(session_id=session_id, role="assistant")
+    assert (reply.content, reply.status) == (text, MessageStatus.COMPLETE)
+
+
+async def test_a_model_that_stalls_mid_reply_ends_within_the_idle_timeout(daphne_factory, fake_llm):
+    """A model that goes silent after a few chunks (within the reply's first second) is cut off one
+    R2D2_UPSTREAM_IDLE_TIMEOUT later with upstream_timeout; what it said is saved, marked interrupted,
+    though no checkpoint had saved it yet; the session stays usable."""
+    server = daphne_factory(R2D2_UPSTREAM_IDLE_TIMEOUT="1", R2D2_CHECKPOINT_SECONDS="30")
+    client = await ProtocolClient.connect(server.url)
+    session_id = await client.start_session()
+    fake_llm.enqueue(Script(text="one two three four five six", stall_after=3, stall_for=30))
+    await client.send(
+        {"action": "chatbot_post_message", "session_id": session_id, "user_message": "faulty turn", "stream": True}
+    )
+    frames = await client.until("message_delta")
+    frames += await client.until("processing_end")
+    stalled_at = max(i for i, f in enumerate(frames) if f["type"] == "message_delta")
+    follow_up = await client.post(session_id, "next turn")
+    await client.close()
+    assert "".join(f["data"] for f in frames if f["type"] == "message_delta") == "one two three "
+    assert frames[stalled_at + 1]["data"]["code"] == "upstream_timeout"
     assert_clean_failure(frames, follow_up, "upstream_timeout")
+    await assert_nothing_lost(session_id, said=frames)
+    assert '"deadline": "idle"' in server.log()
+    assert fake_llm.wait_for(lambda f: f.disconnects >= 1), "the stalled stream was not closed"
+
+
+async def test_a_model_that_stalls_is_cut_one_idle_timeout_after_its_last_chunk(daphne_factory, fake_llm):
+    """The idle deadline counts from the last chunk: a 1 s idle timeout ends a stall within about 1 s."""
+    server = daphne_factory(R2D2_UPSTREAM_IDLE_TIMEOUT="1")
+    fake_llm.enqueue(Script(text="a b c d", stall_after=2, stall_for=30))
+    client = await ProtocolClient.connect(server.url)
+    session_id = await client.start_session()
+    await client.send({"action": "chatbot_post_message", "session_id": session_id, "user_message": "x", "stream": True})
+    await client.until("message_delta")
+    await client.until("message_delta")
+    last_chunk = time.monotonic()
+    error = (await client.until("error"))[-1]
+    waited = time.monotonic() - last_chunk
+    await client.close()
+    assert error["data"]["code"] == "upstream_timeout"
+    assert 0.8 < waited < 3, waited
+
+
+async def test_the_whole_reply_is_bounded_by_max_reply_seconds(daphne_factory, fake_llm):
+    """A model that never stops (chunks 0.1 s apart for 10 s) is cut at R2D2_MAX_REPLY_SECONDS, the
+    text so far saved as interrupted."""
+    server = daphne_factory(R2D2_MAX_REPLY_SECONDS="2")
+    script = Script(text="more " * 100, token_delay=0.1)
+    frames, follow_up, session_id, _, took = await turn_with_fault(server.url, fake_llm, script)
+    assert_clean_failure(frames, follow_up, "upstream_timeout")
+    assert 1.8 < took < 5, took
+    await assert_nothing_lost(session_id, said=frames)
+    assert '"deadline": "whole_reply"' in server.log()
 
 
 async def test_connection_refused(daphne_factory, fake_llm):
