@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from django.conf import settings
 
 from chat.accounts import prices
+from chat.ops.tasks import Background
 from chat.protocol import PostMessage, UsageFigures
 from chat.protocol.errors import ClientError, ErrorCode
 
@@ -499,25 +500,13 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
-_background: set[asyncio.Task] = set()
-
-
-def _spawn(work: Coroutine) -> None:
-    task = asyncio.get_running_loop().create_task(work)
-    _background.add(task)
-    task.add_done_callback(_done)
-
-
-def _done(task: asyncio.Task) -> None:
-    _background.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("could not settle a quota reservation", exc_info=task.exception())
+_background = Background("settling a quota reservation")
+_spawn = _background.spawn
 
 
 async def settled() -> None:
     """Wait for the settlements and releases under way (tests; a process stopping)."""
-    while _background:
-        await asyncio.gather(*list(_background), return_exceptions=True)
+    await _background.wait()
 
 
 # Where the counters live -----------------------------------------------------------------

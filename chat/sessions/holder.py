@@ -27,7 +27,6 @@ import hashlib
 import logging
 import secrets
 import uuid
-from collections.abc import Coroutine
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -38,6 +37,7 @@ from chat.accounts import quotas
 from chat.accounts.principals import Principal
 from chat.models import EndReason, MessageStatus
 from chat.ops import metrics, throttle
+from chat.ops.tasks import Background
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, lifecycle
 from chat.sessions.socket import SessionSocket
@@ -393,17 +393,5 @@ class Hub:
 
 hub = Hub()
 
-_tasks: set[asyncio.Task] = set()
-
-
-def spawn(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run in the background, holding a reference (the loop keeps only a weak one), logging failures."""
-    task = asyncio.get_running_loop().create_task(coroutine)
-    _tasks.add(task)
-    task.add_done_callback(_finished)
-
-
-def _finished(task: asyncio.Task) -> None:
-    _tasks.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("session task failed", exc_info=task.exception())
+#: Run in the background, held until it ends, a failure logged.
+spawn = Background("session task").spawn
