@@ -29,6 +29,7 @@ import hmac
 import ipaddress
 import os
 import time
+from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -45,7 +46,9 @@ from prometheus_client import (
 
 from chat.accounts import prices
 from chat.edge.early import EarlyMiddleware
-from chat.llm.base import Reply
+
+if TYPE_CHECKING:  # chat.llm imports openai: a management command that never calls a model must not pay for it
+    from chat.llm.base import Reply
 
 # Seconds from the model call to the first delta and to the final message: a 50 ms model
 # is the lowest a real one answers, a minute is the upstream timeout.
