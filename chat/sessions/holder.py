@@ -111,8 +111,10 @@ class Holder:
         self.delivered = next_seq - 1  # the last seq that went through `send` to its socket and the logs
         self.frames = framelog.LocalFrames() if resumable else None
         self.leaving = False  # ended, handed over, released or fenced: no longer this process's
-        # Socket writes and shared-log appends in seq order: asyncio.Lock wakes waiters first come first served.
-        self._lock = asyncio.Lock()
+        # A resumable session's socket writes and shared-log appends in seq order (asyncio.Lock wakes waiters
+        # first come first served). A plain session's frames go straight to its socket: no lock to keep per
+        # idle session (bench/memory.py).
+        self._lock = asyncio.Lock() if resumable else None
         self._window: asyncio.TimerHandle | None = None
         _held[session_id] = self
         metrics.LIVE_SESSIONS.inc()
@@ -129,6 +131,7 @@ class Holder:
         self.next_seq += 1
         text = protocol.sequenced(frame, self.session_id, seq)
         self.frames.append(seq, text)
+        assert self._lock is not None  # resumable
         async with self._lock:
             log = framelog.shared()
             if log is not None:
@@ -169,7 +172,7 @@ class Holder:
 
     async def attach(self, socket: SessionSocket, last_seq: int) -> None:
         """A client resumes on this process: replay what it lacks, then it gets the live frames."""
-        if self.frames is None:
+        if self.frames is None or self._lock is None:
             raise unavailable("That session is not resumable.")
         async with self._lock:  # no frame goes out between the replay and the first live one
             if last_seq > self.delivered:
