@@ -14,7 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from chat.accounts import prices as _prices
+from chat.ops import prices as _prices
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -78,8 +78,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "chat.web.health.HealthCheckMiddleware",
-    # /metrics for private peers (a Prometheus in the VPC): plain HTTP, any Host (chat/ops/metrics.py).
-    "chat.ops.metrics.PrivateScrapeMiddleware",
+    # /metrics for private peers (a Prometheus in the VPC): plain HTTP, any Host (chat/web/metrics.py).
+    "chat.web.metrics.PrivateScrapeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -264,7 +264,7 @@ R2D2_MAX_OUTGOING_FRAME_BYTES = env_int("R2D2_MAX_OUTGOING_FRAME_BYTES", 16 * 10
 # while frames wait is closed with code 4408 (chat/edge/flow.py).
 R2D2_SEND_BUFFER_BYTES = max(1, env_int("R2D2_SEND_BUFFER_BYTES", 256 * 1024))
 R2D2_STALLED_READER_SECONDS = env_float("R2D2_STALLED_READER_SECONDS", 30.0)
-# Who may read /metrics besides staff and private addresses: `Authorization: Bearer <token>` (chat/ops/metrics.py).
+# Who may read /metrics besides staff and private addresses: `Authorization: Bearer <token>` (chat/web/metrics.py).
 R2D2_METRICS_TOKEN = os.environ.get("R2D2_METRICS_TOKEN", "")
 # Images in model replies (web page and admin transcript) load from other sites
 # only when this is on: off, a reply cannot make a reader's browser fetch a URL
@@ -304,7 +304,7 @@ R2D2_QUOTA_MODELS = env_list("R2D2_QUOTA_MODELS")
 # before spending anything when its last check is older than this.
 R2D2_AUTH_RECHECK_SECONDS = env_float("R2D2_AUTH_RECHECK_SECONDS", 5.0)
 # Dollars per million input:output tokens: "gpt-4o-mini=0.15:0.60,gpt-4o=2.50:10" (0: free). What a
-# turn costs, for the money limits below and the admin's cost figures (chat/accounts/prices.py).
+# turn costs, for the money limits below and the admin's cost figures (chat/ops/prices.py).
 # An entry that does not parse stops start-up here, naming it, rather than letting a spending
 # limit count nothing.
 R2D2_MODEL_PRICES = os.environ.get("R2D2_MODEL_PRICES", "")
@@ -336,7 +336,7 @@ AXES_USERNAME_FORM_FIELD = "username"  # the sign-in forms' field (axes' default
 AXES_RESET_ON_SUCCESS = True  # a person's own typos do not add up across successful sign-ins
 AXES_CLIENT_IP_CALLABLE = "chat.accounts.lockout.client_address"
 AXES_CLIENT_STR_CALLABLE = "chat.accounts.lockout.describe"
-AXES_LOCKOUT_CALLABLE = "chat.accounts.lockout.locked_out"
+AXES_LOCKOUT_CALLABLE = "chat.web.lockout.locked_out"
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"

@@ -2,8 +2,7 @@ from django.contrib import admin
 from django.contrib.auth.views import LogoutView
 from django.urls import path
 
-from chat.ops import metrics
-from chat.web import health, views
+from chat.web import health, metrics, views
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -150,3 +150,49 @@ def bench_and_site_sources() -> dict[str, str]:
     root = CHAT.parent
     paths = [p for folder in ("r2d2site", "bench") for p in (root / folder).rglob("*.py")]
     return {str(p.relative_to(root)): p.read_text() for p in paths}
+
+
+# Layers that only point down (issue 25) -----------------------------------------------
+
+#: Bottom to top; a package imports only packages on lower rows (a lower layer talks up through a Protocol or a
+#: callback it is handed: sessions.socket.SessionSocket, turns.conversation.Reservation, auth.sessions_withdrawn).
+#: Top-level modules: `models` (the schema) and `channel_layer` (plumbing sessions and edge use) at the bottom;
+#: `checks` and `apps` above everything, since Django's start-up wires the layers together there.
+#: On the top level, `web` (pages and their renderers) sits below `admin`, which shows transcripts with them.
+LAYERS: list[set[str]] = [
+    {"protocol", "models", "ops", "channel_layer"},
+    {"llm"},
+    {"turns", "accounts"},
+    {"sessions", "edge"},
+    {"websocket", "web", "management"},
+    {"admin"},
+    {"checks"},
+    {"apps"},
+]
+
+
+def _package(module: str) -> str:
+    return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+def _level(package: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if package in names)
+
+
+def test_every_chat_package_has_a_layer():
+    packages = {_package(module) for module in imports()} - {"chat"}
+    assert packages <= set().union(*LAYERS), packages - set().union(*LAYERS)
+
+
+def test_layers_only_point_down():
+    """An import from a package to one on its own level or above (even lazy, even for typing) is an arrow up:
+    a change at the top would then reach the bottom, and the package split would be a list of names."""
+    upward = sorted(
+        f"{module} -> {imported}"
+        for module, imported_set in imports().items()
+        for imported in imported_set
+        if _package(module) not in ("chat", _package(imported))
+        and _package(imported) != "chat"
+        and _level(_package(imported)) >= _level(_package(module))
+    )
+    assert upward == [], "\n".join(upward)

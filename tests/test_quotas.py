@@ -14,10 +14,10 @@ from decimal import Decimal
 import pytest
 
 from chat import llm
-from chat.accounts import prices, principals, quotas
+from chat.accounts import principals, quotas
 from chat.accounts.principals import Principal
 from chat.models import ApiKey, UserLimits
-from chat.ops import metrics
+from chat.ops import metrics, prices
 from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
 from tests.conftest import ROOT, server_env

@@ -14,7 +14,6 @@ last check is older than R2D2_AUTH_RECHECK_SECONDS, for what the group cannot re
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -25,11 +24,11 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 from django.db.models import Q
+from django.dispatch import Signal
 from django.utils import timezone
 
 from chat.accounts.principals import ANONYMOUS, Principal, limits_for_key, limits_for_user
-from chat.models import ApiKey, ChatSession, EndReason, UserLimits
-from chat.sessions import lifecycle
+from chat.models import ApiKey, ChatSession, UserLimits
 
 logger = logging.getLogger(__name__)
 
@@ -169,22 +168,18 @@ def revoke(api_key: ApiKey) -> bool:
     return bool(revoked)
 
 
+#: Sent with `session_ids` (live sessions of a principal just withdrawn): chat/sessions/lifecycle.py ends them
+#: (connected in chat/apps.py). A signal, so accounts announces and sessions acts without accounts importing it.
+sessions_withdrawn = Signal()
+
+
 def end_sessions(whose: Q) -> int:
     """End every live session of a withdrawn principal, detached or not, wherever it is held: its turn's
     model request is closed and its queued messages are not answered (reason `revoked`)."""
     session_ids = list(ChatSession.objects.live().filter(whose).values_list("id", flat=True))
     if session_ids:
-        async_to_sync(_end_all)(session_ids)
+        sessions_withdrawn.send(sender=Principal, session_ids=session_ids)
     return len(session_ids)
-
-
-async def _end_all(session_ids: list) -> None:
-    # Each holder is asked over the channel layer; one that does not confirm within 3 s (or is gone)
-    # has its session ended in the database, so a resume is refused as `session_ended` either way.
-    await asyncio.gather(
-        *(lifecycle.request_end(session_id, EndReason.REVOKED, wait=3.0) for session_id in session_ids),
-        return_exceptions=True,
-    )
 
 
 def principal_of_session(session: ChatSession) -> Principal:

@@ -10,16 +10,12 @@ rows in the database (axes' AccessAttempt), so every server process sees the sam
 
 The address is the one chat/edge/proxy.py settled on behind the trusted proxies (Django's
 REMOTE_ADDR): not django-ipware's reading of X-Forwarded-For, whose first entries are the
-client's own claim.
+client's own claim. The page a locked-out pair sees is chat/web/lockout.py.
 """
 
 from __future__ import annotations
 
-from django.conf import settings
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
-
-from chat.web.csp import HEADER, page_policy
+from django.http import HttpRequest
 
 
 def client_address(request: HttpRequest) -> str | None:
@@ -32,17 +28,3 @@ def describe(username: str | None, ip_address: str, user_agent: str, path_info: 
     type their password into it by mistake. The address lets the log's throttle
     (chat/ops/throttle.py) count these lines per client."""
     return f"{ip_address} on {path_info}"
-
-
-def locked_out(request: HttpRequest, original_response: HttpResponse | None, credentials: dict | None) -> HttpResponse:
-    """AXES_LOCKOUT_CALLABLE: 429 with a page in the site's style, and when to try again."""
-    minutes = settings.R2D2_SIGNIN_LOCKOUT_MINUTES
-    response = render(
-        request,
-        "chat/locked_out.html",
-        {"failure_limit": settings.AXES_FAILURE_LIMIT, "minutes": minutes},
-        status=429,
-    )
-    response["Retry-After"] = str(int(minutes * 60))
-    response[HEADER] = page_policy(request)
-    return response

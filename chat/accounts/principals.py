@@ -8,6 +8,8 @@ chat/accounts/quotas.py enforces them.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
@@ -118,3 +120,21 @@ class Principal:
 
 
 ANONYMOUS = Principal()
+
+
+# A principal's limit of live sessions (issue 20): chat/sessions/lifecycle.py holds it exactly at start.
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimit:
+    """At most `limit` live sessions matching `live` (one principal's); `refusal(live)` is raised past it."""
+
+    key: str  # names the lock: the principal's quota key
+    live: Q
+    limit: int
+    refusal: Callable[[int], Exception]
+
+    @property
+    def lock_id(self) -> int:
+        """A 64-bit advisory lock id for this principal (a collision only makes two principals wait on each other)."""
+        return int.from_bytes(hashlib.sha256(f"r2d2-sessions:{self.key}".encode()).digest()[:8], "big", signed=True)

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from django.conf import settings
 
-from chat.accounts import prices
+from chat.accounts.principals import SessionLimit
+from chat.ops import prices
 from chat.ops.tasks import Background
 from chat.protocol import PostMessage, UsageFigures
 from chat.protocol.errors import ClientError, ErrorCode
@@ -48,7 +49,6 @@ from chat.protocol.errors import ClientError, ErrorCode
 if TYPE_CHECKING:
     from chat import llm
     from chat.accounts.principals import Principal
-    from chat.sessions.lifecycle import SessionLimit
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,6 @@ def check_model(principal: Principal, model: str) -> None:
 
 def session_limit(principal: Principal) -> SessionLimit | None:
     """The principal's limit of live sessions, for chat/sessions/lifecycle.py to hold exactly as it starts one."""
-    from chat.sessions.lifecycle import SessionLimit
-
     limit = principal.limits.max_sessions
     if principal.is_anonymous or limit <= 0:
         return None

@@ -19,8 +19,9 @@ from django.utils import timezone
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-from chat.accounts.prices import parse as parse_prices
 from chat.models import ChatMessage, Role
+from chat.ops.prices import dollars, nano_dollars
+from chat.ops.prices import parse as parse_prices
 
 DAYS = 30
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"]
@@ -45,11 +46,17 @@ class ModelUsage:
         return self.prompt_tokens + self.completion_tokens
 
     @property
-    def cost(self) -> float | None:
+    def nano(self) -> int | None:
+        """What these tokens cost in nano-dollars, by the one cost function quotas and /metrics use; None: unpriced."""
         price = prices().get(self.model)
         if price is None:
             return None
-        return (self.prompt_tokens * price[0] + self.completion_tokens * price[1]) / 1_000_000
+        return nano_dollars(price, self.prompt_tokens, self.completion_tokens)
+
+    @property
+    def cost(self) -> float | None:
+        nano = self.nano
+        return None if nano is None else dollars(nano)
 
 
 @dataclass
@@ -60,8 +67,8 @@ class PrincipalUsage:
 
     @property
     def cost(self) -> float | None:
-        costs = [m.cost for m in self.models.values() if m.cost is not None]
-        return sum(costs) if costs else None
+        costs = [m.nano for m in self.models.values() if m.nano is not None]
+        return dollars(sum(costs)) if costs else None
 
 
 def last_days(today: date | None = None) -> list[date]:

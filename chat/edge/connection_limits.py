@@ -40,8 +40,8 @@ from django.conf import settings
 
 from chat.accounts import auth
 from chat.accounts.principals import Principal
-from chat.edge.proxy import address_group
 from chat.ops import throttle
+from chat.ops.addresses import address_group
 from chat.protocol import error
 from chat.protocol.errors import ErrorCode
 

@@ -35,11 +35,11 @@ from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 from django.conf import settings
 
 from chat.edge import flow
+from chat.protocol import CLOSE_SERVICE_RESTART  # chat/sessions/drain.py closes with it
 
 logger = logging.getLogger(__name__)
 
 CLOSE_NOT_READING = flow.CLOSE_NOT_READING
-CLOSE_SERVICE_RESTART = 1012  # chat/sessions/drain.py closes with it
 
 
 class _Formatted:

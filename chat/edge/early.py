@@ -9,7 +9,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
 class EarlyMiddleware:
     """An async middleware placed before SecurityMiddleware: what it answers skips the HTTPS
-    redirect and the Host check (this one and chat/ops/metrics.py's PrivateScrapeMiddleware)."""
+    redirect and the Host check (this one and chat/web/metrics.py's PrivateScrapeMiddleware)."""
 
     async_capable = True
     sync_capable = False

@@ -50,24 +50,6 @@ def client_address(headers: list[tuple[bytes, bytes]], peer: str | None) -> str 
     return forwarded or peer
 
 
-def address_group(address: str) -> str:
-    """An address as one client: IPv4 as it is, IPv6 by its /64.
-
-    A /64 is one network (a home, an office, a server's allocation): a host there picks
-    any of its addresses, so counting IPv6 addresses one by one lets one client be as
-    many as it likes. An IPv4-mapped IPv6 address is its IPv4 address. Not an IP address: as given.
-    """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
 class TrustedProxyMiddleware:
     """Rewrites scope["client"] (and the scheme from X-Forwarded-Proto) for http and websocket scopes.
 

@@ -28,7 +28,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from chat.edge.proxy import address_group
+from chat.ops.addresses import address_group
 
 WINDOW_SECONDS = 60.0
 MAX_KEYS = 10_000

@@ -17,6 +17,10 @@ from typing import Any
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.protocol.text import storable
 
+#: The close code a draining server closes every socket with (chat/sessions/drain.py; chat/edge/daphne.py
+#: sends it without waiting for the client): "service restart", reconnect elsewhere.
+CLOSE_SERVICE_RESTART = 1012
+
 # Requests -------------------------------------------------------------------
 
 

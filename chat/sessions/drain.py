@@ -30,7 +30,7 @@ from types import FrameType
 
 from django.conf import settings
 
-from chat.edge.daphne import CLOSE_SERVICE_RESTART
+from chat.protocol import CLOSE_SERVICE_RESTART
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import holder
 from chat.sessions.socket import SessionSocket

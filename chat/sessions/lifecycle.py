@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import timedelta
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -30,6 +28,7 @@ from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from chat.accounts.principals import SessionLimit
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
 from chat.sessions import liveness
 from chat.turns import pgpool
@@ -73,21 +72,6 @@ async def start(
 # count and the insert run in one transaction that first takes a lock named for the
 # principal: on PostgreSQL a transaction-scoped advisory lock, on SQLite the write lock the
 # transaction takes at its start (transaction_mode IMMEDIATE), which serialises every writer.
-
-
-@dataclass(frozen=True, slots=True)
-class SessionLimit:
-    """At most `limit` live sessions matching `live` (one principal's); `refusal(live)` is raised past it."""
-
-    key: str  # names the lock: the principal's quota key
-    live: Q
-    limit: int
-    refusal: Callable[[int], Exception]
-
-    @property
-    def lock_id(self) -> int:
-        """A 64-bit advisory lock id for this principal (a collision only makes two principals wait on each other)."""
-        return int.from_bytes(hashlib.sha256(f"r2d2-sessions:{self.key}".encode()).digest()[:8], "big", signed=True)
 
 
 def _insert_within_sync(session: ChatSession, within: SessionLimit) -> None:
@@ -333,3 +317,17 @@ _alive = sync_to_async(liveness.is_alive)
 def request_end_now(session_id: uuid.UUID | str, reason: EndReason = EndReason.OPERATOR, *, wait: float = 0.0) -> Ended:
     """Sync entry point for the admin and management commands."""
     return async_to_sync(request_end)(session_id, reason, wait=wait)
+
+
+def end_withdrawn(sender, session_ids: Sequence[uuid.UUID], **kwargs) -> None:
+    """`auth.sessions_withdrawn` (a key revoked, a user deactivated): end those sessions, reason `revoked`."""
+    async_to_sync(_end_withdrawn)(session_ids)
+
+
+async def _end_withdrawn(session_ids: Sequence[uuid.UUID]) -> None:
+    # Each holder is asked over the channel layer; one that does not confirm within 3 s (or is gone)
+    # has its session ended in the database, so a resume is refused as `session_ended` either way.
+    await asyncio.gather(
+        *(request_end(session_id, EndReason.REVOKED, wait=3.0) for session_id in session_ids),
+        return_exceptions=True,
+    )

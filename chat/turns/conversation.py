@@ -21,8 +21,8 @@ import contextlib
 import logging
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from django.conf import settings
 
@@ -35,10 +35,21 @@ from chat.protocol.text import TextRepair
 from chat.turns import messages, prompt
 from chat.turns.messages import Fenced, Lease
 
-if TYPE_CHECKING:
-    from chat.accounts.quotas import Reservation
-
 logger = logging.getLogger(__name__)
+
+
+class Reservation(Protocol):
+    """What a turn holds of its principal's budget (chat/accounts/reservations.py's Reservation): a Protocol, so
+    turns does not import accounts. Exactly one of `settle_soon` (the model was called) or `release` takes effect."""
+
+    max_output_tokens: int | None
+
+    async def cover(self, request: Sequence[dict[str, str]]) -> None: ...
+
+    def settle_soon(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> None: ...
+
+    def release(self) -> None: ...
+
 
 Send = Callable[[str], Awaitable[None]]
 
