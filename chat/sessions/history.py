@@ -19,8 +19,9 @@ MAX_CHAIN = 50
 
 
 @dataclass
-class Conversation:
-    """What a continued session starts with: the earlier session, its latest system message and its turns."""
+class Memory:
+    """What a continued session starts with: the earlier session, its latest system message and its turns
+    (the live turn machine is chat/turns/conversation.py's `Conversation`)."""
 
     session: ChatSession
     system_message: str
@@ -44,7 +45,7 @@ def messages_of(session: ChatSession) -> list[ChatMessage]:
     return list(ChatMessage.objects.filter(session_id__in=ids).order_by("created_at", "id"))
 
 
-def _load(session_id: uuid.UUID) -> Conversation | None:
+def _load(session_id: uuid.UUID) -> Memory | None:
     session = ChatSession.objects.filter(id=session_id).first()
     if session is None:
         return None
@@ -56,7 +57,7 @@ def _load(session_id: uuid.UUID) -> Conversation | None:
         elif m.role == Role.USER or (m.content and m.status != MessageStatus.INCOMPLETE):
             # As the model remembered it: every question, and every reply it gave (stopped ones as far as they got).
             history.append((m.role, m.content))
-    return Conversation(session=session, system_message=system_message, history=history)
+    return Memory(session=session, system_message=system_message, history=history)
 
 
 load = sync_to_async(_load)

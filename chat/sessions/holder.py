@@ -27,6 +27,7 @@ import hashlib
 import logging
 import secrets
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -38,14 +39,19 @@ from chat.accounts.principals import Principal
 from chat.models import EndReason, MessageStatus
 from chat.ops import metrics, throttle
 from chat.ops.tasks import Background
+from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, lifecycle
+from chat.sessions.history import Memory
 from chat.sessions.socket import SessionSocket
 from chat.turns import messages
 from chat.turns.conversation import Conversation
 from chat.turns.messages import Lease
 
 logger = logging.getLogger(__name__)
+
+#: A socket's own check before a message is admitted (its rate limit): raises ClientError to refuse it.
+Gate = Callable[[], None]
 
 #: The sessions this process holds, attached to a socket or not.
 _held: dict[uuid.UUID, Holder] = {}
@@ -100,12 +106,16 @@ class Holder:
         resumable: bool,
         socket: SessionSocket | None,
         next_seq: int = 1,
+        memory: Memory | None = None,
     ) -> None:
         self.session_id = session_id
         self.principal = principal
         self.resumable = resumable
         self.lease = Lease(session_id, fence)
         self.conversation = Conversation(lease=self.lease, model=model, send=self.send, on_fenced=self._fenced)
+        if memory is not None:
+            self.conversation.system_message = memory.system_message
+            self.conversation.history = memory.history
         self.socket = socket
         self.next_seq = next_seq
         self.delivered = next_seq - 1  # the last seq that went through `send` to its socket and the logs
@@ -279,7 +289,36 @@ class Holder:
         if socket is not None:
             await _tell_resumed_elsewhere(socket, self.session_id)
 
-    # Accounting ----------------------------------------------------------------
+    # Turns ---------------------------------------------------------------------
+
+    async def post(self, post: PostMessage, *, tally: quotas.Tally | None = None, gate: Gate | None = None) -> None:
+        """A client posts a message: admit it (its turn's cost reserved from the session's principal, atomically
+        across processes, from this conversation's prompt and the principal's output cap), then accept it into
+        the conversation's queue. The reservation travels with the message: settled when its turn ends, released
+        if it never runs. Every refusal is one ClientError, and leaves nothing reserved.
+
+        `tally`: the socket's own figures (an anonymous principal's); `gate`: the socket's own rate limit, taken
+        once the message is known not to be a duplicate and before a quota counts it."""
+        conversation = self.conversation
+        await conversation.refuse_duplicate(post.client_message_id)  # before a quota counts it
+        if gate is not None:
+            gate()
+        reservation = await quotas.admit(
+            self.principal,
+            model=conversation.model,
+            prompt_tokens_estimate=quotas.estimate_prompt_tokens(
+                conversation.system_message, conversation.history, post
+            ),
+            max_output_tokens=self.principal.limits.max_output_tokens,
+            tally=tally,
+        )
+        try:
+            await conversation.accept(post, reservation)
+        except ClientError as exc:
+            if exc.code == ErrorCode.SESSION_ENDED:
+                # Ended elsewhere while this process held it (e.g. by a command that could not reach us).
+                await self.end(None)
+            raise
 
     def charge_only(self) -> quotas.Reservation | None:
         """What a message admitted by an earlier holder is charged to: the session's principal, here."""
@@ -309,10 +348,11 @@ async def start(
     principal: Principal,
     resumable: bool,
     client_address: str | None,
-    continued_from_id: uuid.UUID | None = None,
+    memory: Memory | None = None,
 ) -> tuple[Holder, str | None]:
-    """Start a session held by this process, attached to `socket`; returns its holder and its resume
-    token (None unless resumable)."""
+    """Start a session held by this process, attached to `socket`, its conversation starting from `memory` (a
+    continued session's: the earlier one's system message and turns); returns its holder and its resume token
+    (None unless resumable)."""
     token, hashed = new_token() if resumable else (None, "")
     session = await lifecycle.start(
         model=model,
@@ -321,7 +361,7 @@ async def start(
         resume_token_hash=hashed,
         user_id=principal.user_id,
         api_key_id=principal.api_key_id,
-        continued_from_id=continued_from_id,
+        continued_from_id=memory.session.id if memory is not None else None,
         # The principal's limit of live sessions, counted and held in the same transaction.
         within=quotas.session_limit(principal),
     )
@@ -332,6 +372,7 @@ async def start(
         principal=principal,
         resumable=resumable,
         socket=socket,
+        memory=memory,
     )
     return holder, token
 

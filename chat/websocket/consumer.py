@@ -166,11 +166,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             principal=self.principal,
             resumable=request.resumable,
             client_address=self.client_address,
-            continued_from_id=earlier.session.id if earlier else None,
+            memory=earlier,
         )
-        if earlier:
-            started.conversation.system_message = earlier.system_message
-            started.conversation.history = earlier.history
         self.sessions[started.session_id] = started
         logger.info(
             "session started", extra={"session_id": str(started.session_id), "model": model, "resumable": bool(token)}
@@ -184,29 +181,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         drain.refuse_if_draining()  # first: a session this process just released is not "another's"
         held = await self.held(request.session_id)
         await self.still_authorized()
-        await held.conversation.refuse_duplicate(request.client_message_id)  # before a quota counts it
-        if self.principal.is_anonymous:
-            _take(self.post_rate, "messages")
-        # Nothing reaches the model over a quota: the turn's cost is reserved, atomically across processes,
-        # from the session's principal, and travels with the message (settled when its turn ends, released
-        # if it never runs).
-        conversation = held.conversation
-        reservation = await quotas.admit(
-            held.principal,
-            model=conversation.model,
-            prompt_tokens_estimate=quotas.estimate_prompt_tokens(
-                conversation.system_message, conversation.history, request
-            ),
-            max_output_tokens=held.principal.limits.max_output_tokens,
-            tally=self.own_tally(),
-        )
-        try:
-            await conversation.accept(request, reservation)
-        except ClientError as exc:
-            if exc.code == ErrorCode.SESSION_ENDED:
-                # Ended elsewhere while this socket held it (e.g. by a command that could not reach us).
-                await held.end(None)
-            raise
+        # Nothing reaches the model over a quota: the holder admits the message, then accepts it.
+        await held.post(request, tally=self.own_tally(), gate=self.message_gate())
 
     async def end_session(self, request: SessionEnd) -> None:
         held = await self.held(request.session_id, or_mine=True)
@@ -300,7 +276,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         raise ClientError(ErrorCode.SESSION_NOT_OWNED, "That session belongs to another connection.")
 
-    async def earlier_conversation(self, session_id: uuid.UUID | None) -> history.Conversation | None:
+    async def earlier_conversation(self, session_id: uuid.UUID | None) -> history.Memory | None:
         """The conversation `continue_session_id` names, if this principal may continue it."""
         if session_id is None:
             return None
@@ -322,6 +298,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.refuse("That API key has been revoked.", revoked=True)
             raise ClientError(ErrorCode.UNAUTHORIZED, "That API key has been revoked.")
         self.checked_at = now
+
+    def message_gate(self) -> Callable[[], None] | None:
+        """An anonymous socket's own limit of messages a minute (a principal's is its quota)."""
+        if not self.principal.is_anonymous:
+            return None
+        return lambda: _take(self.post_rate, "messages")
 
     def own_tally(self) -> quotas.Tally:
         """This socket's own figures (what `chatbot_usage` answers when it is anonymous), made at first use:
