@@ -129,7 +129,7 @@ def measure_micro(pairs: int) -> None:
 
     django.setup()
     from chat import llm
-    from chat.accounts import principals, quotas
+    from chat.accounts import counters, principals, reservations
     from chat.protocol import PostMessage
 
     high = int(HIGH)
@@ -143,12 +143,12 @@ def measure_micro(pairs: int) -> None:
     request = [{"role": "user", "content": "hi 3"}]
 
     async def one(principal) -> None:
-        reservation = await quotas.admit(
+        reservation = await reservations.admit(
             principal,
             model="gpt-3.5-turbo",
-            prompt_tokens_estimate=quotas.estimate_prompt_tokens("", history, post),
+            prompt_tokens_estimate=reservations.estimate_prompt_tokens("", history, post),
             max_output_tokens=principal.limits.max_output_tokens,
-            tally=quotas.Tally(),
+            tally=counters.Tally(),
         )
         await reservation.cover(request)
         await reservation.settle(llm.Reply(prompt_tokens=12, completion_tokens=3, sent=True), request, "Echo: hi 3")

@@ -89,10 +89,10 @@ def _frames_match_published_protocol(monkeypatch) -> None:
 def _anonymous_by_default(settings) -> None:
     """Connections need no principal unless a test says so (R2D2_REQUIRE_AUTH follows DEBUG otherwise),
     and each test starts with empty quota counters."""
-    from chat.accounts import quotas
+    from chat.accounts import counters
 
     settings.R2D2_REQUIRE_AUTH = False
-    quotas.reset_counters()
+    counters.reset_counters()
 
 
 @pytest.fixture(scope="session")

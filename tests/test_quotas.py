@@ -14,7 +14,7 @@ from decimal import Decimal
 import pytest
 
 from chat import llm
-from chat.accounts import principals, quotas
+from chat.accounts import counters, principals, quotas, reservations
 from chat.accounts.principals import Principal
 from chat.models import ApiKey, UserLimits
 from chat.ops import metrics, prices
@@ -33,7 +33,7 @@ def principal(**limits) -> Principal:
 
 
 async def admit(who: Principal, *, prompt: int = 10, cap: int | None = None, model: str = "m", now: float = NOON):
-    return await quotas.admit(who, model=model, prompt_tokens_estimate=prompt, max_output_tokens=cap, now=now)
+    return await reservations.admit(who, model=model, prompt_tokens_estimate=prompt, max_output_tokens=cap, now=now)
 
 
 async def refusal(who: Principal, **kwargs) -> ClientError:
@@ -97,7 +97,7 @@ async def test_a_reservation_holds_budget_until_settled_with_what_the_model_repo
     assert (await quotas.usage(who, now=NOON))["tokens_today"] == 20 + 50
     await admit(who, prompt=10, cap=20, now=NOON + 6)  # 30 fits in what settling gave back
     second.release()  # never reached the model: all of it comes back
-    await quotas.settled()
+    await reservations.settled()
     assert (await quotas.usage(who, now=NOON))["tokens_today"] == 20 + 30
     await admit(who, prompt=10, cap=40, now=NOON + 12 * 3600)  # tomorrow starts from 0
 
@@ -114,7 +114,7 @@ async def test_a_burst_of_concurrent_admissions_never_reserves_past_the_limit():
     """60 admissions at once against 1,000 tokens of 60 each: exactly 16 fit, whatever the interleaving."""
     who = principal(tokens_per_day=1000)
     outcomes = await asyncio.gather(*(admit(who, prompt=20, cap=40) for _ in range(60)), return_exceptions=True)
-    admitted = [o for o in outcomes if isinstance(o, quotas.Reservation)]
+    admitted = [o for o in outcomes if isinstance(o, reservations.Reservation)]
     assert len(admitted) == 16
     assert all(isinstance(o, ClientError) and o.code == ErrorCode.QUOTA_EXCEEDED for o in outcomes if o not in admitted)
     assert (await quotas.usage(who, now=NOON))["tokens_today"] == 960
@@ -172,27 +172,27 @@ async def test_eighty_percent_of_a_money_limit_warns_once_a_period(settings, cap
 
 
 def test_tokens_used_prefers_the_models_count_and_charges_a_request_sent():
-    assert quotas.tokens_used(llm.Reply(prompt_tokens=3, completion_tokens=4), REQUEST, "hello") == (3, 4)
-    assert quotas.tokens_used(llm.Reply(headers_received=True), REQUEST, "y" * 9) == (10, 3)
+    assert reservations.tokens_used(llm.Reply(prompt_tokens=3, completion_tokens=4), REQUEST, "hello") == (3, 4)
+    assert reservations.tokens_used(llm.Reply(headers_received=True), REQUEST, "y" * 9) == (10, 3)
     # Cancelled after the request went out, before the first token: at least the prompt.
-    assert quotas.tokens_used(llm.Reply(sent=True), REQUEST, "") == (10, 0)
-    assert quotas.tokens_used(llm.Reply(), REQUEST, "") == (0, 0)  # refused or unreachable: nothing
+    assert reservations.tokens_used(llm.Reply(sent=True), REQUEST, "") == (10, 0)
+    assert reservations.tokens_used(llm.Reply(), REQUEST, "") == (0, 0)  # refused or unreachable: nothing
 
 
 def test_the_prompt_estimate_follows_what_the_prompt_keeps(settings):
     settings.R2D2_MAX_CONTEXT_CHARS = 100
     post = PostMessage(session_id=None, user_message="u" * 20, system_message=None, stream=False)
-    assert quotas.estimate_prompt_tokens("s" * 20, [("user", "a" * 40)], post) == 20  # 80 characters
+    assert reservations.estimate_prompt_tokens("s" * 20, [("user", "a" * 40)], post) == 20  # 80 characters
     # A long history is cut to the budget, as chat/turns/prompt.py cuts it.
-    assert quotas.estimate_prompt_tokens("s" * 20, [("user", "a" * 4000)], post) == 25
+    assert reservations.estimate_prompt_tokens("s" * 20, [("user", "a" * 4000)], post) == 25
     renamed = PostMessage(session_id=None, user_message="u" * 20, system_message="", stream=False)
-    assert quotas.estimate_prompt_tokens("s" * 20, [], renamed) == 5
+    assert reservations.estimate_prompt_tokens("s" * 20, [], renamed) == 5
 
 
 async def test_anonymous_reserves_nothing_and_keeps_its_sockets_own_figures(settings):
     settings.R2D2_MODEL_PRICES = "m=1000:1000"
-    tally = quotas.Tally()
-    reservation = await quotas.admit(
+    tally = counters.Tally()
+    reservation = await reservations.admit(
         principals.ANONYMOUS, model="m", prompt_tokens_estimate=10, max_output_tokens=None, tally=tally, now=NOON
     )
     assert reservation.reserved == (0, 0)
@@ -233,23 +233,23 @@ async def test_redis_admission_is_atomic_across_processes_and_keys_expire(settin
     import redis.asyncio as redis
 
     prefix = f"r2d2-test-{random.randrange(10**9)}"
-    first = quotas.RedisCounters(settings.REDIS_URL, prefix)
-    second = quotas.RedisCounters(settings.REDIS_URL, prefix)
-    keys = quotas._keys(principal(), NOON)
+    first = counters.RedisCounters(settings.REDIS_URL, prefix)
+    second = counters.RedisCounters(settings.REDIS_URL, prefix)
+    keys = counters.counter_keys(principal(), NOON)
     limits = (0, 1000, 0, 0)
     outcomes = await asyncio.gather(*((first, second)[n % 2].admit(keys, limits, 1, 60, 0) for n in range(40)))
     assert sum(refused is None for refused, _ in outcomes) == 16
-    assert {refused for refused, _ in outcomes} == {None, quotas.TOKENS}
-    assert (await second.read(keys))[: quotas.USD_DAY] == [16, 960]
+    assert {refused for refused, _ in outcomes} == {None, counters.TOKENS}
+    assert (await second.read(keys))[: counters.USD_DAY] == [16, 960]
     assert await first.adjust(keys, 0, -60, 700, (1000, 0)) == []  # 70%
     assert await second.adjust(keys, 0, 0, 0, (1000, 0)) == []
-    assert await first.adjust(keys, 0, 0, 200, (1000, 0)) == [(quotas.USD_DAY, 900)]
+    assert await first.adjust(keys, 0, 0, 200, (1000, 0)) == [(counters.USD_DAY, 900)]
     assert await second.adjust(keys, 0, 0, -10, (1000, 0)) == []  # past 80% already told
     assert await first.read(keys) == [16, 900, 890, 890]
     client = redis.Redis.from_url(settings.REDIS_URL)
     names = [f"{prefix}:quota:{key}" for key in keys[:5]]
     ttls = [await client.ttl(name) for name in names]
-    assert 0 < ttls[0] <= quotas.MINUTE_TTL and all(0 < ttl <= quotas.MONTH_TTL for ttl in ttls)
+    assert 0 < ttls[0] <= counters.MINUTE_TTL and all(0 < ttl <= counters.MONTH_TTL for ttl in ttls)
     await client.delete(*names)
     await client.aclose()
 

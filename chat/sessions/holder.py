@@ -34,7 +34,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chat import protocol
-from chat.accounts import quotas
+from chat.accounts import counters, quotas, reservations
 from chat.accounts.principals import Principal
 from chat.models import EndReason, MessageStatus
 from chat.ops import metrics, throttle
@@ -291,7 +291,7 @@ class Holder:
 
     # Turns ---------------------------------------------------------------------
 
-    async def post(self, post: PostMessage, *, tally: quotas.Tally | None = None, gate: Gate | None = None) -> None:
+    async def post(self, post: PostMessage, *, tally: counters.Tally | None = None, gate: Gate | None = None) -> None:
         """A client posts a message: admit it (its turn's cost reserved from the session's principal, atomically
         across processes, from this conversation's prompt and the principal's output cap), then accept it into
         the conversation's queue. The reservation travels with the message: settled when its turn ends, released
@@ -303,10 +303,10 @@ class Holder:
         await conversation.refuse_duplicate(post.client_message_id)  # before a quota counts it
         if gate is not None:
             gate()
-        reservation = await quotas.admit(
+        reservation = await reservations.admit(
             self.principal,
             model=conversation.model,
-            prompt_tokens_estimate=quotas.estimate_prompt_tokens(
+            prompt_tokens_estimate=reservations.estimate_prompt_tokens(
                 conversation.system_message, conversation.history, post
             ),
             max_output_tokens=self.principal.limits.max_output_tokens,
@@ -320,9 +320,9 @@ class Holder:
                 await self.end(None)
             raise
 
-    def charge_only(self) -> quotas.Reservation | None:
+    def charge_only(self) -> reservations.Reservation | None:
         """What a message admitted by an earlier holder is charged to: the session's principal, here."""
-        return quotas.charge_only(self.principal, self.conversation.model)
+        return reservations.charge_only(self.principal, self.conversation.model)
 
 
 def unavailable(why: str) -> ClientError:

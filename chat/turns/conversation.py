@@ -80,7 +80,7 @@ class _Queued:
     ) -> None:
         self.content, self.system_message, self.stream, self.row_id = content, system_message, stream, row_id
         self.started = started  # saved as `started` already
-        # Its quota reservation (chat/accounts/quotas.py): settled once its turn has called the model,
+        # Its quota reservation (chat/accounts/reservations.py): settled once its turn has called the model,
         # released when it never does (refused, or the queue dropped).
         self.reservation = reservation
 

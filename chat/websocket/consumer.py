@@ -19,7 +19,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from chat import llm, protocol
-from chat.accounts import auth, principals, quotas
+from chat.accounts import auth, counters, principals, quotas
 from chat.accounts.limits import TokenBucket
 from chat.edge import flow
 from chat.models import ChatSession, EndReason
@@ -305,12 +305,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return None
         return lambda: _take(self.post_rate, "messages")
 
-    def own_tally(self) -> quotas.Tally:
+    def own_tally(self) -> counters.Tally:
         """This socket's own figures (what `chatbot_usage` answers when it is anonymous), made at first use:
         an idle socket holds none."""
         tally = self.__dict__.get("tally")
         if tally is None:
-            tally = self.tally = quotas.Tally()
+            tally = self.tally = counters.Tally()
         return tally
 
     async def refuse(self, message: str, *, revoked: bool = False) -> None:

@@ -12,7 +12,7 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from chat import llm
-from chat.accounts import auth, quotas
+from chat.accounts import auth, reservations
 from chat.models import ApiKey, ChatMessage, ChatSession, Role, UserLimits
 
 pytestmark = pytest.mark.django_db
@@ -147,7 +147,9 @@ def charge(principal, tokens: int) -> None:
     """A turn of `tokens` prompt tokens, admitted and settled as the server does."""
 
     async def turn() -> None:
-        reservation = await quotas.admit(principal, model="gpt-4o-mini", prompt_tokens_estimate=1, max_output_tokens=1)
+        reservation = await reservations.admit(
+            principal, model="gpt-4o-mini", prompt_tokens_estimate=1, max_output_tokens=1
+        )
         await reservation.settle(llm.Reply(prompt_tokens=tokens, completion_tokens=0, sent=True), [], "")
 
     async_to_sync(turn)()

@@ -1,0 +1,319 @@
+"""A principal's quota counters and where they live: Redis (one Lua script to admit, one to adjust: atomic, one
+round trip each) when REDIS_URL is set, this process's memory otherwise; and an anonymous socket's own (`Tally`).
+
+Money is counted in whole nano-dollars (chat/ops/prices.py). Admission and settlement are
+chat/accounts/reservations.py; what a principal used, chat/accounts/quotas.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Protocol
+
+from django.conf import settings
+
+from chat.ops import prices
+
+if TYPE_CHECKING:
+    from chat.accounts.principals import Principal
+
+DAY = 86_400
+MINUTE_TTL = 120
+DAY_TTL = 2 * DAY
+MONTH_TTL = 32 * DAY
+
+# The four counters of a principal, in this order everywhere: messages this minute, tokens
+# today, nano-dollars today, nano-dollars this month.
+MESSAGES, TOKENS, USD_DAY, USD_MONTH = range(4)
+
+
+def counter_keys(principal: Principal, now: float) -> tuple[str, ...]:
+    """The counters' names for the periods `now` is in (a reservation keeps them: its turn is charged to the
+    day it was admitted in), then the two "warned" marks."""
+    moment = datetime.fromtimestamp(now, UTC)
+    who = principal.quota_key
+    day, month = f"{moment:%Y%m%d}", f"{moment:%Y%m}"
+    return (
+        f"{who}:m:{int(now // 60)}",
+        f"{who}:t:{day}",
+        f"{who}:d:{day}",
+        f"{who}:M:{month}",
+        f"{who}:wd:{day}",
+        f"{who}:wM:{month}",
+    )
+
+
+def usd_to_nano(usd: float) -> int:
+    return round(usd * prices.NANO) if usd > 0 else 0
+
+
+def limits_of(principal: Principal) -> tuple[int, int, int, int]:
+    limits = principal.limits
+    return (
+        max(0, limits.messages_per_minute),
+        max(0, limits.tokens_per_day),
+        usd_to_nano(limits.usd_per_day),
+        usd_to_nano(limits.usd_per_month),
+    )
+
+
+def next_day(now: float) -> float:
+    today = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (today + timedelta(days=1)).timestamp()
+
+
+def next_month(now: float) -> float:
+    first = datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return (first + timedelta(days=32)).replace(day=1).timestamp()
+
+
+def utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+class Tally:
+    """One socket's own figures, what `chatbot_usage` answers an anonymous connection (made at its first message)."""
+
+    __slots__ = ("minute", "messages", "day", "tokens", "usd_day", "month", "usd_month")
+
+    def __init__(self) -> None:
+        self.minute = self.messages = self.day = self.tokens = self.usd_day = self.month = self.usd_month = 0
+
+    def message(self, now: float) -> None:
+        minute = int(now // 60)
+        if minute != self.minute:
+            self.minute, self.messages = minute, 0
+        self.messages += 1
+
+    def unmessage(self) -> None:
+        self.messages = max(0, self.messages - 1)
+
+    def spent(self, tokens: int, nano: int, now: float) -> None:
+        self.figures(now)  # a new day or month starts from 0
+        self.tokens += tokens
+        self.usd_day += nano
+        self.usd_month += nano
+
+    def figures(self, now: float) -> tuple[int, int, int, int]:
+        moment = datetime.fromtimestamp(now, UTC)
+        day, month = int(f"{moment:%Y%m%d}"), int(f"{moment:%Y%m}")
+        if day != self.day:
+            self.day, self.tokens, self.usd_day = day, 0, 0
+        if month != self.month:
+            self.month, self.usd_month = month, 0
+        messages = self.messages if self.minute == int(now // 60) else 0
+        return messages, self.tokens, self.usd_day, self.usd_month
+
+
+# Where the counters live ----------------------------------------------------------------------
+
+#: (index of the counter past 80% of its money limit, its total) for each limit crossed now.
+Crossed = list[tuple[int, int]]
+
+
+class Counters(Protocol):
+    async def admit(
+        self, keys: tuple[str, ...], limits: Sequence[int], messages: int, tokens: int, nano: int
+    ) -> tuple[int | None, list[int]]:
+        """Add `messages`, `tokens` and `nano` unless one would pass its limit (0: none); returns (the
+        index of the counter that refused, or None; the four counters before)."""
+
+    async def adjust(
+        self, keys: tuple[str, ...], messages: int, tokens: int, nano: int, warn: tuple[int, int]
+    ) -> Crossed:
+        """Add (or give back) amounts; the money counters that now passed 80% of `warn` (nano-dollars per
+        day, per month; 0: none) for the first time in their period."""
+
+    async def read(self, keys: tuple[str, ...]) -> list[int]: ...
+
+
+_TTLS = (MINUTE_TTL, DAY_TTL, DAY_TTL, MONTH_TTL)
+
+
+class MemoryCounters:
+    """One process's counters: enough when there is one process (no REDIS_URL)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()  # event loops of other threads (tests, the admin) share them
+
+    async def admit(
+        self, keys: tuple[str, ...], limits: Sequence[int], messages: int, tokens: int, nano: int
+    ) -> tuple[int | None, list[int]]:
+        need = (messages, tokens, nano, nano)
+        with self._lock:
+            used = [self._get(key) for key in keys[:4]]
+            for index in range(4):
+                if limits[index] > 0 and used[index] + need[index] > limits[index]:
+                    return index, used
+            for index in range(4):
+                if need[index]:
+                    self._add(keys[index], need[index], _TTLS[index])
+        return None, used
+
+    async def adjust(
+        self, keys: tuple[str, ...], messages: int, tokens: int, nano: int, warn: tuple[int, int]
+    ) -> Crossed:
+        crossed: Crossed = []
+        with self._lock:
+            totals = [self._add(keys[index], delta, _TTLS[index]) for index, delta in enumerate((messages, tokens))]
+            totals += [self._add(keys[index], nano, _TTLS[index]) for index in (USD_DAY, USD_MONTH)]
+            for index, limit, mark in ((USD_DAY, warn[0], keys[4]), (USD_MONTH, warn[1], keys[5])):
+                if limit > 0 and totals[index] * 5 >= limit * 4 and not self._get(mark):
+                    self._add(mark, 1, _TTLS[index])
+                    crossed.append((index, totals[index]))
+        return crossed
+
+    async def read(self, keys: tuple[str, ...]) -> list[int]:
+        with self._lock:
+            return [self._get(key) for key in keys[:4]]
+
+    def _get(self, key: str) -> int:
+        value, expires = self._values.get(key, (0, 0.0))
+        return value if expires > time.time() else 0
+
+    def _add(self, key: str, amount: int, ttl: int) -> int:
+        now = time.time()
+        value, expires = self._values.get(key, (0, 0.0))
+        if expires <= now:
+            if not amount:
+                return 0
+            value, expires = 0, now + ttl
+            self._forget_expired(now)
+        value = max(0, value + amount)
+        self._values[key] = (value, expires)
+        return value
+
+    def _forget_expired(self, now: float) -> None:
+        if len(self._values) > 10_000:
+            self._values = {k: v for k, v in self._values.items() if v[1] > now}
+
+
+# Admission: check every limit against what is used, then add the message and its reservation, or
+# nothing. KEYS: the four counters. ARGV: their four limits (0: none), the messages (1, or 0 for a
+# reservation grown at its turn), tokens and nano-dollars to add, then the TTLs of a minute's, a
+# day's and a month's counter.
+_ADMIT = """
+local used = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local need = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[7])}
+local ttl = {ARGV[8], ARGV[9], ARGV[9], ARGV[10]}
+for i = 1, 4 do used[i] = tonumber(used[i] or '0') end
+for i = 1, 4 do
+  local limit = tonumber(ARGV[i])
+  if limit > 0 and used[i] + need[i] > limit then
+    return {i, used[1], used[2], used[3], used[4]}
+  end
+end
+for i = 1, 4 do
+  if need[i] ~= 0 then
+    redis.call('INCRBY', KEYS[i], need[i])
+    if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl[i]) end
+  end
+end
+return {0, used[1], used[2], used[3], used[4]}
+"""
+
+
+# Settlement or release: add the differences (never below 0); mark and report a money counter
+# that passed 80% of its limit, once a period. KEYS: the four counters, the two marks. ARGV: the
+# message, token and nano-dollar differences, the day's and month's limits to warn at (0: none),
+# then the three TTLs.
+_ADJUST = """
+local delta = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[3])}
+local ttl = {ARGV[6], ARGV[7], ARGV[7], ARGV[8]}
+local limits = {tonumber(ARGV[4]), tonumber(ARGV[5])}
+local total = {0, 0, 0, 0}
+for i = 1, 4 do
+  if delta[i] ~= 0 then
+    local n = redis.call('INCRBY', KEYS[i], delta[i])
+    if n < 0 then
+      redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+      n = 0
+    end
+    if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl[i]) end
+    total[i] = n
+  elseif i > 2 and limits[i - 2] > 0 then
+    total[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  end
+end
+local crossed = {}
+for j = 1, 2 do
+  local i = j + 2
+  if limits[j] > 0 and total[i] * 5 >= limits[j] * 4 and redis.call('SET', KEYS[4 + j], 1, 'NX', 'EX', ttl[i]) then
+    table.insert(crossed, i - 1)
+    table.insert(crossed, total[i])
+  end
+end
+return crossed
+"""
+
+
+class RedisCounters:
+    """Counters shared by every process on one Redis (redis.asyncio; one client per event loop)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _redis(self):
+        import redis.asyncio as redis
+
+        loop = asyncio.get_running_loop()
+        found = self._clients.get(loop)
+        if found is None:
+            pool = redis.BlockingConnectionPool.from_url(self.url, max_connections=50, timeout=20, socket_timeout=5)
+            client = redis.Redis(connection_pool=pool)
+            found = self._clients[loop] = (client, client.register_script(_ADMIT), client.register_script(_ADJUST))
+        return found
+
+    def _names(self, keys: Sequence[str]) -> list[str]:
+        return [f"{self.prefix}:quota:{key}" for key in keys]
+
+    async def admit(
+        self, keys: tuple[str, ...], limits: Sequence[int], messages: int, tokens: int, nano: int
+    ) -> tuple[int | None, list[int]]:
+        _, admit, _ = self._redis()
+        args = [*limits, messages, tokens, nano, *_TTLS[:2], MONTH_TTL]
+        which, *used = await admit(keys=self._names(keys[:4]), args=args)
+        return (int(which) - 1 if which else None), [int(n) for n in used]
+
+    async def adjust(
+        self, keys: tuple[str, ...], messages: int, tokens: int, nano: int, warn: tuple[int, int]
+    ) -> Crossed:
+        _, _, adjust = self._redis()
+        found = await adjust(keys=self._names(keys), args=[messages, tokens, nano, *warn, *_TTLS[:2], MONTH_TTL])
+        return [(int(found[n]), int(found[n + 1])) for n in range(0, len(found), 2)]
+
+    async def read(self, keys: tuple[str, ...]) -> list[int]:
+        client, _, _ = self._redis()
+        return [int(n or 0) for n in await client.mget(self._names(keys[:4]))]
+
+
+_counters: Counters | None = None
+
+
+def counters() -> Counters:
+    global _counters
+    if _counters is None:
+        if settings.REDIS_URL:
+            # Principal ids are those of one database: deployments (or test runs) sharing a Redis
+            # with different databases must not share counters.
+            database = hashlib.sha256(str(settings.DATABASES["default"]["NAME"]).encode()).hexdigest()[:12]
+            prefix = settings.CHANNEL_LAYERS["default"]["CONFIG"].get("prefix", "r2d2")
+            _counters = RedisCounters(settings.REDIS_URL, f"{prefix}:{database}")
+        else:
+            _counters = MemoryCounters()
+    return _counters
+
+
+def reset_counters() -> None:
+    """Forget the counters (tests change settings between runs)."""
+    global _counters
+    _counters = None

@@ -1,0 +1,311 @@
+"""Admission and reservations: a message is admitted only when its principal's remaining budget covers its turn.
+
+The **reservation** is the prompt as estimated (characters / 4) plus the reply it may get (the
+key's output cap, --max-output-tokens, which the model is sent; else
+R2D2_QUOTA_RESERVE_OUTPUT_TOKENS), in tokens and, at R2D2_MODEL_PRICES, in dollars. Taking it is
+one atomic step (chat/accounts/counters.py), so a burst of posts across sockets and processes can
+spend at most the limit (plus, for replies without a cap, what replies exceed their reservation).
+It travels with the message; when the turn ends it is **settled** with what the model reported
+(prompt + completion; an estimate where it reported nothing), or **released** when the message
+never reached the model. A refusal names the limit, what was used of it and when it resets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+
+from chat.accounts.counters import (
+    MESSAGES,
+    TOKENS,
+    USD_DAY,
+    Tally,
+    counter_keys,
+    counters,
+    limits_of,
+    next_day,
+    next_month,
+    usd_to_nano,
+    utc,
+)
+from chat.ops import metrics, prices
+from chat.ops.tasks import Background
+from chat.protocol import PostMessage
+from chat.protocol.errors import ClientError, ErrorCode
+
+if TYPE_CHECKING:
+    from chat import llm
+    from chat.accounts.principals import Principal
+
+logger = logging.getLogger(__name__)
+
+_LIMIT_NAMES = ("messages_per_minute", "tokens_per_day", "usd_per_day", "usd_per_month")
+
+
+def estimate_prompt_tokens(system_message: str, history: Sequence[tuple[str, str]], post: PostMessage) -> int:
+    """The prompt `post` will be sent with after `history`, in tokens (characters / 4), as chat/turns/prompt.py
+    cuts it to R2D2_MAX_CONTEXT_CHARS (a system message it brings replaces the session's)."""
+    system = system_message if post.system_message is None else post.system_message
+    fixed = len(system) + len(post.user_message)
+    earlier = sum(len(text) for _, text in history)
+    return math.ceil((fixed + min(earlier, max(0, settings.R2D2_MAX_CONTEXT_CHARS - fixed))) / 4)
+
+
+async def admit(
+    principal: Principal,
+    *,
+    model: str,
+    prompt_tokens_estimate: int,
+    max_output_tokens: int | None,
+    tally: Tally | None = None,
+    now: float | None = None,
+) -> Reservation:
+    """Admit one message, reserving its turn's cost; ClientError(quota_exceeded) names the limit and its reset.
+
+    `max_output_tokens`: the output cap the model will be sent (None: none). Anonymous principals
+    reserve nothing (their reservation keeps `tally`, the socket's own figures)."""
+    cap = max_output_tokens if max_output_tokens and max_output_tokens > 0 else None
+    now = time.time() if now is None else now
+    if principal.is_anonymous:
+        if tally is not None:
+            tally.message(now)
+        return Reservation(None, model, cap, price_of(model), tally=tally)
+    limits = principal.limits
+    price = price_of(model)
+    if limits.in_money and price is None:
+        raise unpriced(model)
+    output = cap if cap is not None else max(0, settings.R2D2_QUOTA_RESERVE_OUTPUT_TOKENS)
+    tokens = prompt_tokens_estimate + output
+    nano = prices.nano_dollars(price, prompt_tokens_estimate, output) if price is not None else 0
+    keys = counter_keys(principal, now)
+    refused, used = await counters().admit(keys, limits_of(principal), 1, tokens, nano)
+    if refused is not None:
+        raise exceeded(_refusal(refused, used, limits_of(principal), tokens, nano, now))
+    return Reservation(principal, model, cap, price, keys=keys, prompt=prompt_tokens_estimate, tokens=tokens, nano=nano)
+
+
+def charge_only(principal: Principal, model: str) -> Reservation | None:
+    """A turn admitted earlier, elsewhere (a message a process that died or drained had queued): charged
+    what it costs when it ends, without admitting it again. None for an anonymous principal."""
+    if principal.is_anonymous:
+        return None
+    cap = principal.limits.max_output_tokens or None
+    return Reservation(principal, model, cap, price_of(model), keys=counter_keys(principal, time.time()))
+
+
+class Reservation:
+    """What one admitted message holds of its principal's budget until its turn ends.
+
+    Exactly one of `settle` (the turn called the model, whatever came of it) or `release`
+    (it never did) takes effect; later calls do nothing, so both may be called safely."""
+
+    __slots__ = (
+        "principal",
+        "model",
+        "max_output_tokens",
+        "_price",
+        "_keys",
+        "_prompt",
+        "_tokens",
+        "_nano",
+        "_open",
+        "_tally",
+    )
+
+    def __init__(
+        self,
+        principal: Principal | None,
+        model: str,
+        max_output_tokens: int | None,
+        price: tuple[float, float] | None,
+        *,
+        keys: tuple[str, ...] = (),
+        prompt: int = 0,
+        tokens: int = 0,
+        nano: int = 0,
+        tally: Tally | None = None,
+    ) -> None:
+        self.principal = principal  # None: anonymous, nothing reserved
+        self.model = model
+        self.max_output_tokens = max_output_tokens  # the output limit the model is sent
+        self._price = price
+        self._keys = keys
+        self._prompt = prompt  # the prompt's estimate at admission, in tokens
+        self._tokens = tokens
+        self._nano = nano
+        self._open = True
+        self._tally = tally
+
+    @property
+    def reserved(self) -> tuple[int, int]:
+        """(tokens, nano-dollars) held while open."""
+        return (self._tokens, self._nano) if self._open else (0, 0)
+
+    async def cover(self, request: Sequence[dict[str, str]]) -> None:
+        """The turn's request is built: reserve what its prompt needs beyond the estimate made at admission
+        (a message queued behind others was estimated before their replies joined the history), or refuse
+        the turn with ClientError(quota_exceeded). Nothing to do in the usual turn, whose estimate was exact."""
+        if self.principal is None or not self._open:
+            return
+        prompt = _estimate(request)
+        more = prompt - self._prompt
+        if more <= 0:
+            return
+        nano = prices.nano_dollars(self._price, more, 0) if self._price is not None else 0
+        now = time.time()
+        limits = limits_of(self.principal)
+        refused, used = await counters().admit(self._keys, limits, 0, more, nano)
+        if refused is not None:
+            raise exceeded(_refusal(refused, used, limits, more, nano, now, grown=True))
+        self._prompt, self._tokens, self._nano = prompt, self._tokens + more, self._nano + nano
+
+    async def settle(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> None:
+        """The turn ended: charge what the model call cost in place of the reservation."""
+        work = self._settlement(reply, request, text)
+        if work is not None:
+            await work
+
+    def settle_soon(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> None:
+        """`settle` without holding up the turn (called as it ends); a failure is logged, not raised."""
+        work = self._settlement(reply, request, text)
+        if work is not None:
+            _spawn(work)
+
+    def release(self) -> None:
+        """The message never reached the model (refused, or its queue was dropped): give everything back."""
+        if not self._open:
+            return
+        self._open = False
+        if self.principal is not None:
+            _spawn(self._adjust(-1, -self._tokens, -self._nano, settling=False))
+        elif self._tally is not None:
+            self._tally.unmessage()
+
+    def _settlement(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> Coroutine | None:
+        if not self._open:
+            return None
+        self._open = False
+        prompt, completion = tokens_used(reply, request, text)
+        nano = prices.nano_dollars(self._price, prompt, completion) if self._price is not None else 0
+        if self.principal is None:
+            if self._tally is not None:
+                self._tally.spent(prompt + completion, nano, time.time())
+            return None
+        return self._adjust(0, prompt + completion - self._tokens, nano - self._nano, settling=True)
+
+    async def _adjust(self, messages: int, tokens: int, nano: int, *, settling: bool) -> None:
+        assert self.principal is not None
+        limits = self.principal.limits
+        # Spend is judged against 80% as turns are settled (whether they cost more or less than they
+        # reserved); a release only gives back.
+        watch = settling and limits.in_money
+        warn = (usd_to_nano(limits.usd_per_day), usd_to_nano(limits.usd_per_month)) if watch else (0, 0)
+        crossed = await counters().adjust(self._keys, messages, tokens, nano, warn)
+        for index, total in crossed:
+            _warn(self.principal, index, total, self._keys)
+
+
+def tokens_used(reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> tuple[int, int]:
+    """(prompt, completion) tokens a model call cost: the model's own counts, else estimates (4 characters a
+    token). A request that reached the model costs at least its prompt, cancelled or cut off or failed;
+    one refused or unreachable before it was processed costs nothing."""
+    reached = reply.sent or reply.headers_received
+    if reply.prompt_tokens is None and reply.completion_tokens is None and not text and not reached:
+        return 0, 0
+    prompt = reply.prompt_tokens
+    if prompt is None:
+        prompt = _estimate(request)
+    completion = reply.completion_tokens
+    if completion is None:
+        completion = math.ceil(len(text) / 4)
+    return prompt, completion
+
+
+def _estimate(request: Sequence[dict[str, str]]) -> int:
+    """A request's prompt in tokens, where the model gives no count: 4 characters a token."""
+    return math.ceil(sum(len(m.get("content") or "") for m in request) / 4)
+
+
+def price_of(model: str) -> tuple[float, float] | None:
+    """The model's ($ per million input, output) tokens, or None when it has no price."""
+    return prices.parse(settings.R2D2_MODEL_PRICES).get(model)
+
+
+# Refusals -------------------------------------------------------------------------------------
+
+
+def exceeded(message: str) -> ClientError:
+    return ClientError(ErrorCode.QUOTA_EXCEEDED, message)
+
+
+def unpriced(model: str) -> ClientError:
+    return ClientError(
+        ErrorCode.MODEL_NOT_ALLOWED,
+        f"The model {model!r} has no price here (R2D2_MODEL_PRICES), and this principal's spending is limited "
+        "in dollars: choose a priced model.",
+    )
+
+
+def _refusal(
+    which: int, used: Sequence[int], limits: Sequence[int], tokens: int, nano: int, now: float, *, grown: bool = False
+) -> str:
+    """Which limit refused, what was used of it, what the message needed, and when it resets. `grown`: the
+    message was admitted, but its prompt grew with the replies before it by `tokens`/`nano`."""
+    day = f"resets at 00:00 UTC (in {_duration(next_day(now) - now)})"
+    needs = (
+        "its prompt grew by {} with the replies before it"
+        if grown
+        else "this message needs up to {} (its prompt and reply)"
+    )
+    if which == MESSAGES:
+        return f"Messages per minute: the limit is {limits[MESSAGES]}; resets in {math.ceil(60 - now % 60)} s."
+    if which == TOKENS:
+        needed = needs.format(f"{tokens} tokens")
+        return f"Tokens per day: {used[TOKENS]} of {limits[TOKENS]} used; {needed}; {day}."
+    spent, limit = used[which], limits[which]
+    period = "day" if which == USD_DAY else "month"
+    resets = day if which == USD_DAY else f"resets at 00:00 UTC on {utc(next_month(now)):%Y-%m-%d} (a calendar month)"
+    return f"Dollars per {period}: {_usd(spent)} of {_usd(limit)} spent; {needs.format(_usd(nano))}; {resets}."
+
+
+def _usd(nano: int) -> str:
+    value = nano / prices.NANO
+    return f"${value:.2f}" if round(value, 2) == round(value, 6) else f"${value:.6f}".rstrip("0")
+
+
+def _duration(seconds: float) -> str:
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+
+
+def _warn(principal: Principal, index: int, total: int, keys: tuple[str, ...]) -> None:
+    name = _LIMIT_NAMES[index]
+    limit = principal.limits.usd_per_day if index == USD_DAY else principal.limits.usd_per_month
+    period = keys[index].rsplit(":", 1)[-1]
+    logger.warning(
+        "spending past 80% of a limit",
+        extra={
+            "principal": principal.label,
+            "limit": name,
+            "period": period,
+            "spent_usd": prices.dollars(total),
+            "limit_usd": limit,
+        },
+    )
+    metrics.SPEND_WARNINGS.labels(name).inc()
+
+
+_background = Background("settling a quota reservation")
+
+
+_spawn = _background.spawn
+
+
+async def settled() -> None:
+    """Wait for the settlements and releases under way (tests; a process stopping)."""
+    await _background.wait()
