@@ -233,8 +233,8 @@ async def test_redis_admission_is_atomic_across_processes_and_keys_expire(settin
     import redis.asyncio as redis
 
     prefix = f"r2d2-test-{random.randrange(10**9)}"
-    first = counters.RedisCounters(settings.REDIS_URL, prefix)
-    second = counters.RedisCounters(settings.REDIS_URL, prefix)
+    first = counters.RedisCounters(prefix)
+    second = counters.RedisCounters(prefix)
     keys = counters.counter_keys(principal(), NOON)
     limits = (0, 1000, 0, 0)
     outcomes = await asyncio.gather(*((first, second)[n % 2].admit(keys, limits, 1, 60, 0) for n in range(40)))

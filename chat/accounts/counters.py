@@ -7,7 +7,6 @@ chat/accounts/reservations.py; what a principal used, chat/accounts/quotas.py.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from django.conf import settings
 
-from chat.ops import prices
+from chat.ops import prices, store
 
 if TYPE_CHECKING:
     from chat.accounts.principals import Principal
@@ -255,22 +254,17 @@ return crossed
 
 
 class RedisCounters:
-    """Counters shared by every process on one Redis (redis.asyncio; one client per event loop)."""
+    """Counters shared by every process on one Redis (chat/ops/store.py's client and key rule)."""
 
-    def __init__(self, url: str, prefix: str) -> None:
-        self.url = url
-        self.prefix = prefix
-        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix  # the deployment's prefix and its database (see `counters`)
+        self._scripts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _redis(self):
-        import redis.asyncio as redis
-
-        loop = asyncio.get_running_loop()
-        found = self._clients.get(loop)
+        client = store.client()
+        found = self._scripts.get(client)
         if found is None:
-            pool = redis.BlockingConnectionPool.from_url(self.url, max_connections=50, timeout=20, socket_timeout=5)
-            client = redis.Redis(connection_pool=pool)
-            found = self._clients[loop] = (client, client.register_script(_ADMIT), client.register_script(_ADJUST))
+            found = self._scripts[client] = (client, client.register_script(_ADMIT), client.register_script(_ADJUST))
         return found
 
     def _names(self, keys: Sequence[str]) -> list[str]:
@@ -296,24 +290,20 @@ class RedisCounters:
         return [int(n or 0) for n in await client.mget(self._names(keys[:4]))]
 
 
-_counters: Counters | None = None
-
-
 def counters() -> Counters:
-    global _counters
-    if _counters is None:
-        if settings.REDIS_URL:
-            # Principal ids are those of one database: deployments (or test runs) sharing a Redis
-            # with different databases must not share counters.
-            database = hashlib.sha256(str(settings.DATABASES["default"]["NAME"]).encode()).hexdigest()[:12]
-            prefix = settings.CHANNEL_LAYERS["default"]["CONFIG"].get("prefix", "r2d2")
-            _counters = RedisCounters(settings.REDIS_URL, f"{prefix}:{database}")
-        else:
-            _counters = MemoryCounters()
-    return _counters
+    """This process's counters: in Redis when REDIS_URL is set, in memory otherwise (chat/ops/store.py)."""
+    found = store.one("quota counters", memory=MemoryCounters, redis=_redis_counters)
+    assert found is not None
+    return found
+
+
+def _redis_counters() -> RedisCounters:
+    # Principal ids are those of one database: deployments (or test runs) sharing a Redis with different
+    # databases must not share counters.
+    database = hashlib.sha256(str(settings.DATABASES["default"]["NAME"]).encode()).hexdigest()[:12]
+    return RedisCounters(store.key(database))
 
 
 def reset_counters() -> None:
     """Forget the counters (tests change settings between runs)."""
-    global _counters
-    _counters = None
+    store.forget()

@@ -40,7 +40,7 @@ from django.conf import settings
 
 from chat.accounts import auth
 from chat.accounts.principals import Principal
-from chat.ops import throttle
+from chat.ops import store, throttle
 from chat.ops.addresses import address_group
 from chat.protocol import error
 from chat.protocol.errors import ErrorCode
@@ -101,28 +101,25 @@ class LocalCounter:
 class RedisCounter(LocalCounter):
     """Every process's sockets per counted name, in Redis (see the module docstring)."""
 
-    def __init__(self, url: str, prefix: str) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.url = url
-        self.prefix = prefix
         self.process_id = uuid.uuid4().hex
         self._redis: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._refresher: asyncio.Task | None = None
 
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}:conns:{name}"
+    @staticmethod
+    def _key(name: str) -> str:
+        return store.key("conns", name)
 
     def _process_key(self) -> str:
-        return f"{self.prefix}:conns-process:{self.process_id}"
+        return store.key("conns-process", self.process_id)
 
     async def _client(self):
         loop = asyncio.get_running_loop()
         if self._redis is None or self._loop is not loop:
-            # One client per event loop (tests run several loops in one process).
-            from redis.asyncio import Redis
-
-            self._redis, self._loop = Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5), loop
+            # This event loop's client (chat/ops/store.py); the liveness refresher runs on the loop too.
+            self._redis, self._loop = store.client(), loop
             self._refresher = None
         if self._refresher is None or self._refresher.done():
             await self._redis.set(self._process_key(), 1, ex=PROCESS_TTL)
@@ -144,7 +141,7 @@ class RedisCounter(LocalCounter):
     async def acquire(self, name: str, cap: int) -> bool:
         redis = await self._client()
         accepted = await redis.eval(
-            _ACQUIRE, 1, self._key(name), self.process_id, cap, f"{self.prefix}:conns-process:", PROCESS_TTL * 2
+            _ACQUIRE, 1, self._key(name), self.process_id, cap, store.key("conns-process", ""), PROCESS_TTL * 2
         )
         if accepted:
             self.open[name] += 1
@@ -156,15 +153,11 @@ class RedisCounter(LocalCounter):
         await redis.eval(_RELEASE, 1, self._key(name), self.process_id)
 
 
-_counter: LocalCounter | None = None
-
-
 def counter() -> LocalCounter:
-    global _counter
-    if _counter is None:
-        prefix = settings.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("prefix", "r2d2")
-        _counter = RedisCounter(settings.REDIS_URL, prefix) if settings.REDIS_URL else LocalCounter()
-    return _counter
+    """This process's connection counts: every process's in Redis when REDIS_URL is set (chat/ops/store.py)."""
+    found = store.one("connection counts", memory=LocalCounter, redis=RedisCounter)
+    assert found is not None
+    return found
 
 
 def counted_as(principal: Principal | None, address: str | None) -> tuple[str, str] | None:

@@ -7,7 +7,7 @@ Two places, for two kinds of resume:
   connection that comes back through the same instance) is served from here; it
   needs no Redis and survives a Redis restart.
 - `SharedLog`: with REDIS_URL, every frame is also appended to a Redis Stream,
-  `r2d2:frames:<session hex>`, whose entry ids are the frames' seqs (`<seq>-0`), so
+  `<R2D2_CHANNEL_PREFIX>:frames:<session hex>`, whose entry ids are the frames' seqs (`<seq>-0`), so
   Redis itself refuses a seq written twice or out of order. Another process reads
   it to replay and to tail a session it is taking over, and reads the last seq
   from it when it becomes the holder. The key expires R2D2_RESUME_WINDOW_SECONDS
@@ -20,9 +20,10 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from weakref import WeakKeyDictionary
 
 from django.conf import settings
+
+from chat.ops import store
 
 logger = logging.getLogger(__name__)
 
@@ -61,26 +62,18 @@ class LocalFrames:
 class SharedLog:
     """The Redis Stream of each resumable session's frames (see the module docstring)."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._clients: WeakKeyDictionary[asyncio.AbstractEventLoop, object] = WeakKeyDictionary()
+    def __init__(self) -> None:
         self._batches: dict[asyncio.AbstractEventLoop, tuple[list[tuple[uuid.UUID, int, str]], asyncio.Future]] = {}
         self._committing: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
         self._renewed: dict[uuid.UUID, float] = {}  # when each session's key last had its expiry renewed
 
-    def _redis(self):
-        # One client per event loop: a redis.asyncio connection belongs to the loop that opened it.
-        import redis.asyncio as redis
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = self._clients[loop] = redis.Redis.from_url(self.url, socket_timeout=30, decode_responses=True)
-        return client
+    @staticmethod
+    def _redis():
+        return store.client(decode=True)  # this event loop's (chat/ops/store.py)
 
     @staticmethod
     def key(session_id: uuid.UUID) -> str:
-        return f"r2d2:frames:{session_id.hex}"
+        return store.key("frames", session_id.hex)  # R2D2_CHANNEL_PREFIX first, as every key
 
     async def append(self, session_id: uuid.UUID, seq: int, frame: str) -> None:
         """Append one frame, returning once Redis holds it; a failure (Redis restarting) is logged and
@@ -134,25 +127,12 @@ class SharedLog:
         entries = await self._redis().xrevrange(self.key(session_id), max="+", min="-", count=1)
         return _frame(entries[0])[0] if entries else 0
 
-    async def close(self) -> None:
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
-
 
 def _frame(entry: tuple[str, dict[str, str]]) -> Frame:
     entry_id, fields = entry
     return int(entry_id.split("-", 1)[0]), fields["f"]
 
 
-_shared: SharedLog | None = None
-
-
 def shared() -> SharedLog | None:
     """The shared log when this deployment has Redis (several processes); None on the embedded defaults."""
-    global _shared
-    if not settings.REDIS_URL:
-        return None
-    if _shared is None or _shared.url != settings.REDIS_URL:
-        _shared = SharedLog(settings.REDIS_URL)
-    return _shared
+    return store.one("frame log", memory=None, redis=SharedLog)
