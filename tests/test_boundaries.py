@@ -196,3 +196,28 @@ def test_layers_only_point_down():
         and _level(_package(imported)) >= _level(_package(module))
     )
     assert upward == [], "\n".join(upward)
+
+
+# One of each (issue 25) -------------------------------------------------------------
+
+
+def test_no_chat_module_is_over_500_lines():
+    long = {name: text.count("\n") for name, text in sources().items() if text.count("\n") > 500}
+    assert long == {}
+
+
+def test_only_the_store_makes_a_redis_client():
+    """One client per loop, one timeout policy, one key rule: chat/ops/store.py (the channel layer has its own)."""
+    makers = {name for name, text in sources().items() if re.search(r"\bRedis\(|\.from_url\(", text)}
+    assert makers == {"chat/ops/store.py", "chat/channel_layer.py"}
+
+
+def test_one_class_named_conversation():
+    homes = {name for name, text in sources().items() if re.search(r"^class Conversation\b", text, re.M)}
+    assert homes == {"chat/turns/conversation.py"}
+
+
+def test_one_cost_function():
+    """Quotas, /metrics and the admin price tokens with chat/ops/prices.py's nano_dollars, so they agree."""
+    pricing = {name for name, text in sources().items() if re.search(r"/ 1_000_000\b|\* price\[", text)}
+    assert pricing <= {"chat/ops/prices.py"}
