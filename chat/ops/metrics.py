@@ -33,6 +33,7 @@ class Reply(Protocol):
     prompt_tokens: int | None
     completion_tokens: int | None
 
+
 # Seconds from the model call to the first delta and to the final message: a 50 ms model
 # is the lowest a real one answers, a minute is the upstream timeout.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
