@@ -374,6 +374,10 @@ LOGGING = {
     },
     "root": {"handlers": ["stderr"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
     "loggers": {
+        # Django gives its "django" logger a plain-text console handler of its own (DEBUG on, as under
+        # `manage.py runserver`); its records also reach the root's JSON handler, so every line (the
+        # autoreloader's, Daphne's runserver's "WebSocket CONNECT", ...) was printed twice. One handler.
+        "django": {"handlers": [], "level": "INFO"},
         # httpx2/openai log request URLs at INFO; keep them quiet.
         "httpx2": {"level": "WARNING"},
         "openai": {"level": "WARNING"},
