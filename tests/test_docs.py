@@ -138,3 +138,13 @@ def test_every_action_and_frame_type_is_in_the_protocol_page():
     documented = table_keys("protocol.md")
     assert sorted(actions - documented) == [], "actions without a row in docs/protocol.md"
     assert sorted(frames - documented) == [], "frame types without a row in docs/protocol.md"
+
+
+def test_the_readme_is_short_and_maps_every_page():
+    """A newcomer reads the README whole: at most about 150 lines, and its map links every docs page
+    (mkdocs.yml's nav must list them too: `mkdocs build --strict` fails on a page left out)."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    unmapped = sorted(page.name for page in DOCS.glob("*.md") if f"](docs/{page.name})" not in readme)
+    assert unmapped == [], f"docs pages the README's map does not link: {unmapped}"
+    assert "](bench/README.md)" in readme

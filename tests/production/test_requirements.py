@@ -39,7 +39,7 @@ def test_requirements_install_into_a_clean_venv(tmp_path):
     installed = subprocess.run(
         [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, timeout=120
     ).stdout.lower()
-    for tool in ("awsebcli", "pytest", "moto", "ruff"):
+    for tool in ("awsebcli", "pytest", "moto", "ruff", "mkdocs"):
         assert f"\n{tool}==" not in f"\n{installed}", f"{tool} installed by the runtime requirements"
     assert (bin_dir / "daphne").exists(), "the Procfile runs `daphne`"
 
