@@ -240,7 +240,7 @@ OPENAI_API_KEY_SECRET_ID = os.environ.get("OPENAI_API_KEY_SECRET_ID", "").strip(
 OPENAI_API_KEY_PARAMETER = os.environ.get("OPENAI_API_KEY_PARAMETER", "").strip()
 OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "").strip() or None
 
-# R2D2's own knobs (documented in the README).
+# R2D2's own knobs (every variable read here is documented in docs/configuration.md; tests/test_docs.py checks).
 R2D2_DEFAULT_MODEL = os.environ.get("R2D2_DEFAULT_MODEL", "").strip() or "gpt-3.5-turbo"
 R2D2_ALLOWED_MODELS = env_list("R2D2_ALLOWED_MODELS")
 R2D2_MAX_CONTEXT_CHARS = env_int("R2D2_MAX_CONTEXT_CHARS", 48_000)
@@ -374,6 +374,10 @@ LOGGING = {
     },
     "root": {"handlers": ["stderr"], "level": os.environ.get("R2D2_LOG_LEVEL", "INFO")},
     "loggers": {
+        # Django gives its "django" logger a plain-text console handler of its own (DEBUG on, as under
+        # `manage.py runserver`); its records also reach the root's JSON handler, so every line (the
+        # autoreloader's, Daphne's runserver's "WebSocket CONNECT", ...) was printed twice. One handler.
+        "django": {"handlers": [], "level": "INFO"},
         # httpx2/openai log request URLs at INFO; keep them quiet.
         "httpx2": {"level": "WARNING"},
         "openai": {"level": "WARNING"},

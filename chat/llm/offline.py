@@ -35,7 +35,14 @@ def answer(messages: list[dict[str, str]]) -> str:
         memory = f"I was given {count}" + (
             f'; before this you said: "{_preview(asked_before[-1])}".' if asked_before else "."
         )
-    return f"{NOTICE} You said: {last} {memory}"
+    return f"{NOTICE} You said: {_sentence(last)} {memory}"
+
+
+def _sentence(text: str) -> str:
+    """`text` ending as a sentence, so that the next one does not run into it ("Hello This is ...")."""
+    text = text.rstrip()
+    ends_a_sentence = text.rstrip("\"')]”’").endswith((".", "!", "?", "…"))
+    return text if ends_a_sentence else text + "."
 
 
 def _preview(text: str, limit: int = 80) -> str:

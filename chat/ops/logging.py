@@ -1,4 +1,4 @@
-"""One-line JSON log records on stdout, for CloudWatch and `eb logs`."""
+"""One-line JSON log records on stderr (r2d2site/settings.py's LOGGING), for CloudWatch and `eb logs`."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The error vocabulary: every refusal a client can see is a `ClientError` carrying an `ErrorCode`.
 
 The consumer turns one into one `error` frame and keeps the socket open; the
-README and asyncapi.yaml document every code (a test holds them to this enum).
+docs/protocol.md and asyncapi.yaml document every code (tests hold them to this enum).
 """
 
 from __future__ import annotations

@@ -84,8 +84,10 @@ def _install() -> None:
 
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread
-        logger.warning("SIGTERM handler not installed: not on the main thread")
+    except ValueError:
+        # Not the main thread: `manage.py runserver` serves from a thread beside its autoreloader, which
+        # owns SIGTERM. A development server has no drain to install, and nothing to warn anyone about.
+        logger.debug("SIGTERM handler not installed: not on the main thread")
 
 
 async def _drain_then(exit_process) -> None:

@@ -286,3 +286,43 @@ def test_hostile_replies_stay_inert(browser_page, daphne, fake_llm):
     assert page.evaluate("window.__violations") == []
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "markdown-hostile.png"), full_page=True)
+
+
+WIDE_TABLE = """| droid | maker | series | role | height | first seen |
+| --- | --- | --- | --- | --- | --- |
+| Astromech | Industrial Automaton | Astromech R2 | starfighter navigation and repair | 1.09 metres | Tatooine |
+| Protocol | Cybot Galactica | Protocol 3PO | etiquette, customs and translation | 1.71 metres | Tatooine |"""
+
+#: Each word of a cell whose text is laid out on more than one line (broken mid-word).
+BROKEN_WORDS = """(table) => {
+  const broken = [];
+  for (const cell of table.querySelectorAll("th, td")) {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const word of node.data.matchAll(/\\S+/g)) {
+        const range = document.createRange();
+        range.setStart(node, word.index);
+        range.setEnd(node, word.index + word[0].length);
+        const lines = new Set([...range.getClientRects()].map((rect) => Math.round(rect.top)));
+        if (lines.size > 1) broken.push(word[0]);
+      }
+    }
+  }
+  return broken;
+}"""
+
+
+def test_a_wide_table_on_a_phone_scrolls_in_its_box_and_breaks_no_word(browser_page, daphne, fake_llm):
+    """On a phone a reply's table broke its words ("Droi/d") to fit the bubble: the bubble's
+    `overflow-wrap: anywhere` reached the cells. Words stay whole; the table scrolls sideways in its own box."""
+    page = browser_page
+    page.set_viewport_size({"width": 390, "height": 844})
+    start_session(page, daphne.http_url)
+    fake_llm.enqueue(Script(text=WIDE_TABLE, token_delay=0.005))
+    ask(page, "Compare the droids")
+    expect(page.locator("#send")).to_be_enabled()
+    table = page.locator(".msg-assistant .text table").last
+    expect(table.locator("td")).to_have_count(12)
+    assert table.evaluate(BROKEN_WORDS) == []
+    assert table.evaluate("(t) => t.scrollWidth > t.clientWidth"), "the table should scroll in its own box"
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390, "the page itself scrolls sideways"

@@ -124,7 +124,7 @@ def test_a_refused_session_start_exits_with_the_reason(daphne_factory):
 
 
 def test_the_bedrock_setup_check_from_the_readme(daphne_factory, fake_bedrock):
-    """What the README has an operator run after `eb deploy`: list the models, then one piped
+    """What docs/bedrock.md has an operator run after `eb deploy`: list the models, then one piped
     message to a Bedrock model (here answered by the local Bedrock fake through the real boto3)."""
     server = daphne_factory(**bedrock_env(fake_bedrock, "amazon.nova-lite-v1:0"))
     listed = run_chat(server.url, "", "--list-models")

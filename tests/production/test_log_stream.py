@@ -1,4 +1,4 @@
-"""Logs go to stderr, as the README says: stdout stays free for commands' output (`manage.py chat` prints replies)."""
+"""Logs go to stderr (docs/operating.md): stdout stays free for commands' output (`manage.py chat` prints replies)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def run_manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_check_deploy_has_no_warnings(fake_llm):
     # As deployed: R2D2_REQUIRE_AUTH follows DEBUG (on); the test suite's servers turn it off.
-    # And with the models limited, as the README's deploy step does (else r2d2.W002).
+    # And with the models limited, as docs/deploying.md's step 5 does (else r2d2.W002).
     env = server_env(fake_llm, **production_env(R2D2_ALLOWED_MODELS="gpt-4o-mini"))
     del env["R2D2_REQUIRE_AUTH"]
     result = run_manage("check", "--deploy", "--fail-level", "WARNING", env=env)

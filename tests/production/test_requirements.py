@@ -39,7 +39,7 @@ def test_requirements_install_into_a_clean_venv(tmp_path):
     installed = subprocess.run(
         [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, timeout=120
     ).stdout.lower()
-    for tool in ("awsebcli", "pytest", "moto", "ruff"):
+    for tool in ("awsebcli", "pytest", "moto", "ruff", "mkdocs"):
         assert f"\n{tool}==" not in f"\n{installed}", f"{tool} installed by the runtime requirements"
     assert (bin_dir / "daphne").exists(), "the Procfile runs `daphne`"
 
@@ -51,7 +51,7 @@ def test_requirements_install_into_a_clean_venv(tmp_path):
         "DJANGO_ALLOWED_HOSTS": "r2d2.example.com",
         "DATABASE_URL": "postgres://r2d2@127.0.0.1:5432/r2d2",
         "REDIS_URL": "redis://127.0.0.1:6379/0",
-        "R2D2_ALLOWED_MODELS": "gpt-4o-mini",  # as the README's deploy step sets it (else r2d2.W002)
+        "R2D2_ALLOWED_MODELS": "gpt-4o-mini",  # as docs/deploying.md's step 5 sets it (else r2d2.W002)
     }
     deploy = subprocess.run(
         [python, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],

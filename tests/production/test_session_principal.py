@@ -325,7 +325,7 @@ async def test_deactivating_an_account_ends_its_sessions_as_revoked(daphne_facto
 
 
 async def test_deactivating_an_account_closes_its_key_sockets_too(daphne_factory, fake_llm, manage):
-    """The README: deactivating an account in the admin closes all of its sockets; those of its API keys
+    """docs/accounts.md: deactivating an account in the admin closes all of its sockets; those of its API keys
     too, and its keys open no new ones (else a deactivated person goes on spending)."""
     server_a, server_b = daphne_factory(**SERVER), daphne_factory(**SERVER)
     ada = await new_user("ada")
