@@ -19,7 +19,7 @@ from chat import llm
 from chat.accounts import auth
 from chat.models import ApiKey, ChatSession, EndReason
 from r2d2site.asgi import application
-from tests.conftest import ROOT, server_env
+from testkit.server import ROOT, server_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

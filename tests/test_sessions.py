@@ -9,7 +9,7 @@ from django.core.management import call_command
 from chat.models import ChatMessage, ChatSession, EndReason, Role
 from chat.sessions import lifecycle
 from chat.sessions.lifecycle import Ended
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

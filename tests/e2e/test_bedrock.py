@@ -1,5 +1,5 @@
 """Amazon Bedrock models over real sockets: a live Daphne whose real boto3 client talks to
-tests/fake_bedrock.py (Bedrock Runtime's wire format, dummy credentials, no AWS)."""
+testkit/fake_bedrock.py (Bedrock Runtime's wire format, dummy credentials, no AWS)."""
 
 import asyncio
 import time
@@ -7,11 +7,11 @@ import time
 import pytest
 
 from chat.models import ChatMessage, MessageStatus
-from tests.client import ProtocolClient
-from tests.conftest import bedrock_env, free_port
+from testkit.client import ProtocolClient
+from testkit.fake_bedrock import BedrockScript
+from testkit.fake_llm import SECRET_DETAIL
+from testkit.server import bedrock_env, free_port
 from tests.e2e.test_upstream_faults import assert_clean_failure, turn_with_fault
-from tests.fake_bedrock import BedrockScript
-from tests.fake_llm import SECRET_DETAIL
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -6,8 +6,8 @@ import pytest
 import websockets
 
 from chat.models import ChatMessage, ChatSession, EndReason
-from tests.client import ProtocolClient, seed_conversation
-from tests.conftest import TEST_API_KEY
+from testkit.client import ProtocolClient, seed_conversation
+from testkit.server import TEST_API_KEY
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

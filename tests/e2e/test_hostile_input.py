@@ -9,8 +9,8 @@ import json
 import pytest
 
 from chat.models import ChatMessage, MessageStatus, Role
-from tests.client import ProtocolClient
-from tests.fake_llm import Script
+from testkit.client import ProtocolClient
+from testkit.fake_llm import Script
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

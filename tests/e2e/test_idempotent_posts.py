@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from chat.models import ChatMessage, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.e2e.test_resume import SLOW, post, resume, start
 
 pytestmark = pytest.mark.django_db(transaction=True)

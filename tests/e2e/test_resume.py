@@ -9,7 +9,7 @@ import json
 import pytest
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

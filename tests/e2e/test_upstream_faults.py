@@ -7,9 +7,9 @@ import time
 import pytest
 
 from chat.models import ChatMessage, MessageStatus
-from tests.client import ProtocolClient
-from tests.conftest import TEST_API_KEY, free_port
-from tests.fake_llm import SECRET_DETAIL, Script
+from testkit.client import ProtocolClient
+from testkit.fake_llm import SECRET_DETAIL, Script
+from testkit.server import TEST_API_KEY, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

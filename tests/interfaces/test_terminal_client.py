@@ -12,9 +12,10 @@ import time
 import pytest
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.conftest import ROOT, bedrock_env, server_env
-from tests.fake_llm import SECRET_DETAIL, Script
-from tests.interfaces.drops import PostDroppingProxy, error_codes, restarting, wait_until
+from testkit.drops import PostDroppingProxy, error_codes, restarting
+from testkit.fake_llm import SECRET_DETAIL, Script
+from testkit.server import ROOT, bedrock_env, server_env
+from testkit.wait import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

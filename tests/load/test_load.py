@@ -18,7 +18,7 @@ from channels.layers import get_channel_layer
 
 from chat.models import ChatMessage, ChatSession, EndReason
 from chat.sessions.lifecycle import request_end
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 

@@ -10,8 +10,8 @@ from asgiref.sync import sync_to_async
 
 from chat.models import ChatMessage, EndReason, MessageStatus, Role
 from chat.sessions import lifecycle
-from tests.client import ProtocolClient
-from tests.fake_llm import Script
+from testkit.client import ProtocolClient
+from testkit.fake_llm import Script
 from tests.production.conftest import FAST_LIVENESS
 
 pytestmark = pytest.mark.django_db(transaction=True)

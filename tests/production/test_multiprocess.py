@@ -16,7 +16,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role, ServerProcess
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.production.conftest import FAST_LIVENESS, http_get
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]

@@ -11,7 +11,7 @@ import pytest
 import websockets
 
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.e2e.test_resume import SLOW, SLOW_REPLY, check_sequence, post, reply_row, resume, start, wait_for
 from tests.production.conftest import FAST_LIVENESS
 from tests.production.test_redis_restart import private_redis  # noqa: F401 (a fixture)

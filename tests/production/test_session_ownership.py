@@ -14,7 +14,7 @@ import websockets
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
 from chat.turns import messages
 from chat.turns.messages import Fenced, Lease
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.e2e.test_resume import SLOW, post, resume, start, wait_for
 from tests.production.conftest import FAST_LIVENESS
 from tests.production.test_redis_restart import private_redis  # noqa: F401 (a fixture)

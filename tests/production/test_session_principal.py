@@ -22,10 +22,10 @@ from django.test import AsyncClient
 from chat.accounts import auth, quotas
 from chat.accounts.principals import Principal
 from chat.models import ApiKey, ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
+from testkit.contract import check_frame
 from tests.e2e.test_resume import SLOW, check_sequence, post, resume, start, wait_for
 from tests.production.conftest import FAST_LIVENESS
-from tests.protocol_contract import check_frame
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.client import ProtocolClient
-from tests.fake_llm import Script
-from tests.raw_websocket import RawWebSocket
-from tests.slow_link import SlowLink
+from testkit.client import ProtocolClient
+from testkit.fake_llm import Script
+from testkit.raw_websocket import RawWebSocket
+from testkit.slow_link import SlowLink
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 

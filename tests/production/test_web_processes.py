@@ -18,9 +18,9 @@ import websockets
 from asgiref.sync import sync_to_async
 
 from chat.models import ChatSession, EndReason, ServerProcess
-from tests.client import ProtocolClient
-from tests.conftest import ROOT, server_env
-from tests.production import nginx
+from testkit import nginx
+from testkit.client import ProtocolClient
+from testkit.server import ROOT, server_env
 from tests.production.bundle import ProcfileServer
 from tests.production.conftest import FAST_LIVENESS
 
