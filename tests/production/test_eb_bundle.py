@@ -93,6 +93,7 @@ REQUIRED = [
 FORBIDDEN_PREFIXES = (
     "deploy/",
     "tests/",
+    "testkit/",
     "bench/",
     ".ci/",
     ".venv/",
