@@ -35,9 +35,9 @@ async def test_redis_restart_keeps_sockets_and_sessions(daphne_factory, fake_llm
     assert (await client.post(session_id, "before"))[1]["data"] == "Echo: before"
 
     private_redis.stop()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the behaviour under test: a second with no Redis
     private_redis.start()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # then a moment with Redis back before the next turn, as after a real restart
 
     frames = await client.post(session_id, "after")
     assert [f["type"] for f in frames] == ["processing_start", "message", "processing_end"]

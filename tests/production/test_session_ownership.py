@@ -211,7 +211,7 @@ async def test_holder_killed_and_redis_restarted_the_resume_is_refused_not_silen
     frames = [await client.recv() for _ in range(4)]
     server_a.kill()
     private_redis.stop()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # the behaviour under test: Redis restarts (and forgets) while A is dead
     private_redis.start()
 
     client = await ProtocolClient.connect(server_b.url)
