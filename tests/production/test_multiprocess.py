@@ -17,6 +17,7 @@ from asgiref.sync import sync_to_async
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role, ServerProcess
 from testkit.client import ProtocolClient
+from testkit.wait import async_wait_until
 from tests.production.conftest import FAST_LIVENESS, http_get
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
@@ -39,12 +40,11 @@ async def session(session_id: str) -> ChatSession:
 
 
 async def wait_for_end(session_id: str, timeout: float = 10.0) -> ChatSession:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        row = await session(session_id)
-        if row.ended_at is not None or asyncio.get_running_loop().time() > deadline:
-            return row
-        await asyncio.sleep(0.1)
+    async def ended() -> bool:
+        return (await session(session_id)).ended_at is not None
+
+    await async_wait_until(ended, timeout=timeout, interval=0.1)
+    return await session(session_id)
 
 
 async def test_operator_ends_a_session_held_by_another_process(daphne_factory, fake_llm, manage):
