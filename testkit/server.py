@@ -29,8 +29,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
-    """Return once something listens on `port`; raise if `process` exits first or `timeout` passes."""
+def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+    """Return once something listens on `port`; raise if `process` exits first or `timeout` passes.
+
+    60 s: a server starts in about 1 s, but several test workers starting theirs on 2 busy cores took over 20 s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
