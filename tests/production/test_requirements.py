@@ -14,6 +14,8 @@ from testkit.server import ROOT
 
 pytestmark = [
     pytest.mark.slow,
+    # pip builds a venv from scratch: minutes on a loaded 2-core machine, past the suite's 120 s default.
+    pytest.mark.timeout(900),
     # What pip installs does not depend on the run's database: install once, in the embedded-defaults run.
     pytest.mark.skipif(
         not settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"),
