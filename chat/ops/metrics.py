@@ -47,7 +47,7 @@ from prometheus_client import (
 from chat.accounts import prices
 from chat.edge.early import EarlyMiddleware
 
-if TYPE_CHECKING:  # chat.llm imports openai: a management command that never calls a model must not pay for it
+if TYPE_CHECKING:  # type only: chat/ops sits below chat/llm
     from chat.llm.base import Reply
 
 # Seconds from the model call to the first delta and to the final message: a 50 ms model
@@ -65,6 +65,13 @@ COST = Counter("r2d2_cost_dollars", "Estimated model cost (R2D2_MODEL_PRICES), b
 REJECTED_FRAMES = Counter("r2d2_rejected_frames", "Client frames refused, by error code", ["code"])
 # Once per principal per period (chat/accounts/quotas.py): its spend passed 80% of a money limit.
 SPEND_WARNINGS = Counter("r2d2_spend_warnings", "Principals past 80% of a money limit, by limit", ["limit"])
+# Fallback chains (chat/llm/__init__.py): a turn answered by another model than the one asked for (`served`:
+# the member that answered, `none` when every member failed), by why the first member was left; and
+# each chain member's circuit breaker (chat/llm/breaker.py) as this process last saw it.
+FALLBACKS = Counter("r2d2_fallbacks", "Turns a fallback chain moved on", ["requested", "served", "reason"])
+CIRCUIT_OPEN = Gauge(
+    "r2d2_circuit_open", "1 while a circuit breaker is open", ["upstream", "model"], multiprocess_mode="livemax"
+)
 
 
 # Hooks (one line at each call site) -------------------------------------------
@@ -96,6 +103,14 @@ def turn_failed(code: str) -> None:
 
 def rejected(code: str) -> None:
     REJECTED_FRAMES.labels(code).inc()
+
+
+def fell_back(requested: str, served: str, reason: str) -> None:
+    FALLBACKS.labels(requested, served, reason).inc()
+
+
+def circuit(upstream: str, model: str, *, is_open: bool) -> None:
+    CIRCUIT_OPEN.labels(upstream, model).set(1 if is_open else 0)
 
 
 def _since(reply: Reply) -> float:

@@ -317,9 +317,14 @@ class Conversation:
         stopped: MessageStatus | None = None
         self._generating, self._stop = True, None
         try:
-            cap = queued.reservation.max_output_tokens if queued.reservation is not None else None
+            reservation = queued.reservation
             chunks = llm.generate(
-                model=self.model, messages=request, stream=queued.stream, reply=reply, max_output_tokens=cap
+                model=self.model,
+                messages=request,
+                stream=queued.stream,
+                reply=reply,
+                max_output_tokens=reservation.max_output_tokens if reservation is not None else None,
+                unusable=reservation.unusable if reservation is not None else None,
             )
             async for chunk in chunks:
                 await self._said(repair.feed(chunk), queued.stream, draft)
@@ -442,8 +447,14 @@ class _Draft:
             "status": status,
         }
         if self.row_id is None:
+            # The model that answered (a fallback chain's member), and the one asked for.
             self.row_id = await messages.save_reply(
-                self.lease, reply_to=self.reply_to, content=text, model=self.model, **usage
+                self.lease,
+                reply_to=self.reply_to,
+                content=text,
+                model=self.reply.model or self.model,
+                requested_model=self.model,
+                **usage,
             )
         else:
             await messages.extend_reply(self.lease, row_id=self.row_id, more=text[self._saved_chars :], **usage)
