@@ -90,7 +90,7 @@ async def generate(
     keys = [breaker.Member(m, provider.name, sent) for m, (provider, sent) in zip(members, routes, strict=True)]
     states = await breaker.look(keys)
     order = [i for i, state in enumerate(states) if state != breaker.State.OPEN] or list(range(len(members)))
-    first_reason = ""
+    first_reason = "circuit_open" if order[0] != 0 else ""  # the model asked for was skipped
     for position, index in enumerate(order):
         member, key, last = members[index], keys[index], position == len(order) - 1
         reply.model, reply.headers_received = member, False

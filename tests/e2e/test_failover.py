@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -53,7 +54,10 @@ def primary(fake_llm: FakeLLM) -> Iterator[FakeLLM]:
 
 
 def chain_env(alt: FakeLLM, **overrides: str) -> dict[str, str]:
+    """A server's environment with the chain gpt-3.5-turbo → alt/gpt-4o-mini. Its own channel prefix, so
+    breakers in Redis start closed for each test (the servers of one test share them)."""
     env = {
+        "R2D2_CHANNEL_PREFIX": f"r2d2-failover-{uuid.uuid4().hex[:8]}",
         "R2D2_UPSTREAMS": f"alt={alt.url}",
         "R2D2_UPSTREAM_ALT_API_KEY": ALT_KEY,
         "R2D2_FALLBACKS": f"{PRIMARY}={ALTERNATE}",
