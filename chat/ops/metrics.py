@@ -19,7 +19,7 @@ redirecting it to HTTPS nor refusing that Host leaves anything to scrape.
 Tokens and cost are labelled by model, but a client may name any model when no list
 limits them: the label is the model only when the server's configuration names it
 (R2D2_DEFAULT_MODEL, R2D2_ALLOWED_MODELS, R2D2_QUOTA_MODELS, R2D2_BEDROCK_MODELS,
-R2D2_MODEL_PRICES), `other` otherwise, so a client cannot grow the label set.
+R2D2_MODEL_PRICES, R2D2_FALLBACKS), `other` otherwise, so a client cannot grow the label set.
 """
 
 from __future__ import annotations
@@ -129,12 +129,15 @@ def _model_settings() -> tuple:
         tuple(settings.R2D2_QUOTA_MODELS),
         tuple(settings.R2D2_BEDROCK_MODELS),
         settings.R2D2_MODEL_PRICES,
+        tuple((model, *alternates) for model, alternates in settings.R2D2_FALLBACKS.items()),
     )
 
 
 @functools.lru_cache(maxsize=4)
-def _configured_models(default: str, allowed: tuple, quota: tuple, bedrock: tuple, priced: str) -> frozenset[str]:
-    return frozenset({default, *allowed, *quota, *bedrock, *_price_table(priced)})
+def _configured_models(
+    default: str, allowed: tuple, quota: tuple, bedrock: tuple, priced: str, chains: tuple
+) -> frozenset[str]:
+    return frozenset({default, *allowed, *quota, *bedrock, *_price_table(priced), *(m for c in chains for m in c)})
 
 
 @functools.lru_cache(maxsize=4)

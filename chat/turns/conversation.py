@@ -56,7 +56,16 @@ def streaming_rows() -> set[int]:
 class _Queued:
     """A message accepted (its row saved as `accepted`) and waiting for its turn."""
 
-    __slots__ = ("content", "system_message", "stream", "row_id", "started", "reservation")
+    __slots__ = (
+        "content",
+        "system_message",
+        "stream",
+        "row_id",
+        "started",
+        "reservation",
+        "report_model",
+        "answered_by",
+    )
 
     def __init__(
         self,
@@ -66,12 +75,17 @@ class _Queued:
         row_id: int,
         started: bool,
         reservation: Reservation | None,
+        report_model: bool = False,
     ) -> None:
         self.content, self.system_message, self.stream, self.row_id = content, system_message, stream, row_id
         self.started = started  # saved as `started` already
         # Its quota reservation (chat/accounts/quotas.py): settled once its turn has called the model,
         # released when it never does (refused, or the queue dropped).
         self.reservation = reservation
+        # The client asked to be told which model answered (in processing_end); not kept in the row, so a
+        # holder that takes the session over does not tell it.
+        self.report_model = report_model
+        self.answered_by: str | None = None
 
 
 class Conversation:
@@ -158,7 +172,11 @@ class Conversation:
         except messages.Duplicate:
             await self.refuse_duplicate(post.client_message_id)
             raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
-        self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id, starts_now, reservation))
+        self._queue(
+            _Queued(
+                post.user_message, post.system_message, post.stream, row_id, starts_now, reservation, post.report_model
+            )
+        )
 
     async def refuse_duplicate(self, client_message_id: str) -> None:
         """A resend of a message this session already has (on any socket or process): refused with
@@ -291,7 +309,10 @@ class Conversation:
             logger.exception("turn failed", extra={"session_id": str(self.session_id)})
             await self._mark_failed(queued.row_id)
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
-        await self._send_quietly(protocol.processing_end())
+        if queued.report_model:
+            await self._send_quietly(protocol.processing_end_with_model(queued.answered_by))
+        else:
+            await self._send_quietly(protocol.processing_end())
 
     async def _answer(self, queued: _Queued) -> None:
         # Daphne (Twisted) writes a frame on the loop's next writable callback,
@@ -339,6 +360,8 @@ class Conversation:
             raise
         finally:
             self._generating = False
+            if draft.said:
+                queued.answered_by = reply.model
             if queued.reservation is not None:  # charged what the model call cost, whatever came of it
                 queued.reservation.settle_soon(reply, request, draft.text)
 

@@ -14,7 +14,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.accounts import auth
-from chat.models import ChatMessage, MessageStatus
+from chat.models import ChatMessage, ChatSession, MessageStatus
 from tests.client import ProtocolClient
 from tests.conftest import bedrock_env, free_port
 from tests.fake_bedrock import BedrockScript
@@ -237,3 +237,38 @@ async def test_without_a_model_the_offline_responder_is_no_alternate(daphne_fact
     assert frames[-2]["data"]["code"] == "upstream_server_error", frames
     assert "offline responder" not in str(frames)
     await client.close()
+
+
+async def test_a_client_that_asks_learns_which_model_answered_and_others_see_the_seed_bytes(
+    daphne_factory, primary, alt
+):
+    server = daphne_factory(**chain_env(alt))
+    primary.defaults = Script(status=503)
+    client = await ProtocolClient.connect(server.url)
+    session_id = await client.start_session()
+    await client.post(session_id, "which?", report_model=True)
+    assert client.received[-1] == '{"type": "processing_end", "data": {"model": "alt/gpt-4o-mini"}}'
+    await client.post(session_id, "plain", stream=True)
+    assert client.received[-1] == '{"type": "processing_end", "data": null}'
+    primary.defaults = Script()
+    alt.defaults = Script(status=400)
+    await client.post(session_id, "answered by the model asked for", report_model=True)
+    assert client.received[-1] == '{"type": "processing_end", "data": {"model": "gpt-3.5-turbo"}}'
+    primary.defaults = Script(status=400)
+    frames = await client.post(session_id, "answered by none", report_model=True)
+    assert frames[-2]["data"]["code"] == "upstream_bad_request"
+    assert client.received[-1] == '{"type": "processing_end", "data": {"model": null}}'
+    await client.close()
+
+
+def test_the_admin_shows_the_model_that_answered_when_it_is_not_the_one_asked_for(admin_client):
+    session = ChatSession.objects.create(model=PRIMARY)
+    question = ChatMessage.objects.create(session=session, role="user", content="q")
+    ChatMessage.objects.create(
+        session=session, role="assistant", content="a", model=ALTERNATE, requested_model=PRIMARY, reply_to=question
+    )
+    ChatMessage.objects.create(session=session, role="user", content="q2")
+    ChatMessage.objects.create(session=session, role="assistant", content="b", model=PRIMARY, requested_model=PRIMARY)
+    page = admin_client.get(f"/admin/chat/chatsession/{session.id}/change/").content.decode()
+    assert page.count("answered by") == 1
+    assert f"answered by {ALTERNATE}, asked {PRIMARY}" in page
