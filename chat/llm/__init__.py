@@ -68,8 +68,8 @@ async def generate(
     max_output_tokens: int | None = None,
     unusable: Callable[[str], str | None] | None = None,
 ) -> AsyncIterator[str]:
-    """Yield the reply's text chunks (one chunk when not streaming, unless `model` has alternates),
-    filling `reply` (`reply.model`: the member that answered).
+    """Yield the reply's text chunks (one chunk when not streaming), filling `reply` (`reply.model`:
+    the member that answered).
 
     `max_output_tokens` is sent as the request's output limit (a key's cap); `unusable` says why
     the principal may not use an alternate (skipped), or None. Cancelling the consuming task
@@ -95,6 +95,9 @@ async def generate(
         member, key, last = members[index], keys[index], position == len(order) - 1
         reply.model, reply.headers_received = member, False
         said = False
+        # A plain turn's text is handed on whole, as without a chain (one chunk: the caller's work per chunk
+        # is for streamed turns).
+        parts: list[str] | None = None if stream else []
         try:
             within = deadlines if last else deadlines.within(settings.R2D2_FAILOVER_FIRST_CHUNK_SECONDS)
             async for chunk in _attempts(member, messages, True, reply, within, max_output_tokens, retry=last):
@@ -102,7 +105,12 @@ async def generate(
                     said = True
                     if states[index] == breaker.State.PROBE:
                         await breaker.probe_succeeded(key)
-                yield chunk
+                if parts is None:
+                    yield chunk
+                else:
+                    parts.append(chunk)
+            if parts:
+                yield "".join(parts)
         except UpstreamError as exc:
             if router.counts_against(exc):
                 await breaker.failed(key)
@@ -110,6 +118,8 @@ async def generate(
             if reason is None:
                 if first_reason:
                     metrics.fell_back(model, "none", first_reason)
+                if parts:
+                    yield "".join(parts)  # what the model said before it failed is kept, as for a streamed turn
                 raise
             first_reason = first_reason or reason
             extra = {"requested": model, "member": member, "reason": reason, "next": members[order[position + 1]]}

@@ -158,6 +158,8 @@ async def test_a_plain_turn_cut_after_its_first_chunk_is_not_answered_again(daph
     frames = await client.post(session_id, "one two three four five")
     assert frames[-2]["data"]["code"] == "upstream_stream_interrupted"
     assert alt.requests == [] and primary.requests[0].body["stream"] is True
+    [row] = await replies(session_id)
+    assert (row.content, row.status) == ("Echo: one ", MessageStatus.INTERRUPTED)  # kept, as a streamed turn's
     await client.close()
 
 
