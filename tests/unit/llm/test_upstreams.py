@@ -107,3 +107,37 @@ def test_a_chain_leaves_out_what_the_principal_may_not_use_and_the_offline_respo
     refuse_bedrock = {"bedrock/nova": "not in the key's models"}.get
     assert router.chain("azure/gpt-4o", refuse_bedrock) == ["azure/gpt-4o", "azure/gpt-4o-mini"]
     assert router.chain("gpt-4o") == ["gpt-4o"]  # no chain of its own
+
+
+@pytest.mark.parametrize("key", ["sk-alt", ""], ids=["own key", "no key"])
+async def test_an_upstream_gets_its_own_key_or_none_and_the_model_without_its_prefix(fake_llm, settings, key):
+    from chat.llm.base import Deadlines, Reply
+
+    settings.R2D2_UPSTREAMS = upstreams.parse(f"alt={fake_llm.url}", {"R2D2_UPSTREAM_ALT_API_KEY": key})
+    settings.OPENAI_ORG_ID = "org-1"  # OpenAI's own headers go to the default upstream only
+    provider, sent = router.route("alt/gpt-4o")
+    try:
+        reply = Reply()
+        chunks = provider.generate(
+            model=sent,
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            reply=reply,
+            deadlines=Deadlines(first=10, idle=10, whole=10),
+        )
+        assert "".join([c async for c in chunks]) == "Echo: hi"
+    finally:
+        await provider.close()
+    [request] = fake_llm.requests
+    assert request.body["model"] == "gpt-4o"
+    assert request.headers.get("Authorization") == (f"Bearer {key}" if key else None)
+    assert "OpenAI-Organization" not in request.headers
+
+
+async def test_the_default_upstream_sends_openais_organization_and_project(fake_llm, settings):
+    from chat.llm.openai_compat import headers, upstream
+
+    settings.OPENAI_ORG_ID, settings.OPENAI_PROJECT_ID = "org-1", "proj-1"
+    sent = headers(upstream())
+    assert (sent["OpenAI-Organization"], sent["OpenAI-Project"]) == ("org-1", "proj-1")
+    assert sent["Authorization"].startswith("Bearer sk-test")
