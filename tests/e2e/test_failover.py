@@ -132,6 +132,20 @@ async def test_every_turn_on_a_failing_primary_is_answered_by_the_alternate_at_i
     await client.close()
 
 
+async def test_the_first_chunk_limit_never_cuts_a_healthy_long_reply(daphne_factory, primary, alt):
+    """A plain reply that takes 1.5 s to generate, on a chain with a 0.5 s first-chunk limit: the primary
+    answers it whole (its upstream call streams, so the limit applies to the first token only)."""
+    server = daphne_factory(**chain_env(alt))
+    primary.enqueue(Script(text=" ".join(f"w{n}" for n in range(16)), token_delay=0.1))
+    client = await ProtocolClient.connect(server.url)
+    session_id = await client.start_session()
+    frames = await client.post(session_id, "a long one")
+    assert frames[-2] == {"type": "message", "data": " ".join(f"w{n}" for n in range(16))}
+    assert alt.requests == []
+    assert [r.model for r in await replies(session_id)] == [PRIMARY]
+    await client.close()
+
+
 async def test_a_cut_mid_stream_is_not_answered_again(daphne_factory, primary, alt):
     """Text reached the client: the failure ends the turn as without a chain, what was said is saved."""
     server = daphne_factory(**chain_env(alt))
