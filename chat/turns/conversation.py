@@ -1,10 +1,8 @@
 """One live session's turns: accepted, queued, answered one at a time, cancellable.
 
-A `Conversation` belongs to the consumer that holds the session and owns every
-turn from end to end: it saves the user's message when it is accepted, builds the
-prompt, calls the model, saves the reply and sends it. It keeps the session's
-history in memory (the holder of a session is its only writer, so the database
-need not be read back each turn).
+A `Conversation` belongs to the session's holder and owns every turn from end to end: it saves
+the user's message when it is accepted, builds the prompt, calls the model, saves the reply and
+sends it. It keeps the session's history in memory (the holder is its only writer).
 
 A turn always ends: whatever fails after `processing_start` (the model, saving,
 encoding, sending, a bug), the client gets one `error` frame and then
@@ -45,10 +43,9 @@ class Reservation(Protocol):
     max_output_tokens: int | None
 
     async def cover(self, request: Sequence[dict[str, str]]) -> None: ...
-
     def settle_soon(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> None: ...
-
     def release(self) -> None: ...
+    def unusable(self, model: str) -> str | None: ...  # why the principal may not use a chain's alternate
 
 
 Send = Callable[[str], Awaitable[None]]
@@ -67,7 +64,16 @@ def streaming_rows() -> set[int]:
 class _Queued:
     """A message accepted (its row saved as `accepted`) and waiting for its turn."""
 
-    __slots__ = ("content", "system_message", "stream", "row_id", "started", "reservation")
+    __slots__ = (
+        "content",
+        "system_message",
+        "stream",
+        "row_id",
+        "started",
+        "reservation",
+        "report_model",
+        "answered_by",
+    )
 
     def __init__(
         self,
@@ -77,12 +83,17 @@ class _Queued:
         row_id: int,
         started: bool,
         reservation: Reservation | None,
+        report_model: bool = False,
     ) -> None:
         self.content, self.system_message, self.stream, self.row_id = content, system_message, stream, row_id
         self.started = started  # saved as `started` already
         # Its quota reservation (chat/accounts/reservations.py): settled once its turn has called the model,
         # released when it never does (refused, or the queue dropped).
         self.reservation = reservation
+        # The client asked to be told which model answered (in processing_end); not kept in the row, so a
+        # holder that takes the session over does not tell it.
+        self.report_model = report_model
+        self.answered_by: str | None = None
 
 
 class Conversation:
@@ -169,7 +180,11 @@ class Conversation:
         except messages.Duplicate:
             await self.refuse_duplicate(post.client_message_id)
             raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
-        self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id, starts_now, reservation))
+        self._queue(
+            _Queued(
+                post.user_message, post.system_message, post.stream, row_id, starts_now, reservation, post.report_model
+            )
+        )
 
     async def refuse_duplicate(self, client_message_id: str) -> None:
         """A resend of a message this session already has (on any socket or process): refused with
@@ -302,7 +317,10 @@ class Conversation:
             logger.exception("turn failed", extra={"session_id": str(self.session_id)})
             await self._mark_failed(queued.row_id)
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
-        await self._send_quietly(protocol.processing_end())
+        if queued.report_model:
+            await self._send_quietly(protocol.processing_end_with_model(queued.answered_by))
+        else:
+            await self._send_quietly(protocol.processing_end())
 
     async def _answer(self, queued: _Queued) -> None:
         # Daphne (Twisted) writes a frame on the loop's next writable callback,
@@ -328,9 +346,14 @@ class Conversation:
         stopped: MessageStatus | None = None
         self._generating, self._stop = True, None
         try:
-            cap = queued.reservation.max_output_tokens if queued.reservation is not None else None
+            reservation = queued.reservation
             chunks = llm.generate(
-                model=self.model, messages=request, stream=queued.stream, reply=reply, max_output_tokens=cap
+                model=self.model,
+                messages=request,
+                stream=queued.stream,
+                reply=reply,
+                max_output_tokens=reservation.max_output_tokens if reservation is not None else None,
+                unusable=reservation.unusable if reservation is not None else None,
             )
             async for chunk in chunks:
                 await self._said(repair.feed(chunk), queued.stream, draft)
@@ -345,6 +368,8 @@ class Conversation:
             raise
         finally:
             self._generating = False
+            if draft.said:
+                queued.answered_by = reply.model
             if queued.reservation is not None:  # charged what the model call cost, whatever came of it
                 queued.reservation.settle_soon(reply, request, draft.text)
 
@@ -453,8 +478,14 @@ class _Draft:
             "status": status,
         }
         if self.row_id is None:
+            # The model that answered (a fallback chain's member), and the one asked for.
             self.row_id = await messages.save_reply(
-                self.lease, reply_to=self.reply_to, content=text, model=self.model, **usage
+                self.lease,
+                reply_to=self.reply_to,
+                content=text,
+                model=self.reply.model or self.model,
+                requested_model=self.model,
+                **usage,
             )
         else:
             await messages.extend_reply(self.lease, row_id=self.row_id, more=text[self._saved_chars :], **usage)

@@ -30,18 +30,18 @@ _HELD = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s)"
 _HELD_LIVE = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s AND ended_at IS NULL)"
 _COLUMNS = (
     "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms, "
-    "reply_to_id, client_message_id, stream)"
+    "reply_to_id, client_message_id, stream, requested_model)"
 )
 
 # The ORM would need two round trips (a SELECT for "still ours?" then the INSERT): this is
 # the hot path of every turn, so each write is one statement that checks the fence itself.
 _INSERT_USER = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s WHERE {_HELD_LIVE} RETURNING id"
+    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s, '' WHERE {_HELD_LIVE} RETURNING id"
 )
 _INSERT_REPLY = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE WHERE {_HELD} RETURNING id"
+    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE, %s WHERE {_HELD} RETURNING id"
 )
 _EXTEND_REPLY = (
     f"UPDATE {_MESSAGES} SET content = content || %s, "
@@ -163,10 +163,12 @@ async def save_reply(
     completion_tokens: int | None,
     latency_ms: int | None,
     status: MessageStatus = MessageStatus.COMPLETE,
+    requested_model: str = "",
 ) -> int:
-    """Save the model's reply to the user message `reply_to` as a new row; returns its id."""
+    """Save the model's reply to the user message `reply_to` as a new row; returns its id. `model`: the
+    model that answered; `requested_model`: the one asked for (they differ when a fallback chain moved on)."""
     params = (lease.session_id, Role.ASSISTANT.value, content, timezone.now(), status.value, model)
-    usage = (prompt_tokens, completion_tokens, latency_ms, reply_to)
+    usage = (prompt_tokens, completion_tokens, latency_ms, reply_to, requested_model)
     row_id = await _run(_INSERT_REPLY, (*params, *usage, lease.session_id, lease.fence), returning=True)
     if row_id is None:
         raise Fenced()
@@ -257,6 +259,3 @@ async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
         ~Exists(replies)
     )
     return [Unanswered(row_id=r.id, content=r.content, stream=r.stream) async for r in rows.order_by("id")]
-
-
-

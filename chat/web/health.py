@@ -11,6 +11,7 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from chat.edge.early import EarlyMiddleware
+from chat.sessions import drain
 
 
 class HealthCheckMiddleware(EarlyMiddleware):
@@ -49,8 +50,6 @@ async def healthz(request: HttpRequest) -> JsonResponse:
         checks["channel_layer"] = "ok"
     except Exception as exc:
         checks["channel_layer"] = type(exc).__name__
-    from chat.sessions import drain  # here: the settings load this module, and drain imports the model client
-
     if drain.draining:  # stopping (SIGTERM): the load balancer should send new connections elsewhere
         checks["process"] = "draining"
     healthy = all(value == "ok" for value in checks.values())

@@ -64,5 +64,8 @@ def test_requirements_install_into_a_clean_venv(tmp_path):
         timeout=120,
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    imports = "import channels_redis.core, daphne.server, openai, psycopg_pool, boto3, whitenoise, r2d2site.asgi"
+    imports = (
+        "import channels_redis.core, daphne.server, psycopg_pool, boto3, whitenoise, r2d2site.asgi, "
+        "chat.llm.openai_compat"
+    )
     assert subprocess.run([python, "-c", imports], cwd=ROOT, env=env, timeout=120).returncode == 0
