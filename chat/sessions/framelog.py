@@ -7,11 +7,40 @@ Two places, for two kinds of resume:
   connection that comes back through the same instance) is served from here; it
   needs no Redis and survives a Redis restart.
 - `SharedLog`: with REDIS_URL, every frame is also appended to a Redis Stream,
-  `r2d2:frames:<session hex>`, whose entry ids are the frames' seqs (`<seq>-0`), so
-  Redis itself refuses a seq written twice or out of order. Another process reads
-  it to replay and to tail a session it is taking over, and reads the last seq
-  from it when it becomes the holder. The key expires R2D2_RESUME_WINDOW_SECONDS
-  after the last frame, and keeps at most MAX_FRAMES.
+  `r2d2:frames:<session hex>`, whose entry ids are the frames' seqs (`<seq>-0`).
+  Another process reads it to replay and to tail a session it is taking over, and
+  reads the last seq from it when it becomes the holder. Beside the stream, a hash
+  (`…:meta`) keeps the session's fence (the lease's, chat/turns/messages.py) and
+  the seq the log starts at. Both expire R2D2_RESUME_WINDOW_SECONDS + 60 s after the
+  last append; the stream keeps about MAX_FRAMES.
+
+The log has no holes (issue 26). Redis refuses a stream id at or below the last one
+but accepts a jump, so the append is one Lua script (APPEND, one call per batch of
+the process's appends) that, per session, refuses a fence lower than the one
+recorded (a fenced-out holder's late frames are never written; a higher fence takes
+over), skips the seqs already there (a retry is harmless) and appends only the seq
+that follows the log's last one, answering where the log now ends. The holder's
+`LogWriter` writes its session's frames in seq order from LocalFrames:
+
+- Healthy, a frame reaches the holder's socket once the log holds it (so whatever a
+  client has seen, a take-over elsewhere can replay), waiting at most STALL_SECONDS.
+- An append that fails (Redis restarting, a connection reset) or is slower than
+  that: the log *lags*. The holder's socket gets its frames without waiting (the
+  conversation does not stop), and a background pump retries from the first frame
+  the log lacks, in order, with backoff (BACKOFF_SECONDS up to MAX_BACKOFF_SECONDS);
+  later frames queue behind it. It gives up after R2D2_RESUME_WINDOW_SECONDS (the
+  frames are of no use to a resume any more).
+- Where the log ends before the frames the holder sends (Redis restarted empty, or a
+  failover lost its tail), the pump writes back what LocalFrames keeps. When memory
+  no longer has the frames right after the log's end, the log restarts at the first
+  frame kept, and `start` records it: a reader asking from below is told the frames
+  are no longer kept, not served a hole.
+
+A reader (chat/sessions/resume.py) checks that the frames it replays or forwards run
+on from the seq it asked for (`first_missing`). While the log lags behind a live
+holder, a resume elsewhere waits for it to catch up (the holder is asked to check
+its log, `check`), and is refused `resume_unavailable` past that wait; a hole found
+after `session_resumed` ends the resume with `session_end` `resume_failed`.
 """
 
 from __future__ import annotations
@@ -20,9 +49,13 @@ import asyncio
 import logging
 import uuid
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 from django.conf import settings
+
+from chat.ops import throttle
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +63,66 @@ logger = logging.getLogger(__name__)
 #: (its transcript is in the database all the same).
 MAX_FRAMES = 10_000
 
+#: How long a frame waits for the log before it goes to the holder's socket all the same (the log lags).
+STALL_SECONDS = 0.5
+#: The lagging log's retries: the first pause, doubled after each failure up to the last.
+BACKOFF_SECONDS = 0.05
+MAX_BACKOFF_SECONDS = 1.0
+#: How long a holder letting a session go (a hand-over, a drain) waits for its log to hold every frame.
+FLUSH_SECONDS = 10.0
+#: Frames per append when the log catches up (one script call: Redis does nothing else meanwhile).
+CATCH_UP_FRAMES = 1_000
+
 Frame = tuple[int, str]  # (seq, the frame's text)
+
+# KEYS: per session, its stream then its meta hash. ARGV: the keys' ttl, the stream's length cap, then per
+# session: its fence, 1 to restart the log at its first frame when the log ends before it (else 0), how many
+# frames, then each frame's seq and text, in order. Answers, per session: {last, 0} (where the log ends now),
+# or {-1, fence} (a higher fence holds the session: nothing was written).
+APPEND = """
+local ttl, cap = ARGV[1], tonumber(ARGV[2])
+local answers, a = {}, 3
+for k = 1, #KEYS, 2 do
+  local stream, meta = KEYS[k], KEYS[k + 1]
+  local fence, reset, n = tonumber(ARGV[a]), ARGV[a + 1] == '1', tonumber(ARGV[a + 2])
+  local first = a + 3
+  a = first + 2 * n
+  local held = tonumber(redis.call('HGET', meta, 'fence') or '0')
+  if fence < held then
+    answers[#answers + 1] = {-1, held}
+  else
+    if fence > held then redis.call('HSET', meta, 'fence', fence) end
+    local last = 0
+    local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    if #top > 0 then last = tonumber(string.match(top[1][1], '^%d+')) end
+    local fresh = last == 0
+    if n > 0 and reset and last < tonumber(ARGV[first]) - 1 then
+      redis.call('DEL', stream)
+      last, fresh = tonumber(ARGV[first]) - 1, true
+    end
+    local added = false
+    for i = first, first + 2 * n - 1, 2 do
+      local seq = tonumber(ARGV[i])
+      if seq == last + 1 then
+        redis.call('XADD', stream, ARGV[i] .. '-0', 'f', ARGV[i + 1])
+        if fresh then redis.call('HSET', meta, 'start', seq); fresh = false end
+        last, added = seq, true
+      elseif seq > last + 1 then
+        break
+      end
+    end
+    if added and redis.call('XLEN', stream) > cap then
+      redis.call('XTRIM', stream, 'MAXLEN', '~', cap)
+      local bottom = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+      redis.call('HSET', meta, 'start', tonumber(string.match(bottom[1][1], '^%d+')))
+    end
+    redis.call('EXPIRE', stream, ttl)
+    redis.call('EXPIRE', meta, ttl)
+    answers[#answers + 1] = {last, 0}
+  end
+end
+return answers
+"""
 
 
 class LocalFrames:
@@ -48,14 +140,39 @@ class LocalFrames:
         while self._frames and (len(self._frames) > MAX_FRAMES or self._frames[0][1] < horizon):
             self._frames.popleft()
 
+    @property
+    def first(self) -> int | None:
+        """The seq of the oldest frame kept (None: none)."""
+        return self._frames[0][0] if self._frames else None
+
     def after(self, seq: int, upto: int) -> list[Frame] | None:
         """Frames seq+1 … upto, or None when some of them are no longer kept."""
         if seq >= upto:
             return []
         frames = [(s, text) for s, _, text in self._frames if seq < s <= upto]
-        if not frames or frames[0][0] != seq + 1 or frames[-1][0] != upto:
+        if not frames or first_missing(frames, seq) is not None or frames[-1][0] != upto:
             return None
         return frames
+
+
+def first_missing(frames: list[Frame], after: int) -> int | None:
+    """The first seq missing from `frames` for them to run on from `after` (after+1, after+2, …); None
+    when they do. Every reader checks this: a hole is never forwarded."""
+    expected = after + 1
+    for seq, _ in frames:
+        if seq != expected:
+            return expected
+        expected += 1
+    return None
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a session's log holds: the seq it starts at and ends at (0, 0 when empty), and the frames asked for."""
+
+    start: int
+    last: int
+    frames: list[Frame]
 
 
 class SharedLog:
@@ -64,9 +181,9 @@ class SharedLog:
     def __init__(self, url: str) -> None:
         self.url = url
         self._clients: WeakKeyDictionary[asyncio.AbstractEventLoop, object] = WeakKeyDictionary()
-        self._batches: dict[asyncio.AbstractEventLoop, tuple[list[tuple[uuid.UUID, int, str]], asyncio.Future]] = {}
+        self._batches: dict[asyncio.AbstractEventLoop, list[_Append]] = {}
         self._committing: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
-        self._renewed: dict[uuid.UUID, float] = {}  # when each session's key last had its expiry renewed
+        self._script = None
 
     def _redis(self):
         # One client per event loop: a redis.asyncio connection belongs to the loop that opened it.
@@ -82,62 +199,260 @@ class SharedLog:
     def key(session_id: uuid.UUID) -> str:
         return f"r2d2:frames:{session_id.hex}"
 
-    async def append(self, session_id: uuid.UUID, seq: int, frame: str) -> None:
-        """Append one frame, returning once Redis holds it; a failure (Redis restarting) is logged and
-        the frame stays only in the holder's memory: the conversation must not stop for it.
+    def _meta(self, session_id: uuid.UUID) -> str:
+        return f"{self.key(session_id)}:meta"
 
-        Appends made while a write is in flight are committed together by one pipeline (a group
-        commit): one round trip per batch instead of one per frame (measured: 0.60x the turns/s of
-        plain sessions with a round trip per frame, 100 streaming sessions on one process)."""
+    def append(
+        self, session_id: uuid.UUID, fence: int, frames: list[Frame], *, reset: bool = False
+    ) -> asyncio.Future[int]:
+        """Append `frames` (in seq order) to the session's log under `fence`. The future gives the seq the log
+        ends at after it (below the frames' last: the log lacks what comes before them), raises `Fenced` (a
+        higher fence holds the session: nothing was written) or Redis's error (nothing known).
+
+        Appends made while a script is in flight are sent together in the next (a group commit): one round
+        trip per batch instead of one per frame (measured: 0.60x the turns/s of plain sessions with a round
+        trip per frame, 100 streaming sessions on one process)."""
         loop = asyncio.get_running_loop()
         batch = self._batches.get(loop)
         if batch is None:
-            batch = self._batches[loop] = ([], loop.create_future())
+            batch = self._batches[loop] = []
             task = loop.create_task(self._commit(loop))
             self._committing.add(task)
             task.add_done_callback(self._committing.discard)
-        batch[0].append((session_id, seq, frame))
-        await asyncio.shield(batch[1])
+        done = loop.create_future()
+        batch.append(_Append(session_id, fence, frames, reset, done))
+        return done
 
     async def _commit(self, loop: asyncio.AbstractEventLoop) -> None:
         await asyncio.sleep(0)  # let the other sessions' frames of this loop turn join
-        entries, done = self._batches.pop(loop)
-        ttl = max(1, int(settings.R2D2_RESUME_WINDOW_SECONDS) + 60)
-        now = loop.time()
-        if len(self._renewed) > 10_000:  # forget sessions renewed long ago (most have ended)
-            self._renewed = {key: when for key, when in self._renewed.items() if now - when < 60}
+        batch = self._batches.pop(loop)
+        keys: list[str] = []
+        args: list[int | str] = [max(1, int(settings.R2D2_RESUME_WINDOW_SECONDS) + 60), MAX_FRAMES]
+        for entry in batch:
+            keys += [self.key(entry.session_id), self._meta(entry.session_id)]
+            args += [entry.fence, int(entry.reset), len(entry.frames)]
+            for seq, text in entry.frames:
+                args += [seq, text]
         try:
-            async with self._redis().pipeline(transaction=False) as pipe:
-                for session_id, seq, frame in entries:
-                    pipe.xadd(self.key(session_id), {"f": frame}, id=f"{seq}-0", maxlen=MAX_FRAMES, approximate=True)
-                # The key outlives the window by a minute: renewing it once a minute per session is enough.
-                for session_id in {session_id for session_id, _, _ in entries}:
-                    if now - self._renewed.get(session_id, float("-inf")) >= 60:
-                        self._renewed[session_id] = now
-                        pipe.expire(self.key(session_id), ttl)
-                await pipe.execute(raise_on_error=False)
+            client = self._redis()
+            if self._script is None:
+                self._script = client.register_script(APPEND)
+            answers = await self._script(keys=keys, args=args, client=client)
         except Exception as exc:
-            logger.warning("frame log append failed", extra={"frames": len(entries), "error": type(exc).__name__})
-        done.set_result(None)
+            for entry in batch:
+                entry.done.set_exception(exc)
+            return
+        for entry, (last, fence) in zip(batch, answers, strict=True):
+            if last < 0:
+                entry.done.set_exception(Fenced(fence))
+            else:
+                entry.done.set_result(last)
 
-    async def after(self, session_id: uuid.UUID, seq: int) -> list[Frame]:
-        """Every kept frame with a seq above `seq`, in order."""
-        entries = await self._redis().xrange(self.key(session_id), min=f"{seq + 1}-0", max="+")
-        return [_frame(entry) for entry in entries]
+    async def fence(self, session_id: uuid.UUID, fence: int) -> int:
+        """Record `fence` as the session's (a new holder's, on taking it over): from now on the log refuses the
+        old holder's appends. The seq the log ends at."""
+        return await self.append(session_id, fence, [])
+
+    async def after(self, session_id: uuid.UUID, seq: int) -> Kept:
+        """Every kept frame with a seq above `seq`, in order, with where the log starts and ends."""
+        key = self.key(session_id)
+        async with self._redis().pipeline(transaction=True) as pipe:
+            pipe.hget(self._meta(session_id), "start")
+            pipe.xrange(key, min="-", max="+", count=1)
+            pipe.xrevrange(key, max="+", min="-", count=1)
+            pipe.xrange(key, min=f"{seq + 1}-0", max="+")
+            start, bottom, top, entries = await pipe.execute()
+        last = _frame(top[0])[0] if top else 0
+        # A log written before issue 26 has no recorded start: its first entry is where it starts.
+        first = max(int(start or 0), _frame(bottom[0])[0]) if bottom else 0
+        return Kept(start=first, last=last, frames=[_frame(entry) for entry in entries])
 
     async def tail(self, session_id: uuid.UUID, seq: int, block_ms: int) -> list[Frame]:
         """Frames above `seq`, waiting up to `block_ms` for the first one."""
         found = await self._redis().xread({self.key(session_id): f"{seq}-0"}, block=block_ms)
         return [_frame(entry) for _, entries in found for entry in entries]
 
-    async def last_seq(self, session_id: uuid.UUID) -> int:
-        entries = await self._redis().xrevrange(self.key(session_id), max="+", min="-", count=1)
-        return _frame(entries[0])[0] if entries else 0
-
     async def close(self) -> None:
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Append:
+    session_id: uuid.UUID
+    fence: int
+    frames: list[Frame]
+    reset: bool
+    done: asyncio.Future[int]
+
+
+class Fenced(Exception):
+    """The log is held under a higher fence: another process took the session over."""
+
+    def __init__(self, fence: int) -> None:
+        super().__init__(fence)
+        self.fence = fence
+
+
+class LogWriter:
+    """Writes one held session's frames to the shared log, in seq order, from its LocalFrames (see the module
+    docstring): inline while the log keeps up, by a background pump while it lags."""
+
+    __slots__ = (
+        "log",
+        "session_id",
+        "fence",
+        "local",
+        "produced",
+        "logged",
+        "_on_fenced",
+        "_pump",
+        "_inline",
+        "_check",
+        "_closed",
+    )
+
+    def __init__(
+        self,
+        log: SharedLog,
+        *,
+        session_id: uuid.UUID,
+        fence: int,
+        local: LocalFrames,
+        logged: int,
+        on_fenced: Callable[[], None],
+    ) -> None:
+        self.log = log
+        self.session_id = session_id
+        self.fence = fence
+        self.local = local
+        self.produced = logged  # the last seq this holder produced (it is in `local`)
+        self.logged = logged  # where the log ended at its last answer
+        self._on_fenced = on_fenced
+        self._pump: asyncio.Task[None] | None = None
+        self._inline = False  # an inline append is in flight
+        self._check = False  # a reader found the log short: check where it ends
+        self._closed = False
+
+    @property
+    def lagging(self) -> bool:
+        return self._pump is not None
+
+    async def wrote(self, seq: int, text: str) -> None:
+        """`seq` was produced (it is in LocalFrames): back once the log holds it, or at once while the log lags
+        (the pump appends it behind the frames before it). Called in seq order; never raises."""
+        self.produced = max(self.produced, seq)
+        if self._closed or self._pump is not None:
+            return
+        if self.logged != seq - 1:  # a frame before it has not been sent (its sender was cancelled)
+            self._start_pump(None)
+            return
+        pending = self.log.append(self.session_id, self.fence, [(seq, text)])
+        self._inline = True
+        try:
+            done, _ = await asyncio.wait((pending,), timeout=STALL_SECONDS)
+        finally:
+            self._inline = False
+        if not done or pending.exception() is not None:
+            self._start_pump(pending)  # slow or failed: the pump takes it from here, and the socket does not wait
+        elif self._took(pending) and (self.logged < self.produced or self._check):
+            self._start_pump(None)
+
+    def check(self) -> None:
+        """A reader found the log short of what this holder produced (lost in a Redis restart, or lagging):
+        find where it ends and write what it lacks."""
+        if self._closed or self.produced == 0:
+            return
+        self._check = True
+        if self._pump is None and not self._inline:
+            self._start_pump(None)
+
+    async def flush(self, timeout: float, *, check: bool = False) -> bool:
+        """Wait, at most `timeout`, for the log to hold every frame produced; whether it does."""
+        if check:
+            self.check()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Polled: a flush happens at a hand-over or a release, not per frame.
+        while (self._pump is not None or self._inline) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        return self._pump is None and not self._inline and self.logged >= self.produced
+
+    def close(self) -> None:
+        """Write nothing more (the session was taken over)."""
+        self._closed = True
+
+    def _start_pump(self, pending: asyncio.Future[int] | None) -> None:
+        self._pump = asyncio.get_running_loop().create_task(self._catch_up(pending), name="r2d2-frame-log")
+
+    async def _catch_up(self, pending: asyncio.Future[int] | None) -> None:
+        loop = asyncio.get_running_loop()
+        failing_since: float | None = None
+        backoff = BACKOFF_SECONDS
+        extra = {"session_id": str(self.session_id)}
+        try:
+            while not self._closed:
+                if pending is None:
+                    if self._check:
+                        self._check = False
+                        self.logged = min(self.logged, self.produced - 1)  # resend the last frame: where is the log?
+                    if self.logged >= self.produced:
+                        break
+                    frames, reset = self._unlogged()
+                    if not frames:  # nothing kept to write: the next frame restarts the log
+                        break
+                    pending = self.log.append(self.session_id, self.fence, frames, reset=reset)
+                try:
+                    await asyncio.wait((pending,))
+                    if not self._took(pending):
+                        return
+                    backoff = BACKOFF_SECONDS
+                except Exception as exc:  # Redis restarting, a connection reset: try again, in order
+                    now = loop.time()
+                    if failing_since is None:
+                        failing_since = now
+                        throttle.warn_throttled(
+                            logger,
+                            "frame log append failed",
+                            key="frame log",
+                            extra={**extra, "error": type(exc).__name__},
+                        )
+                    elif now - failing_since > settings.R2D2_RESUME_WINDOW_SECONDS:
+                        logger.warning("frame log given up", extra={**extra, "lag": self.produced - self.logged})
+                        return
+                    await asyncio.sleep(backoff)
+                    backoff = min(2 * backoff, MAX_BACKOFF_SECONDS)
+                finally:
+                    pending = None
+            if failing_since is not None:
+                seconds = round(loop.time() - failing_since, 3)
+                throttle.warn_throttled(
+                    logger, "frame log caught up", key="frame log", extra={**extra, "seconds": seconds}
+                )
+        finally:
+            self._pump = None
+
+    def _took(self, answered: asyncio.Future[int]) -> bool:
+        """Take in an append's answer (raising Redis's error); False when the session was fenced out."""
+        try:
+            self.logged = answered.result()
+        except Fenced:
+            self._closed = True
+            self._on_fenced()
+            return False
+        return True
+
+    def _unlogged(self) -> tuple[list[Frame], bool]:
+        """The frames the log lacks, from the first after its end, and whether the log must restart at them
+        (memory no longer has the frames right after its end)."""
+        frames = self.local.after(self.logged, self.produced)
+        if frames is not None:
+            return frames[:CATCH_UP_FRAMES], False
+        first = self.local.first
+        if first is None:
+            return [], False
+        return (self.local.after(first - 1, self.produced) or [])[:CATCH_UP_FRAMES], True
 
 
 def _frame(entry: tuple[str, dict[str, str]]) -> Frame:
@@ -156,3 +471,13 @@ def shared() -> SharedLog | None:
     if _shared is None or _shared.url != settings.REDIS_URL:
         _shared = SharedLog(settings.REDIS_URL)
     return _shared
+
+
+def writer(
+    session_id: uuid.UUID, fence: int, local: LocalFrames, *, logged: int, on_fenced: Callable[[], None]
+) -> LogWriter | None:
+    """The writer of a session held here, when this deployment has a shared log."""
+    log = shared()
+    if log is None:
+        return None
+    return LogWriter(log, session_id=session_id, fence=fence, local=local, logged=logged, on_fenced=on_fenced)
