@@ -56,6 +56,7 @@ from weakref import WeakKeyDictionary
 from django.conf import settings
 
 from chat.ops import throttle
+from chat.ops.tasks import Background
 
 logger = logging.getLogger(__name__)
 
@@ -76,48 +77,59 @@ CATCH_UP_FRAMES = 1_000
 Frame = tuple[int, str]  # (seq, the frame's text)
 
 # KEYS: per session, its stream then its meta hash. ARGV: the keys' ttl, the stream's length cap, then per
-# session: its fence, 1 to restart the log at its first frame when the log ends before it (else 0), how many
-# frames, then each frame's seq and text, in order. Answers, per session: {last, 0} (where the log ends now),
-# or {-1, fence} (a higher fence holds the session: nothing was written).
+# session: its fence, 1 to renew the keys' ttl (else 0), 1 to restart the log at its first frame when the log
+# ends before it (else 0), how many frames, then each frame's seq and text, in order. Answers, per session:
+# {last, 0} (where the log ends now), or {-1, fence} (a higher fence holds the session: nothing was written).
+# The meta hash keeps the fence, the last seq (one HMGET instead of reading the stream's last entry) and the
+# seq the log starts at.
 APPEND = """
 local ttl, cap = ARGV[1], tonumber(ARGV[2])
 local answers, a = {}, 3
 for k = 1, #KEYS, 2 do
   local stream, meta = KEYS[k], KEYS[k + 1]
-  local fence, reset, n = tonumber(ARGV[a]), ARGV[a + 1] == '1', tonumber(ARGV[a + 2])
-  local first = a + 3
+  local fence, renew, reset, n = tonumber(ARGV[a]), ARGV[a + 1] == '1', ARGV[a + 2] == '1', tonumber(ARGV[a + 3])
+  local first = a + 4
   a = first + 2 * n
-  local held = tonumber(redis.call('HGET', meta, 'fence') or '0')
+  local record = redis.call('HMGET', meta, 'fence', 'last')
+  local held, last = tonumber(record[1]) or 0, tonumber(record[2])
   if fence < held then
     answers[#answers + 1] = {-1, held}
   else
-    if fence > held then redis.call('HSET', meta, 'fence', fence) end
-    local last = 0
-    local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-    if #top > 0 then last = tonumber(string.match(top[1][1], '^%d+')) end
-    local fresh = last == 0
+    local changes = {}
+    if fence > held then changes[#changes + 1] = 'fence'; changes[#changes + 1] = fence end
+    if not last then  -- a new log, or one written before issue 26: its stream says where it ends
+      local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+      last = #top > 0 and tonumber(string.match(top[1][1], '^%d+')) or 0
+      renew = true
+    end
+    local fresh, was = last == 0, last
     if n > 0 and reset and last < tonumber(ARGV[first]) - 1 then
       redis.call('DEL', stream)
       last, fresh = tonumber(ARGV[first]) - 1, true
     end
-    local added = false
     for i = first, first + 2 * n - 1, 2 do
       local seq = tonumber(ARGV[i])
       if seq == last + 1 then
         redis.call('XADD', stream, ARGV[i] .. '-0', 'f', ARGV[i + 1])
-        if fresh then redis.call('HSET', meta, 'start', seq); fresh = false end
-        last, added = seq, true
+        if fresh then changes[#changes + 1] = 'start'; changes[#changes + 1] = seq; fresh = false end
+        last = seq
       elseif seq > last + 1 then
         break
       end
     end
-    if added and redis.call('XLEN', stream) > cap then
-      redis.call('XTRIM', stream, 'MAXLEN', '~', cap)
-      local bottom = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-      redis.call('HSET', meta, 'start', tonumber(string.match(bottom[1][1], '^%d+')))
+    if last ~= was then
+      changes[#changes + 1] = 'last'; changes[#changes + 1] = last
+      if redis.call('XLEN', stream) > cap then
+        redis.call('XTRIM', stream, 'MAXLEN', '~', cap)
+        local bottom = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+        changes[#changes + 1] = 'start'; changes[#changes + 1] = tonumber(string.match(bottom[1][1], '^%d+'))
+      end
     end
-    redis.call('EXPIRE', stream, ttl)
-    redis.call('EXPIRE', meta, ttl)
+    if #changes > 0 then redis.call('HSET', meta, unpack(changes)) end
+    if renew then
+      redis.call('EXPIRE', stream, ttl)
+      redis.call('EXPIRE', meta, ttl)
+    end
     answers[#answers + 1] = {last, 0}
   end
 end
@@ -183,6 +195,7 @@ class SharedLog:
         self._clients: WeakKeyDictionary[asyncio.AbstractEventLoop, object] = WeakKeyDictionary()
         self._batches: dict[asyncio.AbstractEventLoop, list[_Append]] = {}
         self._committing: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+        self._renewed: dict[uuid.UUID, float] = {}  # when each session's keys last had their expiry renewed
         self._script = None
 
     def _redis(self):
@@ -226,11 +239,19 @@ class SharedLog:
     async def _commit(self, loop: asyncio.AbstractEventLoop) -> None:
         await asyncio.sleep(0)  # let the other sessions' frames of this loop turn join
         batch = self._batches.pop(loop)
+        now = loop.time()
+        if len(self._renewed) > 10_000:  # forget sessions renewed long ago (most have ended)
+            self._renewed = {key: when for key, when in self._renewed.items() if now - when < 60}
         keys: list[str] = []
         args: list[int | str] = [max(1, int(settings.R2D2_RESUME_WINDOW_SECONDS) + 60), MAX_FRAMES]
         for entry in batch:
             keys += [self.key(entry.session_id), self._meta(entry.session_id)]
-            args += [entry.fence, int(entry.reset), len(entry.frames)]
+            # The keys outlive the window by a minute: renewing them once a minute per session is enough
+            # (the script renews a log it finds without a record, such as one Redis lost, at once).
+            renew = now - self._renewed.get(entry.session_id, float("-inf")) >= 60
+            if renew:
+                self._renewed[entry.session_id] = now
+            args += [entry.fence, int(renew), int(entry.reset), len(entry.frames)]
             for seq, text in entry.frames:
                 args += [seq, text]
         try:
@@ -307,7 +328,7 @@ class LogWriter:
         "produced",
         "logged",
         "_on_fenced",
-        "_pump",
+        "_pumping",
         "_inline",
         "_check",
         "_closed",
@@ -330,20 +351,20 @@ class LogWriter:
         self.produced = logged  # the last seq this holder produced (it is in `local`)
         self.logged = logged  # where the log ended at its last answer
         self._on_fenced = on_fenced
-        self._pump: asyncio.Task[None] | None = None
+        self._pumping = False  # the background pump is catching the log up
         self._inline = False  # an inline append is in flight
         self._check = False  # a reader found the log short: check where it ends
         self._closed = False
 
     @property
     def lagging(self) -> bool:
-        return self._pump is not None
+        return self._pumping
 
     async def wrote(self, seq: int, text: str) -> None:
         """`seq` was produced (it is in LocalFrames): back once the log holds it, or at once while the log lags
         (the pump appends it behind the frames before it). Called in seq order; never raises."""
         self.produced = max(self.produced, seq)
-        if self._closed or self._pump is not None:
+        if self._closed or self._pumping:
             return
         if self.logged != seq - 1:  # a frame before it has not been sent (its sender was cancelled)
             self._start_pump(None)
@@ -352,6 +373,9 @@ class LogWriter:
         self._inline = True
         try:
             done, _ = await asyncio.wait((pending,), timeout=STALL_SECONDS)
+        except asyncio.CancelledError:  # its sender was stopped: the frame goes to the log all the same
+            self._start_pump(pending)
+            raise
         finally:
             self._inline = False
         if not done or pending.exception() is not None:
@@ -365,7 +389,7 @@ class LogWriter:
         if self._closed or self.produced == 0:
             return
         self._check = True
-        if self._pump is None and not self._inline:
+        if not self._pumping and not self._inline:
             self._start_pump(None)
 
     async def flush(self, timeout: float, *, check: bool = False) -> bool:
@@ -375,16 +399,17 @@ class LogWriter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         # Polled: a flush happens at a hand-over or a release, not per frame.
-        while (self._pump is not None or self._inline) and loop.time() < deadline:  # noqa: ASYNC110
+        while (self._pumping or self._inline) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-        return self._pump is None and not self._inline and self.logged >= self.produced
+        return not self._pumping and not self._inline and self.logged >= self.produced
 
     def close(self) -> None:
         """Write nothing more (the session was taken over)."""
         self._closed = True
 
     def _start_pump(self, pending: asyncio.Future[int] | None) -> None:
-        self._pump = asyncio.get_running_loop().create_task(self._catch_up(pending), name="r2d2-frame-log")
+        self._pumping = True
+        _pumps(self._catch_up(pending))
 
     async def _catch_up(self, pending: asyncio.Future[int] | None) -> None:
         loop = asyncio.get_running_loop()
@@ -431,7 +456,7 @@ class LogWriter:
                     logger, "frame log caught up", key="frame log", extra={**extra, "seconds": seconds}
                 )
         finally:
-            self._pump = None
+            self._pumping = False
 
     def _took(self, answered: asyncio.Future[int]) -> bool:
         """Take in an append's answer (raising Redis's error); False when the session was fenced out."""
@@ -453,6 +478,10 @@ class LogWriter:
         if first is None:
             return [], False
         return (self.local.after(first - 1, self.produced) or [])[:CATCH_UP_FRAMES], True
+
+
+#: The writers' pumps, held until they end (a failure logged).
+_pumps = Background("frame log catch-up").spawn
 
 
 def _frame(entry: tuple[str, dict[str, str]]) -> Frame:

@@ -8,14 +8,22 @@ one `error`.
 - Held by this process: the holder replays from its own memory and the socket
   takes over; the old socket, if still open, is told `resumed_elsewhere`.
 - Held elsewhere, or by nobody (released by a drain, or its process died): the
-  shared log (chat/sessions/framelog.py, Redis) must cover the frames after
-  last_seq, else `resume_unavailable`. The frames are replayed and the log tailed
+  shared log (chat/sessions/framelog.py, Redis) must hold every frame after
+  last_seq, else `resume_unavailable`. A log that ends before last_seq while its
+  holder lives (behind a Redis outage, or lost in a restart) is waited for, up to
+  CATCH_UP_SECONDS, the holder asked to check it (`frames.check`): it writes back
+  from its memory what the log lacks. The frames are replayed and the log tailed
   while the holder, asked over the channel layer, finishes the turns it accepted
   and releases the session; then this process claims it (the fence grows: the old
-  holder can write nothing more) and reconciles from the database: a reply left
+  holder can write nothing more, to the database or, once this process has fenced
+  the log, to the log) and reconciles from the database: a reply left
   streaming is marked interrupted (the client gets `turn_interrupted` and
   `processing_end` for the turn it saw start), and messages saved but not answered
   are answered here, in order. A holder that does not let go in time is fenced out.
+
+Every frame replayed or forwarded follows the one before it (`framelog.first_missing`):
+a hole found before `session_resumed` is `resume_unavailable`, after it `session_end`
+with reason `resume_failed` (the transcript stays in the database).
 
 Resumes of one session on this process run one at a time; across processes the
 claim is one conditional UPDATE, so exactly one wins.
