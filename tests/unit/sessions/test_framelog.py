@@ -12,7 +12,7 @@ import pytest
 from django.conf import settings
 
 from chat.sessions import framelog
-from chat.sessions.framelog import Fenced, LocalFrames, LogWriter, SharedLog, first_missing
+from chat.sessions.framelog import Fenced, LocalFrames, LogWriter, SharedLog, answer, first_missing
 
 
 def text(seq: int) -> str:
@@ -150,10 +150,10 @@ async def produce(local: LocalFrames, writer: LogWriter, *seqs: int) -> None:
 @pytest.mark.redis
 async def test_the_log_refuses_a_jump_and_a_retry_writes_nothing_twice(log, session_id):
     """Redis itself accepts a stream id that jumps (the hole of issue 26): the append does not."""
-    assert await log.append(session_id, 1, frames(1, 2)) == 2
-    assert await log.append(session_id, 1, frames(4)) == 2  # seq 3 is missing: nothing written
+    assert await answer(log.append(session_id, 1, frames(1, 2))) == 2
+    assert await answer(log.append(session_id, 1, frames(4))) == 2  # seq 3 is missing: nothing written
     assert await seqs(log, session_id) == [1, 2]
-    assert await log.append(session_id, 1, frames(1, 2, 3, 4)) == 4  # a retry: 1 and 2 skipped
+    assert await answer(log.append(session_id, 1, frames(1, 2, 3, 4))) == 4  # a retry: 1 and 2 skipped
     kept = await log.after(session_id, 0)
     assert kept.frames == frames(1, 2, 3, 4) and (kept.start, kept.last) == (1, 4)
 
@@ -169,7 +169,7 @@ async def test_a_fenced_out_holders_late_appends_are_refused(log, session_id):
     assert fenced == [True]
     assert await seqs(log, session_id) == [1, 2, 3]
     with pytest.raises(Fenced):
-        await log.append(session_id, 1, frames(4))
+        await answer(log.append(session_id, 1, frames(4)))
     # The new holder goes on from where the log ends.
     new_local, new = writer_for(log, session_id, fence=2, logged=3)
     await produce(new_local, new, 4, 5)
