@@ -46,11 +46,14 @@ async def test_local_frames_replay_only_a_contiguous_run():
 
 
 class Proxy:
-    """A TCP proxy to the test's Redis that can drop every connection and refuse new ones (a reset, a restart)."""
+    """A TCP proxy to the test's Redis that can drop every connection and refuse new ones (a reset, a restart),
+    or hold what passes through it (Redis or the network slow)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.down = False
+        self.flowing = asyncio.Event()
+        self.flowing.set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -71,6 +74,7 @@ class Proxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self.flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -87,6 +91,13 @@ class Proxy:
 
     def restore(self) -> None:
         self.down = False
+
+    def pause(self) -> None:
+        """Hold everything sent either way until `resume`."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
 
     async def stop(self) -> None:
         self.cut()
@@ -199,6 +210,23 @@ async def test_a_failed_append_is_retried_in_order_and_later_frames_wait_behind_
         assert await seqs(log, session_id) == list(range(1, 7))
         await produce(local, writer, 7, 8)
         assert (await log.after(session_id, 0)).frames == frames(*range(1, 9))
+    finally:
+        await log.close()
+
+
+@pytest.mark.redis
+async def test_a_slow_log_does_not_hold_up_the_holders_frames(session_id, proxy):
+    """Redis answers late: each frame waits for the log at most STALL_SECONDS, the log catches up after."""
+    log = SharedLog(through(proxy))
+    try:
+        local, writer = writer_for(log, session_id)
+        await produce(local, writer, 1, 2)
+        proxy.pause()
+        await asyncio.wait_for(produce(local, writer, 3, 4, 5), 3 * framelog.STALL_SECONDS)
+        assert writer.lagging
+        proxy.resume()
+        assert await writer.flush(10)
+        assert (await log.after(session_id, 0)).frames == frames(1, 2, 3, 4, 5)
     finally:
         await log.close()
 
