@@ -172,9 +172,12 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
         # The log lacks frames the client needs and no holder has them any more (or the session was
         # claimed again meanwhile): never forward a hole; the client is told, its transcript is saved.
         logger.warning("resume failed", extra={"session_id": str(session_id), "why": str(exc)})
-        if fence is not None:
-            await lifecycle.release(session_id, fence=fence)
         await socket.send_frame(protocol.session_ended_by_server(session_id, "resume_failed"))
+        if fence is not None:  # let another resume claim it (from a seq past the hole)
+            try:
+                await lifecycle.release(session_id, fence=fence)
+            except Exception as error:  # left to the orphan sweep, as if this process had died
+                _step_failed(session_id, error)
         return None
 
     new = Holder(
@@ -211,7 +214,10 @@ async def _replay(log: framelog.SharedLog, session: ChatSession, last_seq: int) 
         if not asked:
             if await _free(session):
                 raise unavailable(why)  # nobody has the frames the log lacks
-            await _ask(session, "frames.check")
+            try:
+                await _ask(session, "frames.check")
+            except Exception as exc:  # its next frame, or its pump, may still bring the log up to date
+                _step_failed(session.id, exc)
             asked = True
         elif loop.time() > deadline:
             raise unavailable(why)
