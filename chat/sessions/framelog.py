@@ -19,7 +19,11 @@ but accepts a jump, so the append is one Lua script (APPEND, one call per batch 
 the process's appends) that, per session, refuses a fence lower than the one
 recorded (a fenced-out holder's late frames are never written; a higher fence takes
 over), skips the seqs already there (a retry is harmless) and appends only the seq
-that follows the log's last one, answering where the log now ends. The holder's
+that follows the log's last one, answering where the log now ends. (One call touches
+the keys of every session in its batch: a single Redis, or a primary and its replicas,
+not Redis Cluster.) Measured, 100 sessions x 200 frames on a private Redis: 23 us of
+this process's CPU per frame (28 with the plain XADD pipeline it replaced) and 7.5 us
+of Redis's (2). The holder's
 `LogWriter` writes its session's frames in seq order from LocalFrames:
 
 - Healthy, a frame reaches the holder's socket once the log holds it (so whatever a
