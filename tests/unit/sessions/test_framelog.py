@@ -170,6 +170,27 @@ async def test_the_log_refuses_a_jump_and_a_retry_writes_nothing_twice(log, sess
 
 
 @pytest.mark.redis
+async def test_frames_an_older_r2d2_appended_are_neither_written_over_nor_a_poison(log, session_id):
+    """During a rolling deploy a holder of the previous version appends with a plain XADD, leaving the record
+    of where the log ends behind: the script goes by the stream, and fails no batch for it."""
+    import redis.asyncio as redis
+
+    assert await answer(log.append(session_id, 1, frames(1, 2))) == 2
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        for seq in (3, 4):
+            await client.xadd(log.key(session_id), {"f": text(seq)}, id=f"{seq}-0")
+        assert await answer(log.append(session_id, 1, frames(5))) == 5  # a gap by the record, not by the stream
+        for seq in (6, 7):
+            await client.xadd(log.key(session_id), {"f": text(seq)}, id=f"{seq}-0")
+        assert await answer(log.append(session_id, 1, frames(6))) == 7  # there already: not an error
+    finally:
+        await client.aclose()
+    assert await answer(log.append(session_id, 1, frames(8))) == 8
+    assert await seqs(log, session_id) == list(range(1, 9))
+
+
+@pytest.mark.redis
 async def test_a_fenced_out_holders_late_appends_are_refused(log, session_id):
     fenced: list[bool] = []
     local, old = writer_for(log, session_id, fence=1, fenced=fenced)
