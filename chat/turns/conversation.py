@@ -232,7 +232,8 @@ class Conversation:
 
     async def close(self, *, interrupt: bool = False) -> list[int]:
         """Stop for good: stop the generation (its partial reply is saved: cancelled, or interrupted)
-        and drop the queue, whose messages stay saved as `accepted`; returns the dropped messages' rows."""
+        and drop the queue; returns the dropped messages' rows (still saved as `accepted`: the holder marks them
+        `failed` when the session ends, chat/sessions/holder.py, and leaves them for the next holder otherwise)."""
         self._closed = True
         dropped = [queued.row_id for queued in self._pending]
         self._drop_pending()
