@@ -332,9 +332,12 @@ class Holder:
                 await self.end(None)
             raise
 
-    def charge_only(self) -> reservations.Reservation | None:
-        """What a message admitted by an earlier holder is charged to: the session's principal, here."""
-        return reservations.charge_only(self.principal, self.conversation.model)
+    async def charges(self, row_ids: list[int]) -> Callable[[int], reservations.Reservation | None]:
+        """What each message admitted by an earlier holder is charged to: the reservation that holder kept for it,
+        adopted under this lease (settled here, once), else the session's principal, charged what its turn costs."""
+        model = self.conversation.model
+        adopted = await reservations.adopt(self.principal, model, self.session_id, self.lease.fence, row_ids)
+        return lambda row_id: adopted.get(row_id) or reservations.charge_only(self.principal, model)
 
 
 def unavailable(why: str) -> ClientError:

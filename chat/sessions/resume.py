@@ -176,7 +176,7 @@ async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> 
     conversation = new.conversation
     conversation.system_message = row.system_message
     conversation.history = await _history(lease, exclude={p.row_id for p in pending})
-    conversation.requeue(pending, new.charge_only)
+    conversation.requeue(pending, await new.charges([p.row_id for p in pending]))
     if pending:
         extra = {"session_id": str(lease.session_id), "count": len(pending)}
         logger.info("unanswered messages taken over", extra=extra)

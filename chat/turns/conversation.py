@@ -44,6 +44,8 @@ class Reservation(Protocol):
 
     max_output_tokens: int | None
 
+    async def keep(self, session_id: uuid.UUID, fence: int, row_id: int) -> None: ...
+
     async def cover(self, request: Sequence[dict[str, str]]) -> None: ...
 
     def settle_soon(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> None: ...
@@ -169,6 +171,9 @@ class Conversation:
         except messages.Duplicate:
             await self.refuse_duplicate(post.client_message_id)
             raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
+        if reservation is not None and not starts_now:
+            # Queued: should this process die first, whoever takes the session over settles what it reserved.
+            await reservation.keep(self.lease.session_id, self.lease.fence, row_id)
         self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id, starts_now, reservation))
 
     async def refuse_duplicate(self, client_message_id: str) -> None:
@@ -194,11 +199,12 @@ class Conversation:
             return "queued"
         return "failed"  # its turn ended without a reply worth the name (an error, interrupted)
 
-    def requeue(self, saved: list[messages.Unanswered], charge: Callable[[], Reservation | None]) -> None:
+    def requeue(self, saved: list[messages.Unanswered], charge: Callable[[int], Reservation | None]) -> None:
         """Answer messages an earlier holder saved but did not answer, in order, as they were asked
-        (`charge()`: what their turns are charged to: they were admitted when first accepted)."""
+        (`charge(row_id)`: what each turn is charged to: they were admitted when first accepted)."""
         for message in saved:
-            self._queue(_Queued(message.content, None, message.stream, message.row_id, False, charge()))
+            reservation = charge(message.row_id)
+            self._queue(_Queued(message.content, None, message.stream, message.row_id, False, reservation))
 
     def _queue(self, item: _Queued) -> None:
         self._pending.append(item)
