@@ -263,7 +263,7 @@ def session_ended_by_server(session_id: uuid.UUID, reason: str) -> str:
 
 # The frames of every turn, built without a dict and a general encoder each time.
 # `encode_basestring_ascii` is the C function json.dumps itself uses for a str with
-# its defaults, so the bytes are the same (tests/test_protocol.py checks they are).
+# its defaults, so the bytes are the same (tests/unit/protocol/test_protocol.py checks they are).
 _PROCESSING_START = encode("processing_start")
 _PROCESSING_END = encode("processing_end")
 _MESSAGE = '{"type": "message", "data": '

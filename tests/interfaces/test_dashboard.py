@@ -13,7 +13,7 @@ import pytest
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT
+from testkit.server import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "r2d2-dashboard.json"
 METRIC = re.compile(r"\b(r2d2_[a-z0-9_]+)\b")

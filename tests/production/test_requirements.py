@@ -10,7 +10,7 @@ import venv
 import pytest
 from django.conf import settings
 
-from tests.conftest import ROOT
+from testkit.server import ROOT
 
 pytestmark = [
     pytest.mark.slow,

@@ -4,7 +4,7 @@ import pytest
 
 from chat.llm.base import Deadlines, Reply
 from chat.llm.openai_compat import OpenAIProvider
-from tests.conftest import TEST_API_KEY
+from testkit.server import TEST_API_KEY
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
