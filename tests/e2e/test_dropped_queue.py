@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from chat.accounts import auth
 from chat.models import ChatMessage, MessageStatus, Role
 from chat.sessions.lifecycle import request_end_now
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.e2e.test_resume import SLOW, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from tests.conftest import ROOT, server_env
+from testkit.server import ROOT, server_env
 from tests.production.bundle import ProcfileServer, environment_properties, procfile_commands
 
 

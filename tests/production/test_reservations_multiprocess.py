@@ -16,7 +16,7 @@ from asgiref.sync import sync_to_async
 
 from chat.accounts import auth
 from chat.models import ChatMessage, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.e2e.test_resume import SLOW, post, resume, start, wait_for
 from tests.production.conftest import FAST_LIVENESS
 from tests.production.test_accounting_multiprocess import settled_usage
