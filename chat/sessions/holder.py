@@ -349,6 +349,9 @@ async def _tell_resumed_elsewhere(socket: SessionSocket, session_id: uuid.UUID) 
     await _send_quietly(socket, protocol.session_ended_by_server(session_id, "resumed_elsewhere"))
 
 
+tell_resumed_elsewhere = _tell_resumed_elsewhere  # also a waiting take-over's socket (chat/sessions/resume.py)
+
+
 async def _send_quietly(socket: SessionSocket, frame: str) -> None:
     try:
         await socket.send_frame(frame)
