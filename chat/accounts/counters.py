@@ -147,8 +147,9 @@ class Counters(Protocol):
         """Record a queued message's reservation where another process can find it; False when these
         counters die with this process (nothing to find)."""
 
-    async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int]) -> dict[int, str]:
-        """The records of those messages an earlier holder kept (fence below `fence`), now under `fence`."""
+    async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int] | None) -> dict[int, str]:
+        """The records of those messages (None: all) an earlier holder kept (fence below `fence`), now under
+        `fence`."""
 
 
 _TTLS = (MINUTE_TTL, DAY_TTL, DAY_TTL, MONTH_TTL)
@@ -201,7 +202,7 @@ class MemoryCounters:
     async def keep(self, kept: Kept, record: str) -> bool:
         return False  # no other process shares these counters: a reservation lives and dies with its turn
 
-    async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int]) -> dict[int, str]:
+    async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int] | None) -> dict[int, str]:
         return {}
 
     def _get(self, key: str) -> int:
@@ -301,17 +302,20 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 """
 
 # A new holder adopts the records its predecessors left: those under an older fence move to its own.
-# KEYS: the hash. ARGV: the new fence, then the fields. Returns field, record, field, record...
+# KEYS: the hash. ARGV: the new fence, then the fields (none: all). Returns field, record, field, record...
 _ADOPT = """
+local fields = {}
+for i = 2, #ARGV do fields[i - 1] = ARGV[i] end
+if #ARGV == 1 then fields = redis.call('HKEYS', KEYS[1]) end
 local adopted = {}
-for i = 2, #ARGV do
-  local value = redis.call('HGET', KEYS[1], ARGV[i])
+for _, field in ipairs(fields) do
+  local value = redis.call('HGET', KEYS[1], field)
   if value then
     local space = string.find(value, ' ', 1, true)
     if tonumber(string.sub(value, 1, space - 1)) < tonumber(ARGV[1]) then
       local record = string.sub(value, space + 1)
-      redis.call('HSET', KEYS[1], ARGV[i], ARGV[1] .. ' ' .. record)
-      table.insert(adopted, ARGV[i])
+      redis.call('HSET', KEYS[1], field, ARGV[1] .. ' ' .. record)
+      table.insert(adopted, field)
       table.insert(adopted, record)
     end
   end
@@ -372,10 +376,10 @@ class RedisCounters:
         await self._redis()[3](keys=[self._kept(session_id)], args=[row_id, fence, record, DAY_TTL])
         return True
 
-    async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int]) -> dict[int, str]:
-        if not row_ids:
+    async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int] | None) -> dict[int, str]:
+        if row_ids is not None and not row_ids:
             return {}
-        found = await self._redis()[4](keys=[self._kept(session_id)], args=[fence, *row_ids])
+        found = await self._redis()[4](keys=[self._kept(session_id)], args=[fence, *(row_ids or ())])
         return {int(found[n]): _text(found[n + 1]) for n in range(0, len(found), 2)}
 
     def _kept(self, session_id: str) -> str:

@@ -139,6 +139,23 @@ async def adopt(
     return adopted
 
 
+#: Above any session's fence: records adopted under it are settled by nobody but `release_left`.
+_SWEPT = 2**62
+
+
+async def release_left(session_ids: Sequence[uuid.UUID]) -> int:
+    """Sessions ended without a holder (their process died, or nobody resumed them in time): the reservations
+    of their queued messages, never to be answered, are given back, once. Returns how many."""
+    released = 0
+    for session_id in session_ids:
+        for row_id, text in (await counters().adopt(str(session_id), _SWEPT, None)).items():
+            record = json.loads(text)
+            kept = (str(session_id), row_id, _SWEPT)
+            await counters().adjust(tuple(record["keys"]), -1, -record["tokens"], -record["nano"], (0, 0), kept)
+            released += 1
+    return released
+
+
 class Reservation:
     """What one admitted message holds of its principal's budget until its turn ends.
 
