@@ -151,6 +151,9 @@ DATABASES = {"default": database_config()}
 # loop beside the ORM's pool (chat/turns/pgpool.py). Each statement takes well under a millisecond,
 # so a few connections serve hundreds of turns a second; more would only queue in the server.
 R2D2_DB_TURN_POOL_MAX = env_int("R2D2_DB_TURN_POOL_MAX", 4)
+# How long a turn or a frame waits for PostgreSQL or Redis to come back before its client is told
+# `storage_unavailable` (chat/ops/storage.py): a restart takes under a second; an RDS failover 20-60 s.
+R2D2_STORAGE_RETRY_SECONDS = env_float("R2D2_STORAGE_RETRY_SECONDS", 10.0)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 

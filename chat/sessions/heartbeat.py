@@ -19,6 +19,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
+from chat.ops import storage
 from chat.sessions import lifecycle, liveness
 from chat.sessions.liveness import PROCESS_ID
 from chat.turns import conversation
@@ -59,6 +60,7 @@ class Heartbeat:
                     # staleness window: other processes may have ended our sessions as orphaned.
                     silent_since, rechecks = last_beat, 3
                 await database_sync_to_async(liveness.beat)()
+                storage.answered()  # a database outage this process saw has ended
                 last_beat = now
                 release_free_memory()
                 if rechecks:
@@ -71,6 +73,9 @@ class Heartbeat:
                     await database_sync_to_async(lifecycle.end_orphaned)()
                     await database_sync_to_async(interrupt_stale_replies)(conversation.streaming_rows())
             except Exception as exc:  # the database may be down: keep beating, the health check reports it
+                if storage.failed(exc) is not None:
+                    await asyncio.sleep(interval)  # logged once, as the outage (chat/ops/storage.py)
+                    continue
                 # `extra` never names a LogRecord attribute ("process" is one): logging would raise
                 # KeyError here and the heartbeat would die (tests/test_boundaries.py checks).
                 logger.warning("heartbeat failed", extra={"error": type(exc).__name__, "process_id": PROCESS_ID})

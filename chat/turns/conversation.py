@@ -28,9 +28,9 @@ from django.conf import settings
 
 from chat import llm, protocol
 from chat.models import MessageStatus, Role
-from chat.ops import metrics
+from chat.ops import metrics, storage
 from chat.protocol import PostMessage
-from chat.protocol.errors import ClientError, ErrorCode
+from chat.protocol.errors import ClientError, ErrorCode, storage_unavailable
 from chat.protocol.text import TextRepair
 from chat.turns import messages, prompt
 from chat.turns.messages import Fenced, Lease
@@ -285,7 +285,10 @@ class Conversation:
             except Fenced:
                 self._lost()
                 return
-            except Exception as exc:  # the database is down: the turn runs, and will most likely fail
+            except storage.Unavailable:  # down past the retry window: the model is not called
+                await self._send_quietly(protocol.processing_start())
+                return await self._storage_failed(queued)
+            except Exception as exc:  # not recorded (a bug): the turn runs all the same
                 extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
                 logger.info("turn start not recorded", extra=extra)
         await self._send_quietly(protocol.processing_start())
@@ -297,7 +300,9 @@ class Conversation:
         except ClientError as exc:
             metrics.turn_failed(exc.code)
             await self._send_quietly(protocol.error(exc.code, exc.message))
-        except Exception:
+        except Exception as exc:
+            if storage.connection_error(exc) is not None:  # before the model was called (a quota's counters)
+                return await self._storage_failed(queued)
             metrics.turn_failed(ErrorCode.INTERNAL_ERROR)
             logger.exception("turn failed", extra={"session_id": str(self.session_id)})
             await self._mark_failed(queued.row_id)
@@ -321,9 +326,22 @@ class Conversation:
         )
         if queued.reservation is not None:
             await queued.reservation.cover(request)  # its prompt, with the replies before it, within quota
+        before = len(self.history)
         self.history.append((Role.USER.value, queued.content))
         reply = llm.Reply()
         draft = _Draft(self.lease, self.model, reply, queued.row_id)
+        try:
+            await self._reply(queued, request, reply, draft)
+        except Exception as exc:
+            if storage.connection_error(exc) is None:
+                raise
+            # The storage stayed down past the retry window: the client is told to send it again, so the
+            # turn leaves the history; what the database lacks of it is saved once it answers again.
+            del self.history[before:]
+            storage.eventually(draft.abandon, what="failed turn")
+            raise storage_unavailable() from None
+
+    async def _reply(self, queued: _Queued, request: list[dict[str, str]], reply: llm.Reply, draft: _Draft) -> None:
         repair = TextRepair()
         stopped: MessageStatus | None = None
         self._generating, self._stop = True, None
@@ -378,6 +396,15 @@ class Conversation:
         if stream:
             await self._send(protocol.message_delta(text))
             await draft.checkpoint()
+
+    async def _storage_failed(self, queued: _Queued) -> None:
+        """No storage past the retry window before the model was called: the client is told to send it again,
+        and the turn ends; its message is marked failed once the database answers (no holder answers it)."""
+        metrics.turn_failed(ErrorCode.STORAGE_UNAVAILABLE)
+        lease, row_id, error = self.lease, queued.row_id, storage_unavailable()
+        storage.eventually(lambda: messages.set_status(lease, row_id, MessageStatus.FAILED), what="failed turn")
+        await self._send_quietly(protocol.error(error.code, error.message))
+        await self._send_quietly(protocol.processing_end())
 
     async def _mark_failed(self, row_id: int) -> None:
         """The turn failed on our side: its message says so (unless a reply was saved), so that no later
@@ -457,7 +484,8 @@ class _Draft:
                 self.lease, reply_to=self.reply_to, content=text, model=self.model, **usage
             )
         else:
-            await messages.extend_reply(self.lease, row_id=self.row_id, more=text[self._saved_chars :], **usage)
+            saved, more = self._saved_chars, text[self._saved_chars :]
+            await messages.extend_reply(self.lease, row_id=self.row_id, saved=saved, more=more, **usage)
         self._saved_chars = len(text)
 
     async def abandon(self) -> None:

@@ -11,6 +11,12 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from chat.edge.early import EarlyMiddleware
+from chat.ops import storage
+from chat.turns import pgpool
+
+#: Seconds each check may take: the load balancer waits 10 (HealthCheckTimeout, .ebextensions/01_r2d2.config),
+#: and an answer it gets says more than one it gives up on.
+CHECK_SECONDS = 3.0
 
 
 class HealthCheckMiddleware(EarlyMiddleware):
@@ -27,19 +33,32 @@ class HealthCheckMiddleware(EarlyMiddleware):
         return await self.get_response(request)
 
 
-def _check_database() -> None:
+def _check_database_on_orm() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
+
+
+async def _check_database() -> None:
+    """One statement, not retried (the load balancer wants to know now). On PostgreSQL on the event loop's own
+    connection: the ORM's pool would wait R2D2_DB_POOL_TIMEOUT for a connection while the database is down,
+    holding the thread every async ORM call runs on."""
+    async with asyncio.timeout(CHECK_SECONDS):
+        if pgpool.enabled():
+            await pgpool.fetch_value("SELECT 1", ())
+        else:
+            await sync_to_async(_check_database_on_orm)()
 
 
 async def healthz(request: HttpRequest) -> JsonResponse:
     """200 when the database and the channel layer answer, 503 otherwise (for the load balancer)."""
     checks: dict[str, str] = {}
     try:
-        await sync_to_async(_check_database)()
+        await _check_database()
         checks["database"] = "ok"
+        storage.answered(storage.DATABASE)  # an outage this process saw has ended
     except Exception as exc:  # any failure means unhealthy
         checks["database"] = type(exc).__name__
+        storage.failed(exc)
     try:
         layer = get_channel_layer()
         async with asyncio.timeout(3):

@@ -1,0 +1,235 @@
+"""Storage blips absorbed: a database or Redis call that meets a connection error is tried again.
+
+A PostgreSQL restart takes well under a second, an RDS Multi-AZ failover 20 to 60 s; a Redis restart
+about a second. Every call on a turn's path and in the frame handlers goes through `retry`: a
+connection error (a broken pooled connection, `AdminShutdown`, a refused connect, Django's wrappers of
+them, Redis's `ConnectionError`/`TimeoutError`) is tried again with backoff for up to
+R2D2_STORAGE_RETRY_SECONDS (10 by default), so an outage shorter than that is invisible to clients.
+Past it the call raises `Unavailable`, which the turn and the consumer answer with
+`storage_unavailable` ("send it again"), never `internal_error`.
+
+A retried write must be safe to run twice: the caller passes `recover`, asked before every retry
+whether the attempt that broke took effect after all (an INSERT that committed just before the
+connection dropped), or the write is conditional or idempotent by its own statement.
+
+An outage is logged once when it starts and once when it ends (how long it lasted, how many calls
+waited for it, how many gave up): `Outage`, one per storage, shared by every caller in the process.
+No traceback per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg
+from django.conf import settings
+from django.db import DatabaseError as DjangoDatabaseError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DATABASE, REDIS = "database", "redis"
+
+#: The first retry comes at once (the usual failure is one stale pooled connection), then each waits
+#: twice as long as the one before, from FIRST_DELAY up to MAX_DELAY, with a little jitter so that a
+#: thousand waiting turns do not all knock at once.
+FIRST_DELAY = 0.05
+MAX_DELAY = 1.0
+
+
+class Unavailable(Exception):
+    """The storage did not answer within R2D2_STORAGE_RETRY_SECONDS (clients get `storage_unavailable`)."""
+
+    def __init__(self, storage: str = DATABASE) -> None:
+        super().__init__(f"the {storage} did not answer within the retry window")
+        self.storage = storage
+
+
+def connection_error(exc: BaseException) -> str | None:
+    """Which storage `exc` says is unreachable (DATABASE or REDIS), or None for any other error."""
+    if isinstance(exc, Unavailable):
+        return exc.storage
+    if isinstance(exc, DjangoDatabaseError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # Django's OperationalError/InterfaceError wrap the driver's
+    if isinstance(exc, psycopg.OperationalError):  # AdminShutdown, a refused connect, a closed connection
+        return DATABASE
+    if isinstance(exc, psycopg.InterfaceError) and "closed" in str(exc):
+        return DATABASE
+    try:
+        from redis import exceptions as redis_errors  # here: a deployment without Redis never imports it
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        return REDIS
+    return None
+
+
+class Outage:
+    """One storage's outage as this process sees it: logged when it starts and when it ends."""
+
+    def __init__(self, storage: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.since: float | None = None
+        self.waited = 0  # calls that met the outage and retried
+        self.gave_up = 0  # of those, calls that ran out of the window (their client got storage_unavailable)
+
+    @property
+    def ongoing(self) -> bool:
+        return self.since is not None
+
+    def failed(self, exc: BaseException) -> None:
+        """A call met a connection error: the outage starts (logged once) if it had not."""
+        if self.since is None:
+            self.since = self.clock()
+            self.waited = self.gave_up = 0
+            extra = {"storage": self.storage, "error": type(exc).__name__}
+            logger.warning("storage unavailable", extra=extra)
+
+    def answered(self) -> None:
+        """A call succeeded: an outage in progress ends (logged once, with its length and its count)."""
+        if self.since is None:
+            return
+        seconds, self.since = self.clock() - self.since, None
+        extra = {"storage": self.storage, "seconds": round(seconds, 3), "waited": self.waited}
+        logger.warning("storage available again", extra={**extra, "gave_up": self.gave_up})
+
+
+OUTAGES = {DATABASE: Outage(DATABASE), REDIS: Outage(REDIS)}
+
+
+def failed(exc: BaseException) -> str | None:
+    """Note a connection error met outside `retry` (the heartbeat, the health check): the outage starts.
+    Returns the storage, or None when `exc` is no connection error."""
+    storage = connection_error(exc)
+    if storage is not None:
+        OUTAGES[storage].failed(exc)
+    return storage
+
+
+def answered(storage: str = DATABASE) -> None:
+    """A call to `storage` succeeded outside `retry` (a heartbeat, a health check): an outage in progress ends."""
+    OUTAGES[storage].answered()
+
+
+def window() -> float:
+    return max(0.0, float(settings.R2D2_STORAGE_RETRY_SECONDS))
+
+
+async def retry(
+    call: Callable[[], Awaitable[T]],
+    *,
+    recover: Callable[[], Awaitable[tuple[bool, T | None]]] | None = None,
+    within: float | None = None,
+) -> T:
+    """`await call()`, tried again on a connection error for up to `within` seconds (R2D2_STORAGE_RETRY_SECONDS).
+
+    `recover()`, asked before each retry, returns (True, result) when the attempt that broke took effect
+    after all: that result is returned and the write is not made again. Raises `Unavailable` past the window;
+    any other error at once."""
+    try:
+        result = await call()
+    except Exception as exc:
+        storage = connection_error(exc)
+        if storage is None:
+            raise
+        return await _again(call, recover, storage, exc, window() if within is None else within)
+    if OUTAGES[DATABASE].since is not None or OUTAGES[REDIS].since is not None:
+        _answered_any()
+    return result
+
+
+def _answered_any() -> None:
+    # Which storage answered is not known here (a call may touch both): a success ends only an outage no call
+    # is still failing on, which `_again` re-opens at its next failure. In practice one storage is down at a time.
+    for outage in OUTAGES.values():
+        outage.answered()
+
+
+async def _again(
+    call: Callable[[], Awaitable[T]],
+    recover: Callable[[], Awaitable[tuple[bool, T | None]]] | None,
+    storage: str,
+    exc: Exception,
+    within: float,
+) -> T:
+    outage = OUTAGES[storage]
+    outage.failed(exc)
+    outage.waited += 1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    delay = 0.0
+    while True:
+        if isinstance(exc, DjangoDatabaseError):
+            await _reset_orm_connection()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            outage.gave_up += 1
+            raise Unavailable(storage) from exc
+        await asyncio.sleep(min(delay, remaining) * random.uniform(0.8, 1.2))
+        delay = min(MAX_DELAY, max(FIRST_DELAY, delay * 2))
+        try:
+            # Bounded by the window: a connect to a host that fails over may hang for a TCP timeout.
+            async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
+                if recover is not None:
+                    done, result = await recover()
+                    if done:
+                        outage.answered()
+                        return result  # type: ignore[return-value]
+                result = await call()
+        except TimeoutError as timed_out:
+            if connection_error(timed_out) is not None:  # redis's TimeoutError is not the builtin
+                exc = timed_out
+                continue
+            outage.gave_up += 1
+            raise Unavailable(storage) from exc
+        except Exception as again:
+            if connection_error(again) is None:
+                raise
+            exc = again
+            continue
+        outage.answered()
+        return result
+
+
+async def _reset_orm_connection() -> None:
+    """Drop the ORM's connection of the thread its async calls run on, if it broke: Django would otherwise
+    hand the same dead connection to every later call (the consumer skips Channels' per-frame cleanup)."""
+    from asgiref.sync import sync_to_async
+    from django.db import close_old_connections
+
+    try:
+        await sync_to_async(close_old_connections)()
+    except Exception as exc:  # closing a dead connection may fail too; the next connect is what matters
+        logger.debug("ORM connection not closed", extra={"error": type(exc).__name__})
+
+
+def eventually(call: Callable[[], Awaitable[object]], *, what: str, give_up_after: float = 3600.0) -> asyncio.Task:
+    """Run a write that must land once the storage is back (a failed turn's state), in the background:
+    retried with backoff for up to `give_up_after` seconds. Returns its task (held until it ends)."""
+
+    async def run() -> None:
+        try:
+            await retry(call, within=give_up_after)
+        except Exception as exc:
+            logger.warning("deferred write abandoned", extra={"what": what, "error": type(exc).__name__})
+
+    task = asyncio.get_running_loop().create_task(run(), name=f"r2d2-deferred-{what}")
+    _deferred.add(task)
+    task.add_done_callback(_deferred.discard)
+    return task
+
+
+_deferred: set[asyncio.Task] = set()
+
+
+async def deferred_done() -> None:
+    """Wait for the deferred writes in progress (tests; a drain)."""
+    while _deferred:
+        await asyncio.gather(*list(_deferred), return_exceptions=True)
