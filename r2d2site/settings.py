@@ -138,6 +138,9 @@ def database_config() -> dict:
         # Async ORM calls run in threads, each holding a connection: a bounded
         # pool keeps hundreds of sockets from exhausting max_connections.
         config["CONN_MAX_AGE"] = 0
+        # The pool checks a connection before lending it (one empty round trip): after a restart or a
+        # failover its idle connections are dead, and each would otherwise fail one ORM call.
+        config["CONN_HEALTH_CHECKS"] = True
         config.setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("R2D2_DB_POOL_MIN", 2),
             "max_size": env_int("R2D2_DB_POOL_MAX", 10),
@@ -390,5 +393,8 @@ LOGGING = {
         # django-axes says at INFO that it runs for every failed sign-in; its warnings (a failure,
         # a lockout) are the lines worth keeping, throttled per client.
         "axes": {"level": "WARNING"},
+        # psycopg's pool warns at every failed reconnect (once a second per missing connection while the
+        # database is down): chat/ops/storage.py logs an outage once when it starts and once when it ends.
+        "psycopg.pool": {"level": "ERROR"},
     },
 }

@@ -118,6 +118,22 @@ def answered(storage: str = DATABASE) -> None:
     OUTAGES[storage].answered()
 
 
+#: Seconds between the ORM pool's attempts to reconnect while the database is down.
+RECONNECT_EVERY = 1.0
+
+
+def steady_reconnects() -> None:
+    """The ORM's pool (psycopg_pool) tries to reconnect after 1, 2, 4, 8... s: after a 20 s failover its
+    connections would come back up to 12 s later, and every ORM call waits that long in the pool. Once a
+    second instead, so that calls waiting within R2D2_STORAGE_RETRY_SECONDS get through as soon as it answers."""
+    try:
+        from psycopg_pool.base import AttemptWithBackoff
+    except ImportError:  # pragma: no cover (SQLite only)
+        return
+    AttemptWithBackoff.INITIAL_DELAY = RECONNECT_EVERY
+    AttemptWithBackoff.DELAY_BACKOFF = 1.0
+
+
 def window() -> float:
     return max(0.0, float(settings.R2D2_STORAGE_RETRY_SECONDS))
 
@@ -132,14 +148,26 @@ async def retry(
 
     `recover()`, asked before each retry, returns (True, result) when the attempt that broke took effect
     after all: that result is returned and the write is not made again. Raises `Unavailable` past the window;
-    any other error at once."""
+    any other error at once. The first attempt too is bounded by the window: the ORM's pool waits
+    R2D2_DB_POOL_TIMEOUT for a connection while the database is down."""
+    limit = window() if within is None else within
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
-        result = await call()
+        async with asyncio.timeout(limit if limit > 0 else None) as bound:
+            result = await call()
+    except TimeoutError as exc:
+        if not bound.expired():
+            raise
+        outage = OUTAGES[DATABASE]  # only the database's calls can wait that long (Redis's time out after 5 s)
+        _wait(outage, exc, False)
+        outage.gave_up += 1
+        raise Unavailable(DATABASE) from exc
     except Exception as exc:
         storage = connection_error(exc)
         if storage is None:
             raise
-        return await _again(call, recover, storage, exc, window() if within is None else within)
+        return await _again(call, recover, storage, exc, limit - (loop.time() - started))
     if OUTAGES[DATABASE].since is not None or OUTAGES[REDIS].since is not None:
         _answered_any()
     return result
@@ -160,16 +188,14 @@ async def _again(
     within: float,
 ) -> T:
     outage = OUTAGES[storage]
-    outage.failed(exc)
-    outage.waited += 1
+    waiting = False  # counted in the outage: the immediate retry failed too (one stale connection is no outage)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     delay = 0.0
     while True:
-        if isinstance(exc, DjangoDatabaseError):
-            await _reset_orm_connection()
         remaining = deadline - loop.time()
         if remaining <= 0:
+            _wait(outage, exc, waiting)
             outage.gave_up += 1
             raise Unavailable(storage) from exc
         await asyncio.sleep(min(delay, remaining) * random.uniform(0.8, 1.2))
@@ -177,25 +203,30 @@ async def _again(
         try:
             # Bounded by the window: a connect to a host that fails over may hang for a TCP timeout.
             async with asyncio.timeout(max(deadline - loop.time(), 0.05)):
-                if recover is not None:
-                    done, result = await recover()
-                    if done:
-                        outage.answered()
-                        return result  # type: ignore[return-value]
-                result = await call()
-        except TimeoutError as timed_out:
-            if connection_error(timed_out) is not None:  # redis's TimeoutError is not the builtin
-                exc = timed_out
-                continue
+                if isinstance(exc, DjangoDatabaseError):
+                    await _reset_orm_connection()
+                done, result = await recover() if recover is not None else (False, None)
+                if not done:
+                    result = await call()
+        except TimeoutError:  # the window ran out during the attempt
+            _wait(outage, exc, waiting)
             outage.gave_up += 1
             raise Unavailable(storage) from exc
         except Exception as again:
             if connection_error(again) is None:
                 raise
-            exc = again
+            exc, waiting = again, _wait(outage, again, waiting)
             continue
         outage.answered()
-        return result
+        return result  # type: ignore[return-value]
+
+
+def _wait(outage: Outage, exc: BaseException, waiting: bool) -> bool:
+    """A call waits for the storage: the outage starts (logged once) and counts it, once per call."""
+    if not waiting:
+        outage.failed(exc)
+        outage.waited += 1
+    return True
 
 
 async def _reset_orm_connection() -> None:

@@ -52,6 +52,7 @@ class Heartbeat:
         last_beat: datetime | None = None  # the last beat that reached the database
         silent_since: datetime | None = None
         rechecks = 0
+        failures = 0  # beats in a row that met a connection error
         while True:
             try:
                 now = timezone.now()
@@ -61,7 +62,7 @@ class Heartbeat:
                     silent_since, rechecks = last_beat, 3
                 await database_sync_to_async(liveness.beat)()
                 storage.answered()  # a database outage this process saw has ended
-                last_beat = now
+                last_beat, failures = now, 0
                 release_free_memory()
                 if rechecks:
                     # A sweep that began before this beat may still land: look again on the next ticks.
@@ -73,8 +74,13 @@ class Heartbeat:
                     await database_sync_to_async(lifecycle.end_orphaned)()
                     await database_sync_to_async(interrupt_stale_replies)(conversation.streaming_rows())
             except Exception as exc:  # the database may be down: keep beating, the health check reports it
-                if storage.failed(exc) is not None:
-                    await asyncio.sleep(interval)  # logged once, as the outage (chat/ops/storage.py)
+                if storage.connection_error(exc) is not None:
+                    # Logged once, as the outage (chat/ops/storage.py), when a second beat in a row fails:
+                    # the first after a restart may only have met a dead pooled connection.
+                    failures += 1
+                    if failures >= 2:
+                        storage.failed(exc)
+                    await asyncio.sleep(interval)
                     continue
                 # `extra` never names a LogRecord attribute ("process" is one): logging would raise
                 # KeyError here and the heartbeat would die (tests/test_boundaries.py checks).

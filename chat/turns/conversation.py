@@ -22,9 +22,11 @@ import logging
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 from django.conf import settings
+from django.utils import timezone
 
 from chat import llm, protocol
 from chat.models import MessageStatus, Role
@@ -335,9 +337,7 @@ class Conversation:
         except Exception as exc:
             if storage.connection_error(exc) is None:
                 raise
-            # The storage stayed down past the retry window: the client is told to send it again, so the
-            # turn leaves the history; what the database lacks of it is saved once it answers again.
-            del self.history[before:]
+            del self.history[before:]  # down past the retry window: "send it again"; saved once it is back
             storage.eventually(draft.abandon, what="failed turn")
             raise storage_unavailable() from None
 
@@ -398,8 +398,7 @@ class Conversation:
             await draft.checkpoint()
 
     async def _storage_failed(self, queued: _Queued) -> None:
-        """No storage past the retry window before the model was called: the client is told to send it again,
-        and the turn ends; its message is marked failed once the database answers (no holder answers it)."""
+        """No storage past the window, before the model call: "send it again"; the message is marked failed later."""
         metrics.turn_failed(ErrorCode.STORAGE_UNAVAILABLE)
         lease, row_id, error = self.lease, queued.row_id, storage_unavailable()
         storage.eventually(lambda: messages.set_status(lease, row_id, MessageStatus.FAILED), what="failed turn")
@@ -436,6 +435,7 @@ class _Draft:
         self._text = ""
         self.row_id: int | None = None
         self._saved_chars = 0  # how much of `text` the row holds
+        self._created_at: datetime | None = None  # the row's, made at its first save (found again by it)
         self._loop = asyncio.get_running_loop()
         self._saved_at = self._loop.time()
         _drafts.add(self)
@@ -479,9 +479,12 @@ class _Draft:
             "latency_ms": self.reply.latency_ms,
             "status": status,
         }
+        if self.row_id is None and self._created_at is not None:  # a first save failed unanswered: committed?
+            self.row_id = await messages.written(self.lease.session_id, Role.ASSISTANT, self._created_at)
         if self.row_id is None:
+            self._created_at = self._created_at or timezone.now()
             self.row_id = await messages.save_reply(
-                self.lease, reply_to=self.reply_to, content=text, model=self.model, **usage
+                self.lease, reply_to=self.reply_to, content=text, model=self.model, created_at=self._created_at, **usage
             )
         else:
             saved, more = self._saved_chars, text[self._saved_chars :]

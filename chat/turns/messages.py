@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 from asgiref.sync import sync_to_async
@@ -200,9 +201,11 @@ async def save_reply(
     completion_tokens: int | None,
     latency_ms: int | None,
     status: MessageStatus = MessageStatus.COMPLETE,
+    created_at: datetime | None = None,
 ) -> int:
-    """Save the model's reply to the user message `reply_to` as a new row; returns its id."""
-    now = timezone.now()
+    """Save the model's reply to the user message `reply_to` as a new row; returns its id. `created_at`: the
+    same for every attempt of one reply's first save, so that an attempt that committed unanswered is found."""
+    now = created_at or timezone.now()
     params = (lease.session_id, Role.ASSISTANT.value, content, now, status.value, model)
     usage = (prompt_tokens, completion_tokens, latency_ms, reply_to)
     written = (lease.session_id, Role.ASSISTANT.value, now)
@@ -243,6 +246,13 @@ async def set_status(lease: Lease, row_id: int, status: MessageStatus) -> None:
     """A turn ended without a reply row (failed, cancelled or interrupted before a word): its user message says so."""
     if not await _run(_SET_STATUS, (status.value, row_id, lease.session_id, lease.fence), returning=False):
         raise Fenced()
+
+
+async def written(session_id: uuid.UUID, role: Role, created_at: datetime) -> int | None:
+    """The row an INSERT made with that `created_at` in that session, if it committed (its connection broke
+    before it said so, and the retries ran out of time)."""
+    row_id = await _run(_WRITTEN, (session_id, role.value, created_at), returning=True)
+    return int(row_id) if row_id is not None else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,3 +159,22 @@ async def test_a_deferred_write_lands_when_the_storage_answers_again(settings):
     storage.eventually(flaky, what="test")
     await asyncio.wait_for(storage.deferred_done(), 10)
     assert flaky.calls == 9
+
+
+async def test_one_stale_pooled_connection_is_no_outage(caplog):
+    """The first call after a restart meets a dead pooled connection; its immediate retry answers: nothing logged."""
+    caplog.set_level(logging.WARNING, logger="chat.ops.storage")
+    flaky = Flaky(failures=1, error=psycopg.errors.AdminShutdown("terminating connection"))
+    assert await storage.retry(flaky) == "ok"
+    assert caplog.records == [] and not storage.OUTAGES["database"].ongoing
+
+
+async def test_a_first_attempt_that_hangs_is_bounded_by_the_window(settings):
+    """The ORM's pool waits R2D2_DB_POOL_TIMEOUT (30 s) for a connection while the database is down: the client
+    hears `storage_unavailable` after the window, not after the pool's timeout."""
+    settings.R2D2_STORAGE_RETRY_SECONDS = 0.3
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(storage.Unavailable):
+        await storage.retry(lambda: asyncio.sleep(60))
+    assert loop.time() - started < 1.0
