@@ -102,6 +102,7 @@ class Outage:
 
 
 OUTAGES = {DATABASE: Outage(DATABASE), REDIS: Outage(REDIS)}
+_OUTAGE_DB, _OUTAGE_REDIS = OUTAGES[DATABASE], OUTAGES[REDIS]
 
 
 def failed(exc: BaseException) -> str | None:
@@ -143,21 +144,27 @@ async def retry(
     *,
     recover: Callable[[], Awaitable[tuple[bool, T | None]]] | None = None,
     within: float | None = None,
+    bounded: bool = True,
 ) -> T:
     """`await call()`, tried again on a connection error for up to `within` seconds (R2D2_STORAGE_RETRY_SECONDS).
 
     `recover()`, asked before each retry, returns (True, result) when the attempt that broke took effect
     after all: that result is returned and the write is not made again. Raises `Unavailable` past the window;
-    any other error at once. The first attempt too is bounded by the window: the ORM's pool waits
-    R2D2_DB_POOL_TIMEOUT for a connection while the database is down."""
+    any other error at once. `bounded`: the first attempt too is bounded by the window, as the ORM's calls
+    must be (its pool waits R2D2_DB_POOL_TIMEOUT for a connection while the database is down); the turn's
+    own connections (chat/turns/pgpool.py) fail at once or within their connect timeout, and a timer per
+    statement would cost the turn's path about 8 µs each."""
     limit = window() if within is None else within
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    started = time.monotonic()  # the loop's clock, without asking for the loop on every call
+    bounded = bounded and limit > 0
     try:
-        async with asyncio.timeout(limit if limit > 0 else None) as bound:
+        if bounded:
+            async with asyncio.timeout(limit):
+                result = await call()
+        else:
             result = await call()
     except TimeoutError as exc:
-        if not bound.expired():
+        if not bounded or time.monotonic() - started < limit:
             raise
         outage = OUTAGES[DATABASE]  # only the database's calls can wait that long (Redis's time out after 5 s)
         _wait(outage, exc, False)
@@ -167,8 +174,8 @@ async def retry(
         storage = connection_error(exc)
         if storage is None:
             raise
-        return await _again(call, recover, storage, exc, limit - (loop.time() - started))
-    if OUTAGES[DATABASE].since is not None or OUTAGES[REDIS].since is not None:
+        return await _again(call, recover, storage, exc, limit - (time.monotonic() - started))
+    if _OUTAGE_DB.since is not None or _OUTAGE_REDIS.since is not None:
         _answered_any()
     return result
 

@@ -72,7 +72,7 @@ async def start(
         # Its id is made here: a row with it is this INSERT's, committed before the connection dropped.
         return await ChatSession.objects.filter(id=session.id).aexists(), None
 
-    await storage.retry(insert, recover=inserted)
+    await storage.retry(insert, recover=inserted, bounded=within is not None or not pgpool.enabled())
     session._state.adding, session._state.db = False, "default"
     return session
 
@@ -157,7 +157,7 @@ async def _end_live(session_ids: list[uuid.UUID], reason: EndReason, *, on_loop:
     """
     now = timezone.now()  # conditioned on `ended_at IS NULL`: a retry ends nothing twice
     if on_loop and pgpool.enabled():
-        return await storage.retry(lambda: pgpool.execute(_END, (now, reason.value, session_ids)))
+        return await storage.retry(lambda: pgpool.execute(_END, (now, reason.value, session_ids)), bounded=False)
     live = ChatSession.objects.filter(id__in=session_ids, ended_at__isnull=True)
     return await storage.retry(lambda: live.aupdate(ended_at=now, end_reason=reason))
 

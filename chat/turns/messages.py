@@ -93,7 +93,8 @@ async def _run(
             row_id = await _once(_WRITTEN, written, returning=True)
             return row_id is not None, row_id
 
-    return await storage.retry(lambda: _once(sql, params, returning=returning), recover=recover)
+    call = lambda: _once(sql, params, returning=returning)  # noqa: E731
+    return await storage.retry(call, recover=recover, bounded=not pgpool.enabled())
 
 
 async def _once(sql: str, params: Sequence[object], *, returning: bool) -> object | None:
