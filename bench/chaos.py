@@ -2,7 +2,7 @@
 
 Two servers run the Procfile's way (`python -m r2d2site.serve daphne ...`, one Daphne each, on two loopback
 ports) in production mode (DJANGO_DEBUG=0, an API key with no quotas) on a private PostgreSQL cluster
-(initdb + pg_ctl in a temporary directory) and a private redis-server, with tests/fake_llm.py streaming
+(initdb + pg_ctl in a temporary directory) and a private redis-server, with testkit/fake_llm.py streaming
 echoed replies of a few hundred milliseconds to a few seconds. `--clients` clients, resumable or not,
 streamed or not, post messages and follow every frame; resumable ones reconnect when their socket closes
 and resume (token + last_seq) on either server at random, the others start a new session. Meanwhile a
@@ -62,9 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import LOGS, PYTHON, ROOT, free_port, wait_port, write_result
+from common import LOGS, PYTHON, ROOT, write_result
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
+
+from testkit.redis import PrivateRedis
+from testkit.server import free_port, wait_for_port
 
 SECRET_KEY = "bench-secret-key-not-for-production-0123456789abcdefghijklmnop"
 FAULT_KINDS = ("kill", "term", "redis", "pg", "cut", "kill+redis")
@@ -151,30 +154,6 @@ class Postgres:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=30)
 
 
-class Redis:
-    """A private redis-server on loopback that keeps nothing across a restart (--save '' --appendonly no)."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.port = free_port()
-        self.log = logdir / "redis.log"
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.process)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()  # nothing to save, nothing to wait for
-            self.process.wait(10)
-
-
 class Server:
     """One server process, started as the Procfile starts it (one Daphne: R2D2_WEB_PROCESSES=1)."""
 
@@ -208,7 +187,7 @@ class Server:
 
     def ready(self, timeout: float = 60) -> None:
         """Listening, and one request made (it starts the process's heartbeat, as a load balancer's check would)."""
-        wait_port(self.port, self.process, timeout=timeout)
+        wait_for_port(self.port, self.process, timeout=timeout)
         with contextlib.suppress(OSError, urllib.error.URLError):
             urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=10).read()
 
@@ -259,7 +238,7 @@ class Post:
 
     @property
     def expected(self) -> str:
-        """What the model server (tests/fake_llm.py, echo) answers to it."""
+        """What the model server (testkit/fake_llm.py, echo) answers to it."""
         return "Echo: " + self.text
 
 
@@ -1071,15 +1050,15 @@ class Soak:
         return env
 
     def start_model(self, port: int) -> subprocess.Popen:
-        """tests/fake_llm.py in its own process: it echoes each message, one word every 50 ms."""
+        """testkit/fake_llm.py in its own process: it echoes each message, one word every 50 ms."""
         with open(self.logdir / "model.log", "ab") as log:
             model = subprocess.Popen(
-                [PYTHON, "-m", "tests.fake_llm", "--port", str(port), "--ttft", "0.1", "--token-delay", "0.05"],
+                [PYTHON, "-m", "testkit.fake_llm", "--port", str(port), "--ttft", "0.1", "--token-delay", "0.05"],
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        wait_port(port, model)
+        wait_for_port(port, model)
         return model
 
     def manage(self, env: dict[str, str], *command: str) -> str:
@@ -1198,7 +1177,7 @@ class Soak:
         self.workdir = Path(tempfile.mkdtemp(prefix="r2d2-chaos-"))
         os.chmod(self.workdir, 0o755)
         self.pg = Postgres(self.workdir, self.logdir)
-        self.redis = Redis(self.logdir)
+        self.redis = PrivateRedis(log_path=self.logdir / "redis.log")
         self.model: subprocess.Popen | None = None
         try:
             await asyncio.to_thread(self.pg.start)

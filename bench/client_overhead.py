@@ -6,7 +6,7 @@ model server (its own process) is not counted. The ways alternate call by call, 
 neighbour's load on the machine falls on all of them alike.
 
     create   chat.completions.create() (pydantic chunks, request transform): the seed's way
-    r2d2     chat/llm/openai_compat.py: its own aiohttp session, the client's URL and headers, an orjson
+    r2d2     chat/llm/openai_compat.py: its own aiohttp session, the URL and headers it builds, an orjson
              body, SSE read with orjson
     aiohttp  a bare aiohttp POST with the same decoding: the floor
 

@@ -15,7 +15,6 @@ import os
 import platform
 import random
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,9 @@ API_KEY = "sk-bench-0123456789"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from testkit.redis import PrivateRedis  # noqa: E402
+from testkit.server import free_port, wait_for_port  # noqa: E402
+
 
 def raise_nofile(wanted: int = 65536) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -43,25 +45,6 @@ def raise_nofile(wanted: int = 65536) -> int:
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, process: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process {process.args} exited with {process.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listened on {port} within {timeout}s")
 
 
 def machine() -> dict[str, Any]:
@@ -129,44 +112,11 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
 # Services --------------------------------------------------------------------
 
 
-class Redis:
-    """A private redis-server on loopback, restartable for the fault run."""
+class Redis(PrivateRedis):
+    """The benchmarks' redis-server: a fixed port (R2D2_BENCH_REDIS_PORT), room for 20,000 clients."""
 
     def __init__(self, port: int = REDIS_PORT) -> None:
-        self.port = port
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Redis:
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxclients",
-                "20000",
-            ],
-            stdout=open(LOGS / "redis.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
-        wait_port(self.port, self.process)
-        return self
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def restart(self, down_for: float = 0.5) -> None:
-        self.stop()
-        time.sleep(down_for)
-        self.start()
+        super().__init__(port, LOGS / "redis.log", "--maxclients", "20000")
 
 
 def prepare_database() -> None:
@@ -235,7 +185,7 @@ def spawn(name: str, command: list[str], env: dict[str, str] | None = None, port
         stderr=subprocess.STDOUT,
         preexec_fn=lambda: raise_nofile(),
     )
-    wait_port(port, process)
+    wait_for_port(port, process, timeout=30)
     return Process(name, process, port)
 
 
@@ -249,8 +199,8 @@ def start_model(
     stall_rate: float = 0.0,
     stamp: bool = False,
 ) -> Process:
-    """The model server in its own process (tests/fake_llm.py, or bench/stamp_llm.py when `stamp`)."""
-    command = [PYTHON, "bench/stamp_llm.py"] if stamp else [PYTHON, "-m", "tests.fake_llm"]
+    """The model server in its own process (testkit/fake_llm.py, or bench/stamp_llm.py when `stamp`)."""
+    command = [PYTHON, "bench/stamp_llm.py"] if stamp else [PYTHON, "-m", "testkit.fake_llm"]
     command += ["--port", "{port}", "--ttft", str(ttft), "--token-delay", str(token_delay)]
     if text is not None:
         command += ["--text", text] + (["--repeat", str(repeat)] if repeat != 1 else [])

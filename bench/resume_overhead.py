@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import free_port, wait_for_port  # noqa: E402
-from tests.fake_llm import FakeLLM, Script  # noqa: E402
+from testkit.fake_llm import FakeLLM, Script  # noqa: E402
+from testkit.server import free_port, wait_for_port  # noqa: E402
 
 
 async def run(url: str, sessions: int, turns: int, resumable: bool) -> float:

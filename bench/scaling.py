@@ -3,7 +3,7 @@
 R2D2 as the Elastic Beanstalk bundle runs it (r2d2site/serve.py: R2D2_WEB_PROCESSES
 Daphne processes on one port) and the bare relay (N bench/relay.py processes sharing
 the port), each behind Debian's nginx with `.platform/nginx` laid out as on Amazon
-Linux 2023 (tests/production/nginx.py). The runs alternate (R2D2 1, relay 1, R2D2 N,
+Linux 2023 (testkit/nginx.py). The runs alternate (R2D2 1, relay 1, R2D2 N,
 relay N, then again), so load from other users of the machine falls on all of them.
 Server CPU is the whole process tree's (launcher and children), nginx excluded. Each run also
 records how busy the machine's cores were and the load client's own CPU per turn: where the
@@ -44,7 +44,7 @@ from common import (
     write_result,
 )
 
-from tests.production import nginx
+from testkit import nginx
 
 MODEL_TIME = 0.2
 TURNS = 5

@@ -11,7 +11,7 @@ Two runs against one Daphne on PostgreSQL + Redis, each with its own model serve
   plus a frame; the reply said so far (what the kernel took before that) is kept to
   be saved.
 - steady: N clients each ask for a streamed reply of `--reply-mb` MB and read it
-  through a local link carrying `--rate` KiB/s (tests/slow_link.py), slower than the
+  through a local link carrying `--rate` KiB/s (testkit/slow_link.py), slower than the
   model streams: every reply must arrive whole, and no client be closed.
 
     .venv/bin/python bench/slow_readers.py [--clients 100] [--stalled-seconds 90] [--rate 64] [--reply-mb 1]
@@ -27,8 +27,8 @@ import time
 import websockets
 from common import LOGS, Redis, db_query, prepare_database, rss_kib, start_daphne, start_model, truncate, write_result
 
-from tests.raw_websocket import RawWebSocket
-from tests.slow_link import SlowLink
+from testkit.raw_websocket import RawWebSocket
+from testkit.slow_link import SlowLink
 
 #: Words of 4 KB: a stalled client's reply is 2,000 of them (8 MB in 2,000 frames).
 WORD, STALLED_WORDS = "x" * 4095 + " ", 2_000
@@ -105,7 +105,7 @@ async def steady(clients: int, rate_kib: float, reply_mb: float) -> dict:
     link = await SlowLink(server.port, rate_kib * 1024).start()
     try:
         baseline = peak = rss_kib(server.pid)
-        # Plain websockets clients (not tests.client.ProtocolClient, which checks every frame against
+        # Plain websockets clients (not testkit.client.ProtocolClient, which checks every frame against
         # asyncapi.yaml): a hundred of them in this one process must keep up with their links.
         peers = [
             await websockets.connect(link.url, max_size=None, ping_interval=None, open_timeout=60)

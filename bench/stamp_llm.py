@@ -1,6 +1,6 @@
 """The local model server with a clock in its first token, for the first-token benchmark.
 
-Same wire format as tests/fake_llm.py (OpenAI Chat Completions, JSON or SSE).
+Same wire format as testkit/fake_llm.py (OpenAI Chat Completions, JSON or SSE).
 The first streamed token is ``<monotonic_ns> `` read immediately before the
 token is written to the socket, so a client on the same machine (CLOCK_MONOTONIC
 is system-wide on Linux) can tell how long that token took to reach it.

@@ -6,8 +6,11 @@ database), both talking to one model server process. Every socket is open
 before the clock starts; turns/s = answered turns / wall time of the turn phase.
 With --profile, py-spy samples the Daphne process during its run and the
 top functions (by own time and by total time) are written to the result.
+With --chain, a second Daphne process whose model has a fallback chain (R2D2_FALLBACKS, to
+an `alt` upstream on the same model server, all healthy) runs each level after the first,
+and the result says how it compares with the one without (bench/results/throughput-chain-*.json).
 
-    .venv/bin/python bench/throughput.py [--quick] [--profile]
+    .venv/bin/python bench/throughput.py [--quick] [--profile] [--chain]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from common import (
     Redis,
     cpu_seconds,
     db_query,
+    model_url,
     prepare_database,
     raise_nofile,
     run_sessions,
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, nargs="*", help="concurrency levels (default 10 100 1000)")
     parser.add_argument("--stream", action="store_true", help="streamed turns (default: the seed's one message)")
     parser.add_argument("--profile", action="store_true", help="py-spy the Daphne process at the top level")
+    parser.add_argument("--chain", action="store_true", help="also a Daphne whose model has a fallback chain")
     args = parser.parse_args()
     raise_nofile()
     py_spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
@@ -105,11 +110,17 @@ def main() -> None:
     model = start_model(ttft=MODEL_TIME)
     relay = start_relay(model)
     daphne = start_daphne(model, R2D2_DB_POOL_MAX="20")
+    chained = None
+    if args.chain:
+        chain = {"R2D2_UPSTREAMS": f"alt={model_url(model)}", "R2D2_FALLBACKS": "gpt-3.5-turbo=alt/gpt-3.5-turbo"}
+        chained = start_daphne(model, name="daphne-chain", R2D2_DB_POOL_MAX="20", **chain)
     results = []
     profile = None
     try:
         asyncio.run(run_sessions(daphne.url, 20, 2))
         asyncio.run(run_sessions(relay.url, 20, 2))
+        if chained is not None:
+            asyncio.run(run_sessions(chained.url, 20, 2))
         for sessions in levels:
             bare = run(relay.url, relay.pid, sessions, args.stream)
             truncate()
@@ -137,6 +148,10 @@ def main() -> None:
                     stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1)
+            before = None
+            if chained is not None:  # the chained server runs before and after the plain one: the order counts
+                before = run(chained.url, chained.pid, sessions, args.stream)
+                truncate()
             r2d2 = run(daphne.url, daphne.pid, sessions, args.stream)
             if spy is not None:
                 spy.send_signal(2)
@@ -148,6 +163,22 @@ def main() -> None:
             r2d2["db_rows"] = dict(rows)
             ratio = round(r2d2["turns_per_s"] / bare["turns_per_s"], 3) if bare["turns_per_s"] else None
             results.append({"sessions": sessions, "r2d2": r2d2, "bare_relay": bare, "ratio": ratio})
+            if chained is not None:
+                truncate()
+                after = run(chained.url, chained.pid, sessions, args.stream)
+                rate = (before["turns_per_s"] + after["turns_per_s"]) / 2
+                cpu = (before["server_cpu_ms_per_turn"] + after["server_cpu_ms_per_turn"]) / 2
+                results[-1]["r2d2_with_chain"] = [before, after]
+                results[-1]["chain_vs_none"] = round(rate / r2d2["turns_per_s"], 3)
+                results[-1]["chain_cpu_vs_none"] = round(cpu / r2d2["server_cpu_ms_per_turn"], 3)
+                results[-1]["chain_ratio"] = round(rate / bare["turns_per_s"], 3)
+                print(
+                    f"{sessions:>5} sessions with a chain (before, after): {before['turns_per_s']}, "
+                    f"{after['turns_per_s']} turns/s ({before['server_cpu_ms_per_turn']}, "
+                    f"{after['server_cpu_ms_per_turn']} ms CPU/turn)  vs none {results[-1]['chain_vs_none']} "
+                    f"(CPU {results[-1]['chain_cpu_vs_none']})  ratio to the relay {results[-1]['chain_ratio']}",
+                    flush=True,
+                )
             print(
                 f"{sessions:>5} sessions x {TURNS} turns: R2D2 {r2d2['turns_per_s']} turns/s "
                 f"({r2d2['turns_answered']}/{r2d2['turns_expected']} answered, "
@@ -159,6 +190,8 @@ def main() -> None:
             truncate()
     finally:
         daphne.stop()
+        if chained is not None:
+            chained.stop()
         relay.stop()
         model.stop()
         redis.stop()
@@ -168,7 +201,7 @@ def main() -> None:
             print(f"  {row['pct_of_samples']:5.1f}%  {row['cost']}")
     top = results[-1]
     write_result(
-        "throughput",
+        ("throughput-chain-stream" if args.stream else "throughput-chain-plain") if args.chain else "throughput",
         {
             "model_server": {"ttft_s": MODEL_TIME, "stream": args.stream},
             "turns_per_session": TURNS,

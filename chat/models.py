@@ -197,7 +197,10 @@ class ChatMessage(models.Model):
     content = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
     status = models.CharField(max_length=12, choices=MessageStatus.choices, default=MessageStatus.COMPLETE)
+    # A reply's model is the one that answered, as routed (`azure/gpt-4o-mini`); `requested_model` the one
+    # the session asked for (they differ when a fallback chain moved on: chat/llm/__init__.py).
     model = models.CharField(max_length=200, blank=True, default="")
+    requested_model = models.CharField(max_length=200, blank=True, default="")
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     latency_ms = models.PositiveIntegerField(

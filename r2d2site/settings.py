@@ -14,6 +14,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from chat.llm import upstreams as _upstreams
 from chat.ops import prices as _prices
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -245,6 +246,28 @@ OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "").strip()
 OPENAI_API_KEY_SECRET_ID = os.environ.get("OPENAI_API_KEY_SECRET_ID", "").strip()
 OPENAI_API_KEY_PARAMETER = os.environ.get("OPENAI_API_KEY_PARAMETER", "").strip()
 OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "").strip() or None
+# Sent to OpenAI itself as OpenAI-Organization / OpenAI-Project when set (the openai client read them too).
+OPENAI_ORG_ID = os.environ.get("OPENAI_ORG_ID", "").strip()
+OPENAI_PROJECT_ID = os.environ.get("OPENAI_PROJECT_ID", "").strip()
+
+# Several upstreams, fallback chains and circuit breakers (chat/llm/upstreams.py, chat/llm/router.py,
+# chat/llm/breaker.py; docs/failover.md). More OpenAI-compatible endpoints besides the default one
+# (`openai`): "azure=https://x.openai.azure.com/openai/v1,vllm=http://10.0.3.7:8000/v1", each one's key
+# in R2D2_UPSTREAM_<NAME>_API_KEY (or _API_KEY_SECRET_ID / _API_KEY_PARAMETER); a model `name/model`
+# goes to upstream `name`. The alternates of a model a client may ask for, tried in order when it
+# fails before its first chunk: "gpt-4o-mini=azure/gpt-4o-mini|bedrock/amazon.nova-lite-v1:0;gpt-4o=azure/gpt-4o".
+# An entry that does not parse stops start-up here, naming it.
+try:
+    R2D2_UPSTREAMS = _upstreams.parse(os.environ.get("R2D2_UPSTREAMS", ""), os.environ)
+    R2D2_FALLBACKS = _upstreams.parse_fallbacks(os.environ.get("R2D2_FALLBACKS", ""))
+except _upstreams.ConfigError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+# A chain moves on when a member sends no first chunk within this (the turn's R2D2_UPSTREAM_TIMEOUT still bounds all).
+R2D2_FAILOVER_FIRST_CHUNK_SECONDS = env_float("R2D2_FAILOVER_FIRST_CHUNK_SECONDS", 15.0)
+# A chain member (upstream, model) that failed this many times within the window is skipped for the cooldown.
+R2D2_CIRCUIT_FAILURES = env_int("R2D2_CIRCUIT_FAILURES", 5)
+R2D2_CIRCUIT_WINDOW_SECONDS = env_float("R2D2_CIRCUIT_WINDOW_SECONDS", 60.0)
+R2D2_CIRCUIT_COOLDOWN_SECONDS = env_float("R2D2_CIRCUIT_COOLDOWN_SECONDS", 30.0)
 
 # R2D2's own knobs (every variable read here is documented in docs/configuration.md; tests/test_docs.py checks).
 R2D2_DEFAULT_MODEL = os.environ.get("R2D2_DEFAULT_MODEL", "").strip() or "gpt-3.5-turbo"
@@ -384,9 +407,6 @@ LOGGING = {
         # `manage.py runserver`); its records also reach the root's JSON handler, so every line (the
         # autoreloader's, Daphne's runserver's "WebSocket CONNECT", ...) was printed twice. One handler.
         "django": {"handlers": [], "level": "INFO"},
-        # httpx2/openai log request URLs at INFO; keep them quiet.
-        "httpx2": {"level": "WARNING"},
-        "openai": {"level": "WARNING"},
         # botocore logs request details (and, at DEBUG, bodies and signed headers): never.
         "botocore": {"level": "WARNING"},
         "urllib3": {"level": "WARNING"},

@@ -12,6 +12,7 @@ never reached the model. A refusal names the limit, what was used of it and when
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 
+from chat import llm
 from chat.accounts.counters import (
     MESSAGES,
     TOKENS,
@@ -39,8 +41,7 @@ from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
 
 if TYPE_CHECKING:
-    from chat import llm
-    from chat.accounts.principals import Principal
+    from chat.accounts.principals import Limits, Principal
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +72,13 @@ async def admit(
     reserve nothing (their reservation keeps `tally`, the socket's own figures)."""
     cap = max_output_tokens if max_output_tokens and max_output_tokens > 0 else None
     now = time.time() if now is None else now
+    limits = principal.limits
+    price = chain_price(limits, model)
     if principal.is_anonymous:
         if tally is not None:
             tally.message(now)
-        return Reservation(None, model, cap, price_of(model), tally=tally)
-    limits = principal.limits
-    price = price_of(model)
-    if limits.in_money and price is None:
+        return Reservation(None, model, cap, price, tally=tally, limits=limits)
+    if limits.in_money and price_of(model) is None:
         raise unpriced(model)
     output = cap if cap is not None else max(0, settings.R2D2_QUOTA_RESERVE_OUTPUT_TOKENS)
     tokens = prompt_tokens_estimate + output
@@ -86,7 +87,9 @@ async def admit(
     refused, used = await counters().admit(keys, limits_of(principal), 1, tokens, nano)
     if refused is not None:
         raise exceeded(_refusal(refused, used, limits_of(principal), tokens, nano, now))
-    return Reservation(principal, model, cap, price, keys=keys, prompt=prompt_tokens_estimate, tokens=tokens, nano=nano)
+    return Reservation(
+        principal, model, cap, price, keys=keys, prompt=prompt_tokens_estimate, tokens=tokens, nano=nano, limits=limits
+    )
 
 
 def charge_only(principal: Principal, model: str) -> Reservation | None:
@@ -95,7 +98,10 @@ def charge_only(principal: Principal, model: str) -> Reservation | None:
     if principal.is_anonymous:
         return None
     cap = principal.limits.max_output_tokens or None
-    return Reservation(principal, model, cap, price_of(model), keys=counter_keys(principal, time.time()))
+    price = chain_price(principal.limits, model)
+    return Reservation(
+        principal, model, cap, price, keys=counter_keys(principal, time.time()), limits=principal.limits
+    )
 
 
 class Reservation:
@@ -115,6 +121,7 @@ class Reservation:
         "_nano",
         "_open",
         "_tally",
+        "_limits",
     )
 
     def __init__(
@@ -129,6 +136,7 @@ class Reservation:
         tokens: int = 0,
         nano: int = 0,
         tally: Tally | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.principal = principal  # None: anonymous, nothing reserved
         self.model = model
@@ -140,6 +148,7 @@ class Reservation:
         self._nano = nano
         self._open = True
         self._tally = tally
+        self._limits = limits  # the principal's: which of a fallback chain's alternates it may use
 
     @property
     def reserved(self) -> tuple[int, int]:
@@ -186,12 +195,18 @@ class Reservation:
         elif self._tally is not None:
             self._tally.unmessage()
 
+    def unusable(self, model: str) -> str | None:
+        """Why the principal may not use `model`, a fallback chain's alternate, or None."""
+        return unusable(self._limits, model) if self._limits is not None else None
+
     def _settlement(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> Coroutine | None:
         if not self._open:
             return None
         self._open = False
         prompt, completion = tokens_used(reply, request, text)
-        nano = prices.nano_dollars(self._price, prompt, completion) if self._price is not None else 0
+        # At the price of the model that answered (a fallback chain's member may cost more or less).
+        price = price_of(reply.model) if reply.model else self._price
+        nano = prices.nano_dollars(price, prompt, completion) if price is not None else 0
         if self.principal is None:
             if self._tally is not None:
                 self._tally.spent(prompt + completion, nano, time.time())
@@ -234,6 +249,22 @@ def _estimate(request: Sequence[dict[str, str]]) -> int:
 def price_of(model: str) -> tuple[float, float] | None:
     """The model's ($ per million input, output) tokens, or None when it has no price."""
     return prices.parse(settings.R2D2_MODEL_PRICES).get(model)
+
+
+def unusable(limits: Limits, model: str) -> str | None:
+    """Why a principal with `limits` may not use `model` (a fallback chain skips it for them), or None."""
+    if limits.models and model not in limits.models:
+        return "not in the key's models"
+    if limits.in_money and price_of(model) is None:
+        return "unpriced, under a money limit"
+    return None
+
+
+def chain_price(limits: Limits, model: str) -> tuple[float, float] | None:
+    """What a turn on `model` reserves at: the dearest input and output prices among the members of its
+    fallback chain the principal may use (any of them may answer), or None when none has a price."""
+    found = [p for member in llm.chain(model, functools.partial(unusable, limits)) if (p := price_of(member))]
+    return (max(p[0] for p in found), max(p[1] for p in found)) if found else None
 
 
 # Refusals -------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ class Reply:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     headers_received: bool = False  # the model began answering (a later failure cut it off)
-    model: str = ""  # the model asked for (set by chat.llm.generate): /metrics labels tokens and cost by it
+    # The model that answered, as routed (e.g. `azure/gpt-4o-mini`), and the one asked for: they differ when
+    # a fallback chain moved on (chat/llm/__init__.py). Tokens and cost are counted at the first's price.
+    model: str = ""
+    requested: str = ""
     # The request went to the model and was not refused: from here a cancel, a timeout or a cut
     # costs at least the prompt (chat/accounts/quotas.py). Cleared when an attempt is refused
     # (an error status) or never connects: the model did no work.
@@ -47,6 +50,14 @@ class Deadlines:
         self.end_by = now + whole
         self.receiving = False  # the first chunk came
 
+    def within(self, first: float) -> Deadlines:
+        """These deadlines for one member of a fallback chain: its first chunk due within `first`
+        seconds as well (never later than the turn's), the idle and whole-reply ones unchanged."""
+        member = Deadlines.__new__(Deadlines)
+        member._loop, member.idle, member.end_by, member.receiving = self._loop, self.idle, self.end_by, False
+        member.first_by = min(self.first_by, self._loop.time() + first)
+        return member
+
     def next(self) -> float:
         """When the next thing from the model must have arrived by."""
         if not self.receiving:
@@ -66,14 +77,22 @@ class Deadlines:
 
 class UpstreamError(ClientError):
     """A model call that failed. `retryable`: another attempt may succeed (if it fits the deadline);
-    `retry_after`: the wait the provider asked for, if it said."""
+    `retry_after`: the wait the provider asked for, if it said; `ours`: R2D2's own failure (it could
+    not read its credentials), which neither moves a fallback chain on nor counts against the upstream."""
 
     def __init__(
-        self, code: ErrorCode, message: str, *, retryable: bool = False, retry_after: float | None = None
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        ours: bool = False,
     ) -> None:
         super().__init__(code, message)
         self.retryable = retryable
         self.retry_after = retry_after
+        self.ours = ours
 
 
 def interrupted() -> UpstreamError:

@@ -338,10 +338,12 @@ def _map_error(exc: BaseException, *, opened: bool, said: bool) -> UpstreamError
         return interrupted()  # the connection was cut, or the stream could not be read, midway
     if isinstance(exc, boto.NoCredentialsError | boto.PartialCredentialsError | boto.CredentialRetrievalError):
         logger.error("no AWS credentials for Bedrock: give the instance role (or the environment) credentials")
-        return UpstreamError(ErrorCode.UPSTREAM_AUTH_FAILED, "The server could not read its model credentials.")
+        return UpstreamError(
+            ErrorCode.UPSTREAM_AUTH_FAILED, "The server could not read its model credentials.", ours=True
+        )
     if isinstance(exc, boto.NoRegionError):
         logger.error("no AWS region for Bedrock: set AWS_REGION")
-        return UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE, "The model server could not be reached.")
+        return UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE, "The model server could not be reached.", ours=True)
     if isinstance(exc, boto.ReadTimeoutError):
         return UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "The model did not answer in time.")
     if isinstance(exc, boto.ConnectionError | boto.HTTPClientError | OSError):

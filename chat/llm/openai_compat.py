@@ -1,24 +1,16 @@
 """The OpenAI-compatible provider: OpenAI itself, or any server speaking Chat Completions
-(vLLM, Ollama, llama.cpp). The only module that imports `openai`.
+(vLLM, Ollama, llama.cpp, Azure OpenAI's v1 API), one instance per upstream (chat/llm/upstreams.py).
 
 Upstream response bodies and the API key never leave this module: callers see text,
 or an `UpstreamError` whose message is safe for any client.
 
-The `AsyncOpenAI` client (one per event loop) is the source of configuration: its
-base URL and the headers it sends (key, content type, user agent) are read once per
-client. The call itself is a plain POST on an aiohttp session owned here (one per
-loop, beside the client), with a body encoded by orjson, and the SSE lines and the
-JSON are read here with orjson. Why not through the client:
-
-- `chat.completions.create()` walks every message of the request to transform it
-  and builds a pydantic object per streamed chunk: 3.2 ms CPU per streamed call.
-- The client's `post()` with a raw body still builds an options copy, a URL, headers,
-  an auth-retry wrapper and an httpx2 request converted to an aiohttp one for every
-  call: ~0.9 ms CPU per streamed call, against ~0.31 ms for a bare aiohttp POST, about
-  as much as the aiohttp request itself (bench/client_overhead.py measures each way).
-
-So status codes and transport failures are mapped to `UpstreamError` here, as the
-client's exceptions were before.
+The call is a plain POST to `<base_url>/chat/completions` on an aiohttp session owned here
+(one per upstream and event loop), with a body encoded by orjson and the SSE lines and the
+JSON read here with orjson; the URL and headers are built here from the settings. The
+`openai` package is not used at all: `chat.completions.create()` cost 3.2 ms CPU per
+streamed call (a pydantic object per chunk), its `post()` ~0.9 ms against ~0.31 ms for a bare
+aiohttp POST (bench/client_overhead.py), and importing it took 0.4-0.8 s of every process's
+start for nothing but a URL and three headers.
 """
 
 from __future__ import annotations
@@ -32,95 +24,108 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
-import openai
 import orjson
 from aiohttp.helpers import get_env_proxy_for_url
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from yarl import URL
 
+from chat.llm import upstreams
 from chat.llm.base import Deadlines, Reply, UpstreamError, connection_failed, interrupted, timed_out, unavailable
+from chat.llm.credentials import api_key_from_aws
 from chat.protocol.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
 
-# The pool the client's aiohttp transport had (openai.DefaultAioHttpClient: 1,000 connections,
-# idle ones kept 5 s); aiohttp has no separate cap on idle connections.
+#: Where the default upstream goes when OPENAI_BASE_URL is unset (as the openai client did).
+OPENAI_URL = "https://api.openai.com/v1"
+USER_AGENT = "R2D2"
+# 1,000 connections per upstream, idle ones kept 5 s (what openai.DefaultAioHttpClient had);
+# aiohttp has no separate cap on idle connections.
 _POOL_LIMIT = 1000
 _KEEPALIVE_SECONDS = 5.0
 # An error's body is read (never shown) only so its connection can be reused; a longer one closes it.
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
+def upstream(name: str = upstreams.DEFAULT) -> upstreams.Upstream:
+    """The upstream `name` as the settings give it now (the default one from OPENAI_*)."""
+    if name == upstreams.DEFAULT:
+        return upstreams.Upstream(
+            name=name,
+            base_url=settings.OPENAI_BASE_URL,
+            api_key=settings.OPENAI_API_KEY,
+            api_key_secret_id=settings.OPENAI_API_KEY_SECRET_ID,
+            api_key_parameter=settings.OPENAI_API_KEY_PARAMETER,
+        )
+    return settings.R2D2_UPSTREAMS[name]
+
+
 @functools.cache
-def _key_from_aws() -> str:
-    # Imported here: boto3 is slow to import and most processes never need it.
-    from chat.llm.credentials import openai_api_key_from_aws
-
-    return openai_api_key_from_aws()
+def _key_from_aws(secret_id: str, parameter: str, setting: str) -> str:
+    return api_key_from_aws(secret_id=secret_id, parameter=parameter, setting=setting)
 
 
-def api_key() -> str:
-    """OPENAI_API_KEY, else the key in AWS Secrets Manager / SSM, fetched on first use and kept."""
-    if settings.OPENAI_API_KEY:
-        return settings.OPENAI_API_KEY
-    if settings.OPENAI_API_KEY_SECRET_ID or settings.OPENAI_API_KEY_PARAMETER:
+def api_key(config: upstreams.Upstream) -> str:
+    """The upstream's key as given, else the one in AWS Secrets Manager / SSM, fetched on first use and kept."""
+    if config.api_key:
+        return config.api_key
+    if config.api_key_secret_id or config.api_key_parameter:
         try:
-            return _key_from_aws()
+            return _key_from_aws(config.api_key_secret_id, config.api_key_parameter, config.key_setting)
         except ImproperlyConfigured as exc:  # names what to fix, never the secret
             logger.error(str(exc))
             raise UpstreamError(
-                ErrorCode.UPSTREAM_AUTH_FAILED, "The server could not read its model credentials."
+                ErrorCode.UPSTREAM_AUTH_FAILED, "The server could not read its model credentials.", ours=True
             ) from None
     return ""
 
 
-@dataclass(slots=True)
-class _Upstream:
-    """One event loop's way to the model server: the client (the configuration) and the session
-    that makes the calls, with what each call needs worked out once."""
+def headers(config: upstreams.Upstream) -> dict[str, str]:
+    """What every request to the upstream carries: its key (none when it has none: a local server
+    takes any), JSON both ways, and for OpenAI itself the organization and project when set."""
+    found = {"Accept": "application/json", "Content-Type": "application/json", "User-Agent": USER_AGENT}
+    key = api_key(config)
+    if key:
+        found["Authorization"] = f"Bearer {key}"
+    if config.name == upstreams.DEFAULT:
+        if settings.OPENAI_ORG_ID:
+            found["OpenAI-Organization"] = settings.OPENAI_ORG_ID
+        if settings.OPENAI_PROJECT_ID:
+            found["OpenAI-Project"] = settings.OPENAI_PROJECT_ID
+    return found
 
-    client: openai.AsyncOpenAI
+
+@dataclass(slots=True)
+class _Session:
+    """One event loop's way to one upstream: the aiohttp session that makes the calls, with
+    what each call needs worked out once."""
+
     session: aiohttp.ClientSession
     url: URL
     proxy_headers: Mapping[str, str] | None
 
     @classmethod
-    def open(cls, client: openai.AsyncOpenAI) -> _Upstream:
-        url = URL(str(client.base_url.join("chat/completions")))
+    def open(cls, config: upstreams.Upstream) -> _Session:
+        url = URL((config.base_url or OPENAI_URL).rstrip("/") + "/chat/completions")
         proxy, proxy_headers = _env_proxy(url)
         timeout = settings.R2D2_UPSTREAM_TIMEOUT
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=_POOL_LIMIT, keepalive_timeout=_KEEPALIVE_SECONDS),
-            headers=_headers(client),
-            # The client's timeout on connecting; none on the whole or on each read: the caller's
+            headers=headers(config),
+            # A timeout on connecting; none on the whole or on each read: the caller's
             # deadlines bound every wait (chat/llm/base.py, Deadlines), a long stream included.
             timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_connect=timeout, sock_read=None),
             proxy=proxy,
             cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,  # the client decoded gzip/deflate bodies too (httpx2 did, over aiohttp)
+            auto_decompress=True,
         )
-        return cls(client, session, url, proxy_headers)
-
-    async def close(self) -> None:
-        try:
-            await self.session.close()
-        finally:
-            await self.client.close()
-
-
-def _headers(client: openai.AsyncOpenAI) -> dict[str, str]:
-    """The headers the client's `post()` sent: its key (Authorization), then its defaults (Accept and
-    Content-Type: application/json, User-Agent, X-Stainless-*, any custom ones), later ones winning
-    and Omit() dropping a header, as the client merges them. Left out: the two it computes per
-    request (X-Stainless-Retry-Count, always 0 here; X-Stainless-Read-Timeout), telemetry only."""
-    merged = {**client.auth_headers, **client.default_headers}
-    return {name: value for name, value in merged.items() if isinstance(value, str)}
+        return cls(session, url, proxy_headers)
 
 
 def _env_proxy(url: URL) -> tuple[URL | None, dict[str, str] | None]:
-    """HTTP(S)_PROXY and NO_PROXY for `url`, read once: the client honoured them, and aiohttp's own
-    `trust_env` would read them again, on a thread, for every request."""
+    """HTTP(S)_PROXY and NO_PROXY for `url`, read once: aiohttp's own `trust_env` would read them
+    again, on a thread, for every request."""
     try:
         proxy, auth = get_env_proxy_for_url(url)
     except LookupError:
@@ -129,45 +134,29 @@ def _env_proxy(url: URL) -> tuple[URL | None, dict[str, str] | None]:
 
 
 class OpenAIProvider:
-    name = "openai"
+    """The upstream `upstream_name` (the default one: `openai`)."""
 
-    def __init__(self) -> None:
-        self._upstreams: dict[asyncio.AbstractEventLoop, _Upstream] = {}
+    def __init__(self, upstream_name: str = upstreams.DEFAULT) -> None:
+        self.name = upstream_name
+        self._sessions: dict[asyncio.AbstractEventLoop, _Session] = {}
 
     def is_configured(self) -> bool:
-        return bool(
-            settings.OPENAI_API_KEY
-            or settings.OPENAI_BASE_URL
-            or settings.OPENAI_API_KEY_SECRET_ID
-            or settings.OPENAI_API_KEY_PARAMETER
-        )
+        return upstream(self.name).configured
 
-    def client(self) -> openai.AsyncOpenAI:
-        """The client for the running loop."""
-        return self._upstream().client
-
-    def _upstream(self) -> _Upstream:
-        """The running loop's client and session (aiohttp sessions cannot cross loops)."""
+    def _session(self) -> _Session:
+        """The running loop's session (aiohttp sessions cannot cross loops)."""
         loop = asyncio.get_running_loop()
-        upstream = self._upstreams.get(loop)
-        if upstream is None:
-            for stale in [other for other in self._upstreams if other.is_closed()]:
-                del self._upstreams[stale]
-            client = openai.AsyncOpenAI(
-                # A local server (vLLM, Ollama, llama.cpp) takes any key.
-                api_key=api_key() or "not-needed",
-                base_url=settings.OPENAI_BASE_URL,
-                timeout=settings.R2D2_UPSTREAM_TIMEOUT,
-                max_retries=0,  # retries are the caller's: bounded by the whole-call deadline
-                http_client=openai.DefaultAioHttpClient(timeout=settings.R2D2_UPSTREAM_TIMEOUT),
-            )
-            upstream = self._upstreams[loop] = _Upstream.open(client)
-        return upstream
+        found = self._sessions.get(loop)
+        if found is None:
+            for stale in [other for other in self._sessions if other.is_closed()]:
+                del self._sessions[stale]
+            found = self._sessions[loop] = _Session.open(upstream(self.name))
+        return found
 
     async def close(self) -> None:
-        upstream = self._upstreams.pop(asyncio.get_running_loop(), None)
-        if upstream is not None:
-            await upstream.close()
+        found = self._sessions.pop(asyncio.get_running_loop(), None)
+        if found is not None:
+            await found.session.close()
 
     async def generate(
         self,
@@ -198,8 +187,8 @@ class OpenAIProvider:
 
     async def _post(self, body: dict[str, object]) -> aiohttp.ClientResponse:
         """POST /chat/completions; the response once its headers are in, or the status as an `UpstreamError`."""
-        upstream = self._upstream()
-        response = await upstream.session.post(upstream.url, data=_encode(body), proxy_headers=upstream.proxy_headers)
+        found = self._session()
+        response = await found.session.post(found.url, data=_encode(body), proxy_headers=found.proxy_headers)
         if not 200 <= response.status < 300:
             try:
                 # The status is the answer even if its body is cut off (the connection then closes).
@@ -244,7 +233,7 @@ class OpenAIProvider:
             async for data in _sse_data(response, deadlines):
                 chunk = _as_dict(_decode(data))
                 if chunk.get("error"):
-                    # An error event inside the stream (what the client raised as APIError).
+                    # An error event inside the stream.
                     raise _invalid_response()
                 _record_usage(chunk, reply)
                 for choice in _field(chunk, "choices", list) or ():
@@ -376,8 +365,8 @@ def _invalid_response() -> UpstreamError:
 
 
 def _status_error(status: int, headers: Mapping[str, str]) -> UpstreamError:
-    """An answer other than 2xx, as the client's status exceptions were mapped (RateLimitError: 429,
-    AuthenticationError: 401, PermissionDeniedError: 403, InternalServerError: 5xx)."""
+    """An answer other than 2xx: 429 rate limited, 401/403 credentials refused, 5xx the server failed,
+    any other the request's own fault."""
     if status == 429:
         return UpstreamError(
             ErrorCode.UPSTREAM_RATE_LIMITED,

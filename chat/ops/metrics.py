@@ -10,7 +10,7 @@ so totals never go backwards. With no directory (one process) values live in mem
 Tokens and cost are labelled by model, but a client may name any model when no list
 limits them: the label is the model only when the server's configuration names it
 (R2D2_DEFAULT_MODEL, R2D2_ALLOWED_MODELS, R2D2_QUOTA_MODELS, R2D2_BEDROCK_MODELS,
-R2D2_MODEL_PRICES), `other` otherwise, so a client cannot grow the label set.
+R2D2_MODEL_PRICES, R2D2_FALLBACKS), `other` otherwise, so a client cannot grow the label set.
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ COST = Counter("r2d2_cost_dollars", "Estimated model cost (R2D2_MODEL_PRICES), b
 REJECTED_FRAMES = Counter("r2d2_rejected_frames", "Client frames refused, by error code", ["code"])
 # Once per principal per period (chat/accounts/quotas.py): its spend passed 80% of a money limit.
 SPEND_WARNINGS = Counter("r2d2_spend_warnings", "Principals past 80% of a money limit, by limit", ["limit"])
+# Fallback chains (chat/llm/__init__.py): a turn answered by another model than the one asked for (`served`:
+# the member that answered, `none` when every member failed), by why the first member was left; and
+# each chain member's circuit breaker (chat/llm/breaker.py) as this process last saw it.
+FALLBACKS = Counter("r2d2_fallbacks", "Turns a fallback chain moved on", ["requested", "served", "reason"])
+CIRCUIT_OPEN = Gauge(
+    "r2d2_circuit_open", "1 while a circuit breaker is open", ["upstream", "model"], multiprocess_mode="livemax"
+)
 
 
 # Hooks (one line at each call site) -------------------------------------------
@@ -83,6 +90,14 @@ def rejected(code: str) -> None:
     REJECTED_FRAMES.labels(code).inc()
 
 
+def fell_back(requested: str, served: str, reason: str) -> None:
+    FALLBACKS.labels(requested, served, reason).inc()
+
+
+def circuit(upstream: str, model: str, *, is_open: bool) -> None:
+    CIRCUIT_OPEN.labels(upstream, model).set(1 if is_open else 0)
+
+
 def _since(reply: Reply) -> float:
     return time.monotonic() - reply.started
 
@@ -99,12 +114,15 @@ def _model_settings() -> tuple:
         tuple(settings.R2D2_QUOTA_MODELS),
         tuple(settings.R2D2_BEDROCK_MODELS),
         settings.R2D2_MODEL_PRICES,
+        tuple((model, *alternates) for model, alternates in settings.R2D2_FALLBACKS.items()),
     )
 
 
 @functools.lru_cache(maxsize=4)
-def _configured_models(default: str, allowed: tuple, quota: tuple, bedrock: tuple, priced: str) -> frozenset[str]:
-    return frozenset({default, *allowed, *quota, *bedrock, *_price_table(priced)})
+def _configured_models(
+    default: str, allowed: tuple, quota: tuple, bedrock: tuple, priced: str, chains: tuple
+) -> frozenset[str]:
+    return frozenset({default, *allowed, *quota, *bedrock, *_price_table(priced), *(m for c in chains for m in c)})
 
 
 @functools.lru_cache(maxsize=4)

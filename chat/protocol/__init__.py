@@ -38,6 +38,7 @@ class PostMessage:
     system_message: str | None
     stream: bool
     client_message_id: str = ""
+    report_model: bool = False  # processing_end says which model answered (a fallback chain's member)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +177,7 @@ def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
         system_message=system_message,
         stream=stream,
         client_message_id=_client_message_id(content),
+        report_model=_flag(content, "report_model"),
     )
 
 
@@ -263,7 +265,7 @@ def session_ended_by_server(session_id: uuid.UUID, reason: str) -> str:
 
 # The frames of every turn, built without a dict and a general encoder each time.
 # `encode_basestring_ascii` is the C function json.dumps itself uses for a str with
-# its defaults, so the bytes are the same (tests/test_protocol.py checks they are).
+# its defaults, so the bytes are the same (tests/unit/protocol/test_protocol.py checks they are).
 _PROCESSING_START = encode("processing_start")
 _PROCESSING_END = encode("processing_end")
 _MESSAGE = '{"type": "message", "data": '
@@ -276,6 +278,12 @@ def processing_start() -> str:
 
 def processing_end() -> str:
     return _PROCESSING_END
+
+
+def processing_end_with_model(model: str | None) -> str:
+    """`processing_end` of a turn posted with `report_model`: the model that answered, as routed (e.g.
+    `azure/gpt-4o-mini` when a fallback chain moved on), or None when none did."""
+    return encode("processing_end", {"model": model})
 
 
 def message(text: str) -> str:

@@ -30,6 +30,7 @@ from types import FrameType
 
 from django.conf import settings
 
+from chat import llm
 from chat.protocol import CLOSE_SERVICE_RESTART
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import holder
@@ -121,8 +122,6 @@ async def drain(seconds: float | None = None) -> None:
         },
     )
     await asyncio.sleep(0.5)  # let the close frames leave before the reactor stops
-    from chat import llm  # here: chat.llm imports openai, which /healthz's import of this module must not pay for
-
     await llm.close_clients()  # the model servers' HTTP sessions: else aiohttp logs "Unclosed client session" ERRORs
 
 

@@ -22,7 +22,7 @@ from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
 from chat.ops import storage
 from chat.sessions import lifecycle, liveness
 from chat.sessions.liveness import PROCESS_ID
-from chat.turns import conversation
+from chat.turns import draft
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Heartbeat:
                 if sweep_every > 0 and loop_time - last_sweep >= sweep_every:
                     last_sweep = loop_time
                     await database_sync_to_async(lifecycle.end_orphaned)()
-                    await database_sync_to_async(interrupt_stale_replies)(conversation.streaming_rows())
+                    await database_sync_to_async(interrupt_stale_replies)(draft.streaming_rows())
             except Exception as exc:  # the database may be down: keep beating, the health check reports it
                 if storage.connection_error(exc) is not None:
                     # Logged once, as the outage (chat/ops/storage.py), when a second beat in a row fails:

@@ -1,10 +1,8 @@
 """One live session's turns: accepted, queued, answered one at a time, cancellable.
 
-A `Conversation` belongs to the consumer that holds the session and owns every
-turn from end to end: it saves the user's message when it is accepted, builds the
-prompt, calls the model, saves the reply and sends it. It keeps the session's
-history in memory (the holder of a session is its only writer, so the database
-need not be read back each turn).
+A `Conversation` belongs to the session's holder and owns every turn from end to end: it saves
+the user's message when it is accepted, builds the prompt, calls the model, saves the reply and
+sends it. It keeps the session's history in memory (the holder is its only writer).
 
 A turn always ends: whatever fails after `processing_start` (the model, saving,
 encoding, sending, a bug), the client gets one `error` frame and then
@@ -20,13 +18,10 @@ import collections
 import contextlib
 import logging
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
 from typing import Protocol
 
 from django.conf import settings
-from django.utils import timezone
 
 from chat import llm, protocol
 from chat.models import MessageStatus, Role
@@ -35,6 +30,7 @@ from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode, storage_unavailable
 from chat.protocol.text import TextRepair
 from chat.turns import messages, prompt
+from chat.turns.draft import Draft
 from chat.turns.messages import Fenced, Lease
 
 logger = logging.getLogger(__name__)
@@ -47,29 +43,27 @@ class Reservation(Protocol):
     max_output_tokens: int | None
 
     async def cover(self, request: Sequence[dict[str, str]]) -> None: ...
-
     def settle_soon(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> None: ...
-
     def release(self) -> None: ...
+    def unusable(self, model: str) -> str | None: ...  # why the principal may not use a chain's alternate
 
 
 Send = Callable[[str], Awaitable[None]]
-
-#: The replies this process's turns are writing now (a draft lives as long as its turn): any
-#: other reply its sessions left `incomplete` (its last save failed: the database restarted
-#: mid-turn) is interrupted by the heartbeat (chat/sessions/heartbeat.py).
-_drafts: weakref.WeakSet[_Draft] = weakref.WeakSet()
-
-
-def streaming_rows() -> set[int]:
-    """The reply rows being written by a turn of this process."""
-    return {draft.row_id for draft in list(_drafts) if draft.row_id is not None}
 
 
 class _Queued:
     """A message accepted (its row saved as `accepted`) and waiting for its turn."""
 
-    __slots__ = ("content", "system_message", "stream", "row_id", "started", "reservation")
+    __slots__ = (
+        "content",
+        "system_message",
+        "stream",
+        "row_id",
+        "started",
+        "reservation",
+        "report_model",
+        "answered_by",
+    )
 
     def __init__(
         self,
@@ -79,12 +73,17 @@ class _Queued:
         row_id: int,
         started: bool,
         reservation: Reservation | None,
+        report_model: bool = False,
     ) -> None:
         self.content, self.system_message, self.stream, self.row_id = content, system_message, stream, row_id
         self.started = started  # saved as `started` already
         # Its quota reservation (chat/accounts/reservations.py): settled once its turn has called the model,
         # released when it never does (refused, or the queue dropped).
         self.reservation = reservation
+        # The client asked to be told which model answered (in processing_end); not kept in the row, so a
+        # holder that takes the session over does not tell it.
+        self.report_model = report_model
+        self.answered_by: str | None = None
 
 
 class Conversation:
@@ -171,7 +170,11 @@ class Conversation:
         except messages.Duplicate:
             await self.refuse_duplicate(post.client_message_id)
             raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
-        self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id, starts_now, reservation))
+        self._queue(
+            _Queued(
+                post.user_message, post.system_message, post.stream, row_id, starts_now, reservation, post.report_model
+            )
+        )
 
     async def refuse_duplicate(self, client_message_id: str) -> None:
         """A resend of a message this session already has (on any socket or process): refused with
@@ -309,7 +312,10 @@ class Conversation:
             logger.exception("turn failed", extra={"session_id": str(self.session_id)})
             await self._mark_failed(queued.row_id)
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
-        await self._send_quietly(protocol.processing_end())
+        if queued.report_model:
+            await self._send_quietly(protocol.processing_end_with_model(queued.answered_by))
+        else:
+            await self._send_quietly(protocol.processing_end())
 
     async def _answer(self, queued: _Queued) -> None:
         # Daphne (Twisted) writes a frame on the loop's next writable callback,
@@ -331,7 +337,7 @@ class Conversation:
         before = len(self.history)
         self.history.append((Role.USER.value, queued.content))
         reply = llm.Reply()
-        draft = _Draft(self.lease, self.model, reply, queued.row_id)
+        draft = Draft(self.lease, self.model, reply, queued.row_id)
         try:
             await self._reply(queued, request, reply, draft)
         except Exception as exc:
@@ -341,14 +347,19 @@ class Conversation:
             storage.eventually(draft.abandon, what="failed turn")
             raise storage_unavailable() from None
 
-    async def _reply(self, queued: _Queued, request: list[dict[str, str]], reply: llm.Reply, draft: _Draft) -> None:
+    async def _reply(self, queued: _Queued, request: list[dict[str, str]], reply: llm.Reply, draft: Draft) -> None:
         repair = TextRepair()
         stopped: MessageStatus | None = None
         self._generating, self._stop = True, None
         try:
-            cap = queued.reservation.max_output_tokens if queued.reservation is not None else None
+            reservation = queued.reservation
             chunks = llm.generate(
-                model=self.model, messages=request, stream=queued.stream, reply=reply, max_output_tokens=cap
+                model=self.model,
+                messages=request,
+                stream=queued.stream,
+                reply=reply,
+                max_output_tokens=reservation.max_output_tokens if reservation is not None else None,
+                unusable=reservation.unusable if reservation is not None else None,
             )
             async for chunk in chunks:
                 await self._said(repair.feed(chunk), queued.stream, draft)
@@ -363,6 +374,8 @@ class Conversation:
             raise
         finally:
             self._generating = False
+            if draft.said:
+                queued.answered_by = reply.model
             if queued.reservation is not None:  # charged what the model call cost, whatever came of it
                 queued.reservation.settle_soon(reply, request, draft.text)
 
@@ -387,7 +400,7 @@ class Conversation:
         await self._send(frame)
         metrics.answered(reply)
 
-    async def _said(self, text: str, stream: bool, draft: _Draft) -> None:
+    async def _said(self, text: str, stream: bool, draft: Draft) -> None:
         if not text:
             return
         if stream and not draft.said:
@@ -420,81 +433,3 @@ class Conversation:
             await self._send(frame)
         except Exception:
             logger.exception("could not send a frame", extra={"session_id": str(self.session_id)})
-
-
-class _Draft:
-    """A reply as the client has seen it, saved at the end, and while it streams at most
-    R2D2_CHECKPOINT_SECONDS behind what was sent (marked incomplete until it is done)."""
-
-    def __init__(self, lease: Lease, model: str, reply: llm.Reply, reply_to: int) -> None:
-        self.lease = lease
-        self.reply_to = reply_to
-        self.model = model
-        self.reply = reply
-        self._parts: list[str] = []  # joined when saved: `+=` on a long reply copies it per chunk
-        self._text = ""
-        self.row_id: int | None = None
-        self._saved_chars = 0  # how much of `text` the row holds
-        self._created_at: datetime | None = None  # the row's, made at its first save (found again by it)
-        self._loop = asyncio.get_running_loop()
-        self._saved_at = self._loop.time()
-        _drafts.add(self)
-
-    def add(self, text: str) -> None:
-        self._parts.append(text)
-
-    @property
-    def said(self) -> bool:
-        return bool(self._parts or self._text)
-
-    @property
-    def text(self) -> str:
-        """Everything said so far."""
-        if self._parts:
-            self._text += "".join(self._parts)
-            self._parts.clear()
-        return self._text
-
-    async def checkpoint(self) -> None:
-        interval = settings.R2D2_CHECKPOINT_SECONDS
-        if interval <= 0 or self._loop.time() - self._saved_at < interval:
-            return
-        self._saved_at = self._loop.time()
-        await self.save(MessageStatus.INCOMPLETE)
-
-    async def save(self, status: MessageStatus) -> None:
-        saving = asyncio.ensure_future(self._write(status, self.text))
-        try:
-            await asyncio.shield(saving)
-        except asyncio.CancelledError:
-            # Cancelled (Stop, or the socket closed) while a checkpoint was being written: let it
-            # finish, so the final save knows the row it wrote and appends to it.
-            await saving
-            raise
-
-    async def _write(self, status: MessageStatus, text: str) -> None:
-        usage = {
-            "prompt_tokens": self.reply.prompt_tokens,
-            "completion_tokens": self.reply.completion_tokens,
-            "latency_ms": self.reply.latency_ms,
-            "status": status,
-        }
-        if self.row_id is None and self._created_at is not None:  # a first save failed unanswered: committed?
-            self.row_id = await messages.written(self.lease.session_id, Role.ASSISTANT, self._created_at)
-        if self.row_id is None:
-            self._created_at = self._created_at or timezone.now()
-            self.row_id = await messages.save_reply(
-                self.lease, reply_to=self.reply_to, content=text, model=self.model, created_at=self._created_at, **usage
-            )
-        else:
-            saved, more = self._saved_chars, text[self._saved_chars :]
-            await messages.extend_reply(self.lease, row_id=self.row_id, saved=saved, more=more, **usage)
-        self._saved_chars = len(text)
-
-    async def abandon(self) -> None:
-        """The model failed midway (cut off, stalled, out of time): what it said is saved, marked
-        interrupted, whether or not a checkpoint had saved any of it yet; nothing said, the turn failed."""
-        if self.said or self.row_id is not None:
-            await self.save(MessageStatus.INTERRUPTED)
-        else:
-            await messages.set_status(self.lease, self.reply_to, MessageStatus.FAILED)

@@ -37,18 +37,18 @@ _HELD = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s)"
 _HELD_LIVE = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s AND ended_at IS NULL)"
 _COLUMNS = (
     "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms, "
-    "reply_to_id, client_message_id, stream)"
+    "reply_to_id, client_message_id, stream, requested_model)"
 )
 
 # The ORM would need two round trips (a SELECT for "still ours?" then the INSERT): this is
 # the hot path of every turn, so each write is one statement that checks the fence itself.
 _INSERT_USER = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s WHERE {_HELD_LIVE} RETURNING id"
+    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s, '' WHERE {_HELD_LIVE} RETURNING id"
 )
 _INSERT_REPLY = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE WHERE {_HELD} RETURNING id"
+    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE, %s WHERE {_HELD} RETURNING id"
 )
 # The text after the `saved` characters the row held is rewritten, so a retried append (its first
 # attempt committed just before the connection dropped) does not add the text twice.
@@ -202,13 +202,16 @@ async def save_reply(
     completion_tokens: int | None,
     latency_ms: int | None,
     status: MessageStatus = MessageStatus.COMPLETE,
+    requested_model: str = "",
     created_at: datetime | None = None,
 ) -> int:
-    """Save the model's reply to the user message `reply_to` as a new row; returns its id. `created_at`: the
-    same for every attempt of one reply's first save, so that an attempt that committed unanswered is found."""
+    """Save the model's reply to the user message `reply_to` as a new row; returns its id. `model`: the
+    model that answered; `requested_model`: the one asked for (they differ when a fallback chain moved on).
+    `created_at`: the same for every attempt of one reply's first save, so that an attempt that committed
+    unanswered is found."""
     now = created_at or timezone.now()
     params = (lease.session_id, Role.ASSISTANT.value, content, now, status.value, model)
-    usage = (prompt_tokens, completion_tokens, latency_ms, reply_to)
+    usage = (prompt_tokens, completion_tokens, latency_ms, reply_to, requested_model)
     written = (lease.session_id, Role.ASSISTANT.value, now)
     row_id = await _run(
         _INSERT_REPLY, (*params, *usage, lease.session_id, lease.fence), returning=True, written=written

@@ -12,6 +12,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from chat.edge.early import EarlyMiddleware
 from chat.ops import storage
+from chat.sessions import drain
 from chat.turns import pgpool
 
 #: Seconds each check may take: the load balancer waits 10 (HealthCheckTimeout, .ebextensions/01_r2d2.config),
@@ -71,8 +72,6 @@ async def healthz(request: HttpRequest) -> JsonResponse:
         checks["channel_layer"] = "ok"
     except Exception as exc:
         checks["channel_layer"] = type(exc).__name__
-    from chat.sessions import drain  # here: the settings load this module, and drain imports the model client
-
     if drain.draining:  # stopping (SIGTERM): the load balancer should send new connections elsewhere
         checks["process"] = "draining"
     healthy = all(value == "ok" for value in checks.values())

@@ -12,8 +12,8 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 
 from chat.accounts import auth
-from tests.client import ProtocolClient, seed_conversation
-from tests.conftest import ROOT, bedrock_env, server_env
+from testkit.client import ProtocolClient, seed_conversation
+from testkit.server import ROOT, bedrock_env, server_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -6,8 +6,9 @@ import pytest
 import websockets
 
 from chat.models import ChatMessage, ChatSession, EndReason
-from tests.client import ProtocolClient, seed_conversation
-from tests.conftest import TEST_API_KEY
+from testkit.client import ProtocolClient, seed_conversation
+from testkit.server import TEST_API_KEY
+from testkit.wait import async_wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -82,13 +83,12 @@ async def test_closing_the_socket_ends_its_sessions(daphne, fake_llm):
     first = await client.start_session()
     second = await client.start_session()
     await client.close()
-    for _ in range(100):
-        ended = [s async for s in ChatSession.objects.filter(id__in=[first, second], ended_at__isnull=False)]
-        if len(ended) == 2:
-            break
-        import asyncio
 
-        await asyncio.sleep(0.05)
+    async def both_ended() -> bool:
+        return await ChatSession.objects.filter(id__in=[first, second], ended_at__isnull=False).acount() == 2
+
+    await async_wait_until(both_ended, timeout=5)
+    ended = [s async for s in ChatSession.objects.filter(id__in=[first, second], ended_at__isnull=False)]
     assert {s.end_reason for s in ended} == {EndReason.DISCONNECT}
     assert len(ended) == 2
 

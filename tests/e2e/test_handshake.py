@@ -8,7 +8,7 @@ import socket
 import pytest
 import websockets
 
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

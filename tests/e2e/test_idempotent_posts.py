@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from chat.models import ChatMessage, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.e2e.test_resume import SLOW, post, resume, start
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -113,6 +113,6 @@ async def test_a_resend_after_a_resume_on_the_other_process(daphne_factory, fake
     refusals = [f for f in frames if f["type"] == "error" and "seq" not in f]
     assert [r["data"]["code"] for r in refusals] == ["duplicate_message"]
     assert [f["type"] for f in frames if "seq" in f][-2:] == ["message", "processing_end"]
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # an absence is asserted: a second model call would have been made by now
     assert len(fake_llm.requests) == 1 and await user_rows(session_id) == [SLOW]  # the original's call only
     await client.close()

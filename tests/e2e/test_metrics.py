@@ -7,7 +7,8 @@ import secrets
 
 import pytest
 
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
+from testkit.wait import async_wait_until
 from tests.production.conftest import http_get
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -50,7 +51,12 @@ async def test_counters_move_after_a_turn(daphne_factory):
     assert value(after, completion) > value(before, completion)
 
     await client.close()
-    await asyncio.sleep(0.3)
+
+    async def gauges_back_to_zero() -> bool:
+        closed = (await scrape(server.port)).body.decode()
+        return value(closed, "r2d2_open_sockets") == 0 and value(closed, "r2d2_live_sessions") == 0
+
+    await async_wait_until(gauges_back_to_zero, timeout=10)
     closed = (await scrape(server.port)).body.decode()
     assert value(closed, "r2d2_open_sockets") == 0 and value(closed, "r2d2_live_sessions") == 0
 

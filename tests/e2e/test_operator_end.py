@@ -7,7 +7,7 @@ from django.conf import settings
 
 from chat.models import ChatSession, EndReason
 from chat.sessions.lifecycle import request_end_now
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
+from testkit.wait import async_wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -50,11 +51,7 @@ async def reply_row(session_id: str) -> ChatMessage:
 
 
 async def wait_for(predicate, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await predicate():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.1)
+    assert await async_wait_until(predicate, timeout=timeout, interval=0.1), "timed out"
 
 
 async def test_a_resumable_session_numbers_its_frames(daphne, fake_llm):
@@ -123,6 +120,8 @@ async def test_a_turn_that_finished_while_nobody_was_connected_is_replayed_whole
         return await ChatMessage.objects.filter(session_id=session_id, role=Role.ASSISTANT).acount() == 2
 
     await wait_for(both_answered)
+    # Each reply is saved before its frames are sent: the last processing_end follows its save by a moment,
+    # which nothing outside the server can see (a resume now could come before it).
     await asyncio.sleep(0.2)
     client = await ProtocolClient.connect(daphne.url)
     resumed = await resume(client, session_id, token, 0)

@@ -11,7 +11,7 @@ import secrets
 import pytest
 import websockets
 
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.production.conftest import http_get
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -16,7 +16,7 @@ from django.urls import reverse
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
 from r2d2site.asgi import application
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 CHANGELIST = "/admin/chat/chatsession/"
 

@@ -16,9 +16,9 @@ from chat.models import EndReason
 from chat.protocol.errors import ErrorCode
 from chat.sessions.lifecycle import request_end
 from r2d2site.asgi import application
-from tests.client import ProtocolClient
-from tests.fake_llm import Script
-from tests.protocol_contract import DOCUMENT_PATH, document, match_frame, server_messages, validator
+from testkit.client import ProtocolClient
+from testkit.contract import DOCUMENT_PATH, document, match_frame, server_messages, validator
+from testkit.fake_llm import Script
 
 OFFICIAL_SCHEMA = Path(__file__).parent / "data" / "asyncapi-3.0.0.schema.json.gz"
 

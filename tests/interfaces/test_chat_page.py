@@ -11,9 +11,11 @@ from django.db import connections
 from playwright.sync_api import expect
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.conftest import ARTIFACTS, bedrock_env
-from tests.fake_llm import SECRET_DETAIL, Script
-from tests.interfaces.drops import PostDroppingProxy, error_codes, restarting, wait_until
+from testkit.drops import PostDroppingProxy, error_codes, restarting
+from testkit.fake_llm import SECRET_DETAIL, Script
+from testkit.server import bedrock_env
+from testkit.wait import wait_until
+from tests.conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -13,7 +13,7 @@ import pytest
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT
+from testkit.server import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "r2d2-dashboard.json"
 METRIC = re.compile(r"\b(r2d2_[a-z0-9_]+)\b")
@@ -65,6 +65,11 @@ def test_the_panels_an_operator_needs_are_there():
         "Live sessions and open sockets": ["r2d2_live_sessions", "r2d2_open_sockets"],
         "Tokens per second, by model": ["r2d2_tokens_total", "by (model, kind)"],
         "Estimated cost per hour, by model": ["r2d2_cost_dollars_total", "by (model)"],
+        "Fallbacks per second, by model asked for and model that answered": [
+            "r2d2_fallbacks_total",
+            "by (requested, served, reason)",
+        ],
+        "Open circuit breakers, by upstream and model": ["r2d2_circuit_open", "by (upstream, model)"],
     }
     for title, fragments in wanted.items():
         text = " ".join(target["expr"] for target in panels[title]["targets"])

@@ -12,8 +12,8 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from chat.web.csp import HEADER
+from testkit.fake_llm import Script
 from tests.conftest import ARTIFACTS
-from tests.fake_llm import Script
 
 VENDOR = Path(__file__).resolve().parents[2] / "chat" / "static" / "chat" / "vendor"
 

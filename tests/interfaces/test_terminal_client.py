@@ -12,9 +12,10 @@ import time
 import pytest
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.conftest import ROOT, bedrock_env, server_env
-from tests.fake_llm import SECRET_DETAIL, Script
-from tests.interfaces.drops import PostDroppingProxy, error_codes, restarting, wait_until
+from testkit.drops import PostDroppingProxy, error_codes, restarting
+from testkit.fake_llm import SECRET_DETAIL, Script
+from testkit.server import ROOT, bedrock_env, server_env
+from testkit.wait import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -83,10 +84,7 @@ def test_ctrl_c_stops_the_reply_being_generated(daphne, fake_llm):
     reader.start()
     process.stdin.write(b"tell me a long story\n")
     process.stdin.flush()
-    deadline = time.monotonic() + 20
-    while b"word3 " not in output and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert b"word3 " in output, output
+    assert wait_until(lambda: b"word3 " in output, timeout=20, interval=0.02), output
     process.send_signal(signal.SIGINT)
     assert fake_llm.wait_for(lambda f: f.disconnects == 1, timeout=10)
 
@@ -210,6 +208,8 @@ def test_a_dropped_connection_is_resumed_with_nothing_lost_or_repeated(daphne, f
     process.stdin.flush()
     # The client takes seconds to start on a busy machine: count from the model's request.
     assert fake_llm.wait_for(lambda f: len(f.requests) == 1, timeout=30)
+    # The behaviour under test is a cut mid-reply, then a line typed while the resumed reply goes on:
+    # 30 words at 0.1 s, cut after about a third, the next line typed once it has resumed.
     time.sleep(1.0)  # a third of the reply has streamed
     proxy.cut()
     time.sleep(2.5)  # resumed meanwhile; the reply goes on

@@ -18,7 +18,8 @@ from channels.layers import get_channel_layer
 
 from chat.models import ChatMessage, ChatSession, EndReason
 from chat.sessions.lifecycle import request_end
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
+from testkit.wait import async_wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -63,11 +64,7 @@ async def test_concurrent_sessions_exact_frames_and_rows(daphne_factory):
     async def all_ended() -> bool:
         return await ChatSession.objects.filter(end_reason=EndReason.DISCONNECT).acount() == SESSIONS
 
-    for _ in range(100):
-        if await all_ended():
-            break
-        await asyncio.sleep(0.1)
-    assert await all_ended()
+    assert await async_wait_until(all_ended, timeout=10)
 
 
 @pytest.mark.redis

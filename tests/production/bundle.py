@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import ROOT, LiveServer
+from testkit.server import ROOT, LiveServer
 
 #: Procfile lines must match this (Elastic Beanstalk's "Buildfile and Procfile" page).
 PROCFILE_LINE = re.compile(r"^[A-Za-z0-9_-]+:\s*[^\s].*$")
@@ -96,7 +96,7 @@ class ProcfileServer(LiveServer):
         self.cwd = cwd
 
     def start(self) -> ProcfileServer:
-        from tests.conftest import wait_for_port
+        from testkit.server import wait_for_port
 
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(

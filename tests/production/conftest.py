@@ -5,14 +5,13 @@ from __future__ import annotations
 import http.client
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import ROOT, server_env
-from tests.fake_llm import FakeLLM
+from testkit.fake_llm import FakeLLM
+from testkit.server import ROOT, server_env
 
 #: Heartbeat settings for live servers in tests: a process is gone 2 s after its last beat.
 FAST_LIVENESS = {
@@ -59,12 +58,3 @@ def http_get(port: int, path: str, *, host: str = "localhost", headers: dict[str
         return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
     finally:
         connection.close()
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

@@ -21,7 +21,7 @@ from asgiref.sync import sync_to_async
 
 from chat.accounts import auth
 from chat.models import ChatMessage, ChatSession, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.production.conftest import http_get
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]

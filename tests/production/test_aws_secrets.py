@@ -15,8 +15,8 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from chat.llm.credentials import openai_api_key_from_aws
-from tests.client import ProtocolClient
-from tests.conftest import free_port, wait_for_port
+from testkit.client import ProtocolClient
+from testkit.server import free_port, wait_for_port
 
 REGION = "eu-west-1"
 

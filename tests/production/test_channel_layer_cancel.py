@@ -10,7 +10,7 @@ import pytest
 from django.conf import settings
 
 from chat.channel_layer import RedisChannelLayer
-from tests.conftest import free_port
+from testkit.server import free_port
 
 pytestmark = pytest.mark.redis
 

@@ -10,8 +10,8 @@ from asgiref.sync import sync_to_async
 
 from chat.models import ChatMessage, EndReason, MessageStatus, Role
 from chat.sessions import lifecycle
-from tests.client import ProtocolClient
-from tests.fake_llm import Script
+from testkit.client import ProtocolClient
+from testkit.fake_llm import Script
 from tests.production.conftest import FAST_LIVENESS
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -46,7 +46,7 @@ async def test_a_streamed_reply_is_checkpointed_and_kept_after_sigkill(daphne_fa
     assert len(row.content) >= len(a_second_ago)
 
     server.kill()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the behaviour under test: its heartbeat grows older than the 0.5 s staleness below
     ended = await sync_to_async(lifecycle.end_orphaned)(stale_after=0.5)
     assert ended == 1
     row = await ChatMessage.objects.aget(id=row.id)

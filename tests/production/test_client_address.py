@@ -10,8 +10,8 @@ import websockets
 
 from chat.edge.proxy import forwarded_address
 from chat.models import ChatSession
-from tests.client import ProtocolClient
-from tests.conftest import ROOT, server_env
+from testkit.client import ProtocolClient
+from testkit.server import ROOT, server_env
 from tests.production.bundle import ProcfileServer, environment_properties
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -20,7 +20,7 @@ import pytest
 from django.conf import settings
 
 from chat.models import ChatMessage, ChatSession, EndReason, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

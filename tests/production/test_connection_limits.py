@@ -16,7 +16,7 @@ from django.conf import settings
 
 from chat.accounts import auth
 from chat.edge.connection_limits import CLOSE_TOO_MANY_CONNECTIONS, PROCESS_TTL
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

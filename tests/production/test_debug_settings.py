@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, LiveServer, free_port, server_env, wait_for_port
+from testkit.server import ROOT, LiveServer, free_port, server_env, wait_for_port
 from tests.production.conftest import http_get
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -15,10 +15,10 @@ import websockets
 from django.urls import resolve
 
 from chat.models import ChatSession
-from tests.client import ProtocolClient
-from tests.conftest import ROOT, TEST_API_KEY, server_env
-from tests.fake_llm import SECRET_DETAIL
-from tests.production import nginx
+from testkit import nginx
+from testkit.client import ProtocolClient
+from testkit.fake_llm import SECRET_DETAIL
+from testkit.server import ROOT, TEST_API_KEY, server_env
 from tests.production.bundle import (
     PROCFILE_LINE,
     ProcfileServer,
@@ -93,6 +93,7 @@ REQUIRED = [
 FORBIDDEN_PREFIXES = (
     "deploy/",
     "tests/",
+    "testkit/",
     "bench/",
     ".ci/",
     ".venv/",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

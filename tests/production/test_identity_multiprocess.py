@@ -9,7 +9,7 @@ import websockets
 from asgiref.sync import sync_to_async
 
 from chat.accounts import auth
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 

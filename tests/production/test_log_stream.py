@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT, server_env
+from testkit.server import ROOT, server_env
 
 
 def test_logs_are_json_lines_on_stderr():

@@ -16,7 +16,8 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role, ServerProcess
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
+from testkit.wait import async_wait_until
 from tests.production.conftest import FAST_LIVENESS, http_get
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
@@ -39,12 +40,11 @@ async def session(session_id: str) -> ChatSession:
 
 
 async def wait_for_end(session_id: str, timeout: float = 10.0) -> ChatSession:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        row = await session(session_id)
-        if row.ended_at is not None or asyncio.get_running_loop().time() > deadline:
-            return row
-        await asyncio.sleep(0.1)
+    async def ended() -> bool:
+        return (await session(session_id)).ended_at is not None
+
+    await async_wait_until(ended, timeout=timeout, interval=0.1)
+    return await session(session_id)
 
 
 async def test_operator_ends_a_session_held_by_another_process(daphne_factory, fake_llm, manage):
@@ -144,7 +144,7 @@ async def test_orphans_are_ended_by_the_command_and_at_start_up(daphne_factory, 
 
     early = await sync_to_async(manage)("end_orphaned_sessions", "--stale-after", "2")
     assert early.returncode == 0 and "Ended 0 orphaned session(s)." in early.stdout
-    await asyncio.sleep(2.5)
+    await asyncio.sleep(2.5)  # the behaviour under test: the dead process's heartbeat passes the 2 s staleness
     dry = await sync_to_async(manage)("end_orphaned_sessions", "--stale-after", "2", "--dry-run")
     assert streaming in dry.stdout and idle in dry.stdout and "2 orphaned session(s) would be ended." in dry.stdout
     late = await sync_to_async(manage)("end_orphaned_sessions", "--stale-after", "2")
@@ -156,7 +156,7 @@ async def test_orphans_are_ended_by_the_command_and_at_start_up(daphne_factory, 
     client = await ProtocolClient.connect(second.url)
     victim = await client.start_session()
     second.kill()
-    await asyncio.sleep(2.5)
+    await asyncio.sleep(2.5)  # stale now (2 s), and still not ended: only a sweep ends it
     assert (await session(victim)).ended_at is None
     third = daphne_factory(**{**FAST_LIVENESS, "R2D2_ORPHAN_SWEEP_SECONDS": "3600"})  # only the start-up sweep
     assert (await sync_to_async(http_get)(third.port, "/healthz")).status == 200

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from chat.models import ChatSession
-from tests.client import ProtocolClient
-from tests.conftest import ROOT, LiveServer, free_port, server_env
+from testkit.client import ProtocolClient
+from testkit.server import ROOT, LiveServer, free_port, server_env
 from tests.production.conftest import http_get
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -20,8 +20,8 @@ import pytest
 import websockets
 import yaml
 
-from tests.client import ProtocolClient
-from tests.conftest import ROOT, LiveServer, server_env
+from testkit.client import ProtocolClient
+from testkit.server import ROOT, LiveServer, server_env
 from tests.interfaces.test_dashboard import concrete, expressions
 from tests.production.bundle import ProcfileServer, environment_properties
 from tests.production.conftest import FAST_LIVENESS, http_get

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

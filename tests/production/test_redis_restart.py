@@ -4,49 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
-import time
 
 import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import ChatMessage, ChatSession, EndReason
 from chat.sessions.lifecycle import request_end_now
-from tests.client import ProtocolClient
-from tests.conftest import free_port
+from testkit.client import ProtocolClient
+from testkit.redis import PrivateRedis
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary"),
 ]
-
-
-class PrivateRedis:
-    """A throwaway, non-persistent redis-server of this test's own, so restarting it disturbs nobody else."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).returncode == 0:
-                return
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
 
 
 @pytest.fixture
@@ -65,9 +35,9 @@ async def test_redis_restart_keeps_sockets_and_sessions(daphne_factory, fake_llm
     assert (await client.post(session_id, "before"))[1]["data"] == "Echo: before"
 
     private_redis.stop()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the behaviour under test: a second with no Redis
     private_redis.start()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # then a moment with Redis back before the next turn, as after a real restart
 
     frames = await client.post(session_id, "after")
     assert [f["type"] for f in frames] == ["processing_start", "message", "processing_end"]

@@ -11,9 +11,10 @@ import pytest
 import websockets
 
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
+from testkit.wait import async_wait_until
 from tests.e2e.test_resume import SLOW, SLOW_REPLY, check_sequence, post, reply_row, resume, start, wait_for
-from tests.production.conftest import FAST_LIVENESS
+from tests.production.conftest import FAST_LIVENESS, http_get
 from tests.production.test_redis_restart import private_redis  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
@@ -126,7 +127,11 @@ async def test_sigterm_mid_turn_drains_and_the_client_resumes_elsewhere(daphne_f
     await post(client, session_id, "queued one")
     frames = [await client.recv() for _ in range(3)]
     server_a.process.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.5)
+
+    async def draining() -> bool:
+        return (await asyncio.to_thread(http_get, server_a.port, "/healthz")).status == 503
+
+    assert await async_wait_until(draining, timeout=10)
     await post(client, session_id, "too late")
     with pytest.raises(websockets.ConnectionClosed) as closed:
         while True:
@@ -160,7 +165,7 @@ async def test_redis_restarted_inside_the_window(daphne_factory, fake_llm, priva
     before = [await client.recv() for _ in range(3)]
     await client.connection.close()
     private_redis.stop()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # the behaviour under test: an outage, with the turn going on meanwhile
     private_redis.start()
 
     client = await ProtocolClient.connect(server.url)

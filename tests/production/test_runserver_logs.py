@@ -13,7 +13,7 @@ import sys
 import pytest
 import websockets
 
-from tests.conftest import ROOT, free_port, server_env, wait_for_port
+from testkit.server import ROOT, free_port, server_env, wait_for_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

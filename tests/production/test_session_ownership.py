@@ -14,7 +14,7 @@ import websockets
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
 from chat.turns import messages
 from chat.turns.messages import Fenced, Lease
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 from tests.e2e.test_resume import SLOW, post, resume, start, wait_for
 from tests.production.conftest import FAST_LIVENESS
 from tests.production.test_redis_restart import private_redis  # noqa: F401 (a fixture)
@@ -212,7 +212,7 @@ async def test_holder_killed_and_redis_restarted_the_resume_is_refused_not_silen
     frames = [await client.recv() for _ in range(4)]
     server_a.kill()
     private_redis.stop()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # the behaviour under test: Redis restarts (and forgets) while A is dead
     private_redis.start()
 
     client = await ProtocolClient.connect(server_b.url)

@@ -22,10 +22,11 @@ from django.test import AsyncClient
 from chat.accounts import auth, quotas
 from chat.accounts.principals import Principal
 from chat.models import ApiKey, ChatMessage, ChatSession, EndReason, MessageStatus, Role
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
+from testkit.contract import check_frame
+from testkit.wait import async_wait_until
 from tests.e2e.test_resume import SLOW, check_sequence, post, resume, start, wait_for
 from tests.production.conftest import FAST_LIVENESS
-from tests.protocol_contract import check_frame
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -100,10 +101,11 @@ async def tokens_today(principal: Principal) -> int:
 
 async def charged(principal: Principal, expected: int) -> None:
     """The principal's counter reaches `expected` (charged as a turn ends, in the background), and stays."""
-    for _ in range(100):  # 10 s
-        if await tokens_today(principal) >= expected:
-            break
-        await asyncio.sleep(0.1)
+
+    async def reached() -> bool:
+        return await tokens_today(principal) >= expected
+
+    await async_wait_until(reached, timeout=10, interval=0.1)
     await asyncio.sleep(0.3)  # a second charge for the same turn would land by now
     got = await tokens_today(principal)
     assert got == expected, f"{principal.label} was charged {got} tokens today; its replies cost {expected}"

@@ -18,9 +18,10 @@ import websockets
 from asgiref.sync import sync_to_async
 
 from chat.models import ChatSession, EndReason, ServerProcess
-from tests.client import ProtocolClient
-from tests.conftest import ROOT, server_env
-from tests.production import nginx
+from testkit import nginx
+from testkit.client import ProtocolClient
+from testkit.server import ROOT, server_env
+from testkit.wait import async_wait_until
 from tests.production.bundle import ProcfileServer
 from tests.production.conftest import FAST_LIVENESS
 
@@ -82,18 +83,16 @@ async def test_two_processes_behind_nginx_share_the_work(fake_llm, manage, tmp_p
         victim = await ServerProcess.objects.aget(process_id=other)
         os.kill(victim.pid, signal.SIGKILL)
         orphan = first[other]
-        for _ in range(100):
-            if (await ChatSession.objects.aget(id=orphan)).end_reason == EndReason.ORPHANED:
-                break
-            await asyncio.sleep(0.1)
+
+        async def orphaned() -> bool:
+            return (await ChatSession.objects.aget(id=orphan)).end_reason == EndReason.ORPHANED
+
+        await async_wait_until(orphaned, timeout=10)
         assert (await ChatSession.objects.aget(id=orphan)).end_reason == EndReason.ORPHANED
         survivor = next(s for s in session_ids if held[s] == one and s != first[one])
         frames = await clients[session_ids.index(survivor)].post(survivor, "still here?")
         assert {"type": "message", "data": "Echo: still here?"} in frames
-        for _ in range(100):
-            if "starting another" in server.log():
-                break
-            await asyncio.sleep(0.1)
+        await async_wait_until(lambda: "starting another" in server.log(), timeout=10)
         assert "starting another" in server.log()
 
         # New connections are all served (none reach a dead socket), and by two live processes again.

@@ -14,7 +14,7 @@ from botocore.parsers import EventStreamJSONParser
 from chat import llm, protocol
 from chat.llm.bedrock import converse_request
 from chat.protocol import ListModels
-from tests.fake_bedrock import event, exception_event
+from testkit.fake_bedrock import event, exception_event
 
 
 class _Raw:

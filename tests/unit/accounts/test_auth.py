@@ -19,7 +19,8 @@ from chat import llm
 from chat.accounts import auth
 from chat.models import ApiKey, ChatSession, EndReason
 from r2d2site.asgi import application
-from tests.conftest import ROOT, server_env
+from testkit.server import ROOT, server_env
+from testkit.wait import async_wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -129,10 +130,11 @@ async def test_a_revoked_key_is_refused_and_revoking_closes_its_socket(require_a
     session_id = (await client.start())["data"]["session_id"]
     await sync_to_async(auth.revoke)(row)
     assert "revoked" in await client.refused()
-    for _ in range(50):  # its sessions end as it closes: revoked, not merely disconnected
-        if (await ChatSession.objects.aget(id=session_id)).end_reason:
-            break
-        await asyncio.sleep(0.05)
+
+    async def ended() -> bool:  # its sessions end as it closes: revoked, not merely disconnected
+        return bool((await ChatSession.objects.aget(id=session_id)).end_reason)
+
+    await async_wait_until(ended, timeout=10)
     assert (await ChatSession.objects.aget(id=session_id)).end_reason == EndReason.REVOKED
 
     again = Client(key)

@@ -8,7 +8,7 @@ from typing import Any
 
 import websockets
 
-from tests.protocol_contract import check_frame
+from testkit.contract import check_frame
 
 
 class ProtocolClient:

@@ -20,7 +20,7 @@ from chat.models import ApiKey, UserLimits
 from chat.ops import metrics, prices
 from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
-from tests.conftest import ROOT, server_env
+from testkit.server import ROOT, server_env
 
 NOON = datetime(2026, 11, 26, 12, 0, 10, tzinfo=UTC).timestamp()
 REQUEST = [{"role": "user", "content": "x" * 40}]  # 10 tokens, estimated

@@ -19,7 +19,6 @@ import json
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.error import HTTPError
@@ -27,7 +26,8 @@ from urllib.request import urlopen
 
 from websockets.sync.client import connect
 
-from tests.conftest import LiveServer
+from testkit.server import LiveServer
+from testkit.wait import wait_until
 
 
 @dataclass
@@ -248,13 +248,6 @@ def _draining(server: LiveServer) -> bool:
     except HTTPError as exc:
         return exc.code == 503
     return False
-
-
-def wait_until(condition, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return condition()
 
 
 def error_codes(frames: list[dict]) -> list[str]:

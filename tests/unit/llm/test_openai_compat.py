@@ -1,10 +1,10 @@
-"""chat/llm/openai_compat.py posts on its own aiohttp session: the model server still gets the client's headers."""
+"""chat/llm/openai_compat.py posts on its own aiohttp session, with the URL and headers it builds itself."""
 
 import pytest
 
 from chat.llm.base import Deadlines, Reply
 from chat.llm.openai_compat import OpenAIProvider
-from tests.conftest import TEST_API_KEY
+from testkit.server import TEST_API_KEY
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
@@ -19,14 +19,13 @@ async def test_the_model_server_gets_the_key_and_a_json_body(fake_llm, stream):
                 model="m", messages=messages, stream=stream, reply=Reply(), deadlines=deadlines
             )
         ]
-        user_agent = provider.client().user_agent
     finally:
         await provider.close()
     assert "".join(parts) == "Echo: hi"
     [request] = fake_llm.requests
     assert request.headers["Authorization"] == f"Bearer {TEST_API_KEY}"
     assert request.headers["Content-Type"] == "application/json"
-    assert request.headers["User-Agent"] == user_agent
+    assert request.headers["User-Agent"] == "R2D2"
     assert request.body == {"model": "m", "messages": messages} | (
         {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
     )

@@ -1,6 +1,6 @@
 """The published protocol (asyncapi.yaml) as a test oracle: does a frame the server sent match the document?
 
-`tests.client.ProtocolClient` checks every frame it receives, so every end-to-end
+`testkit.client.ProtocolClient` checks every frame it receives, so every end-to-end
 test also proves the document describes what the server really sends.
 """
 

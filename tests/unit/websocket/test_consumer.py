@@ -103,7 +103,7 @@ async def test_every_bad_input_gets_an_error_and_the_connection_stays_usable(fak
 
 async def test_upstream_error_keeps_the_user_message_and_the_session(fake_llm):
     """A model failure answers error then processing_end; the user's message stays saved; the next turn works."""
-    from tests.fake_llm import SECRET_DETAIL, Script
+    from testkit.fake_llm import SECRET_DETAIL, Script
 
     fake_llm.enqueue(Script(status=400))
     async with Client() as client:
@@ -136,7 +136,7 @@ async def test_streaming_sends_deltas_that_add_up_to_the_message(fake_llm):
 
 async def test_cancel_stops_the_generation_and_saves_the_partial_reply(fake_llm):
     """chatbot_cancel closes the upstream request, saves what was said as cancelled, and ends processing."""
-    from tests.fake_llm import Script
+    from testkit.fake_llm import Script
 
     fake_llm.enqueue(Script(text="one two three four five six seven eight", token_delay=0.2))
     async with Client() as client:
@@ -160,7 +160,7 @@ async def test_cancel_stops_the_generation_and_saves_the_partial_reply(fake_llm)
 
 async def test_messages_queue_behind_a_running_turn_and_overflow_is_refused(fake_llm, settings):
     """A second message waits its turn; past R2D2_MAX_QUEUED_MESSAGES the client hears queue_full."""
-    from tests.fake_llm import Script
+    from testkit.fake_llm import Script
 
     settings.R2D2_MAX_QUEUED_MESSAGES = 1
     fake_llm.enqueue(Script(text="slow answer", ttft=0.5))
@@ -202,7 +202,7 @@ async def test_limits_refuse_with_codes(fake_llm, settings):
 
 async def test_disconnect_mid_generation_cancels_and_ends_the_session(fake_llm):
     """A socket closing mid-reply stops the upstream call, keeps the partial reply and ends the session."""
-    from tests.fake_llm import Script
+    from testkit.fake_llm import Script
 
     fake_llm.enqueue(Script(text="a b c d e f g h i j", token_delay=0.2))
     client = Client()

@@ -11,7 +11,7 @@ tests and other processes); the server-wide defaults. The default reply
 echoes the last user message: ``Echo: <message>``. A request's ``max_tokens`` cuts
 the reply to that many tokens (finish_reason ``length``), as a real server does.
 
-Run it alone for benchmarks: ``python -m tests.fake_llm --port 8765 --ttft 0.05``.
+Run it alone for benchmarks: ``python -m testkit.fake_llm --port 8765 --ttft 0.05``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
-"""chat/sessions/lifecycle.py: a session's life, and ending it from outside its socket."""
-
-import uuid
+"""A session ended in the database (by `manage.py end_session`, from any process): its live server refuses it."""
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.core.management import call_command
 
 from chat.models import ChatMessage, ChatSession, EndReason, Role
-from chat.sessions import lifecycle
-from chat.sessions.lifecycle import Ended
-from tests.client import ProtocolClient
+from testkit.client import ProtocolClient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -39,15 +35,3 @@ async def test_a_session_ended_in_the_database_takes_no_more_messages(daphne, fa
     ]
     assert said == ["before"]
     assert (await ChatSession.objects.aget(id=session_id)).end_reason == EndReason.OPERATOR
-
-
-async def test_request_end_outcomes(settings):
-    """Unknown, already ended, and a live session held by a process that never beat: ended in the database."""
-    assert await lifecycle.request_end(uuid.uuid4()) == Ended.NOT_FOUND
-    gone = await ChatSession.objects.acreate(model="m", owner_process="dead-host:1:abc")
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer"}}
-    # With a cross-process layer the owner is judged by its heartbeat, before anything is sent.
-    assert await lifecycle.request_end(gone.id) == Ended.OWNER_GONE
-    row = await ChatSession.objects.aget(id=gone.id)
-    assert row.end_reason == EndReason.OPERATOR and row.ended_at is not None
-    assert await lifecycle.request_end(gone.id) == Ended.ALREADY

@@ -8,7 +8,7 @@ string headers, JSON payload, message CRC32). Errors use AWS's REST-JSON shape: 
 HTTP status, an `x-amzn-ErrorType` header and `{"message": ...}`; mid-stream they are
 exception events.
 
-Scripted like tests/fake_llm.py (a queued `BedrockScript`, else a directive in the
+Scripted like testkit/fake_llm.py (a queued `BedrockScript`, else a directive in the
 last user message, else the defaults), recording every request and counting the
 streams a client closed early. The default reply echoes the last user message.
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_llm import _DIRECTIVE, SECRET_DETAIL, FakeLLM, Script, tokenize
+from testkit.fake_llm import _DIRECTIVE, SECRET_DETAIL, FakeLLM, Script, tokenize
 
 #: The error type AWS names for an HTTP status (used when a script gives none).
 ERROR_TYPES = {
