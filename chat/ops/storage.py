@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import psycopg
+import psycopg.errors
 from django.conf import settings
 from django.db import DatabaseError as DjangoDatabaseError
 
@@ -135,6 +136,15 @@ def steady_reconnects() -> None:
     AttemptWithBackoff.DELAY_BACKOFF = 1.0
 
 
+def unsent(exc: BaseException) -> bool:
+    """The connection error happened before the command reached the server: a connect refused or timed out."""
+    if isinstance(exc, DjangoDatabaseError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, psycopg.OperationalError) and not isinstance(exc, psycopg.errors.AdminShutdown):
+        return str(exc).startswith("connection failed")  # psycopg's words for a connect that failed
+    return "connecting to" in str(exc)  # redis-py: "Error 111 connecting to host:port. Connection refused."
+
+
 def window() -> float:
     return max(0.0, float(settings.R2D2_STORAGE_RETRY_SECONDS))
 
@@ -145,6 +155,7 @@ async def retry(
     recover: Callable[[], Awaitable[tuple[bool, T | None]]] | None = None,
     within: float | None = None,
     bounded: bool = True,
+    unsent_only: bool = False,
 ) -> T:
     """`await call()`, tried again on a connection error for up to `within` seconds (R2D2_STORAGE_RETRY_SECONDS).
 
@@ -153,7 +164,8 @@ async def retry(
     any other error at once. `bounded`: the first attempt too is bounded by the window, as the ORM's calls
     must be (its pool waits R2D2_DB_POOL_TIMEOUT for a connection while the database is down); the turn's
     own connections (chat/turns/pgpool.py) fail at once or within their connect timeout, and a timer per
-    statement would cost the turn's path about 8 µs each."""
+    statement would cost the turn's path about 8 µs each. `unsent_only`: a write that is not safe to run twice
+    and has no `recover` is tried again only after errors that say it was never sent (a refused connect)."""
     limit = window() if within is None else within
     started = time.monotonic()  # the loop's clock, without asking for the loop on every call
     bounded = bounded and limit > 0
@@ -174,7 +186,7 @@ async def retry(
         storage = connection_error(exc)
         if storage is None:
             raise
-        return await _again(call, recover, storage, exc, limit - (time.monotonic() - started))
+        return await _again(call, recover, storage, exc, limit - (time.monotonic() - started), unsent_only)
     if _OUTAGE_DB.since is not None or _OUTAGE_REDIS.since is not None:
         _answered_any()
     return result
@@ -193,6 +205,7 @@ async def _again(
     storage: str,
     exc: Exception,
     within: float,
+    unsent_only: bool = False,
 ) -> T:
     outage = OUTAGES[storage]
     waiting = False  # counted in the outage: the immediate retry failed too (one stale connection is no outage)
@@ -201,6 +214,8 @@ async def _again(
     delay = 0.0
     while True:
         remaining = deadline - loop.time()
+        if unsent_only and not unsent(exc):
+            remaining = 0  # it may have run: not again
         if remaining <= 0:
             _wait(outage, exc, waiting)
             outage.gave_up += 1
