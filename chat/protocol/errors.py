@@ -49,6 +49,8 @@ class ErrorCode(StrEnum):
     RESUME_UNAVAILABLE = "resume_unavailable"
     TURN_INTERRUPTED = "turn_interrupted"
     SERVER_DRAINING = "server_draining"
+    TOO_MANY_WATCHES = "too_many_watches"
+    HOLDER_UNREACHABLE = "holder_unreachable"
 
 
 class ClientError(Exception):

@@ -27,7 +27,7 @@ import hashlib
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -41,7 +41,7 @@ from chat.ops import metrics, throttle
 from chat.ops.tasks import Background
 from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
-from chat.sessions import framelog, lifecycle
+from chat.sessions import feed, framelog, lifecycle
 from chat.sessions.history import Memory
 from chat.sessions.socket import SessionSocket
 from chat.turns import messages
@@ -92,6 +92,8 @@ class Holder:
         "delivered",
         "frames",
         "leaving",
+        "marks",
+        "feed",
         "_lock",
         "_window",
     )
@@ -121,6 +123,10 @@ class Holder:
         self.delivered = next_seq - 1  # the last seq that went through `send` to its socket and the logs
         self.frames = framelog.LocalFrames() if resumable else None
         self.leaving = False  # ended, handed over, released or fenced: no longer this process's
+        # Every frame numbered (a resumable session's seq; a plain session's own count) and, once the
+        # session is watched, published to its watchers (chat/sessions/feed.py).
+        self.marks = feed.Marks(next_seq - 1)
+        self.feed: feed.Feed | None = None
         # A resumable session's socket writes and shared-log appends in seq order (asyncio.Lock wakes waiters
         # first come first served). A plain session's frames go straight to its socket: no lock to keep per
         # idle session (bench/memory.py).
@@ -133,7 +139,10 @@ class Holder:
 
     async def send(self, frame: str) -> None:
         """The conversation's `send`: to the socket attached; for a resumable session numbered and kept too."""
+        number = self.marks.note(frame)
         if self.frames is None:
+            if self.feed is not None:
+                self.feed.publish(number, protocol.sequenced(frame, self.session_id, number))
             if self.socket is not None:
                 await self.socket.send_frame(frame)
             return
@@ -147,11 +156,19 @@ class Holder:
             if log is not None:
                 await log.append(self.session_id, seq, text)
             self.delivered = seq
+            if self.feed is not None:
+                self.feed.publish(seq, text)
             if self.socket is not None:
                 try:
                     await self.socket.send_frame(text)
                 except Exception:  # the socket is going: the frame is kept for the resume
                     logger.info("frame not delivered", extra={"session_id": str(self.session_id), "seq": seq})
+
+    def partial(self) -> str:
+        return self.conversation.streamed
+
+    def answering(self) -> int | None:
+        return self.conversation.answering
 
     # The socket ----------------------------------------------------------------
 
@@ -164,6 +181,8 @@ class Holder:
         if not self.resumable:
             if await self._leave():
                 await lifecycle.end_many(session_ids=[self.session_id], reason=EndReason.DISCONNECT)
+                if self.feed is not None:  # its watchers are told (its socket is gone)
+                    await self.send(protocol.session_ended_by_server(self.session_id, EndReason.DISCONNECT.value))
                 logger.info("session ended", extra={"session_id": str(self.session_id), "reason": "disconnect"})
             return
         self._cancel_window()
@@ -433,6 +452,13 @@ class Hub:
                 await holder.hand_over()
             else:
                 await lifecycle.release(session_id)  # recorded as ours, but not held here: let it go
+        elif kind in events:
+            await events[kind](holder, event)
+
+
+#: More events the hub takes for the sessions held here: `type` → handler(the holder here or None, event).
+#: chat/sessions/watch.py registers its own (a watcher's snapshot, post, leave), so the holder needs no import of it.
+events: dict[str, Callable[[Holder | None, dict[str, Any]], Awaitable[None]]] = {}
 
 
 hub = Hub()

@@ -38,7 +38,7 @@ from chat.accounts.principals import Principal
 from chat.models import ChatMessage, ChatSession, Role
 from chat.ops import throttle
 from chat.protocol.errors import ClientError, ErrorCode
-from chat.sessions import framelog, holder, lifecycle, liveness
+from chat.sessions import feed, framelog, holder, lifecycle, liveness
 from chat.sessions.holder import Holder, unavailable
 from chat.sessions.socket import SessionSocket
 from chat.turns import messages
@@ -87,9 +87,7 @@ async def resume(
 
 def _same_principal(principal: Principal, session: ChatSession) -> bool:
     """Only the principal a session was started for resumes it (it is charged for its turns)."""
-    return (principal.user_id, principal.api_key_id) == (session.user_id, session.api_key_id) or principal.owns(
-        session
-    )
+    return (principal.user_id, principal.api_key_id) == (session.user_id, session.api_key_id) or principal.owns(session)
 
 
 async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int) -> Holder | None:
@@ -157,6 +155,7 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
         next_seq=last + 1,
     )
     logger.info("session taken over", extra={"session_id": str(session_id), "from": row.owner_process or "released"})
+    await feed.announce(session_id, channel)  # its watchers join this holder (issue 28)
     await _reconcile(new, log, row)
     return new
 

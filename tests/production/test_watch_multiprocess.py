@@ -1,0 +1,85 @@
+"""Watching across two live Daphne processes on PostgreSQL and Redis (issue 28): a watcher on the other process
+joins mid-reply and adds up to the saved reply; ten watchers on both processes see the turn one of them posted;
+a watch survives its holder being killed and the session resumed elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from chat.models import ChatMessage, MessageStatus, Role
+from testkit.client import ProtocolClient
+from tests.e2e.test_resume import SLOW, SLOW_REPLY, resume, start
+from tests.e2e.test_watch import assembled, check_numbered, connect, join_mid_reply, make_key, saved_reply, watch
+from tests.production.conftest import FAST_LIVENESS
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
+
+
+async def test_a_watcher_on_the_other_process_joins_mid_reply(daphne_factory, fake_llm):
+    server_a = daphne_factory(**FAST_LIVENESS)
+    server_b = daphne_factory(**FAST_LIVENESS)
+    _, key = await make_key("two devices")
+    await join_mid_reply(server_a.url, server_b.url, key, resumable=False)
+    await join_mid_reply(server_a.url, server_b.url, key, resumable=True)
+
+
+async def test_ten_watchers_on_both_processes_one_posts_all_see_the_turn(daphne_factory, fake_llm):
+    server_a = daphne_factory(**FAST_LIVENESS)
+    server_b = daphne_factory(**FAST_LIVENESS)
+    _, key = await make_key("many tabs")
+    holder = await connect(server_a.url, key)
+    session_id = await holder.start_session()
+    watchers = [await connect((server_a, server_b)[i % 2].url, key) for i in range(10)]
+    for watcher in watchers:
+        assert (await watch(watcher, session_id))["type"] == "session_watching"
+    await watchers[3].send(
+        {"action": "chatbot_post_message", "session_id": session_id, "user_message": SLOW, "stream": True}
+    )
+    held = await holder.until("processing_end")
+    assert "".join(f["data"] for f in held if f["type"] == "message_delta") == SLOW_REPLY
+    assert all(set(f) == {"type", "data"} for f in held)  # the holder's plain frames, as a seed client's
+    for watcher in watchers:
+        frames = await watcher.until("processing_end")
+        assert [(f["type"], f["data"]) for f in frames] == [(f["type"], f["data"]) for f in held]
+        check_numbered(frames, session_id)
+    assert (await saved_reply(session_id)).content == SLOW_REPLY
+    for client in [holder, *watchers]:
+        await client.close()
+
+
+async def test_a_watch_survives_its_holder_killed_and_resumed_elsewhere(daphne_factory, fake_llm):
+    """The holder's process dies mid-reply; the session is resumed on the other process: the watcher (there)
+    gets the interrupted turn's end and the next turn, seqs with no gap and no double."""
+    server_a = daphne_factory(**FAST_LIVENESS)
+    server_b = daphne_factory(**FAST_LIVENESS)
+    _, key = await make_key("kill")
+    holder = await ProtocolClient.connect(server_a.url, additional_headers={"Authorization": f"Bearer {key}"})
+    session_id, token = await start(holder)
+    watcher = await connect(server_b.url, key)
+    snapshot = await watch(watcher, session_id)
+    await holder.send(
+        {"action": "chatbot_post_message", "session_id": session_id, "user_message": SLOW, "stream": True}
+    )
+    live = [await watcher.recv() for _ in range(15)]  # past the first checkpoint (1 s)
+    server_a.kill()
+
+    resumed = await ProtocolClient.connect(server_b.url, additional_headers={"Authorization": f"Bearer {key}"})
+    assert (await resume(resumed, session_id, token, live[-1]["seq"]))["type"] == "session_resumed"
+    await resumed.until("processing_end", timeout=30)
+    live += await watcher.until("processing_end", timeout=30)
+    check_numbered(live, session_id)
+    assert live[-2]["data"]["code"] == "turn_interrupted"
+    row = await saved_reply(session_id)
+    assert row.status == MessageStatus.INTERRUPTED
+    # What the killed process saved is its last checkpoint: the watcher saw that much, and perhaps more, as its
+    # holder's socket did.
+    assert row.content and assembled(snapshot, live).startswith(row.content)
+
+    # The next turn, answered on B, reaches the watcher too.
+    await resumed.post(session_id, "again")
+    after = await watcher.until("processing_end")
+    check_numbered(live + after, session_id)
+    assert [f["data"] for f in after if f["type"] == "message"] == ["Echo: again"]
+    assert await ChatMessage.objects.filter(session_id=session_id, role=Role.USER).acount() == 2
+    await resumed.close()
+    await watcher.close()
