@@ -86,6 +86,11 @@ async def _on_post(held: Holder | None, event: dict[str, Any]) -> None:
     await _answer(event, {"type": "watch.posted", "code": ""})
 
 
+async def _on_replay(held: Holder | None, event: dict[str, Any]) -> None:
+    frames = held.feed.after(event["after"], event["upto"]) if held is not None and held.feed is not None else []
+    await _answer(event, {"type": "watch.replay", "frames": frames})
+
+
 async def _on_status(held: Holder | None, event: dict[str, Any]) -> None:
     if held is None:
         await _answer(event, {"type": "watch.status", "moved": True})
@@ -100,5 +105,6 @@ _HANDLERS: dict[str, Callable[[Holder | None, dict[str, Any]], Any]] = {
     "watch.join": _on_join,
     "watch.post": _on_post,
     "watch.status": _on_status,
+    "watch.replay": _on_replay,
 }
 holder.events.update(_HANDLERS)

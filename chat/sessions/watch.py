@@ -113,7 +113,7 @@ class Watch:
                     continue
                 if seq <= self.last:
                     continue  # the snapshot covers it, or it came twice (a holder that moved)
-                if seq > self.last + 1 and self.resumable:
+                if seq > self.last + 1:
                     await self._fill(seq)
                 if text is None:
                     continue
@@ -135,14 +135,20 @@ class Watch:
                 self._wake()
 
     async def _fill(self, upto: int) -> None:
-        """Frames last+1 … upto-1 from the session's frame log (published while this process could not hear them)."""
-        log = framelog.shared()
-        if log is None:
-            return
-        for seq, text in await log.after(self.session_id, self.last or 0):
-            if seq >= upto and upto:
-                break
-            if seq == (self.last or 0) + 1:
+        """Frames last+1 … upto-1, which this process did not hear: from the session's frame log (resumable),
+        else from the frames its holder keeps for watchers."""
+        assert self.last is not None
+        log = framelog.shared() if self.resumable else None
+        if log is not None:
+            frames = [(seq, text) for seq, text in await log.after(self.session_id, self.last) if seq < upto]
+        else:
+            frames = []
+        if (not frames or frames[0][0] != self.last + 1) and self.owner:
+            event = {"type": "watch.replay", "session_id": str(self.session_id), "after": self.last, "upto": upto - 1}
+            answer = await ask(self.owner, event, timeout=2.0)
+            frames = [(seq, text) for seq, text in (answer or {}).get("frames", [])]
+        for seq, text in frames:
+            if seq == self.last + 1:
                 self.last = seq
                 await self.socket.send_frame(text)
 

@@ -24,8 +24,8 @@ def bearer(key: str) -> dict:
     return {"additional_headers": {"Authorization": f"Bearer {key}"}}
 
 
-async def connect(url: str, key: str) -> ProtocolClient:
-    return await ProtocolClient.connect(url, **bearer(key))
+async def connect(url: str, key: str, **kwargs) -> ProtocolClient:
+    return await ProtocolClient.connect(url, **bearer(key), **kwargs)
 
 
 async def watch(client: ProtocolClient, session_id: str) -> dict:

@@ -4,13 +4,20 @@ a watch survives its holder being killed and the session resumed elsewhere."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from chat.models import ChatMessage, MessageStatus, Role
 from testkit.client import ProtocolClient
+from testkit.fake_llm import Script
+from testkit.raw_websocket import RawWebSocket
+from testkit.wait import async_wait_until
 from tests.e2e.test_resume import SLOW, SLOW_REPLY, resume, start
 from tests.e2e.test_watch import assembled, check_numbered, connect, join_mid_reply, make_key, saved_reply, watch
 from tests.production.conftest import FAST_LIVENESS
+from tests.production.test_slow_readers import CHUNK
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -83,3 +90,45 @@ async def test_a_watch_survives_its_holder_killed_and_resumed_elsewhere(daphne_f
     assert await ChatMessage.objects.filter(session_id=session_id, role=Role.USER).acount() == 2
     await resumed.close()
     await watcher.close()
+
+
+async def test_a_stalled_watcher_is_closed_without_slowing_the_holder_or_the_others(daphne_factory, fake_llm):
+    """A watcher on B that reads nothing while ~13 MB stream: closed there with 4408; the holder's socket and a
+    reading watcher get every frame, in order."""
+    server_a = daphne_factory(**FAST_LIVENESS)
+    server_b = daphne_factory(**FAST_LIVENESS, R2D2_STALLED_READER_SECONDS="2")
+    _, key = await make_key("stalled")
+    holder = await connect(server_a.url, key, max_size=None)
+    session_id = await holder.start_session()
+    reader = await connect(server_b.url, key, max_size=None)
+    await watch(reader, session_id)
+
+    async def turn() -> tuple[list[dict], list[dict], float]:
+        """One long streamed turn, the holder and the reading watcher reading all along."""
+        fake_llm.enqueue(Script(chunks=[CHUNK] * 400, token_delay=0.002))
+        started = time.monotonic()
+        post = {"action": "chatbot_post_message", "session_id": session_id, "user_message": "x", "stream": True}
+        await holder.send(post)
+
+        async def timed(client: ProtocolClient) -> tuple[list[dict], float]:
+            frames = await client.until("processing_end", timeout=90)
+            return frames, time.monotonic() - started
+
+        (held, took), (frames, _) = await asyncio.gather(timed(holder), timed(reader))
+        return held, frames, took
+
+    stalled = await asyncio.to_thread(RawWebSocket, server_b.port, headers={"Authorization": f"Bearer {key}"})
+    stalled.send({"action": "chatbot_session_watch", "session_id": session_id})
+    assert (await asyncio.to_thread(stalled.receive))["type"] == "session_watching"
+    held, frames, took = await turn()
+    assert "".join(f["data"] for f in held if f["type"] == "message_delta") == CHUNK * 400
+    assert [(f["type"], f["data"]) for f in frames] == [(f["type"], f["data"]) for f in held]
+    check_numbered(frames, session_id)
+    # Nothing waits for the stalled socket but its own queue (tests/unit/sessions/test_watch.py): the bound is
+    # loose, for a machine shared with other work (~7 s unloaded).
+    assert took < 60, took
+    assert await asyncio.to_thread(stalled.read_until_closed, 60) < 64 * 1024 * 1024
+    assert await async_wait_until(lambda: "closing a connection that does not read" in server_b.log(), timeout=10)
+    stalled.close()
+    await holder.close()
+    await reader.close()
