@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -13,6 +14,7 @@ from django.contrib.auth import get_user_model
 from chat.accounts import auth
 from chat.models import ChatMessage, MessageStatus, Role
 from testkit.client import ProtocolClient
+from testkit.server import ROOT, server_env
 from tests.e2e.test_resume import SLOW, SLOW_REPLY
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -207,3 +209,39 @@ async def test_chatbot_sessions_lists_the_principals_live_sessions(daphne, fake_
     assert json.loads(stranger.received[-1])["type"] == "sessions"
     for client in (laptop, stranger, watcher):
         await client.close()
+
+
+#: The same reply, a word every 0.3 s: time for a terminal client's process to start and join it.
+SLOWER = SLOW.replace("token_delay=0.1", "token_delay=0.3")
+
+
+async def test_the_terminal_client_follows_a_running_session(daphne, fake_llm):
+    """`manage.py chat --follow <session_id>` prints the reply being written, from where it is, then the next one."""
+    _, key = await make_key("terminal")
+    holder = await connect(daphne.url, key)
+    session_id = await holder.start_session()
+    await holder.send(
+        {"action": "chatbot_post_message", "session_id": session_id, "user_message": SLOWER, "stream": True}
+    )
+    await holder.until("message_delta")
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "manage.py",
+        "chat",
+        "--url",
+        daphne.url,
+        "--follow",
+        session_id,
+        cwd=ROOT,
+        env=server_env(None, R2D2_API_KEY=key),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await holder.until("processing_end")
+    await holder.post(session_id, "and then?")
+    await holder.send({"action": "chatbot_session_end", "session_id": session_id})
+    out, err = await asyncio.wait_for(follower.communicate(), 30)
+    assert follower.returncode == 0, err
+    assert out.decode() == f"{SLOW_REPLY}\nEcho: and then?\n"
+    assert "[session ended]" in err.decode()
+    await holder.close()
