@@ -409,6 +409,11 @@ async def sessions(principal: Principal) -> list[protocol.LiveSession]:
     ]
 
 
+async def watchers(session: ChatSession) -> int:
+    """How many sockets watch a live session, wherever it is held (the admin's session page)."""
+    return (await _status(session))[1] if session.is_live else 0
+
+
 async def _status(row: ChatSession) -> tuple[bool, int]:
     here = holder.local(row.id)
     if here is not None:
