@@ -3,10 +3,14 @@
 The holder numbers every frame it sends (a resumable session's `seq`; a plain session's own
 counter, which its socket never sees) and notes where each turn's reply stands. Once a
 session has a watcher, anywhere, its holder gets a `Feed`, and each frame is published
-once, to the session's channel-layer group (`group(session_id)`), whatever the number
-of watchers: each process with watching sockets subscribes to the group and delivers to
-its own sockets (chat/sessions/watch.py). A session nobody watches has no Feed and pays
-one `is None` per frame (bench/throughput.py).
+once, whatever the number of watchers: with Redis, one PUBLISH to the session's channel
+(`channel(session_id)`), which each process with watching sockets subscribes to once and
+delivers from to its own sockets (chat/sessions/watch.py); on the embedded defaults (one
+process) it is handed to this process's watches directly. A session nobody watches has no
+Feed and pays one `is None` per frame (bench/throughput.py). A PUBLISH, not a channel-layer
+group_send: channels_redis's takes three round trips and a Lua script, and doubled the
+holder's CPU per frame (bench/watchers.py: 495 µs with no watcher, 1,122 with one).
+Control messages (a take-over's `moved`) go to the session's channel-layer group (`group`).
 
 Publishing never waits on the holder's send path: the frames go through a queue that one
 task empties, in order, so a slow channel layer delays the watchers, never the turn.
@@ -23,6 +27,7 @@ import asyncio
 import collections
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +35,7 @@ from channels.layers import get_channel_layer
 
 from chat import protocol
 from chat.models import ChatMessage, Role
+from chat.ops import store
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +49,18 @@ _MESSAGE = protocol.message("")[:-3]  # '{"type": "message", "data": '
 RECENT_FRAMES = 1000
 
 
+#: With no Redis (one process): hands a frame to this process's watches, without waiting (set by watch.py).
+deliver_here: Callable[[uuid.UUID, int, str], None] | None = None
+
+
 def group(session_id: uuid.UUID) -> str:
-    """The channel-layer group a session's frames are published to (one per session)."""
+    """The channel-layer group of a session's watching processes (for control messages: a take-over)."""
     return f"watch.{session_id.hex}"
+
+
+def channel(session_id: uuid.UUID) -> str:
+    """The Redis channel a session's frames are published to (one per session)."""
+    return store.key("watch", session_id.hex)
 
 
 class Marks:
@@ -85,28 +100,39 @@ class Feed:
         # The last frames published, for a watcher whose process missed one (channels_redis can lose a message
         # when another receive on the same process is cancelled: measured, one frame in 600 as a socket closed).
         self.recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=RECENT_FRAMES)
-        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._queue: collections.deque[tuple[int, str]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
 
     def publish(self, seq: int, text: str) -> None:
-        """Queue frame `seq` (its text carries session_id and seq) for the session's group."""
+        """Frame `seq` (its text carries session_id and seq) for the session's watchers, wherever they are."""
         self.recent.append((seq, text))
-        self._queue.append({"type": "watch.frame", "session_id": str(self.session_id), "seq": seq, "frame": text})
+        if not store.shared():
+            if deliver_here is not None:
+                deliver_here(self.session_id, seq, text)
+            return
+        self._queue.append((seq, text))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._drain(), name="r2d2-watch-feed")
 
+    def after(self, seq: int, upto: int) -> list[tuple[int, str]]:
+        """The frames kept with seq+1 … upto (a watcher's gap)."""
+        return [(s, text) for s, text in self.recent if seq < s <= upto]
+
     async def _drain(self) -> None:
-        layer, name = get_channel_layer(), group(self.session_id)
+        """Publish what is queued, in order: one PUBLISH per frame, those queued together in one round trip."""
+        name = channel(self.session_id)
         try:
             while self._queue:
-                event = self._queue.popleft()
+                batch = list(self._queue)
+                self._queue.clear()
                 try:
-                    await layer.group_send(name, event)
-                except Exception as exc:  # Redis blinked: a resumable session's watchers fill it from the frame log
-                    logger.info(
-                        "watch frame not published",
-                        extra={"session_id": str(self.session_id), "error": type(exc).__name__},
-                    )
+                    async with store.client(decode=True).pipeline(transaction=False) as pipe:
+                        for seq, text in batch:
+                            pipe.publish(name, f"{seq} {text}")
+                        await pipe.execute()
+                except Exception as exc:  # Redis blinked: a watcher that finds a gap asks for the frames again
+                    extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
+                    logger.info("watch frames not published", extra=extra)
         finally:
             self._task = None
 

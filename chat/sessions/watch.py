@@ -3,8 +3,9 @@ post into it, cancel its turn, and list what is running.
 
 The watcher's side of `chatbot_session_watch`, on whichever process its socket is:
 
-1. the process subscribes to the session's group (chat/sessions/feed.py), once for all its
-   watching sockets, and the watch buffers what arrives;
+1. the process subscribes to the session's frames (a Redis channel, chat/sessions/feed.py) and
+   to its channel-layer group (a take-over's notice), once for all its watching sockets, and the
+   watch buffers what arrives;
 2. then it asks the holder, wherever it runs, over the channel layer (its process's hub), for
    a snapshot: the saved messages, the reply as written so far, and the number of the last
    frame these cover. Subscribed first, so nothing falls between the two;
@@ -36,6 +37,7 @@ from django.db.models import Max, Q
 from chat import protocol
 from chat.accounts.principals import Principal
 from chat.models import ChatSession
+from chat.ops import store
 from chat.protocol import Cancel, PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import feed, framelog, holder, lifecycle
@@ -157,13 +159,52 @@ class Watch:
 
 
 class Watching:
-    """Every watch of this process's sockets, by session, and the one channel their frames arrive on."""
+    """Every watch of this process's sockets, by session; the channel-layer channel their control messages arrive
+    on, and (with Redis) the one subscription their frames arrive on."""
 
     def __init__(self) -> None:
         self.by_session: dict[uuid.UUID, dict[str, Watch]] = {}
         self._channel: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    def deliver(self, session_id: uuid.UUID, seq: int, text: str) -> None:
+        """A frame of a watched session: each of this process's watches of it queues it (never waits)."""
+        for watch in list(self.by_session.get(session_id, {}).values()):
+            watch.offer(seq, text)
+
+    async def subscribe(self, session_id: uuid.UUID) -> None:
+        """Hear the session's frames (with Redis: SUBSCRIBE, once per process; without, they are handed here)."""
+        if not store.shared():
+            return
+        if self._pubsub is None or (self._reader is not None and self._reader.done()):
+            self._pubsub, self._reader = store.client(decode=True).pubsub(), None  # made before any await: one
+        pubsub = self._pubsub
+        await pubsub.subscribe(feed.channel(session_id))
+        if self._reader is None and pubsub is self._pubsub:  # redis-py reads nothing before a first SUBSCRIBE
+            self._reader = asyncio.get_running_loop().create_task(self._read(pubsub), name="r2d2-watch-frames")
+
+    async def unsubscribe(self, session_id: uuid.UUID) -> None:
+        if self._pubsub is not None:
+            await self._pubsub.unsubscribe(feed.channel(session_id))
+
+    async def _read(self, pubsub: Any) -> None:
+        start = len(feed.channel(uuid.UUID(int=0))) - 32  # where a channel's session hex begins
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis restarting: redis-py subscribes again when it reconnects
+                logger.warning("watch frames not read", extra={"error": type(exc).__name__})
+                await asyncio.sleep(1)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            seq, _, text = message["data"].partition(" ")
+            self.deliver(uuid.UUID(hex=message["channel"][start:]), int(seq), text)
 
     async def channel(self) -> str:
         loop = asyncio.get_running_loop()
@@ -172,6 +213,7 @@ class Watching:
             if self._loop is not loop or self._task is None or self._task.done():
                 self._channel, self._loop = name, loop
                 self.by_session.clear()  # a new loop (tests): the old one's watches went with it
+                self._pubsub = self._reader = None
                 self._task = loop.create_task(self._run(name), name="r2d2-watch-receiver")
         assert self._channel is not None
         return self._channel
@@ -199,10 +241,7 @@ class Watching:
         if not watches:
             return
         kind = event["type"]
-        if kind == "watch.frame":
-            for watch in list(watches.values()):
-                watch.offer(event["seq"], event["frame"])
-        elif kind == "watch.moved":
+        if kind == "watch.moved":
             for watch in watches.values():
                 watch.owner = event["owner"]
             holder.spawn(_join(session_id, event["owner"], list(watches)))
@@ -212,6 +251,7 @@ class Watching:
 
 
 watching = Watching()
+feed.deliver_here = watching.deliver
 
 
 def _forget(watch: Watch, *, tell_holder: bool = True) -> None:
@@ -228,6 +268,7 @@ async def _left(watch: Watch, tell_holder: bool) -> None:
         if not watching.by_session.get(watch.session_id):
             watching.by_session.pop(watch.session_id, None)
             await layer.group_discard(feed.group(watch.session_id), await watching.channel())
+            await watching.unsubscribe(watch.session_id)
         if watch.owner and tell_holder:
             event = {"type": "watch.leave", "session_id": str(watch.session_id), "watcher": watch.socket.channel_name}
             await layer.send(watch.owner, event)
@@ -273,7 +314,8 @@ async def watch(socket: WatchingSocket, principal: Principal, session_id: uuid.U
     receiver = await watching.channel()
     watching.by_session.setdefault(session_id, {})[socket.channel_name] = new
     try:
-        await get_channel_layer().group_add(feed.group(session_id), receiver)  # first: nothing falls between
+        await watching.subscribe(session_id)  # first: nothing falls between it and the snapshot
+        await get_channel_layer().group_add(feed.group(session_id), receiver)
         snapshot = await _snapshot(new, session, socket.channel_name)
     except BaseException:
         _forget(new)
