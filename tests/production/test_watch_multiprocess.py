@@ -132,3 +132,45 @@ async def test_a_stalled_watcher_is_closed_without_slowing_the_holder_or_the_oth
     stalled.close()
     await holder.close()
     await reader.close()
+
+
+async def test_a_watcher_on_the_other_process_cancels_and_unwatches(daphne_factory, fake_llm):
+    server_a = daphne_factory(**FAST_LIVENESS)
+    server_b = daphne_factory(**FAST_LIVENESS)
+    _, key = await make_key("stop it")
+    _, stranger_key = await make_key("stranger")
+    holder = await connect(server_a.url, key)
+    session_id = await holder.start_session()
+    stranger = await connect(server_b.url, stranger_key)
+    assert (await watch(stranger, session_id))["data"]["code"] == "session_not_owned"
+    watcher = await connect(server_b.url, key)
+    await watch(watcher, session_id)
+    await holder.send(
+        {"action": "chatbot_post_message", "session_id": session_id, "user_message": SLOW, "stream": True}
+    )
+    await watcher.until("message_delta")
+    await watcher.send({"action": "chatbot_cancel", "session_id": session_id})
+    frames = await watcher.until("processing_end")
+    assert {"type": "cancelled", "data": {"session_id": session_id}} in frames
+    await holder.until("processing_end")
+    assert (await saved_reply(session_id)).status == MessageStatus.CANCELLED
+
+    async def watchers() -> int:
+        await holder.send({"action": "chatbot_sessions"})
+        [listed] = (await holder.recv())["data"]
+        return listed["watchers"]
+
+    assert await watchers() == 1  # counted by the holder on A, for a socket on B
+    await watcher.send({"action": "chatbot_session_unwatch", "session_id": session_id})
+    assert (await watcher.recv())["type"] == "session_unwatched"
+
+    async def none_left() -> bool:
+        return await watchers() == 0
+
+    assert await async_wait_until(none_left, timeout=5, interval=0.2)  # the holder was told
+    await holder.post(session_id, "unseen")
+    for client in (watcher, stranger):
+        with pytest.raises(asyncio.TimeoutError):
+            await client.recv(timeout=1.0)
+    for client in (holder, watcher, stranger):
+        await client.close()
