@@ -45,8 +45,10 @@ _END = protocol.processing_end()
 _MESSAGE = protocol.message("")[:-3]  # '{"type": "message", "data": '
 
 
-#: Frames a watched session's holder keeps for watchers that missed one.
+#: Frames a watched session's holder keeps for watchers that missed one: at most this many, and this many bytes
+#: (a reply's `message` frame may be megabytes; the last frame is kept whatever its size).
 RECENT_FRAMES = 1000
+RECENT_BYTES = 1 << 20
 
 
 #: With no Redis (one process): hands a frame to this process's watches, without waiting (set by watch.py).
@@ -92,20 +94,24 @@ class Feed:
 
     `watchers`: the watching sockets (their ids), wherever they are, for `chatbot_sessions`."""
 
-    __slots__ = ("session_id", "watchers", "recent", "_queue", "_task")
+    __slots__ = ("session_id", "watchers", "recent", "_recent_bytes", "_queue", "_task")
 
     def __init__(self, session_id: uuid.UUID) -> None:
         self.session_id = session_id
         self.watchers: set[str] = set()
         # The last frames published, for a watcher whose process missed one (channels_redis can lose a message
         # when another receive on the same process is cancelled: measured, one frame in 600 as a socket closed).
-        self.recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=RECENT_FRAMES)
+        self.recent: collections.deque[tuple[int, str]] = collections.deque()
+        self._recent_bytes = 0
         self._queue: collections.deque[tuple[int, str]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
 
     def publish(self, seq: int, text: str) -> None:
         """Frame `seq` (its text carries session_id and seq) for the session's watchers, wherever they are."""
         self.recent.append((seq, text))
+        self._recent_bytes += len(text)
+        while len(self.recent) > 1 and (len(self.recent) > RECENT_FRAMES or self._recent_bytes > RECENT_BYTES):
+            self._recent_bytes -= len(self.recent.popleft()[1])
         if not store.shared():
             if deliver_here is not None:
                 deliver_here(self.session_id, seq, text)
