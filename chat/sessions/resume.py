@@ -87,7 +87,9 @@ async def resume(
 
 def _same_principal(principal: Principal, session: ChatSession) -> bool:
     """Only the principal a session was started for resumes it (it is charged for its turns)."""
-    return (principal.user_id, principal.api_key_id) == (session.user_id, session.api_key_id) or principal.owns(session)
+    return (principal.user_id, principal.api_key_id) == (session.user_id, session.api_key_id) or principal.owns(
+        session
+    )
 
 
 async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int) -> Holder | None:
