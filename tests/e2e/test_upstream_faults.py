@@ -101,7 +101,7 @@ async def test_rate_limit_beyond_the_timeout_gives_up(daphne_factory, fake_llm):
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "plain"])
 async def test_a_model_that_never_answers_is_cut_at_the_first_chunk_timeout(daphne_factory, fake_llm, stream):
     """A model that sends nothing is cut off at R2D2_UPSTREAM_TIMEOUT with upstream_timeout."""
-    server = daphne_factory(R2D2_UPSTREAM_TIMEOUT="1")
+    server = daphne_factory(R2D2_UPSTREAM_TIMEOUT="2")
     script = Script(stall=30)
     frames, follow_up, session_id, _, took = await turn_with_fault(server.url, fake_llm, script, stream=stream)
     assert_clean_failure(frames, follow_up, "upstream_timeout")
