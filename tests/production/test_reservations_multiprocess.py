@@ -51,7 +51,9 @@ async def test_a_message_queued_on_a_killed_process_is_charged_once(daphne_facto
     client = await ProtocolClient.connect(server_b.url, additional_headers=headers)
     assert (await resume(client, session_id, token, frames[-1]["seq"]))["type"] == "session_resumed"
     interrupted = await client.until("processing_end", timeout=20)
-    assert [f["type"] for f in interrupted] == ["error", "processing_end"]
+    # Deltas the log held that the killed socket never delivered come first (a loaded machine), then the end.
+    kinds = [f["type"] for f in interrupted]
+    assert kinds[-2:] == ["error", "processing_end"] and set(kinds[:-2]) <= {"message_delta"}, kinds
     answered = await client.until("processing_end", timeout=20)
     assert [f["type"] for f in answered] == ["processing_start", "message", "processing_end"]
     assert answered[1]["data"] == "Echo: queued behind it"
