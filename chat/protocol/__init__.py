@@ -38,6 +38,7 @@ class PostMessage:
     system_message: str | None
     stream: bool
     client_message_id: str = ""
+    with_ids: bool = False  # its turn's frames name the messages (issue 29)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,57 @@ class Usage:
     pass
 
 
-Request = SessionStart | PostMessage | SessionEnd | Cancel | ListModels | Resume | Usage
+@dataclass(frozen=True, slots=True)
+class History:
+    session_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Regenerate:
+    """Answer a reply's user message again, as a new version of the reply (None: the leaf's, or the leaf itself
+    when it is a message left unanswered)."""
+
+    session_id: uuid.UUID
+    message_id: int | None
+    stream: bool = False
+    client_message_id: str = ""
+    with_ids: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EditMessage:
+    """A new version of a user message (its sibling), answered as a post is."""
+
+    session_id: uuid.UUID
+    message_id: int
+    user_message: str
+    stream: bool = False
+    client_message_id: str = ""
+    with_ids: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchBranch:
+    session_id: uuid.UUID
+    message_id: int
+
+
+#: A turn a client asks for: a post, a regeneration or an edit (chat/turns/conversation.py runs each the same way).
+Turn = PostMessage | Regenerate | EditMessage
+
+Request = (
+    SessionStart
+    | PostMessage
+    | SessionEnd
+    | Cancel
+    | ListModels
+    | Resume
+    | Usage
+    | History
+    | Regenerate
+    | EditMessage
+    | SwitchBranch
+)
 
 
 def parse_text(text: str, *, max_message_chars: int) -> Request:
@@ -176,6 +227,7 @@ def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
         system_message=system_message,
         stream=stream,
         client_message_id=_client_message_id(content),
+        with_ids=_flag(content, "with_ids"),
     )
 
 
@@ -229,6 +281,50 @@ def _parse_usage(content: dict, max_message_chars: int) -> Usage:
     return Usage()
 
 
+def _message_id(content: dict, *, required: bool = True) -> int | None:
+    """A message's id as `history` and the id-carrying frames give it: a positive whole number."""
+    value = content.get("message_id")
+    if value is None and not required:
+        return None
+    if value is None:
+        raise ClientError(ErrorCode.MESSAGE_NOT_FOUND, "The frame has no 'message_id'.")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQ:
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'message_id' must be a whole number from 1 to {MAX_SEQ}.")
+    return value
+
+
+def _parse_history(content: dict, max_message_chars: int) -> History:
+    return History(session_id=_session_id(content))
+
+
+def _parse_regenerate(content: dict, max_message_chars: int) -> Regenerate:
+    return Regenerate(
+        session_id=_session_id(content),
+        message_id=_message_id(content, required=False),
+        stream=_flag(content, "stream"),
+        client_message_id=_client_message_id(content),
+        with_ids=_flag(content, "with_ids"),
+    )
+
+
+def _parse_edit_message(content: dict, max_message_chars: int) -> EditMessage:
+    post = _parse_post_message(content, max_message_chars)  # the new text is checked as a post's is
+    if post.system_message is not None:
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, "An edit keeps the session's system message.")
+    return EditMessage(
+        session_id=post.session_id,
+        message_id=_message_id(content),
+        user_message=post.user_message,
+        stream=post.stream,
+        client_message_id=post.client_message_id,
+        with_ids=post.with_ids,
+    )
+
+
+def _parse_switch_branch(content: dict, max_message_chars: int) -> SwitchBranch:
+    return SwitchBranch(session_id=_session_id(content), message_id=_message_id(content))
+
+
 PARSERS = {
     "chatbot_session_start": _parse_session_start,
     "chatbot_post_message": _parse_post_message,
@@ -237,6 +333,10 @@ PARSERS = {
     "chatbot_models": _parse_list_models,
     "chatbot_session_resume": _parse_resume,
     "chatbot_usage": _parse_usage,
+    "chatbot_history": _parse_history,
+    "chatbot_regenerate": _parse_regenerate,
+    "chatbot_edit_message": _parse_edit_message,
+    "chatbot_switch_branch": _parse_switch_branch,
 }
 
 

@@ -49,6 +49,9 @@ class ErrorCode(StrEnum):
     RESUME_UNAVAILABLE = "resume_unavailable"
     TURN_INTERRUPTED = "turn_interrupted"
     SERVER_DRAINING = "server_draining"
+    MESSAGE_NOT_FOUND = "message_not_found"
+    WRONG_MESSAGE_ROLE = "wrong_message_role"
+    SESSION_BUSY = "session_busy"
 
 
 class ClientError(Exception):

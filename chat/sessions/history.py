@@ -8,11 +8,15 @@ whole chain, oldest first.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 
-from chat.models import ChatMessage, ChatSession, MessageStatus, Role
+from chat.models import ChatMessage, ChatSession, Role
+from chat.protocol import branches
+from chat.protocol.errors import ClientError, ErrorCode
+from chat.turns import tree
 
 #: Continuations followed back at most (a loop is impossible, but a chain is bounded anyway).
 MAX_CHAIN = 50
@@ -51,13 +55,46 @@ def _load(session_id: uuid.UUID) -> Memory | None:
         return None
     system_message = ""
     history: list[tuple[str, str]] = []
-    for m in messages_of(session):
-        if m.role == Role.SYSTEM:
-            system_message = m.content
-        elif m.role == Role.USER or (m.content and m.status != MessageStatus.INCOMPLETE):
-            # As the model remembered it: every question, and every reply it gave (stopped ones as far as they got).
-            history.append((m.role, m.content))
+    for earlier in chain(session):
+        # As the model remembered it: each session's current branch (chat/turns/tree.py), every question on it
+        # and every reply it gave (stopped ones as far as they got).
+        rows = list(ChatMessage.objects.filter(session=earlier).order_by("id"))
+        for m in rows:
+            if m.role == Role.SYSTEM:
+                system_message = m.content
+        nodes = tree.index(_node(m) for m in rows)
+        history += tree.remembered(tree.path(nodes, tree.leaf(nodes, earlier.branch_anchor)))
     return Memory(session=session, system_message=system_message, history=history)
+
+
+def _node(m: ChatMessage) -> tree.Node:
+    return tree.Node(m.id, m.parent_id, m.role, m.content, m.status)
+
+
+def current_branch(session: ChatSession) -> tuple[list[ChatMessage], set[int]]:
+    """The session's current branch, root first, and which of its messages have other versions (a transcript
+    marks them): one query for all the session's messages."""
+    rows = {m.id: m for m in ChatMessage.objects.filter(session=session).exclude(role=Role.SYSTEM)}
+    nodes = tree.index(_node(m) for m in rows.values())
+    on_branch = [rows[node.id] for node in tree.path(nodes, tree.leaf(nodes, session.branch_anchor))]
+    return on_branch, tree.branched(nodes)
+
+
+def _tree_frame(session_id: uuid.UUID, may_read: Callable[[ChatSession], bool]) -> str:
+    session = ChatSession.objects.filter(id=session_id).first()
+    if session is None:
+        raise ClientError(ErrorCode.SESSION_NOT_FOUND, "No session has that session_id.")
+    if not may_read(session):
+        raise ClientError(ErrorCode.SESSION_NOT_OWNED, "That session belongs to someone else.")
+    rows = list(ChatMessage.objects.filter(session=session).exclude(role=Role.SYSTEM).order_by("id"))
+    leaf = tree.leaf(tree.index(_node(m) for m in rows), session.branch_anchor)
+    fields = ("id", "parent_id", "role", "content", "status", "model", "created_at")
+    entries = [branches.HistoryEntry(*(getattr(m, f) for f in fields)) for m in rows]
+    return branches.history(session.id, leaf, entries)
+
+
+#: The answer to `chatbot_history` (`may_read`: whether the asking socket may read that session), or ClientError.
+tree_frame = sync_to_async(_tree_frame)
 
 
 load = sync_to_async(_load)

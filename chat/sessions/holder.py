@@ -39,7 +39,7 @@ from chat.accounts.principals import Principal
 from chat.models import EndReason, MessageStatus
 from chat.ops import metrics, throttle
 from chat.ops.tasks import Background
-from chat.protocol import PostMessage
+from chat.protocol import EditMessage, PostMessage, Regenerate, Turn, branches
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, lifecycle
 from chat.sessions.history import Memory
@@ -115,7 +115,7 @@ class Holder:
         self.conversation = Conversation(lease=self.lease, model=model, send=self.send, on_fenced=self._fenced)
         if memory is not None:
             self.conversation.system_message = memory.system_message
-            self.conversation.history = memory.history
+            self.conversation.carried = memory.history
         self.socket = socket
         self.next_seq = next_seq
         self.delivered = next_seq - 1  # the last seq that went through `send` to its socket and the logs
@@ -291,7 +291,7 @@ class Holder:
 
     # Turns ---------------------------------------------------------------------
 
-    async def post(self, post: PostMessage, *, tally: counters.Tally | None = None, gate: Gate | None = None) -> None:
+    async def post(self, post: Turn, *, tally: counters.Tally | None = None, gate: Gate | None = None) -> None:
         """A client posts a message: admit it (its turn's cost reserved from the session's principal, atomically
         across processes, from this conversation's prompt and the principal's output cap), then accept it into
         the conversation's queue. The reservation travels with the message: settled when its turn ends, released
@@ -301,13 +301,14 @@ class Holder:
         once the message is known not to be a duplicate and before a quota counts it."""
         conversation = self.conversation
         await conversation.refuse_duplicate(post.client_message_id)  # before a quota counts it
+        asked = _as_post(conversation, post)  # a regeneration or an edit: what its prompt will hold (or why not)
         if gate is not None:
             gate()
         reservation = await reservations.admit(
             self.principal,
             model=conversation.model,
             prompt_tokens_estimate=reservations.estimate_prompt_tokens(
-                conversation.system_message, conversation.history, post
+                conversation.system_message, conversation.history, asked
             ),
             max_output_tokens=self.principal.limits.max_output_tokens,
             tally=tally,
@@ -320,9 +321,27 @@ class Holder:
                 await self.end(None)
             raise
 
+    async def switch_branch(self, message_id: int) -> None:
+        """`chatbot_switch_branch`: the current branch becomes the one below `message_id`; every attached socket
+        is told the new leaf (refused while a turn runs or messages wait: `session_busy`)."""
+        leaf = await self.conversation.switch(message_id)
+        await self.send(branches.branch_switched(self.session_id, leaf))
+
     def charge_only(self) -> reservations.Reservation | None:
         """What a message admitted by an earlier holder is charged to: the session's principal, here."""
         return reservations.charge_only(self.principal, self.conversation.model)
+
+
+def _as_post(conversation: Conversation, turn: Turn) -> PostMessage:
+    """A turn as the post its prompt is estimated like (checking first that the message it names may be used)."""
+    if isinstance(turn, Regenerate):
+        text = conversation.answering(turn.message_id).content
+    elif isinstance(turn, EditMessage):
+        conversation.edited(turn.message_id)
+        text = turn.user_message
+    else:
+        return turn
+    return PostMessage(session_id=turn.session_id, user_message=text, system_message=None, stream=turn.stream)
 
 
 def unavailable(why: str) -> ClientError:

@@ -35,14 +35,13 @@ from channels.layers import get_channel_layer
 from chat import protocol
 from chat.accounts import auth
 from chat.accounts.principals import Principal
-from chat.models import ChatMessage, ChatSession, Role
+from chat.models import ChatSession
 from chat.ops import throttle
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, holder, lifecycle, liveness
 from chat.sessions.holder import Holder, unavailable
 from chat.sessions.socket import SessionSocket
 from chat.turns import messages
-from chat.turns.messages import Lease
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +174,8 @@ async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> 
         await new.send(protocol.processing_end())
     conversation = new.conversation
     conversation.system_message = row.system_message
-    conversation.history = await _history(lease, exclude={p.row_id for p in pending})
+    nodes, anchor = await messages.tree_of(lease.session_id)
+    conversation.restore(nodes, anchor)  # the messages it is to answer wait unplaced
     conversation.requeue(pending, new.charge_only)
     if pending:
         extra = {"session_id": str(lease.session_id), "count": len(pending)}
@@ -226,12 +226,6 @@ async def _forward(
             await socket.send_frame(text)
             cursor = seq
     return cursor
-
-
-async def _history(lease: Lease, *, exclude: set[int]) -> list[tuple[str, str]]:
-    """The conversation so far, as the new holder's Conversation keeps it (without the messages it is to answer)."""
-    rows = ChatMessage.objects.filter(session_id=lease.session_id, role__in=[Role.USER, Role.ASSISTANT])
-    return [(row.role, row.content) async for row in rows.order_by("created_at", "id") if row.id not in exclude]
 
 
 async def _principal_of(session: ChatSession) -> Principal:

@@ -3,8 +3,11 @@
 A `Conversation` belongs to the consumer that holds the session and owns every
 turn from end to end: it saves the user's message when it is accepted, builds the
 prompt, calls the model, saves the reply and sends it. It keeps the session's
-history in memory (the holder of a session is its only writer, so the database
-need not be read back each turn).
+messages in memory as a tree (chat/turns/tree.py; the holder of a session is its
+only writer, so the database need not be read back each turn): the model is sent
+the path from the root to the message answered. A regeneration and an edit
+(issue 29) are turns like a post: queued, charged, fenced, resent and taken over
+the same way.
 
 A turn always ends: whatever fails after `processing_start` (the model, saving,
 encoding, sending, a bug), the client gets one `error` frame and then
@@ -20,7 +23,6 @@ import collections
 import contextlib
 import logging
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -29,10 +31,11 @@ from django.conf import settings
 from chat import llm, protocol
 from chat.models import MessageStatus, Role
 from chat.ops import metrics
-from chat.protocol import PostMessage
+from chat.protocol import EditMessage, Regenerate, Turn, branches
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.protocol.text import TextRepair
-from chat.turns import messages, prompt
+from chat.turns import messages, prompt, tree
+from chat.turns.draft import Draft, streaming_rows  # noqa: F401 (the heartbeat asks here)
 from chat.turns.messages import Fenced, Lease
 
 logger = logging.getLogger(__name__)
@@ -53,21 +56,12 @@ class Reservation(Protocol):
 
 Send = Callable[[str], Awaitable[None]]
 
-#: The replies this process's turns are writing now (a draft lives as long as its turn): any
-#: other reply its sessions left `incomplete` (its last save failed: the database restarted
-#: mid-turn) is interrupted by the heartbeat (chat/sessions/heartbeat.py).
-_drafts: weakref.WeakSet[_Draft] = weakref.WeakSet()
-
-
-def streaming_rows() -> set[int]:
-    """The reply rows being written by a turn of this process."""
-    return {draft.row_id for draft in list(_drafts) if draft.row_id is not None}
-
 
 class _Queued:
     """A message accepted (its row saved as `accepted`) and waiting for its turn."""
 
     __slots__ = ("content", "system_message", "stream", "row_id", "started", "reservation")
+    __slots__ += ("parent", "placed", "regenerates", "with_ids", "reply_id")  # its place in the tree (issue 29)
 
     def __init__(
         self,
@@ -83,6 +77,19 @@ class _Queued:
         # Its quota reservation (chat/accounts/reservations.py): settled once its turn has called the model,
         # released when it never does (refused, or the queue dropped).
         self.reservation = reservation
+        self.place(None)
+        self.reply_id: int | None = None  # its reply's row, once saved
+
+    def place(self, parent: int | None, *, placed: bool = False, regenerates: bool = False, with_ids: bool = False):
+        """Its place in the tree: `placed`, its parent is fixed (an edit's; a regeneration's, the user message it
+        answers again, `row_id` then being its empty reply row); otherwise a post's parent is the leaf when its turn
+        starts. `with_ids`: its frames name its messages."""
+        self.parent, self.placed, self.regenerates, self.with_ids = parent, placed, regenerates, with_ids
+
+    @property
+    def message_id(self) -> int:
+        """The user message this turn answers."""
+        return self.parent if self.regenerates and self.parent is not None else self.row_id
 
 
 class Conversation:
@@ -91,7 +98,9 @@ class Conversation:
         "lease",
         "model",
         "system_message",
-        "history",
+        "carried",
+        "nodes",
+        "leaf",
         "on_fenced",
         "_send",
         "_pending",
@@ -114,7 +123,10 @@ class Conversation:
         self.lease = lease
         self.model = model
         self.system_message = ""
-        self.history: list[tuple[str, str]] = []
+        # A continued session's memory: the turns of the conversation it continues (their current branch).
+        self.carried: list[tuple[str, str]] = []
+        self.nodes: dict[int, tree.Node] = {}  # this session's messages, all branches
+        self.leaf: int | None = None  # the current branch's last message
         self._send = send
         self.on_fenced = on_fenced
         # Accepted messages waiting for their turn, and the task that answers them: it exists only
@@ -134,8 +146,41 @@ class Conversation:
     def session_id(self) -> uuid.UUID:
         return self.lease.session_id
 
-    async def accept(self, post: PostMessage, reservation: Reservation | None = None) -> None:
-        """Take a message: refuse it when the queue is full, else save it and queue it for the worker.
+    @property
+    def history(self) -> list[tuple[str, str]]:
+        """What the model remembers before the next post: the carried turns, then the current branch."""
+        return self.carried + tree.remembered(tree.path(self.nodes, self.leaf))
+
+    def restore(self, nodes: list[tree.Node], anchor: int | None) -> None:
+        """Take up a session's tree as the database has it (a holder that takes a session over)."""
+        self.nodes = tree.index(nodes)
+        self.leaf = tree.leaf(self.nodes, anchor)
+
+    def answering(self, message_id: int | None) -> tree.Node:
+        """The user message a regeneration answers again (ClientError says why none)."""
+        return tree.answering(self.nodes, self.leaf, message_id)
+
+    def edited(self, message_id: int) -> tree.Node:
+        """The user message an edit makes a new version of (ClientError says why none)."""
+        return tree.edited(self.nodes, message_id)
+
+    async def switch(self, message_id: int) -> int | None:
+        """Make the branch below `message_id` the current one; returns the new leaf. Refused while turns run or
+        wait (their place in the tree would change under them)."""
+        if self.busy:
+            raise ClientError(ErrorCode.SESSION_BUSY, "A turn is running or waiting in this session; switch after it.")
+        tree.placed(self.nodes, message_id)
+        try:
+            await messages.move_anchor(self.lease, message_id)
+        except Fenced:
+            self._lost()
+            raise ClientError(ErrorCode.SESSION_NOT_OWNED, "This session was resumed elsewhere.") from None
+        self.leaf = tree.leaf(self.nodes, message_id)
+        return self.leaf
+
+    async def accept(self, post: Turn, reservation: Reservation | None = None) -> None:
+        """Take a turn (a post, a regeneration, an edit): refuse it when the queue is full, else save it and
+        queue it for the worker.
 
         `reservation` (what admitting it reserved) is the turn's from here: released if refused."""
         try:
@@ -145,7 +190,7 @@ class Conversation:
                 reservation.release()
             raise
 
-    async def _accept(self, post: PostMessage, reservation: Reservation | None) -> None:
+    async def _accept(self, post: Turn, reservation: Reservation | None) -> None:
         waiting = len(self._pending)
         if waiting >= settings.R2D2_MAX_QUEUED_MESSAGES:
             raise ClientError(
@@ -155,21 +200,32 @@ class Conversation:
         # Answered at once (the usual case): saved as `started` in the same statement, no second write.
         starts_now = not self._in_turn and not self._pending
         try:
-            row_id = await messages.save_user_message(
-                self.lease,
-                content=post.user_message,
-                system_message=post.system_message,
-                client_message_id=post.client_message_id,
-                stream=post.stream,
-                started=starts_now,
-            )
+            if isinstance(post, Regenerate):
+                answering = self.answering(post.message_id)
+                row_id = await messages.save_regeneration(
+                    self.lease, answering=answering.id, model=self.model, client_message_id=post.client_message_id,
+                    stream=post.stream, started=starts_now
+                )  # fmt: skip
+                queued = _Queued(answering.content, None, post.stream, row_id, starts_now, reservation)
+                queued.place(answering.id, placed=True, regenerates=True, with_ids=post.with_ids)
+            else:
+                edit = isinstance(post, EditMessage)
+                parent = self.edited(post.message_id).parent_id if edit else self.leaf
+                system_message = None if edit else post.system_message
+                row_id = await messages.save_user_message(
+                    self.lease, content=post.user_message, system_message=system_message, stream=post.stream,
+                    client_message_id=post.client_message_id, started=starts_now,
+                    parent_id=parent if edit or starts_now else None
+                )  # fmt: skip
+                queued = _Queued(post.user_message, system_message, post.stream, row_id, starts_now, reservation)
+                queued.place(parent, placed=edit, with_ids=post.with_ids)
         except Fenced:
             self._lost()
             raise ClientError(ErrorCode.SESSION_NOT_OWNED, "This session was resumed elsewhere.") from None
         except messages.Duplicate:
             await self.refuse_duplicate(post.client_message_id)
             raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
-        self._queue(_Queued(post.user_message, post.system_message, post.stream, row_id, starts_now, reservation))
+        self._queue(queued)
 
     async def refuse_duplicate(self, client_message_id: str) -> None:
         """A resend of a message this session already has (on any socket or process): refused with
@@ -198,7 +254,13 @@ class Conversation:
         """Answer messages an earlier holder saved but did not answer, in order, as they were asked
         (`charge()`: what their turns are charged to: they were admitted when first accepted)."""
         for message in saved:
-            self._queue(_Queued(message.content, None, message.stream, message.row_id, False, charge()))
+            queued = _Queued(message.content, None, message.stream, message.row_id, False, charge())
+            if message.role == Role.ASSISTANT and message.reply_to in self.nodes:  # a regeneration
+                queued.content = self.nodes[message.reply_to].content
+                queued.place(message.reply_to, placed=True, regenerates=True)
+            else:  # a post (no parent yet), or an edit (its parent was set when it was saved)
+                queued.place(message.parent_id, placed=message.parent_id is not None)
+            self._queue(queued)
 
     def _queue(self, item: _Queued) -> None:
         self._pending.append(item)
@@ -277,18 +339,32 @@ class Conversation:
             self._drop_pending()
 
     async def _turn(self, queued: _Queued) -> None:
-        if not queued.started:
-            # Recorded before the client sees the turn start: a holder that takes the session over never
-            # answers it again, whatever becomes of this turn.
-            try:
-                await messages.set_status(self.lease, queued.row_id, MessageStatus.STARTED)
-            except Fenced:
-                self._lost()
-                return
-            except Exception as exc:  # the database is down: the turn runs, and will most likely fail
-                extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
-                logger.info("turn start not recorded", extra=extra)
-        await self._send_quietly(protocol.processing_start())
+        if not queued.placed:
+            queued.parent = self.leaf  # a post continues the current branch as it is when its turn starts
+        status = MessageStatus.INCOMPLETE if queued.regenerates else MessageStatus.STARTED
+        try:
+            if not queued.started:
+                # Recorded before the client sees the turn start: a holder that takes the session over never
+                # answers it again, whatever becomes of this turn.
+                await messages.start_turn(self.lease, queued.row_id, parent_id=queued.parent, status=status)
+            if queued.placed:  # a new version: the current branch is now the one it starts
+                await messages.move_anchor(self.lease, queued.row_id)
+        except Fenced:
+            self._lost()
+            return
+        except ClientError:  # the session ended meanwhile: the holder finds out at its next write
+            pass
+        except Exception as exc:  # the database is down: the turn runs, and will most likely fail
+            extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
+            logger.info("turn start not recorded", extra=extra)
+        role = Role.ASSISTANT if queued.regenerates else Role.USER
+        content = "" if queued.regenerates else queued.content
+        self.nodes[queued.row_id] = tree.Node(queued.row_id, queued.parent, role, content, status)
+        self.leaf = queued.row_id
+        start = protocol.processing_start()
+        if queued.with_ids:
+            start = branches.with_ids(start, message_id=queued.message_id)
+        await self._send_quietly(start)
         try:
             await self._answer(queued)
         except Fenced:
@@ -302,7 +378,10 @@ class Conversation:
             logger.exception("turn failed", extra={"session_id": str(self.session_id)})
             await self._mark_failed(queued.row_id)
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
-        await self._send_quietly(protocol.processing_end())
+        end = protocol.processing_end()
+        if queued.with_ids:
+            end = branches.with_ids(end, message_id=queued.message_id, reply_id=queued.reply_id)
+        await self._send_quietly(end)
 
     async def _answer(self, queued: _Queued) -> None:
         # Daphne (Twisted) writes a frame on the loop's next writable callback,
@@ -313,17 +392,23 @@ class Conversation:
         await asyncio.sleep(0)
         if queued.system_message is not None:
             self.system_message = queued.system_message
+        # The path to the message answered, never a sibling branch (for a regeneration: to the message it answers).
+        before = queued.parent
+        if queued.regenerates and queued.parent in self.nodes:
+            before = self.nodes[queued.parent].parent_id
         request = prompt.assemble_messages(
             system_message=self.system_message,
-            history=self.history,
+            history=self.carried + tree.remembered(tree.path(self.nodes, before)),
             user_message=queued.content,
             budget_chars=settings.R2D2_MAX_CONTEXT_CHARS,
         )
         if queued.reservation is not None:
             await queued.reservation.cover(request)  # its prompt, with the replies before it, within quota
-        self.history.append((Role.USER.value, queued.content))
         reply = llm.Reply()
-        draft = _Draft(self.lease, self.model, reply, queued.row_id)
+        if queued.regenerates:  # its reply row exists: the text is written into it
+            draft = Draft(self.lease, self.model, reply, queued.row_id, row_id=queued.row_id)
+        else:
+            draft = Draft(self.lease, self.model, reply, queued.row_id)
         repair = TextRepair()
         stopped: MessageStatus | None = None
         self._generating, self._stop = True, None
@@ -351,15 +436,23 @@ class Conversation:
         if stopped is not None and not draft.said:
             await messages.set_status(self.lease, queued.row_id, stopped)  # nothing was said: the turn's end
         else:
-            self.history.append((Role.ASSISTANT.value, draft.text))
             # Saved before the client sees it, so a process that dies right after
             # leaves no reply a person read but the database lacks.
-            await draft.save(stopped or MessageStatus.COMPLETE)
+            status = stopped or MessageStatus.COMPLETE
+            await draft.save(status)
+            queued.reply_id = draft.row_id
+            if draft.row_id is not None:
+                self.nodes[draft.row_id] = tree.Node(
+                    draft.row_id, queued.message_id, Role.ASSISTANT, draft.text, status
+                )
+                self.leaf = draft.row_id
         if stopped == MessageStatus.INTERRUPTED:
             raise ClientError(ErrorCode.TURN_INTERRUPTED, "This server stopped answering; send the message again.")
         if stopped is not None:
             return
         frame = protocol.message(draft.text)
+        if queued.with_ids:
+            frame = branches.with_ids(frame, reply_id=queued.reply_id)
         # Frames are ASCII (json.dumps escapes the rest), so characters are bytes.
         if len(frame) > settings.R2D2_MAX_OUTGOING_FRAME_BYTES:
             raise ClientError(
@@ -369,7 +462,7 @@ class Conversation:
         await self._send(frame)
         metrics.answered(reply)
 
-    async def _said(self, text: str, stream: bool, draft: _Draft) -> None:
+    async def _said(self, text: str, stream: bool, draft: Draft) -> None:
         if not text:
             return
         if stream and not draft.said:
@@ -394,76 +487,3 @@ class Conversation:
             await self._send(frame)
         except Exception:
             logger.exception("could not send a frame", extra={"session_id": str(self.session_id)})
-
-
-class _Draft:
-    """A reply as the client has seen it, saved at the end, and while it streams at most
-    R2D2_CHECKPOINT_SECONDS behind what was sent (marked incomplete until it is done)."""
-
-    def __init__(self, lease: Lease, model: str, reply: llm.Reply, reply_to: int) -> None:
-        self.lease = lease
-        self.reply_to = reply_to
-        self.model = model
-        self.reply = reply
-        self._parts: list[str] = []  # joined when saved: `+=` on a long reply copies it per chunk
-        self._text = ""
-        self.row_id: int | None = None
-        self._saved_chars = 0  # how much of `text` the row holds
-        self._loop = asyncio.get_running_loop()
-        self._saved_at = self._loop.time()
-        _drafts.add(self)
-
-    def add(self, text: str) -> None:
-        self._parts.append(text)
-
-    @property
-    def said(self) -> bool:
-        return bool(self._parts or self._text)
-
-    @property
-    def text(self) -> str:
-        """Everything said so far."""
-        if self._parts:
-            self._text += "".join(self._parts)
-            self._parts.clear()
-        return self._text
-
-    async def checkpoint(self) -> None:
-        interval = settings.R2D2_CHECKPOINT_SECONDS
-        if interval <= 0 or self._loop.time() - self._saved_at < interval:
-            return
-        self._saved_at = self._loop.time()
-        await self.save(MessageStatus.INCOMPLETE)
-
-    async def save(self, status: MessageStatus) -> None:
-        saving = asyncio.ensure_future(self._write(status, self.text))
-        try:
-            await asyncio.shield(saving)
-        except asyncio.CancelledError:
-            # Cancelled (Stop, or the socket closed) while a checkpoint was being written: let it
-            # finish, so the final save knows the row it wrote and appends to it.
-            await saving
-            raise
-
-    async def _write(self, status: MessageStatus, text: str) -> None:
-        usage = {
-            "prompt_tokens": self.reply.prompt_tokens,
-            "completion_tokens": self.reply.completion_tokens,
-            "latency_ms": self.reply.latency_ms,
-            "status": status,
-        }
-        if self.row_id is None:
-            self.row_id = await messages.save_reply(
-                self.lease, reply_to=self.reply_to, content=text, model=self.model, **usage
-            )
-        else:
-            await messages.extend_reply(self.lease, row_id=self.row_id, more=text[self._saved_chars :], **usage)
-        self._saved_chars = len(text)
-
-    async def abandon(self) -> None:
-        """The model failed midway (cut off, stalled, out of time): what it said is saved, marked
-        interrupted, whether or not a checkpoint had saved any of it yet; nothing said, the turn failed."""
-        if self.said or self.row_id is not None:
-            await self.save(MessageStatus.INTERRUPTED)
-        else:
-            await messages.set_status(self.lease, self.reply_to, MessageStatus.FAILED)

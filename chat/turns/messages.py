@@ -18,36 +18,44 @@ from dataclasses import dataclass
 import psycopg
 from asgiref.sync import sync_to_async
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
 from chat.protocol.errors import ClientError, ErrorCode
-from chat.turns import pgpool
+from chat.turns import pgpool, tree
 
 _MESSAGES, _SESSIONS = ChatMessage._meta.db_table, ChatSession._meta.db_table
 _HELD = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s)"
 _HELD_LIVE = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s AND ended_at IS NULL)"
 _COLUMNS = (
     "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms, "
-    "reply_to_id, client_message_id, stream)"
+    "reply_to_id, client_message_id, stream, parent_id)"
 )
 
 # The ORM would need two round trips (a SELECT for "still ours?" then the INSERT): this is
 # the hot path of every turn, so each write is one statement that checks the fence itself.
 _INSERT_USER = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s WHERE {_HELD_LIVE} RETURNING id"
+    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s, %s WHERE {_HELD_LIVE} RETURNING id"
 )
 _INSERT_REPLY = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE WHERE {_HELD} RETURNING id"
+    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE, %s WHERE {_HELD} RETURNING id"
 )
 _EXTEND_REPLY = (
     f"UPDATE {_MESSAGES} SET content = content || %s, "
     f"prompt_tokens = %s, completion_tokens = %s, latency_ms = %s, status = %s WHERE id = %s AND {_HELD}"
 )
 _SET_STATUS = f"UPDATE {_MESSAGES} SET status = %s WHERE id = %s AND {_HELD}"
+# A turn starts: its message takes its place in the tree (a post's parent is the leaf now; an edit's was set).
+_START = f"UPDATE {_MESSAGES} SET status = %s, parent_id = COALESCE(parent_id, %s) WHERE id = %s AND {_HELD}"
+# A regeneration waits as an empty reply row (so that it is queued, resent and taken over as a post is).
+_INSERT_REGENERATION = (
+    f"INSERT INTO {_MESSAGES} {_COLUMNS} "
+    f"SELECT %s, %s, '', %s, %s, %s, NULL, NULL, NULL, %s, %s, %s, %s WHERE {_HELD_LIVE} RETURNING id"
+)
+_MOVE_ANCHOR = f"UPDATE {_SESSIONS} SET branch_anchor = %s WHERE id = %s AND fence = %s AND ended_at IS NULL"
 
 
 class Fenced(Exception):
@@ -113,19 +121,21 @@ async def save_user_message(
     client_message_id: str = "",
     stream: bool = False,
     started: bool = False,
+    parent_id: int | None = None,
 ) -> int:
     """Save the user's message as `accepted` (`started` when its turn begins at once), and a changed
     system message, before the model is called; returns its row id. Raises ClientError(session_ended)
-    when the session is over, `Fenced` when it is no longer this holder's."""
+    when the session is over, `Fenced` when it is no longer this holder's. `parent_id`: its place in the
+    tree when known now (a turn starting at once, an edit); else its turn's start sets it."""
     try:
         if system_message is None:
             status = MessageStatus.STARTED if started else MessageStatus.ACCEPTED
             params = (lease.session_id, Role.USER.value, content, timezone.now(), status.value)
-            params += (client_message_id, stream, lease.session_id, lease.fence)
+            params += (client_message_id, stream, parent_id, lease.session_id, lease.fence)
             row_id = await _run(_INSERT_USER, params, returning=True)
         else:
             save = sync_to_async(_save_with_system_message)
-            row_id = await save(lease, content, system_message, client_message_id, stream, started)
+            row_id = await save(lease, content, system_message, client_message_id, stream, started, parent_id)
     except (IntegrityError, psycopg.errors.UniqueViolation):
         # Two resends raced past `original()`: the unique index on (session, client_message_id) decides.
         raise Duplicate() from None
@@ -135,7 +145,13 @@ async def save_user_message(
 
 
 def _save_with_system_message(
-    lease: Lease, content: str, system_message: str, client_message_id: str, stream: bool, started: bool
+    lease: Lease,
+    content: str,
+    system_message: str,
+    client_message_id: str,
+    stream: bool,
+    started: bool,
+    parent_id: int | None,
 ) -> int | None:
     held = ChatSession.objects.live().filter(id=lease.session_id, fence=lease.fence)
     with transaction.atomic():
@@ -149,6 +165,7 @@ def _save_with_system_message(
             status=MessageStatus.STARTED if started else MessageStatus.ACCEPTED,
             client_message_id=client_message_id,
             stream=stream,
+            parent_id=parent_id,
         )
         return row.id
 
@@ -166,7 +183,7 @@ async def save_reply(
 ) -> int:
     """Save the model's reply to the user message `reply_to` as a new row; returns its id."""
     params = (lease.session_id, Role.ASSISTANT.value, content, timezone.now(), status.value, model)
-    usage = (prompt_tokens, completion_tokens, latency_ms, reply_to)
+    usage = (prompt_tokens, completion_tokens, latency_ms, reply_to, reply_to)  # a reply's parent is its message
     row_id = await _run(_INSERT_REPLY, (*params, *usage, lease.session_id, lease.fence), returning=True)
     if row_id is None:
         raise Fenced()
@@ -201,6 +218,47 @@ async def set_status(lease: Lease, row_id: int, status: MessageStatus) -> None:
         raise Fenced()
 
 
+async def start_turn(lease: Lease, row_id: int, *, parent_id: int | None, status: MessageStatus) -> None:
+    """A waiting message's turn begins: recorded as `status` (a user message `started`, a regeneration
+    `incomplete`), and placed in the tree under `parent_id` unless it was placed when saved (an edit)."""
+    if not await _run(_START, (status.value, parent_id, row_id, lease.session_id, lease.fence), returning=False):
+        raise Fenced()
+
+
+async def save_regeneration(
+    lease: Lease, *, answering: int, model: str, client_message_id: str = "", stream: bool = False, started: bool
+) -> int:
+    """A regeneration accepted: an empty reply to `answering`, its sibling replies' new version, `accepted` until
+    its turn starts (`incomplete` when it starts at once); its turn writes the text into it. Returns its id."""
+    status = MessageStatus.INCOMPLETE if started else MessageStatus.ACCEPTED
+    params = (lease.session_id, Role.ASSISTANT.value, timezone.now(), status.value, model, answering)
+    params += (client_message_id, stream, answering, lease.session_id, lease.fence)
+    try:
+        row_id = await _run(_INSERT_REGENERATION, params, returning=True)
+    except (IntegrityError, psycopg.errors.UniqueViolation):
+        raise Duplicate() from None
+    if row_id is None:
+        raise await _why_not(lease)
+    return int(row_id)
+
+
+async def move_anchor(lease: Lease, message_id: int | None) -> None:
+    """The current branch is now the one below `message_id` (chat/turns/tree.py)."""
+    if not await _run(_MOVE_ANCHOR, (message_id, lease.session_id, lease.fence), returning=False):
+        raise await _why_not(lease)
+
+
+def _tree_of(session_id: uuid.UUID) -> tuple[list[tree.Node], int | None]:
+    anchor = ChatSession.objects.filter(id=session_id).values_list("branch_anchor", flat=True).first()
+    rows = ChatMessage.objects.filter(session_id=session_id).exclude(role=Role.SYSTEM).order_by("id")
+    fields = ("id", "parent_id", "role", "content", "status")
+    return [tree.Node(*row) for row in rows.values_list(*fields)], anchor
+
+
+#: A session's messages as tree nodes and its branch anchor: one query for all its messages, whatever their number.
+tree_of = sync_to_async(_tree_of)
+
+
 @dataclass(frozen=True, slots=True)
 class Original:
     """The message a resend repeats: its row, its status, and its reply's status if it has one."""
@@ -213,9 +271,12 @@ class Original:
 async def original(session_id: uuid.UUID, client_message_id: str) -> Original | None:
     """The session's message with that `client_message_id`, if any: one lookup on a unique index."""
     rows = ChatMessage.objects.filter(session_id=session_id, client_message_id=client_message_id)
-    row = await rows.values("id", "status").afirst()
+    row = await rows.values("id", "status", "role").afirst()
     if row is None:
         return None
+    if row["role"] == Role.ASSISTANT:  # a regeneration: its own row is the reply
+        waiting = row["status"] == MessageStatus.ACCEPTED
+        return Original(row["id"], row["status"], None if waiting else row["status"])
     reply = await ChatMessage.objects.filter(reply_to_id=row["id"]).order_by("-id").values("status").afirst()
     return Original(row["id"], row["status"], reply["status"] if reply else None)
 
@@ -230,6 +291,9 @@ class Unanswered:
     row_id: int
     content: str
     stream: bool
+    role: str = Role.USER.value  # an assistant row is a regeneration of the reply to `reply_to`
+    parent_id: int | None = None  # set for an edit, and for a regeneration
+    reply_to: int | None = None
 
 
 async def interrupt_open_turns(lease: Lease) -> None:
@@ -251,12 +315,11 @@ async def interrupt_open_turns(lease: Lease) -> None:
 
 
 async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
-    """The session's user messages still waiting (`accepted`, never started), oldest first."""
+    """The session's user messages and regenerations still waiting (`accepted`, never started), oldest first."""
     replies = ChatMessage.objects.filter(reply_to=OuterRef("pk"))
-    rows = ChatMessage.objects.filter(session_id=session_id, role=Role.USER, status=MessageStatus.ACCEPTED).filter(
-        ~Exists(replies)
+    rows = ChatMessage.objects.filter(session_id=session_id, status=MessageStatus.ACCEPTED).filter(
+        (Q(role=Role.USER) & ~Exists(replies)) | Q(role=Role.ASSISTANT)
     )
-    return [Unanswered(row_id=r.id, content=r.content, stream=r.stream) async for r in rows.order_by("id")]
-
-
-
+    return [
+        Unanswered(r.id, r.content, r.stream, r.role, r.parent_id, r.reply_to_id) async for r in rows.order_by("id")
+    ]

@@ -24,7 +24,21 @@ from chat.accounts.limits import TokenBucket
 from chat.edge import flow
 from chat.models import ChatSession, EndReason
 from chat.ops import metrics, throttle
-from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart, Usage
+from chat.protocol import (
+    Cancel,
+    EditMessage,
+    History,
+    ListModels,
+    PostMessage,
+    Regenerate,
+    Request,
+    Resume,
+    SessionEnd,
+    SessionStart,
+    SwitchBranch,
+    Turn,
+    Usage,
+)
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import drain, history, holder, lifecycle, resume
 from chat.sessions.holder import Holder
@@ -177,7 +191,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         else:
             await self.send_frame(protocol.session_start(started.session_id))
 
-    async def post_message(self, request: PostMessage) -> None:
+    async def post_message(self, request: Turn) -> None:
         drain.refuse_if_draining()  # first: a session this process just released is not "another's"
         held = await self.held(request.session_id)
         await self.still_authorized()
@@ -220,6 +234,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         figures = await quotas.figures(self.principal, tally=self.own_tally(), socket_sessions=len(self.sessions))
         await self.send_frame(protocol.usage(figures))
 
+    async def read_history(self, request: History) -> None:
+        """Every message of a session, all branches: its principal's (or, anonymous, this socket's) live or ended."""
+        mine = self.sessions.keys()
+        frame = await history.tree_frame(request.session_id, lambda s: s.id in mine or self.principal.owns(s))
+        await self.send_frame(frame)
+
+    async def switch_branch(self, request: SwitchBranch) -> None:
+        await (await self.held(request.session_id)).switch_branch(request.message_id)
+
     async def unhandled(self, request: Request) -> None:
         raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
 
@@ -232,6 +255,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         ListModels: list_models,
         Resume: resume_session,
         Usage: usage,
+        History: read_history,
+        Regenerate: post_message,  # a turn like a post: admitted, charged, queued the same way
+        EditMessage: post_message,
+        SwitchBranch: switch_branch,
     }
 
     # Channel-layer events --------------------------------------------------
