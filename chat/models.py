@@ -215,6 +215,10 @@ class ChatMessage(models.Model):
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children", db_index=False
     )
+    # An edit (`chatbot_edit_message`): the user message it is a new version of.
+    version_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="versions", db_index=False
+    )
     # The client's own id for a message it posted (`client_message_id`): a resend is recognised.
     client_message_id = models.CharField(max_length=100, blank=True, default="")
     # How the client asked for its reply, so a holder that takes the session over answers it the same way.

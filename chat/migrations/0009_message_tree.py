@@ -1,4 +1,5 @@
-"""Messages as a tree (issue 29): every message gets a parent, every session a branch anchor.
+"""Messages as a tree (issue 29): every message gets a parent (and an edit the message it edits), every session
+a branch anchor.
 
 Existing sessions become one straight branch: each message's parent is the message before it in the order its
 turns ran (a user message, then its replies), which is the order the model was sent them in."""
@@ -65,6 +66,11 @@ class Migration(migrations.Migration):
             model_name='chatmessage',
             name='parent',
             field=models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='children', to='chat.chatmessage'),
+        ),
+        migrations.AddField(
+            model_name='chatmessage',
+            name='version_of',
+            field=models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='versions', to='chat.chatmessage'),
         ),
         migrations.RunPython(straight_branches, migrations.RunPython.noop),
     ]

@@ -215,7 +215,7 @@ class Conversation:
                 row_id = await messages.save_user_message(
                     self.lease, content=post.user_message, system_message=system_message, stream=post.stream,
                     client_message_id=post.client_message_id, started=starts_now,
-                    parent_id=parent if edit or starts_now else None
+                    parent_id=parent if edit or starts_now else None, version_of=post.message_id if edit else None
                 )  # fmt: skip
                 queued = _Queued(post.user_message, system_message, post.stream, row_id, starts_now, reservation)
                 queued.place(parent, placed=edit, with_ids=post.with_ids)
@@ -259,7 +259,7 @@ class Conversation:
                 queued.content = self.nodes[message.reply_to].content
                 queued.place(message.reply_to, placed=True, regenerates=True)
             else:  # a post (no parent yet), or an edit (its parent was set when it was saved)
-                queued.place(message.parent_id, placed=message.parent_id is not None)
+                queued.place(message.parent_id, placed=message.version_of is not None)
             self._queue(queued)
 
     def _queue(self, item: _Queued) -> None:

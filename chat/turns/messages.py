@@ -36,8 +36,8 @@ _COLUMNS = (
 # The ORM would need two round trips (a SELECT for "still ours?" then the INSERT): this is
 # the hot path of every turn, so each write is one statement that checks the fence itself.
 _INSERT_USER = (
-    f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s, %s WHERE {_HELD_LIVE} RETURNING id"
+    f"INSERT INTO {_MESSAGES} {_COLUMNS[:-1]}, version_of_id) "
+    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s, %s, %s WHERE {_HELD_LIVE} RETURNING id"
 )
 _INSERT_REPLY = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
@@ -122,16 +122,18 @@ async def save_user_message(
     stream: bool = False,
     started: bool = False,
     parent_id: int | None = None,
+    version_of: int | None = None,
 ) -> int:
     """Save the user's message as `accepted` (`started` when its turn begins at once), and a changed
     system message, before the model is called; returns its row id. Raises ClientError(session_ended)
     when the session is over, `Fenced` when it is no longer this holder's. `parent_id`: its place in the
-    tree when known now (a turn starting at once, an edit); else its turn's start sets it."""
+    tree when known now (a turn starting at once, an edit); else its turn's start sets it. `version_of`: the
+    message an edit is a new version of."""
     try:
         if system_message is None:
             status = MessageStatus.STARTED if started else MessageStatus.ACCEPTED
             params = (lease.session_id, Role.USER.value, content, timezone.now(), status.value)
-            params += (client_message_id, stream, parent_id, lease.session_id, lease.fence)
+            params += (client_message_id, stream, parent_id, version_of, lease.session_id, lease.fence)
             row_id = await _run(_INSERT_USER, params, returning=True)
         else:
             save = sync_to_async(_save_with_system_message)
@@ -294,6 +296,7 @@ class Unanswered:
     role: str = Role.USER.value  # an assistant row is a regeneration of the reply to `reply_to`
     parent_id: int | None = None  # set for an edit, and for a regeneration
     reply_to: int | None = None
+    version_of: int | None = None  # an edit: the message it is a new version of
 
 
 async def interrupt_open_turns(lease: Lease) -> None:
@@ -321,5 +324,6 @@ async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
         (Q(role=Role.USER) & ~Exists(replies)) | Q(role=Role.ASSISTANT)
     )
     return [
-        Unanswered(r.id, r.content, r.stream, r.role, r.parent_id, r.reply_to_id) async for r in rows.order_by("id")
+        Unanswered(r.id, r.content, r.stream, r.role, r.parent_id, r.reply_to_id, r.version_of_id)
+        async for r in rows.order_by("id")
     ]
