@@ -8,7 +8,7 @@ whole chain, oldest first.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
@@ -44,9 +44,19 @@ def chain(session: ChatSession) -> list[ChatSession]:
 
 
 def messages_of(session: ChatSession) -> list[ChatMessage]:
-    """Every message of the conversation the session ends (its chain), oldest first."""
-    ids = [s.id for s in chain(session)]
-    return list(ChatMessage.objects.filter(session_id__in=ids).order_by("created_at", "id"))
+    """The conversation the session ends (its chain), oldest first: each session's current branch."""
+    return [m for earlier in chain(session) for m in messages_of_session(earlier)]
+
+
+def messages_of_session(session: ChatSession) -> list[ChatMessage]:
+    """The session's current branch, its system messages included, in order; a message with other versions
+    (regenerated, edited) has `other_versions` set, so that a transcript marks where other branches are."""
+    rows = list(ChatMessage.objects.filter(session=session).order_by("created_at", "id"))
+    on_branch, branched = branch_of(session, rows)
+    shown = set(on_branch)
+    for m in rows:
+        m.other_versions = m.id in branched
+    return [m for m in rows if m.role == Role.SYSTEM or m.id in shown]
 
 
 def _load(session_id: uuid.UUID) -> Memory | None:
@@ -75,9 +85,14 @@ def current_branch(session: ChatSession) -> tuple[list[ChatMessage], set[int]]:
     """The session's current branch, root first, and which of its messages have other versions (a transcript
     marks them): one query for all the session's messages."""
     rows = {m.id: m for m in ChatMessage.objects.filter(session=session).exclude(role=Role.SYSTEM)}
-    nodes = tree.index(_node(m) for m in rows.values())
-    on_branch = [rows[node.id] for node in tree.path(nodes, tree.leaf(nodes, session.branch_anchor))]
-    return on_branch, tree.branched(nodes)
+    on_branch, branched = branch_of(session, rows.values())
+    return [rows[i] for i in on_branch], branched
+
+
+def branch_of(session: ChatSession, rows: Iterable[ChatMessage]) -> tuple[list[int], set[int]]:
+    """Of the session's messages `rows`: the ids on its current branch, root first, and those with other versions."""
+    nodes = tree.index(_node(m) for m in rows)
+    return [node.id for node in tree.path(nodes, tree.leaf(nodes, session.branch_anchor))], tree.branched(nodes)
 
 
 def _tree_frame(session_id: uuid.UUID, may_read: Callable[[ChatSession], bool]) -> str:
