@@ -42,8 +42,14 @@ Nodes = Mapping[int, Node]
 
 
 def index(nodes: Iterable[Node]) -> dict[int, Node]:
-    """Nodes by id (system messages are not part of the tree)."""
-    return {node.id: node for node in nodes if node.role != Role.SYSTEM}
+    """Nodes by id (system messages are not part of the tree). Messages saved with no parent at all (written by
+    hand, or by code that predates the tree) read as one straight branch, in the order they were saved."""
+    indexed = {node.id: node for node in nodes if node.role != Role.SYSTEM}
+    placed = sorted(node.id for node in indexed.values() if node.placed)
+    if len(placed) > 1 and all(node.parent_id is None for node in indexed.values()):
+        for parent, child in zip(placed, placed[1:], strict=False):
+            indexed[child].parent_id = parent
+    return indexed
 
 
 def leaf(nodes: Nodes, anchor: int | None) -> int | None:

@@ -148,24 +148,24 @@ def test_regenerate_edit_versions_and_reload_in_a_real_browser(browser_page, dap
 
     page.get_by_role("button", name="Regenerate this reply").click()
     expect(reply).to_have_text("Second answer")
-    expect(page.locator(".msg-assistant .version")).to_have_text("2/2")
+    expect(page.locator(".msg-assistant + .controls .version")).to_have_text("2/2")
     page.get_by_role("button", name="Previous version").click()
     expect(reply).to_have_text("First answer")
-    expect(page.locator(".msg-assistant .version")).to_have_text("1/2")
+    expect(page.locator(".msg-assistant + .controls .version")).to_have_text("1/2")
 
     page.get_by_role("button", name="Edit this message").click()
     page.fill(".msg-user textarea.edit", "one, edited")
     page.keyboard.press("Enter")
     expect(reply).to_have_text("Edited answer")
     expect(page.locator(".msg-user .text")).to_have_text("one, edited")
-    expect(page.locator(".msg-user .version")).to_have_text("2/2")
+    expect(page.locator(".msg-user + .controls .version")).to_have_text("2/2")
     assert [[m["content"] for m in r.messages] for r in fake_llm.requests] == [["one"], ["one"], ["one, edited"]]
 
     page.reload()
     expect(page.locator("#connection")).to_have_text("Connected")
     expect(page.locator(".msg-user .text")).to_have_text("one, edited")
     expect(reply).to_have_text("Edited answer")
-    expect(page.locator(".msg-user .version")).to_have_text("2/2")
+    expect(page.locator(".msg-user + .controls .version")).to_have_text("2/2")
     page.get_by_role("button", name="Previous version").first.click()  # the user message's first version
     expect(page.locator(".msg-user .text")).to_have_text("one")
     expect(reply).to_have_text("Second answer")  # a switch goes to the newest message below the one chosen

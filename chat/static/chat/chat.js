@@ -366,14 +366,27 @@
     const byId = new Map(tree.messages.map((m) => [m.id, m]));
     const path = [];
     for (let m = byId.get(tree.leaf_id); m; m = byId.get(m.parent_id)) path.unshift(m);
-    // Live bubbles of the turn just finished are replaced by the branch as the server has it.
-    for (const live of els.log.querySelectorAll(".msg-user.live, .msg-assistant.live")) live.remove();
+    // The bubbles of the turn just shown live become the end of the branch as they are (a reply is not rendered
+    // twice); anything else is replaced by the branch as the server has it.
+    let lives = [...els.log.querySelectorAll(".msg.live")];
+    const tail = path.slice(path.length - lives.length);
+    if (!lives.length || tail.length !== lives.length || tail.some((m, i) => !lives[i].classList.contains(`msg-${m.role}`))) {
+      for (const live of lives) live.remove();
+      lives = [];
+    }
     state.branchEl.replaceChildren();
-    for (const m of path) {
-      const item = bubble(m.role, m.role === "assistant" ? "" : m.content, state.branchEl);
+    path.forEach((m, at) => {
+      const live = at >= path.length - lives.length ? lives[at - (path.length - lives.length)] : null;
+      let item = live;
+      if (live) {
+        live.classList.remove("live");
+        state.branchEl.append(live);
+      } else {
+        item = bubble(m.role, m.role === "assistant" ? "" : m.content, state.branchEl);
+        if (m.role === "assistant") R2D2Markdown.render(item.querySelector(".text"), m.content);
+      }
       item.dataset.id = m.id;
-      if (m.role === "assistant") R2D2Markdown.render(item.querySelector(".text"), m.content);
-      if (m.role === "assistant" && !m.content) item.querySelector(".text").textContent = `(no reply: ${m.status})`;
+      if (!live && m.role === "assistant" && !m.content) item.querySelector(".text").textContent = `(no reply: ${m.status})`;
       if (m.role === "assistant" && (m.status === "cancelled" || m.status === "interrupted")) {
         item.classList.add("stopped");
         item.querySelector(".meta").textContent = `R2D2 · ${m.status === "cancelled" ? "stopped" : "interrupted"}`;
@@ -396,8 +409,8 @@
       } else {
         controls.append(control("✎", "Edit this message", false, () => edit(item, m)));
       }
-      item.append(controls);
-    }
+      item.after(controls);  // beside the message, not in it: a reply's own content has no buttons
+    });
     scrollDown();
   }
 
@@ -431,7 +444,7 @@
         if (!box.value.trim()) return;
         text.textContent = box.value;
         box.replaceWith(text);
-        turn({ action: "chatbot_edit_message", message_id: m.id, user_message: text.textContent }, item.nextElementSibling);
+        turn({ action: "chatbot_edit_message", message_id: m.id, user_message: text.textContent }, item.nextElementSibling);  // its controls on
       }
     });
   }
