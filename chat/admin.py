@@ -27,7 +27,7 @@ from django.utils.timezone import localtime
 
 from chat.accounts import auth, principals, quotas, usage
 from chat.models import ApiKey, ChatMessage, ChatSession, Role, ServerProcess, UserLimits
-from chat.sessions import lifecycle, watch
+from chat.sessions import history, lifecycle, watch
 from chat.web import markdown, transcripts
 
 admin.site.site_header = "R2D2 operations"
@@ -197,7 +197,8 @@ class ChatSessionAdmin(admin.ModelAdmin):
         session = self.get_object(request, object_id)
         extra = dict(extra_context or {})
         if session is not None:
-            transcript = list(session.messages.all())
+            # The current branch (chat/turns/tree.py), each message with other versions marked.
+            transcript = history.messages_of_session(session)
             for m in transcript:
                 # Replies render as Markdown, as on the web page; what people typed stays plain text.
                 m.content_html = markdown.render(m.content) if m.role == Role.ASSISTANT else None
@@ -228,7 +229,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
 
     def export_json_view(self, request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
         session = self._viewable(request, session_id)
-        data = transcripts.as_dict(session, session.messages.all())
+        data = transcripts.as_dict(session, session.messages.all())  # every message, all branches (ids, parents)
         response = JsonResponse(data, json_dumps_params={"indent": 2, "ensure_ascii": False})
         response["Content-Disposition"] = f'attachment; filename="r2d2-session-{session.id}.json"'
         return response
@@ -236,7 +237,8 @@ class ChatSessionAdmin(admin.ModelAdmin):
     def export_markdown_view(self, request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
         session = self._viewable(request, session_id)
         response = HttpResponse(
-            transcripts.as_markdown(session, session.messages.all()), content_type="text/markdown; charset=utf-8"
+            transcripts.as_markdown(session, history.messages_of_session(session)),
+            content_type="text/markdown; charset=utf-8",
         )
         response["Content-Disposition"] = f'attachment; filename="r2d2-session-{session.id}.md"'
         return response

@@ -93,6 +93,9 @@ class ChatSession(models.Model):
     continued_from = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="continuations"
     )
+    # The current branch (chat/turns/tree.py): its leaf is the newest message below this one (None: the newest
+    # message). Moved by a regenerate, an edit or a switch only, so a plain post writes nothing more.
+    branch_anchor = models.PositiveBigIntegerField(null=True, blank=True)
 
     objects = ChatSessionQuerySet.as_manager()
 
@@ -209,6 +212,15 @@ class ChatMessage(models.Model):
     # A reply's user message: a user message no reply points to, still `accepted`, is unanswered.
     reply_to = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replies", db_index=False
+    )
+    # The message before it on its branch (chat/turns/tree.py): a reply's is its user message; None for a
+    # session's first message, and for a message still waiting (its turn sets it).
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children", db_index=False
+    )
+    # An edit (`chatbot_edit_message`): the user message it is a new version of.
+    version_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="versions", db_index=False
     )
     # The client's own id for a message it posted (`client_message_id`): a resend is recognised.
     client_message_id = models.CharField(max_length=100, blank=True, default="")

@@ -62,9 +62,11 @@ def match_frame(text: str) -> str:
     except ValueError:
         raise AssertionError(f"server frame is not JSON: {text!r}") from None
     # Frames about a resumable session carry `session_id` and `seq` after those two.
-    if not isinstance(frame, dict) or list(frame) not in (["type", "data"], ["type", "data", "session_id", "seq"]):
+    # A turn asked for `with_ids` names its messages (message_id, reply_id) between those and them.
+    if not isinstance(frame, dict) or not _in_order(list(frame)):
         raise AssertionError(
-            f"server frame must be an object with keys type, data (in that order), then maybe session_id, seq: {text!r}"
+            "server frame must be an object with keys type, data (in that order), then maybe message_id, reply_id, "
+            f"then maybe session_id, seq: {text!r}"
         )
     problems = []
     for message_id, (types, check) in server_messages().items():
@@ -81,3 +83,12 @@ def match_frame(text: str) -> str:
 
 def check_frame(text: str) -> None:
     match_frame(text)
+
+
+def _in_order(keys: list[str]) -> bool:
+    if keys[:2] != ["type", "data"]:
+        return False
+    rest = keys[2:]
+    if rest[-2:] == ["session_id", "seq"]:
+        rest = rest[:-2]
+    return rest in ([], ["message_id"], ["reply_id"], ["message_id", "reply_id"])

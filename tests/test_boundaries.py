@@ -159,7 +159,7 @@ def bench_and_site_sources() -> dict[str, str]:
 # Layers that only point down (issue 25) -----------------------------------------------
 
 #: Bottom to top; a package imports only packages on lower rows (a lower layer talks up through a Protocol or a
-#: callback it is handed: sessions.socket.SessionSocket, turns.conversation.Reservation, auth.sessions_withdrawn).
+#: callback it is handed: sessions.socket.SessionSocket, turns.queued.Reservation, auth.sessions_withdrawn).
 #: Top-level modules: `models` (the schema) and `channel_layer` (plumbing sessions and edge use) at the bottom;
 #: `checks` and `apps` above everything, since Django's start-up wires the layers together there.
 #: On the top level, `web` (pages and their renderers) sits below `admin`, which shows transcripts with them.

@@ -39,6 +39,7 @@ class PostMessage:
     stream: bool
     client_message_id: str = ""
     report_model: bool = False  # processing_end says which model answered (a fallback chain's member)
+    with_ids: bool = False  # its turn's frames name the messages (issue 29)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,11 @@ class Watch:
 
 
 @dataclass(frozen=True, slots=True)
+class History:
+    session_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
 class Unwatch:
     session_id: uuid.UUID
 
@@ -83,9 +89,46 @@ class ListSessions:
     pass
 
 
+
+@dataclass(frozen=True, slots=True)
+class Regenerate:
+    """Answer a reply's user message again, as a new version of the reply (None: the leaf's, or the leaf itself
+    when it is a message left unanswered)."""
+
+    session_id: uuid.UUID
+    message_id: int | None
+    stream: bool = False
+    client_message_id: str = ""
+    with_ids: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EditMessage:
+    """A new version of a user message (its sibling), answered as a post is."""
+
+    session_id: uuid.UUID
+    message_id: int
+    user_message: str
+    stream: bool = False
+    client_message_id: str = ""
+    with_ids: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchBranch:
+    session_id: uuid.UUID
+    message_id: int
+
+
+#: A turn a client asks for: a post, a regeneration or an edit (chat/turns/conversation.py runs each the same way).
+Turn = PostMessage | Regenerate | EditMessage
+
+# fmt: off
 Request = (
-    SessionStart | PostMessage | SessionEnd | Cancel | ListModels | Resume | Usage | Watch | Unwatch | ListSessions
+    SessionStart | PostMessage | SessionEnd | Cancel | ListModels | Resume | Usage
+    | Watch | Unwatch | ListSessions | History | Regenerate | EditMessage | SwitchBranch
 )
+# fmt: on
 
 
 def parse_text(text: str, *, max_message_chars: int) -> Request:
@@ -195,6 +238,7 @@ def _parse_post_message(content: dict, max_message_chars: int) -> PostMessage:
         stream=stream,
         client_message_id=_client_message_id(content),
         report_model=_flag(content, "report_model"),
+        with_ids=_flag(content, "with_ids"),
     )
 
 
@@ -258,6 +302,48 @@ def _parse_unwatch(content: dict, max_message_chars: int) -> Unwatch:
 
 def _parse_list_sessions(content: dict, max_message_chars: int) -> ListSessions:
     return ListSessions()
+def _message_id(content: dict, *, required: bool = True) -> int | None:
+    """A message's id as `history` and the id-carrying frames give it: a positive whole number."""
+    value = content.get("message_id")
+    if value is None and not required:
+        return None
+    if value is None:
+        raise ClientError(ErrorCode.MESSAGE_NOT_FOUND, "The frame has no 'message_id'.")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SEQ:
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, f"'message_id' must be a whole number from 1 to {MAX_SEQ}.")
+    return value
+
+
+def _parse_history(content: dict, max_message_chars: int) -> History:
+    return History(session_id=_session_id(content))
+
+
+def _parse_regenerate(content: dict, max_message_chars: int) -> Regenerate:
+    return Regenerate(
+        session_id=_session_id(content),
+        message_id=_message_id(content, required=False),
+        stream=_flag(content, "stream"),
+        client_message_id=_client_message_id(content),
+        with_ids=_flag(content, "with_ids"),
+    )
+
+
+def _parse_edit_message(content: dict, max_message_chars: int) -> EditMessage:
+    post = _parse_post_message(content, max_message_chars)  # the new text is checked as a post's is
+    if post.system_message is not None:
+        raise ClientError(ErrorCode.INVALID_FIELD_TYPE, "An edit keeps the session's system message.")
+    return EditMessage(
+        session_id=post.session_id,
+        message_id=_message_id(content),
+        user_message=post.user_message,
+        stream=post.stream,
+        client_message_id=post.client_message_id,
+        with_ids=post.with_ids,
+    )
+
+
+def _parse_switch_branch(content: dict, max_message_chars: int) -> SwitchBranch:
+    return SwitchBranch(session_id=_session_id(content), message_id=_message_id(content))
 
 
 PARSERS = {
@@ -271,6 +357,10 @@ PARSERS = {
     "chatbot_session_watch": _parse_watch,
     "chatbot_session_unwatch": _parse_unwatch,
     "chatbot_sessions": _parse_list_sessions,
+    "chatbot_history": _parse_history,
+    "chatbot_regenerate": _parse_regenerate,
+    "chatbot_edit_message": _parse_edit_message,
+    "chatbot_switch_branch": _parse_switch_branch,
 }
 
 
@@ -403,49 +493,3 @@ def cancelled(session_id: uuid.UUID) -> str:
 def frame_type(frame: str) -> str:
     """The `type` of an encoded frame (for reading the frame log back)."""
     return json.loads(frame)["type"]
-
-
-# Watching a session from another socket (chat/sessions/watch.py) ------------------------
-# The watched session's frames reach a watcher as its holder's socket gets them, with
-# `session_id` and `seq` appended (`sequenced`), for plain sessions too.
-
-
-def session_watching(session_id: uuid.UUID, messages: list[dict[str, Any]], partial: str | None) -> str:
-    """The answer to `chatbot_session_watch`: the conversation as saved so far, and the reply being written."""
-    return encode("session_watching", {"session_id": str(session_id), "messages": messages, "partial": partial})
-
-
-def session_unwatched(session_id: uuid.UUID) -> str:
-    return encode("session_unwatched", {"session_id": str(session_id)})
-
-
-@dataclass(frozen=True, slots=True)
-class LiveSession:
-    """One of a principal's live sessions, as `chatbot_sessions` lists it."""
-
-    session_id: uuid.UUID
-    model: str
-    resumable: bool
-    answering: bool
-    watchers: int
-    started_at: datetime
-    last_activity: datetime
-
-
-def sessions(live: list[LiveSession]) -> str:
-    """The answer to `chatbot_sessions`: the principal's live sessions, newest first."""
-    return encode(
-        "sessions",
-        [
-            {
-                "session_id": str(s.session_id),
-                "model": s.model,
-                "resumable": s.resumable,
-                "answering": s.answering,
-                "watchers": s.watchers,
-                "started_at": _instant(s.started_at),
-                "last_activity": _instant(s.last_activity),
-            }
-            for s in live
-        ],
-    )

@@ -8,11 +8,15 @@ whole chain, oldest first.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 
-from chat.models import ChatMessage, ChatSession, MessageStatus, Role
+from chat.models import ChatMessage, ChatSession, Role
+from chat.protocol import branches
+from chat.protocol.errors import ClientError, ErrorCode
+from chat.turns import tree
 
 #: Continuations followed back at most (a loop is impossible, but a chain is bounded anyway).
 MAX_CHAIN = 50
@@ -40,9 +44,19 @@ def chain(session: ChatSession) -> list[ChatSession]:
 
 
 def messages_of(session: ChatSession) -> list[ChatMessage]:
-    """Every message of the conversation the session ends (its chain), oldest first."""
-    ids = [s.id for s in chain(session)]
-    return list(ChatMessage.objects.filter(session_id__in=ids).order_by("created_at", "id"))
+    """The conversation the session ends (its chain), oldest first: each session's current branch."""
+    return [m for earlier in chain(session) for m in messages_of_session(earlier)]
+
+
+def messages_of_session(session: ChatSession) -> list[ChatMessage]:
+    """The session's current branch, its system messages included, in order; a message with other versions
+    (regenerated, edited) has `other_versions` set, so that a transcript marks where other branches are."""
+    rows = list(ChatMessage.objects.filter(session=session).order_by("created_at", "id"))
+    on_branch, branched = branch_of(session, rows)
+    shown = set(on_branch)
+    for m in rows:
+        m.other_versions = m.id in branched
+    return [m for m in rows if m.role == Role.SYSTEM or m.id in shown]
 
 
 def _load(session_id: uuid.UUID) -> Memory | None:
@@ -51,13 +65,51 @@ def _load(session_id: uuid.UUID) -> Memory | None:
         return None
     system_message = ""
     history: list[tuple[str, str]] = []
-    for m in messages_of(session):
-        if m.role == Role.SYSTEM:
-            system_message = m.content
-        elif m.role == Role.USER or (m.content and m.status != MessageStatus.INCOMPLETE):
-            # As the model remembered it: every question, and every reply it gave (stopped ones as far as they got).
-            history.append((m.role, m.content))
+    for earlier in chain(session):
+        # As the model remembered it: each session's current branch (chat/turns/tree.py), every question on it
+        # and every reply it gave (stopped ones as far as they got).
+        rows = list(ChatMessage.objects.filter(session=earlier).order_by("id"))
+        for m in rows:
+            if m.role == Role.SYSTEM:
+                system_message = m.content
+        nodes = tree.index(_node(m) for m in rows)
+        history += tree.remembered(tree.path(nodes, tree.leaf(nodes, earlier.branch_anchor)))
     return Memory(session=session, system_message=system_message, history=history)
+
+
+def _node(m: ChatMessage) -> tree.Node:
+    return tree.Node(m.id, m.parent_id, m.role, m.content, m.status)
+
+
+def current_branch(session: ChatSession) -> tuple[list[ChatMessage], set[int]]:
+    """The session's current branch, root first, and which of its messages have other versions (a transcript
+    marks them): one query for all the session's messages."""
+    rows = {m.id: m for m in ChatMessage.objects.filter(session=session).exclude(role=Role.SYSTEM)}
+    on_branch, branched = branch_of(session, rows.values())
+    return [rows[i] for i in on_branch], branched
+
+
+def branch_of(session: ChatSession, rows: Iterable[ChatMessage]) -> tuple[list[int], set[int]]:
+    """Of the session's messages `rows`: the ids on its current branch, root first, and those with other versions."""
+    nodes = tree.index(_node(m) for m in rows)
+    return [node.id for node in tree.path(nodes, tree.leaf(nodes, session.branch_anchor))], tree.branched(nodes)
+
+
+def _tree_frame(session_id: uuid.UUID, may_read: Callable[[ChatSession], bool]) -> str:
+    session = ChatSession.objects.filter(id=session_id).first()
+    if session is None:
+        raise ClientError(ErrorCode.SESSION_NOT_FOUND, "No session has that session_id.")
+    if not may_read(session):
+        raise ClientError(ErrorCode.SESSION_NOT_OWNED, "That session belongs to someone else.")
+    rows = list(ChatMessage.objects.filter(session=session).exclude(role=Role.SYSTEM).order_by("id"))
+    leaf = tree.leaf(tree.index(_node(m) for m in rows), session.branch_anchor)
+    fields = ("id", "parent_id", "role", "content", "status", "model", "created_at")
+    entries = [branches.HistoryEntry(*(getattr(m, f) for f in fields)) for m in rows]
+    return branches.history(session.id, leaf, entries)
+
+
+#: The answer to `chatbot_history` (`may_read`: whether the asking socket may read that session), or ClientError.
+tree_frame = sync_to_async(_tree_frame)
 
 
 load = sync_to_async(_load)

@@ -27,10 +27,8 @@ import hashlib
 import logging
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
-from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chat import protocol
@@ -39,11 +37,12 @@ from chat.accounts.principals import Principal
 from chat.models import EndReason, MessageStatus
 from chat.ops import metrics, throttle
 from chat.ops.tasks import Background
-from chat.protocol import PostMessage
+from chat.protocol import EditMessage, PostMessage, Regenerate, Turn, branches
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import feed, framelog, lifecycle
 from chat.sessions.frames import LocalFrames
 from chat.sessions.history import Memory
+from chat.sessions.hub import Hub
 from chat.sessions.socket import SessionSocket
 from chat.turns import messages
 from chat.turns.conversation import Conversation
@@ -119,7 +118,7 @@ class Holder:
         self.conversation = Conversation(lease=self.lease, model=model, send=self.send, on_fenced=self._fenced)
         if memory is not None:
             self.conversation.system_message = memory.system_message
-            self.conversation.history = memory.history
+            self.conversation.carried = memory.history
         self.socket = socket
         self.next_seq = next_seq
         self.delivered = next_seq - 1  # the last seq that went through `send` to its socket (the log may lag)
@@ -175,7 +174,7 @@ class Holder:
         return self.conversation.streamed
 
     def answering(self) -> int | None:
-        return self.conversation.answering
+        return self.conversation.running
 
     # The socket ----------------------------------------------------------------
 
@@ -334,7 +333,7 @@ class Holder:
 
     # Turns ---------------------------------------------------------------------
 
-    async def post(self, post: PostMessage, *, tally: counters.Tally | None = None, gate: Gate | None = None) -> None:
+    async def post(self, post: Turn, *, tally: counters.Tally | None = None, gate: Gate | None = None) -> None:
         """A client posts a message: admit it (its turn's cost reserved from the session's principal, atomically
         across processes, from this conversation's prompt and the principal's output cap), then accept it into
         the conversation's queue. The reservation travels with the message: settled when its turn ends, released
@@ -344,13 +343,14 @@ class Holder:
         once the message is known not to be a duplicate and before a quota counts it."""
         conversation = self.conversation
         await conversation.refuse_duplicate(post.client_message_id)  # before a quota counts it
+        asked = _as_post(conversation, post)  # a regeneration or an edit: what its prompt will hold (or why not)
         if gate is not None:
             gate()
         reservation = await reservations.admit(
             self.principal,
             model=conversation.model,
             prompt_tokens_estimate=reservations.estimate_prompt_tokens(
-                conversation.system_message, conversation.history, post
+                conversation.system_message, conversation.history, asked
             ),
             max_output_tokens=self.principal.limits.max_output_tokens,
             tally=tally,
@@ -363,12 +363,30 @@ class Holder:
                 await self.end(None)
             raise
 
+    async def switch_branch(self, message_id: int) -> None:
+        """`chatbot_switch_branch`: the current branch becomes the one below `message_id`; every attached socket
+        is told the new leaf (refused while a turn runs or messages wait: `session_busy`)."""
+        leaf = await self.conversation.switch(message_id)
+        await self.send(branches.branch_switched(self.session_id, leaf))
+
     async def charges(self, row_ids: list[int]) -> Callable[[int], reservations.Reservation | None]:
         """What each message admitted by an earlier holder is charged to: the reservation that holder kept for it,
         adopted under this lease (settled here, once), else the session's principal, charged what its turn costs."""
         model = self.conversation.model
         adopted = await reservations.adopt(self.principal, model, self.session_id, self.lease.fence, row_ids)
         return lambda row_id: adopted.get(row_id) or reservations.charge_only(self.principal, model)
+
+
+def _as_post(conversation: Conversation, turn: Turn) -> PostMessage:
+    """A turn as the post its prompt is estimated like (checking first that the message it names may be used)."""
+    if isinstance(turn, Regenerate):
+        text = conversation.answering(turn.message_id).content
+    elif isinstance(turn, EditMessage):
+        conversation.edited(turn.message_id)
+        text = turn.user_message
+    else:
+        return turn
+    return PostMessage(session_id=turn.session_id, user_message=text, system_message=None, stream=turn.stream)
 
 
 def unavailable(why: str) -> ClientError:
@@ -426,75 +444,8 @@ async def start(
     return holder, token
 
 
-# The hub: this process's channel for the sessions it holds ------------------------
-
-
-class Hub:
-    """A channel-layer channel of this process's own, the `owner_channel` of every session it holds:
-    a detached session has no consumer to receive an operator's `session.end` or another process's
-    `resume.handover`, so this receives them for all of them."""
-
-    def __init__(self) -> None:
-        self._channel: str | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def channel(self) -> str:
-        loop = asyncio.get_running_loop()
-        if self._channel is None or self._loop is not loop or self._task is None or self._task.done():
-            name = await get_channel_layer().new_channel()
-            if self._loop is not loop or self._task is None or self._task.done():  # nobody started it meanwhile
-                self._channel, self._loop = name, loop
-                self._task = loop.create_task(self._run(name), name="r2d2-session-hub")
-        return self._channel
-
-    async def _run(self, channel: str) -> None:
-        layer = get_channel_layer()
-        while True:
-            try:
-                event = await layer.receive(channel)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("session hub receive failed", extra={"error": type(exc).__name__})
-                await asyncio.sleep(1)
-                continue
-            spawn(self._handle(event))  # a hand-over waits for turns to finish: never block the others
-
-    @staticmethod
-    async def _handle(event: dict[str, Any]) -> None:
-        session_id = uuid.UUID(event["session_id"])
-        holder = local(session_id)
-        kind = event["type"]
-        if kind == "session.end":
-            if holder is not None:
-                await holder.end(EndReason(event.get("reason", EndReason.OPERATOR)))
-        elif kind == "session.cancel":
-            cancelled = holder is not None and holder.conversation.cancel()
-            if event.get("reply_to"):
-                answer = {"type": "session.cancelled", "session_id": str(session_id), "cancelled": cancelled}
-                await get_channel_layer().send(event["reply_to"], answer)
-        elif kind == "session.fenced":
-            if holder is not None and holder.lease.fence < int(event["fence"]):
-                await holder.lose()
-        elif kind == "frames.check":
-            if holder is not None and holder.log is not None:
-                holder.log.check()  # a reader found the shared log short: it may have lost what we wrote
-        elif kind == "resume.handover":
-            if holder is not None:
-                await holder.hand_over()
-            else:
-                await lifecycle.release(session_id)  # recorded as ours, but not held here: let it go
-        elif kind in events:
-            await events[kind](holder, event)
-
-
-#: More events the hub takes for the sessions held here: `type` → handler(the holder here or None, event).
-#: chat/sessions/watch.py registers its own (a watcher's snapshot, post, leave), so the holder needs no import of it.
-events: dict[str, Callable[[Holder | None, dict[str, Any]], Awaitable[None]]] = {}
-
-
-hub = Hub()
+# This process's channel for the sessions it holds (chat/sessions/hub.py), which finds them here.
+hub = Hub(local)
 
 #: Run in the background, held until it ends, a failure logged.
 spawn = Background("session task").spawn

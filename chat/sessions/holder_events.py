@@ -15,7 +15,7 @@ from channels.layers import get_channel_layer
 
 from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError
-from chat.sessions import feed, holder
+from chat.sessions import feed, hub
 from chat.sessions.holder import Holder
 
 #: How long the asking process waits for the holder's answer (a snapshot, a post's admission).
@@ -107,4 +107,4 @@ _HANDLERS: dict[str, Callable[[Holder | None, dict[str, Any]], Any]] = {
     "watch.status": _on_status,
     "watch.replay": _on_replay,
 }
-holder.events.update(_HANDLERS)
+hub.events.update(_HANDLERS)

@@ -49,7 +49,7 @@ from channels.layers import get_channel_layer
 from chat import protocol
 from chat.accounts import auth
 from chat.accounts.principals import Principal
-from chat.models import ChatMessage, ChatSession, Role
+from chat.models import ChatSession
 from chat.ops import throttle
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import feed, framelog, holder, lifecycle, liveness
@@ -57,7 +57,6 @@ from chat.sessions.frames import first_missing
 from chat.sessions.holder import Holder, unavailable
 from chat.sessions.socket import SessionSocket
 from chat.turns import messages
-from chat.turns.messages import Lease
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +316,8 @@ async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> 
         await new.send(protocol.processing_end())
     conversation = new.conversation
     conversation.system_message = row.system_message
-    conversation.history = await _history(lease, exclude={p.row_id for p in pending})
+    nodes, anchor = await messages.tree_of(lease.session_id)
+    conversation.restore(nodes, anchor)  # the messages it is to answer wait unplaced
     conversation.requeue(pending, await new.charges([p.row_id for p in pending]))
     if pending:
         extra = {"session_id": str(lease.session_id), "count": len(pending)}
@@ -380,12 +380,6 @@ async def _forward(
 
 class _Hole(Exception):
     """The shared log lacks a frame that the client needs next."""
-
-
-async def _history(lease: Lease, *, exclude: set[int]) -> list[tuple[str, str]]:
-    """The conversation so far, as the new holder's Conversation keeps it (without the messages it is to answer)."""
-    rows = ChatMessage.objects.filter(session_id=lease.session_id, role__in=[Role.USER, Role.ASSISTANT])
-    return [(row.role, row.content) async for row in rows.order_by("created_at", "id") if row.id not in exclude]
 
 
 async def _principal_of(session: ChatSession) -> Principal:

@@ -39,6 +39,7 @@ from chat.accounts.principals import Principal
 from chat.models import ChatSession
 from chat.ops import store
 from chat.protocol import Cancel, PostMessage
+from chat.protocol import watching as watch_frames
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import feed, framelog, holder, lifecycle
 from chat.sessions.holder_events import ask, figures
@@ -83,7 +84,7 @@ class Watch:
     def begin(self, snapshot: feed.Snapshot) -> None:
         """The holder's snapshot: the socket gets it first, then what came meanwhile above it."""
         self._queue.append(
-            (snapshot.seq, protocol.session_watching(self.session_id, snapshot.messages, snapshot.partial))
+            (snapshot.seq, watch_frames.session_watching(self.session_id, snapshot.messages, snapshot.partial))
         )
         self.last = snapshot.seq
         early, self._early = self._early, []
@@ -364,7 +365,7 @@ async def unwatch(socket: WatchingSocket, session_id: uuid.UUID) -> None:
     """`chatbot_session_unwatch`: no more of its frames; answered `session_unwatched`."""
     if not unwatch_quietly(socket, session_id):
         raise ClientError(ErrorCode.SESSION_NOT_FOUND, "This connection does not watch that session.")
-    await socket.send_frame(protocol.session_unwatched(session_id))
+    await socket.send_frame(watch_frames.session_unwatched(session_id))
 
 
 def forget(socket: WatchingSocket) -> None:
@@ -420,7 +421,7 @@ async def cancel(socket: WatchingSocket, request: Cancel) -> None:
     await socket.send_frame(protocol.cancelled(request.session_id))
 
 
-async def sessions(principal: Principal) -> list[protocol.LiveSession]:
+async def sessions(principal: Principal) -> list[watch_frames.LiveSession]:
     """`chatbot_sessions`: the principal's live sessions (a person's and their keys'), newest first."""
     if principal.is_anonymous:
         return []
@@ -438,7 +439,7 @@ async def sessions(principal: Principal) -> list[protocol.LiveSession]:
     ]
     figures = await asyncio.gather(*(_status(row) for row in rows))
     return [
-        protocol.LiveSession(
+        watch_frames.LiveSession(
             session_id=row.id,
             model=row.model,
             resumable=row.is_resumable,

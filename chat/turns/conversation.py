@@ -1,8 +1,13 @@
 """One live session's turns: accepted, queued, answered one at a time, cancellable.
 
-A `Conversation` belongs to the session's holder and owns every turn from end to end: it saves
-the user's message when it is accepted, builds the prompt, calls the model, saves the reply and
-sends it. It keeps the session's history in memory (the holder is its only writer).
+A `Conversation` belongs to the holder of the session and owns every
+turn from end to end: it saves the user's message when it is accepted, builds the
+prompt, calls the model, saves the reply and sends it. It keeps the session's
+messages in memory as a tree (chat/turns/tree.py; the holder of a session is its
+only writer, so the database need not be read back each turn): the model is sent
+the path from the root to the message answered. A regeneration and an edit
+(issue 29) are turns like a post: queued, charged, fenced, resent and taken over
+the same way.
 
 A turn always ends: whatever fails after `processing_start` (the model, saving,
 encoding, sending, a bug), the client gets one `error` frame and then
@@ -18,74 +23,25 @@ import collections
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 
 from chat import llm, protocol
 from chat.models import MessageStatus, Role
 from chat.ops import metrics, storage
-from chat.protocol import PostMessage
+from chat.protocol import EditMessage, PostMessage, Regenerate, Turn, branches
 from chat.protocol.errors import ClientError, ErrorCode, storage_unavailable
 from chat.protocol.text import TextRepair
-from chat.turns import messages, prompt
+from chat.turns import messages, prompt, tree
 from chat.turns.draft import Draft
 from chat.turns.messages import Fenced, Lease
+from chat.turns.queued import Queued, Reservation
 
 logger = logging.getLogger(__name__)
 
 
-class Reservation(Protocol):
-    """What a turn holds of its principal's budget (chat/accounts/reservations.py's Reservation): a Protocol, so
-    turns does not import accounts. Exactly one of `settle_soon` (the model was called) or `release` takes effect."""
-
-    max_output_tokens: int | None
-
-    async def keep(self, session_id: uuid.UUID, fence: int, row_id: int) -> None: ...
-
-    async def cover(self, request: Sequence[dict[str, str]]) -> None: ...
-    def settle_soon(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> None: ...
-    def release(self) -> None: ...
-    def unusable(self, model: str) -> str | None: ...  # why the principal may not use a chain's alternate
-
-
 Send = Callable[[str], Awaitable[None]]
-
-
-class _Queued:
-    """A message accepted (its row saved as `accepted`) and waiting for its turn."""
-
-    __slots__ = (
-        "content",
-        "system_message",
-        "stream",
-        "row_id",
-        "started",
-        "reservation",
-        "report_model",
-        "answered_by",
-    )
-
-    def __init__(
-        self,
-        content: str,
-        system_message: str | None,
-        stream: bool,
-        row_id: int,
-        started: bool,
-        reservation: Reservation | None,
-        report_model: bool = False,
-    ) -> None:
-        self.content, self.system_message, self.stream, self.row_id = content, system_message, stream, row_id
-        self.started = started  # saved as `started` already
-        # Its quota reservation (chat/accounts/reservations.py): settled once its turn has called the model,
-        # released when it never does (refused, or the queue dropped).
-        self.reservation = reservation
-        # The client asked to be told which model answered (in processing_end); not kept in the row, so a
-        # holder that takes the session over does not tell it.
-        self.report_model = report_model
-        self.answered_by: str | None = None
 
 
 class Conversation:
@@ -94,7 +50,9 @@ class Conversation:
         "lease",
         "model",
         "system_message",
-        "history",
+        "carried",
+        "nodes",
+        "leaf",
         "on_fenced",
         "_send",
         "_pending",
@@ -118,13 +76,16 @@ class Conversation:
         self.lease = lease
         self.model = model
         self.system_message = ""
-        self.history: list[tuple[str, str]] = []
+        # A continued session's memory: the turns of the conversation it continues (their current branch).
+        self.carried: list[tuple[str, str]] = []
+        self.nodes: dict[int, tree.Node] = {}  # this session's messages, all branches
+        self.leaf: int | None = None  # the current branch's last message
         self._send = send
         self.on_fenced = on_fenced
         # Accepted messages waiting for their turn, and the task that answers them: it exists only
         # while there is work, so an idle session holds neither a task nor an asyncio.Queue
         # (about 3 KiB each, per session, with 10,000 sockets open: bench/memory.py).
-        self._pending: collections.deque[_Queued] = collections.deque()
+        self._pending: collections.deque[Queued] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
         self._in_turn = False
         self._generating = False
@@ -139,8 +100,41 @@ class Conversation:
     def session_id(self) -> uuid.UUID:
         return self.lease.session_id
 
-    async def accept(self, post: PostMessage, reservation: Reservation | None = None) -> None:
-        """Take a message: refuse it when the queue is full, else save it and queue it for the worker.
+    @property
+    def history(self) -> list[tuple[str, str]]:
+        """What the model remembers before the next post: the carried turns, then the current branch."""
+        return self.carried + tree.remembered(tree.path(self.nodes, self.leaf))
+
+    def restore(self, nodes: list[tree.Node], anchor: int | None) -> None:
+        """Take up a session's tree as the database has it (a holder that takes a session over)."""
+        self.nodes = tree.index(nodes)
+        self.leaf = tree.leaf(self.nodes, anchor)
+
+    def answering(self, message_id: int | None) -> tree.Node:
+        """The user message a regeneration answers again (ClientError says why none)."""
+        return tree.answering(self.nodes, self.leaf, message_id)
+
+    def edited(self, message_id: int) -> tree.Node:
+        """The user message an edit makes a new version of (ClientError says why none)."""
+        return tree.edited(self.nodes, message_id)
+
+    async def switch(self, message_id: int) -> int | None:
+        """Make the branch below `message_id` the current one; returns the new leaf. Refused while turns run or
+        wait (their place in the tree would change under them)."""
+        if self.busy:
+            raise ClientError(ErrorCode.SESSION_BUSY, "A turn is running or waiting in this session; switch after it.")
+        tree.placed(self.nodes, message_id)
+        try:
+            await messages.move_anchor(self.lease, message_id)
+        except Fenced:
+            self._lost()
+            raise ClientError(ErrorCode.SESSION_NOT_OWNED, "This session was resumed elsewhere.") from None
+        self.leaf = tree.leaf(self.nodes, message_id)
+        return self.leaf
+
+    async def accept(self, post: Turn, reservation: Reservation | None = None) -> None:
+        """Take a turn (a post, a regeneration, an edit): refuse it when the queue is full, else save it and
+        queue it for the worker.
 
         `reservation` (what admitting it reserved) is the turn's from here: released if refused."""
         try:
@@ -150,7 +144,7 @@ class Conversation:
                 reservation.release()
             raise
 
-    async def _accept(self, post: PostMessage, reservation: Reservation | None) -> None:
+    async def _accept(self, post: Turn, reservation: Reservation | None) -> None:
         waiting = len(self._pending)
         if waiting >= settings.R2D2_MAX_QUEUED_MESSAGES:
             raise ClientError(
@@ -160,28 +154,37 @@ class Conversation:
         # Answered at once (the usual case): saved as `started` in the same statement, no second write.
         starts_now = not self._in_turn and not self._pending
         try:
-            row_id = await messages.save_user_message(
-                self.lease,
-                content=post.user_message,
-                system_message=post.system_message,
-                client_message_id=post.client_message_id,
-                stream=post.stream,
-                started=starts_now,
-            )
+            if isinstance(post, Regenerate):
+                answering = self.answering(post.message_id)
+                row_id = await messages.save_regeneration(
+                    self.lease, answering=answering.id, model=self.model, client_message_id=post.client_message_id,
+                    stream=post.stream, started=starts_now
+                )  # fmt: skip
+                queued = Queued(answering.content, None, post.stream, row_id, starts_now, reservation)
+                queued.place(answering.id, placed=True, regenerates=True, with_ids=post.with_ids)
+            else:
+                edit = isinstance(post, EditMessage)
+                parent = self.edited(post.message_id).parent_id if edit else self.leaf
+                system_message = None if edit else post.system_message
+                row_id = await messages.save_user_message(
+                    self.lease, content=post.user_message, system_message=system_message, stream=post.stream,
+                    client_message_id=post.client_message_id, started=starts_now,
+                    parent_id=parent if edit or starts_now else None, version_of=post.message_id if edit else None
+                )  # fmt: skip
+                queued = Queued(post.user_message, system_message, post.stream, row_id, starts_now, reservation)
+                queued.place(parent, placed=edit, with_ids=post.with_ids)
         except Fenced:
             self._lost()
             raise ClientError(ErrorCode.SESSION_NOT_OWNED, "This session was resumed elsewhere.") from None
         except messages.Duplicate:
             await self.refuse_duplicate(post.client_message_id)
             raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
+        if isinstance(post, PostMessage):
+            queued.report_model = post.report_model
         if reservation is not None and not starts_now:
             # Queued: should this process die first, whoever takes the session over settles what it reserved.
             await reservation.keep(self.lease.session_id, self.lease.fence, row_id)
-        self._queue(
-            _Queued(
-                post.user_message, post.system_message, post.stream, row_id, starts_now, reservation, post.report_model
-            )
-        )
+        self._queue(queued)
 
     async def refuse_duplicate(self, client_message_id: str) -> None:
         """A resend of a message this session already has (on any socket or process): refused with
@@ -210,10 +213,15 @@ class Conversation:
         """Answer messages an earlier holder saved but did not answer, in order, as they were asked
         (`charge(row_id)`: what each turn is charged to: they were admitted when first accepted)."""
         for message in saved:
-            reservation = charge(message.row_id)
-            self._queue(_Queued(message.content, None, message.stream, message.row_id, False, reservation))
+            queued = Queued(message.content, None, message.stream, message.row_id, False, charge(message.row_id))
+            if message.role == Role.ASSISTANT and message.reply_to in self.nodes:  # a regeneration
+                queued.content = self.nodes[message.reply_to].content
+                queued.place(message.reply_to, placed=True, regenerates=True)
+            else:  # a post (no parent yet), or an edit (its parent was set when it was saved)
+                queued.place(message.parent_id, placed=message.version_of is not None)
+            self._queue(queued)
 
-    def _queue(self, item: _Queued) -> None:
+    def _queue(self, item: Queued) -> None:
         self._pending.append(item)
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name=f"conversation-{self.session_id}")
@@ -244,7 +252,7 @@ class Conversation:
         return self._generating
 
     @property
-    def answering(self) -> int | None:
+    def running(self) -> int | None:
         """The row of the message whose turn is running, if any."""
         return self._current
 
@@ -301,22 +309,36 @@ class Conversation:
             self._worker = None
             self._drop_pending()
 
-    async def _turn(self, queued: _Queued) -> None:
-        if not queued.started:
-            # Recorded before the client sees the turn start: a holder that takes the session over never
-            # answers it again, whatever becomes of this turn.
-            try:
-                await messages.set_status(self.lease, queued.row_id, MessageStatus.STARTED)
-            except Fenced:
-                self._lost()
-                return
-            except storage.Unavailable:  # down past the retry window: the model is not called
-                await self._send_quietly(protocol.processing_start())
-                return await self._storage_failed(queued)
-            except Exception as exc:  # not recorded (a bug): the turn runs all the same
-                extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
-                logger.info("turn start not recorded", extra=extra)
-        await self._send_quietly(protocol.processing_start())
+    async def _turn(self, queued: Queued) -> None:
+        if not queued.placed:
+            queued.parent = self.leaf  # a post continues the current branch as it is when its turn starts
+        status = MessageStatus.INCOMPLETE if queued.regenerates else MessageStatus.STARTED
+        try:
+            if not queued.started:
+                # Recorded before the client sees the turn start: a holder that takes the session over never
+                # answers it again, whatever becomes of this turn.
+                await messages.start_turn(self.lease, queued.row_id, parent_id=queued.parent, status=status)
+            if queued.placed:  # a new version: the current branch is now the one it starts
+                await messages.move_anchor(self.lease, queued.row_id)
+        except Fenced:
+            self._lost()
+            return
+        except storage.Unavailable:  # down past the retry window: the model is not called
+            await self._send_quietly(protocol.processing_start())
+            return await self._storage_failed(queued)
+        except ClientError:  # the session ended meanwhile: the holder finds out at its next write
+            pass
+        except Exception as exc:  # not recorded (a bug): the turn runs all the same
+            extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
+            logger.info("turn start not recorded", extra=extra)
+        role = Role.ASSISTANT if queued.regenerates else Role.USER
+        content = "" if queued.regenerates else queued.content
+        self.nodes[queued.row_id] = tree.Node(queued.row_id, queued.parent, role, content, status)
+        self.leaf = queued.row_id
+        start = protocol.processing_start()
+        if queued.with_ids:
+            start = branches.with_ids(start, message_id=queued.message_id)
+        await self._send_quietly(start)
         try:
             await self._answer(queued)
         except Fenced:
@@ -333,11 +355,14 @@ class Conversation:
             await self._mark_failed(queued.row_id)
             await self._send_quietly(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to answer; try again."))
         if queued.report_model:
-            await self._send_quietly(protocol.processing_end_with_model(queued.answered_by))
+            end = protocol.processing_end_with_model(queued.answered_by)
         else:
-            await self._send_quietly(protocol.processing_end())
+            end = protocol.processing_end()
+        if queued.with_ids:
+            end = branches.with_ids(end, message_id=queued.message_id, reply_id=queued.reply_id)
+        await self._send_quietly(end)
 
-    async def _answer(self, queued: _Queued) -> None:
+    async def _answer(self, queued: Queued) -> None:
         # Daphne (Twisted) writes a frame on the loop's next writable callback,
         # not in send(); building the model request below takes milliseconds of
         # CPU, so let processing_start leave first (two loop turns: the writer is
@@ -346,18 +371,23 @@ class Conversation:
         await asyncio.sleep(0)
         if queued.system_message is not None:
             self.system_message = queued.system_message
+        # The path to the message answered, never a sibling branch (for a regeneration: to the message it answers).
+        before = queued.parent
+        if queued.regenerates and queued.parent in self.nodes:
+            before = self.nodes[queued.parent].parent_id
         request = prompt.assemble_messages(
             system_message=self.system_message,
-            history=self.history,
+            history=self.carried + tree.remembered(tree.path(self.nodes, before)),
             user_message=queued.content,
             budget_chars=settings.R2D2_MAX_CONTEXT_CHARS,
         )
         if queued.reservation is not None:
             await queued.reservation.cover(request)  # its prompt, with the replies before it, within quota
-        before = len(self.history)
-        self.history.append((Role.USER.value, queued.content))
         reply = llm.Reply()
-        draft = Draft(self.lease, self.model, reply, queued.row_id)
+        if queued.regenerates:  # its reply row exists: the text is written into it
+            draft = Draft(self.lease, self.model, reply, queued.row_id, row_id=queued.row_id)
+        else:
+            draft = Draft(self.lease, self.model, reply, queued.row_id)
         if queued.stream:
             self._streamed = draft
         try:
@@ -365,11 +395,12 @@ class Conversation:
         except Exception as exc:
             if storage.connection_error(exc) is None:
                 raise
-            del self.history[before:]  # down past the retry window: "send it again"; saved once it is back
+            # Down past the retry window: "send it again" (the message stays the leaf, unanswered: a regenerate
+            # retries it); its state is saved once the database is back.
             storage.eventually(draft.abandon, what="failed turn")
             raise storage_unavailable() from None
 
-    async def _reply(self, queued: _Queued, request: list[dict[str, str]], reply: llm.Reply, draft: Draft) -> None:
+    async def _reply(self, queued: Queued, request: list[dict[str, str]], reply: llm.Reply, draft: Draft) -> None:
         repair = TextRepair()
         stopped: MessageStatus | None = None
         self._generating, self._stop = True, None
@@ -404,15 +435,23 @@ class Conversation:
         if stopped is not None and not draft.said:
             await messages.set_status(self.lease, queued.row_id, stopped)  # nothing was said: the turn's end
         else:
-            self.history.append((Role.ASSISTANT.value, draft.text))
             # Saved before the client sees it, so a process that dies right after
             # leaves no reply a person read but the database lacks.
-            await draft.save(stopped or MessageStatus.COMPLETE)
+            status = stopped or MessageStatus.COMPLETE
+            await draft.save(status)
+            queued.reply_id = draft.row_id
+            if draft.row_id is not None:
+                self.nodes[draft.row_id] = tree.Node(
+                    draft.row_id, queued.message_id, Role.ASSISTANT, draft.text, status
+                )
+                self.leaf = draft.row_id
         if stopped == MessageStatus.INTERRUPTED:
             raise ClientError(ErrorCode.TURN_INTERRUPTED, "This server stopped answering; send the message again.")
         if stopped is not None:
             return
         frame = protocol.message(draft.text)
+        if queued.with_ids:
+            frame = branches.with_ids(frame, reply_id=queued.reply_id)
         # Frames are ASCII (json.dumps escapes the rest), so characters are bytes.
         if len(frame) > settings.R2D2_MAX_OUTGOING_FRAME_BYTES:
             raise ClientError(
@@ -432,7 +471,7 @@ class Conversation:
             await self._send(protocol.message_delta(text))
             await draft.checkpoint()
 
-    async def _storage_failed(self, queued: _Queued) -> None:
+    async def _storage_failed(self, queued: Queued) -> None:
         """No storage past the window, before the model call: "send it again"; the message is marked failed later."""
         metrics.turn_failed(ErrorCode.STORAGE_UNAVAILABLE)
         lease, row_id, error = self.lease, queued.row_id, storage_unavailable()

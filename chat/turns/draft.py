@@ -35,14 +35,15 @@ class Draft:
     """A reply as the client has seen it, saved at the end, and while it streams at most
     R2D2_CHECKPOINT_SECONDS behind what was sent (marked incomplete until it is done)."""
 
-    def __init__(self, lease: Lease, model: str, reply: llm.Reply, reply_to: int) -> None:
+    def __init__(self, lease: Lease, model: str, reply: llm.Reply, reply_to: int, *, row_id: int | None = None) -> None:
         self.lease = lease
+        # The row a failure is recorded on: the user message, or a regeneration's own (empty) reply row.
         self.reply_to = reply_to
         self.model = model
         self.reply = reply
         self._parts: list[str] = []  # joined when saved: `+=` on a long reply copies it per chunk
         self._text = ""
-        self.row_id: int | None = None
+        self.row_id: int | None = row_id  # a regeneration's own (empty) reply row, made when it was accepted
         self._saved_chars = 0  # how much of `text` the row holds
         self._created_at: datetime | None = None  # the row's, made at its first save (found again by it)
         self._loop = asyncio.get_running_loop()

@@ -24,31 +24,31 @@ from datetime import datetime
 import psycopg
 from asgiref.sync import sync_to_async
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
 from chat.ops import storage
 from chat.protocol.errors import ClientError, ErrorCode
-from chat.turns import pgpool
+from chat.turns import pgpool, tree
 
 _MESSAGES, _SESSIONS = ChatMessage._meta.db_table, ChatSession._meta.db_table
 _HELD = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s)"
 _HELD_LIVE = f"EXISTS (SELECT 1 FROM {_SESSIONS} WHERE id = %s AND fence = %s AND ended_at IS NULL)"
 _COLUMNS = (
     "(session_id, role, content, created_at, status, model, prompt_tokens, completion_tokens, latency_ms, "
-    "reply_to_id, client_message_id, stream, requested_model)"
+    "reply_to_id, client_message_id, stream, requested_model, parent_id)"
 )
 
 # The ORM would need two round trips (a SELECT for "still ours?" then the INSERT): this is
 # the hot path of every turn, so each write is one statement that checks the fence itself.
 _INSERT_USER = (
-    f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s, '' WHERE {_HELD_LIVE} RETURNING id"
+    f"INSERT INTO {_MESSAGES} {_COLUMNS[:-1]}, version_of_id) "
+    f"SELECT %s, %s, %s, %s, %s, '', NULL, NULL, NULL, NULL, %s, %s, '', %s, %s WHERE {_HELD_LIVE} RETURNING id"
 )
 _INSERT_REPLY = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
-    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE, %s WHERE {_HELD} RETURNING id"
+    f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE, %s, %s WHERE {_HELD} RETURNING id"
 )
 # The text after the `saved` characters the row held is rewritten, so a retried append (its first
 # attempt committed just before the connection dropped) does not add the text twice.
@@ -59,6 +59,14 @@ _EXTEND_REPLY = (
 _SET_STATUS = f"UPDATE {_MESSAGES} SET status = %s WHERE id = %s AND {_HELD}"
 # An INSERT whose connection broke may have committed: before it is tried again, its row is looked for.
 _WRITTEN = f"SELECT id FROM {_MESSAGES} WHERE session_id = %s AND role = %s AND created_at = %s"
+# A turn starts: its message takes its place in the tree (a post's parent is the leaf now; an edit's was set).
+_START = f"UPDATE {_MESSAGES} SET status = %s, parent_id = COALESCE(parent_id, %s) WHERE id = %s AND {_HELD}"
+# A regeneration waits as an empty reply row (so that it is queued, resent and taken over as a post is).
+_INSERT_REGENERATION = (
+    f"INSERT INTO {_MESSAGES} {_COLUMNS} "
+    f"SELECT %s, %s, '', %s, %s, %s, NULL, NULL, NULL, %s, %s, %s, '', %s WHERE {_HELD_LIVE} RETURNING id"
+)
+_MOVE_ANCHOR = f"UPDATE {_SESSIONS} SET branch_anchor = %s WHERE id = %s AND fence = %s AND ended_at IS NULL"
 
 
 class Fenced(Exception):
@@ -140,16 +148,20 @@ async def save_user_message(
     client_message_id: str = "",
     stream: bool = False,
     started: bool = False,
+    parent_id: int | None = None,
+    version_of: int | None = None,
 ) -> int:
     """Save the user's message as `accepted` (`started` when its turn begins at once), and a changed
     system message, before the model is called; returns its row id. Raises ClientError(session_ended)
-    when the session is over, `Fenced` when it is no longer this holder's."""
+    when the session is over, `Fenced` when it is no longer this holder's. `parent_id`: its place in the
+    tree when known now (a turn starting at once, an edit); else its turn's start sets it. `version_of`: the
+    message an edit is a new version of."""
     try:
         if system_message is None:
             status = MessageStatus.STARTED if started else MessageStatus.ACCEPTED
             now = timezone.now()
             params = (lease.session_id, Role.USER.value, content, now, status.value)
-            params += (client_message_id, stream, lease.session_id, lease.fence)
+            params += (client_message_id, stream, parent_id, version_of, lease.session_id, lease.fence)
             row_id = await _run(_INSERT_USER, params, returning=True, written=(lease.session_id, Role.USER.value, now))
         else:
             since = timezone.now()
@@ -163,7 +175,7 @@ async def save_user_message(
                 row = await rows.values_list("id", flat=True).afirst()
                 return row is not None, row
 
-            call = lambda: save(lease, content, system_message, client_message_id, stream, started)  # noqa: E731
+            call = lambda: save(lease, content, system_message, client_message_id, stream, started, parent_id)  # noqa: E731
             row_id = await storage.retry(call, recover=recover)
     except (IntegrityError, psycopg.errors.UniqueViolation):
         # Two resends raced past `original()`: the unique index on (session, client_message_id) decides.
@@ -174,7 +186,13 @@ async def save_user_message(
 
 
 def _save_with_system_message(
-    lease: Lease, content: str, system_message: str, client_message_id: str, stream: bool, started: bool
+    lease: Lease,
+    content: str,
+    system_message: str,
+    client_message_id: str,
+    stream: bool,
+    started: bool,
+    parent_id: int | None,
 ) -> int | None:
     held = ChatSession.objects.live().filter(id=lease.session_id, fence=lease.fence)
     with transaction.atomic():
@@ -188,6 +206,7 @@ def _save_with_system_message(
             status=MessageStatus.STARTED if started else MessageStatus.ACCEPTED,
             client_message_id=client_message_id,
             stream=stream,
+            parent_id=parent_id,
         )
         return row.id
 
@@ -211,7 +230,7 @@ async def save_reply(
     unanswered is found."""
     now = created_at or timezone.now()
     params = (lease.session_id, Role.ASSISTANT.value, content, now, status.value, model)
-    usage = (prompt_tokens, completion_tokens, latency_ms, reply_to, requested_model)
+    usage = (prompt_tokens, completion_tokens, latency_ms, reply_to, requested_model, reply_to)  # parent: its message
     written = (lease.session_id, Role.ASSISTANT.value, now)
     row_id = await _run(
         _INSERT_REPLY, (*params, *usage, lease.session_id, lease.fence), returning=True, written=written
@@ -257,6 +276,45 @@ async def written(session_id: uuid.UUID, role: Role, created_at: datetime) -> in
     before it said so, and the retries ran out of time)."""
     row_id = await _run(_WRITTEN, (session_id, role.value, created_at), returning=True)
     return int(row_id) if row_id is not None else None
+async def start_turn(lease: Lease, row_id: int, *, parent_id: int | None, status: MessageStatus) -> None:
+    """A waiting message's turn begins: recorded as `status` (a user message `started`, a regeneration
+    `incomplete`), and placed in the tree under `parent_id` unless it was placed when saved (an edit)."""
+    if not await _run(_START, (status.value, parent_id, row_id, lease.session_id, lease.fence), returning=False):
+        raise Fenced()
+
+
+async def save_regeneration(
+    lease: Lease, *, answering: int, model: str, client_message_id: str = "", stream: bool = False, started: bool
+) -> int:
+    """A regeneration accepted: an empty reply to `answering`, its sibling replies' new version, `accepted` until
+    its turn starts (`incomplete` when it starts at once); its turn writes the text into it. Returns its id."""
+    status = MessageStatus.INCOMPLETE if started else MessageStatus.ACCEPTED
+    params = (lease.session_id, Role.ASSISTANT.value, timezone.now(), status.value, model, answering)
+    params += (client_message_id, stream, answering, lease.session_id, lease.fence)
+    try:
+        row_id = await _run(_INSERT_REGENERATION, params, returning=True)
+    except (IntegrityError, psycopg.errors.UniqueViolation):
+        raise Duplicate() from None
+    if row_id is None:
+        raise await _why_not(lease)
+    return int(row_id)
+
+
+async def move_anchor(lease: Lease, message_id: int | None) -> None:
+    """The current branch is now the one below `message_id` (chat/turns/tree.py)."""
+    if not await _run(_MOVE_ANCHOR, (message_id, lease.session_id, lease.fence), returning=False):
+        raise await _why_not(lease)
+
+
+def _tree_of(session_id: uuid.UUID) -> tuple[list[tree.Node], int | None]:
+    anchor = ChatSession.objects.filter(id=session_id).values_list("branch_anchor", flat=True).first()
+    rows = ChatMessage.objects.filter(session_id=session_id).exclude(role=Role.SYSTEM).order_by("id")
+    fields = ("id", "parent_id", "role", "content", "status")
+    return [tree.Node(*row) for row in rows.values_list(*fields)], anchor
+
+
+#: A session's messages as tree nodes and its branch anchor: one query for all its messages, whatever their number.
+tree_of = sync_to_async(_tree_of)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,9 +329,12 @@ class Original:
 async def original(session_id: uuid.UUID, client_message_id: str) -> Original | None:
     """The session's message with that `client_message_id`, if any: one lookup on a unique index."""
     rows = ChatMessage.objects.filter(session_id=session_id, client_message_id=client_message_id)
-    row = await storage.retry(rows.values("id", "status").afirst)
+    row = await storage.retry(rows.values("id", "status", "role").afirst)
     if row is None:
         return None
+    if row["role"] == Role.ASSISTANT:  # a regeneration: its own row is the reply
+        waiting = row["status"] == MessageStatus.ACCEPTED
+        return Original(row["id"], row["status"], None if waiting else row["status"])
     replies = ChatMessage.objects.filter(reply_to_id=row["id"]).order_by("-id").values("status")
     reply = await storage.retry(replies.afirst)
     return Original(row["id"], row["status"], reply["status"] if reply else None)
@@ -289,6 +350,10 @@ class Unanswered:
     row_id: int
     content: str
     stream: bool
+    role: str = Role.USER.value  # an assistant row is a regeneration of the reply to `reply_to`
+    parent_id: int | None = None  # set for an edit, and for a regeneration
+    reply_to: int | None = None
+    version_of: int | None = None  # an edit: the message it is a new version of
 
 
 async def interrupt_open_turns(lease: Lease) -> None:
@@ -310,13 +375,16 @@ async def interrupt_open_turns(lease: Lease) -> None:
 
 
 async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
-    """The session's user messages still waiting (`accepted`, never started), oldest first."""
+    """The session's user messages and regenerations still waiting (`accepted`, never started), oldest first."""
     replies = ChatMessage.objects.filter(reply_to=OuterRef("pk"))
-    rows = ChatMessage.objects.filter(session_id=session_id, role=Role.USER, status=MessageStatus.ACCEPTED).filter(
-        ~Exists(replies)
+    rows = ChatMessage.objects.filter(session_id=session_id, status=MessageStatus.ACCEPTED).filter(
+        (Q(role=Role.USER) & ~Exists(replies)) | Q(role=Role.ASSISTANT)
     )
 
     async def read() -> list[Unanswered]:
-        return [Unanswered(row_id=r.id, content=r.content, stream=r.stream) async for r in rows.order_by("id")]
+        return [
+            Unanswered(r.id, r.content, r.stream, r.role, r.parent_id, r.reply_to_id, r.version_of_id)
+            async for r in rows.order_by("id")
+        ]
 
     return await storage.retry(read)

@@ -25,6 +25,8 @@ def as_dict(session: ChatSession, messages: Iterable[ChatMessage]) -> dict[str, 
         "client_address": session.client_address,
         "messages": [
             {
+                "id": m.id,
+                "parent_id": m.parent_id,  # messages form a tree: regenerated and edited versions are siblings
                 "role": m.role,
                 "content": m.content,
                 "time": _iso(m.created_at),
@@ -53,7 +55,8 @@ def _one_line(value: object) -> str:
 
 
 def as_markdown(session: ChatSession, messages: Iterable[ChatMessage]) -> str:
-    """A readable transcript: a header with the session's facts, then one section per message."""
+    """A readable transcript: a header with the session's facts, then one section per message (the current
+    branch, as chat/sessions/history.py's `messages_of_session` gives it, marks where other versions exist)."""
     lines = [
         f"# R2D2 session {session.id}",
         "",
@@ -74,5 +77,7 @@ def as_markdown(session: ChatSession, messages: Iterable[ChatMessage]) -> str:
             facts.append(f"{m.latency_ms} ms")
         if m.status != MessageStatus.COMPLETE:
             facts.append(m.get_status_display().lower())
+        if getattr(m, "other_versions", False):
+            facts.append("other versions exist")
         lines += ["", f"### {m.get_role_display()} ({', '.join(facts)})", "", *_fenced(m.content)]
     return "\n".join(lines) + "\n"

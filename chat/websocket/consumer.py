@@ -27,16 +27,22 @@ from chat.models import ChatSession, EndReason
 from chat.ops import metrics, storage, throttle
 from chat.protocol import (
     Cancel,
+    EditMessage,
+    History,
     ListModels,
     ListSessions,
     PostMessage,
+    Regenerate,
     Request,
     Resume,
     SessionEnd,
     SessionStart,
+    SwitchBranch,
+    Turn,
     Unwatch,
     Usage,
     Watch,
+    watching,
 )
 from chat.protocol.errors import ClientError, ErrorCode, storage_unavailable
 from chat.sessions import drain, history, holder, lifecycle, resume, watch
@@ -211,17 +217,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
         else:
             await self.send_frame(protocol.session_start(started.session_id))
 
-    async def post_message(self, request: PostMessage) -> None:
+    async def post_message(self, request: Turn) -> None:
         drain.refuse_if_draining()  # first: a session this process just released is not "another's"
         if request.session_id in self.taking_over:
             self.taking_over[request.session_id][1].append(request)  # posted once it is held here, in order
             return
-        if request.session_id not in self.sessions and watch.watched_by(self, request.session_id):
+        watching = request.session_id not in self.sessions and watch.watched_by(self, request.session_id)
+        if watching and isinstance(request, PostMessage):  # (a regeneration or an edit: from the holder's socket)
             await self.still_authorized()
             return await watch.post(self, request)  # into a session this socket watches, held elsewhere
         await self.post_held(request)
 
-    async def post_held(self, request: PostMessage) -> None:
+    async def post_held(self, request: Turn) -> None:
         held = await self.held(request.session_id)
         await self.still_authorized()
         # Nothing reaches the model over a quota: the holder admits the message, then accepts it.
@@ -299,7 +306,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await watch.unwatch(self, request.session_id)
 
     async def list_sessions(self, request: ListSessions) -> None:
-        await self.send_frame(protocol.sessions(await watch.sessions(self.principal)))
+        await self.send_frame(watching.sessions(await watch.sessions(self.principal)))
+    async def read_history(self, request: History) -> None:
+        """Every message of a session, all branches: its principal's (or, anonymous, this socket's) live or ended."""
+        mine = self.sessions.keys() | self.taking_over.keys()  # resumed here: held, or being taken over
+        frame = await history.tree_frame(request.session_id, lambda s: s.id in mine or self.principal.owns(s))
+        await self.send_frame(frame)
+
+    async def switch_branch(self, request: SwitchBranch) -> None:
+        await (await self.held(request.session_id)).switch_branch(request.message_id)
 
     async def unhandled(self, request: Request) -> None:
         raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
@@ -316,6 +331,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         Watch: watch_session,
         Unwatch: unwatch_session,
         ListSessions: list_sessions,
+        History: read_history,
+        Regenerate: post_message,  # a turn like a post: admitted, charged, queued the same way
+        EditMessage: post_message,
+        SwitchBranch: switch_branch,
     }
 
     # Channel-layer events --------------------------------------------------

@@ -193,6 +193,8 @@ def test_exports_json_and_markdown(admin_client):
         ("assistant", "answer 0"),
     ]
     assert data["messages"][2] | {"time": None} == {
+        "id": data["messages"][2]["id"],
+        "parent_id": None,  # every message of every branch, with its parent (none here: rows made by hand)
         "role": "assistant",
         "content": "answer 0",
         "time": None,

@@ -55,7 +55,7 @@ def test_every_end_reason_is_documented():
 
 
 def test_every_action_is_documented_and_examples_validate():
-    """The ten actions are there, and each message's examples match its own payload schema."""
+    """The fourteen actions are there, and each message's examples match its own payload schema."""
     messages = document()["components"]["messages"]
     actions = {m["name"] for m in messages.values() if "action" in m["payload"].get("properties", {})}
     assert actions == {
@@ -69,6 +69,10 @@ def test_every_action_is_documented_and_examples_validate():
         "chatbot_session_watch",
         "chatbot_session_unwatch",
         "chatbot_sessions",
+        "chatbot_history",
+        "chatbot_regenerate",
+        "chatbot_edit_message",
+        "chatbot_switch_branch",
     }
     for message_id, message in messages.items():
         check = validator(f"/components/messages/{message_id}/payload")
@@ -90,6 +94,8 @@ def test_every_action_is_documented_and_examples_validate():
         "sessionWatching",
         "sessionUnwatched",
         "sessions",
+        "history",
+        "branchSwitched",
         "error",
     }
 
@@ -166,6 +172,9 @@ async def test_a_live_conversation_sends_every_documented_frame(daphne, fake_llm
     ]:
         [frame] = await exchange(refused)
         assert frame["type"] == "error", refused
+    [history] = await exchange({"action": "chatbot_history", "session_id": session_id})
+    first = history["data"]["messages"][0]["id"]
+    await exchange({"action": "chatbot_switch_branch", "session_id": session_id, "message_id": first})
     await exchange({"action": "chatbot_session_end", "session_id": session_id})
     await client.close()
 

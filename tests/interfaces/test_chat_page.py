@@ -132,6 +132,46 @@ def test_chat_in_a_real_browser(browser_page, daphne, fake_llm):
     page.screenshot(path=str(ARTIFACTS / "chat-page-reconnected.png"), full_page=True)
 
 
+def test_regenerate_edit_versions_and_reload_in_a_real_browser(browser_page, daphne, fake_llm):
+    """↻ regenerates a reply, ‹ › moves between its versions, ✎ edits a message in place, and a reload shows the
+    same branch, rebuilt from the session's history."""
+    page = browser_page
+    page.goto(daphne.http_url + "/")
+    expect(page.locator("#connection")).to_have_text("Connected")
+    page.click("#start")
+    expect(page.locator("#session-bar")).to_be_visible()
+    fake_llm.enqueue(Script(text="First answer"), Script(text="Second answer"), Script(text="Edited answer"))
+    page.fill("#input", "one")
+    page.keyboard.press("Enter")
+    reply = page.locator(".msg-assistant .text")
+    expect(reply).to_have_text("First answer")
+
+    page.get_by_role("button", name="Regenerate this reply").click()
+    expect(reply).to_have_text("Second answer")
+    expect(page.locator(".msg-assistant + .controls .version")).to_have_text("2/2")
+    page.get_by_role("button", name="Previous version").click()
+    expect(reply).to_have_text("First answer")
+    expect(page.locator(".msg-assistant + .controls .version")).to_have_text("1/2")
+
+    page.get_by_role("button", name="Edit this message").click()
+    page.fill(".msg-user textarea.edit", "one, edited")
+    page.keyboard.press("Enter")
+    expect(reply).to_have_text("Edited answer")
+    expect(page.locator(".msg-user .text")).to_have_text("one, edited")
+    expect(page.locator(".msg-user + .controls .version")).to_have_text("2/2")
+    assert [[m["content"] for m in r.messages] for r in fake_llm.requests] == [["one"], ["one"], ["one, edited"]]
+
+    page.reload()
+    expect(page.locator("#connection")).to_have_text("Connected")
+    expect(page.locator(".msg-user .text")).to_have_text("one, edited")
+    expect(reply).to_have_text("Edited answer")
+    expect(page.locator(".msg-user + .controls .version")).to_have_text("2/2")
+    page.get_by_role("button", name="Previous version").first.click()  # the user message's first version
+    expect(page.locator(".msg-user .text")).to_have_text("one")
+    expect(reply).to_have_text("Second answer")  # a switch goes to the newest message below the one chosen
+    page.screenshot(path=str(ARTIFACTS / "chat-page-branches.png"), full_page=True)
+
+
 def test_errors_from_the_server_are_shown(browser_page, daphne_factory):
     """Refusals (a model outside the allow-list, a rate limit) appear with the server's sentence; the page recovers."""
     server = daphne_factory(R2D2_ALLOWED_MODELS="gpt-4o-mini,gpt-4o", R2D2_RATE_LIMIT_PER_MINUTE="1")

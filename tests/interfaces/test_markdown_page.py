@@ -263,7 +263,8 @@ def test_hostile_replies_stay_inert(browser_page, daphne, fake_llm):
         "<script>window.__pwned=2;alert(2)</script> a script"
     )
     dangerous = "script, iframe, object, embed, svg, form, button:not(.copy-code), style, img, [style], [aria-live]"
-    assert log.locator(f".msg-assistant {dangerous}").count() == 0
+    # Inside the replies' rendered text (the page's own controls, ↻ and ‹ ›, sit beside each message).
+    assert log.locator(", ".join(f".msg-assistant .text {tag}" for tag in dangerous.split(", "))).count() == 0
     assert log.locator(".msg-assistant .msg-error").count() == 0  # no dressing up as the page's own error box
     handlers = page.evaluate(
         "Array.from(document.querySelectorAll('#log *')).flatMap("

@@ -51,6 +51,28 @@ def test_piped_input_gets_one_reply_per_line(daphne, fake_llm):
     assert session.model == "gpt-4o-mini" and session.end_reason == EndReason.CLIENT
 
 
+def test_regenerate_edit_and_history_from_the_terminal(daphne, fake_llm):
+    """/regenerate asks for another version of the last reply, /edit sends a new version of the last message (its
+    path is only what came before it), /history prints the current branch with [n/m] where versions exist."""
+    fake_llm.enqueue(Script(text="A1"), Script(text="B1"), Script(text="B2"), Script(text="C1"))
+    result = run_chat(daphne.url, "first\nsecond\n/regenerate\n/edit second, edited\n/history\n")
+    assert result.returncode == 0, result.stderr
+    assert [[m["content"] for m in r.messages] for r in fake_llm.requests] == [
+        ["first"],
+        ["first", "A1", "second"],
+        ["first", "A1", "second"],
+        ["first", "A1", "second, edited"],
+    ]
+    replies, history = result.stdout.split("\n")[:4], result.stdout.split("\n")[4:-1]
+    assert replies == ["A1", "B1", "B2", "C1"]
+    assert [line.split(" ", 1)[1] for line in history] == [
+        "you> first",
+        "r2d2> A1",
+        "[2/2] you> second, edited",
+        "r2d2> C1",
+    ]
+
+
 def test_no_stream_and_errors_reported_without_stopping(daphne, fake_llm):
     """With --no-stream the server answers whole; an upstream error goes to stderr and the next line still runs."""
     fake_llm.enqueue(Script(status=401), Script(text="Still here."))

@@ -11,7 +11,9 @@ everything else (banner, errors, notices) to stderr, so scripts read only answer
 `--usage` prints the server's `usage` frame (what this key or connection used, against
 its limits) and exits. `--follow <session_id>` watches a running session of the same
 principal (another device's): its replies are printed as they are written, until the
-session ends or Ctrl-C.
+session ends or Ctrl-C. In the conversation, `/regenerate` asks for another
+version of the last reply, `/edit <text>` sends a new version of the last message, and `/history` prints the
+current branch (each message with its id, and `[2/3]` where it has other versions).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class TerminalChat:
         # dropped, so each is sent again, with the same client_message_id, after a resume (answered once).
         self.unstarted: list[dict[str, Any]] = []
         self.connected = asyncio.Event()
+        self.last_user_id: int | None = None  # the message the last turn answered (its frames carry ids)
 
     async def run(self) -> int:
         self.ws = await self.open()
@@ -168,22 +171,51 @@ class TerminalChat:
             text = line.rstrip("\n")
             if not text.strip():
                 continue
-            post = {
-                "action": "chatbot_post_message",
-                "session_id": self.session_id,
-                "user_message": text,
-                "stream": self.stream,
-                "client_message_id": str(uuid.uuid4()),
-            }
-            if system:
+            post = self.command(text)
+            if post is None:
+                continue
+            if system and post["action"] == "chatbot_post_message":
                 post["system_message"], system = system, None
             self.turn_done.clear()
             self.awaiting, self.streamed, self.stopping = True, False, False
-            await self.post(post)
+            if post["action"] == "chatbot_history":
+                await self.send(post)
+            else:
+                await self.post(post)
             await _first(self.turn_done.wait(), self.ended.wait())
         loop.remove_signal_handler(signal.SIGINT)
         reader.cancel()
         return 1 if self.lost else 0
+
+    def command(self, text: str) -> dict[str, Any] | None:
+        """The frame a line asks for: a post, or a `/regenerate`, `/edit <text>` or `/history` (None: nothing)."""
+        turn = {"session_id": self.session_id, "stream": self.stream, "client_message_id": str(uuid.uuid4())}
+        turn["with_ids"] = True  # so that `/edit` knows the last message's id
+        word, _, rest = text.partition(" ")
+        if word == "/history":
+            return {"action": "chatbot_history", "session_id": self.session_id}
+        if word == "/regenerate":
+            return {"action": "chatbot_regenerate", **turn}
+        if word == "/edit":
+            if self.last_user_id is None or not rest.strip():
+                self.note("/edit <text> sends a new version of your last message (send one first).")
+                return None
+            return {"action": "chatbot_edit_message", "message_id": self.last_user_id, "user_message": rest, **turn}
+        return {"action": "chatbot_post_message", "user_message": text, **turn}
+
+    def show_history(self, data: dict[str, Any]) -> None:
+        """`/history`: the current branch, root first; `[2/3]` marks a message with other versions."""
+        messages = {m["id"]: m for m in data["messages"]}
+        branch, current = [], data["leaf_id"]
+        while current is not None and current in messages:
+            branch.append(messages[current])
+            current = messages[current]["parent_id"]
+        for m in reversed(branch):
+            versions = [o["id"] for o in data["messages"] if (o["parent_id"], o["role"]) == (m["parent_id"], m["role"])]
+            mark = f" [{versions.index(m['id']) + 1}/{len(versions)}]" if len(versions) > 1 else ""
+            who = "you" if m["role"] == "user" else "r2d2"
+            self.out(f"#{m['id']}{mark} {who}> {m['content']}\n")
+        self.finish_turn()
 
     # Frames ------------------------------------------------------------------
 
@@ -254,6 +286,7 @@ class TerminalChat:
             self.resume_token = data.get("resume_token")
             self.started.set()
         elif kind == "processing_start":
+            self.last_user_id = frame.get("message_id", self.last_user_id)
             if self.unstarted:
                 self.unstarted.pop(0)  # answered in order: the oldest message sent is being answered
             self.in_turn = True
@@ -289,6 +322,8 @@ class TerminalChat:
                 self.finish_turn()  # refused before the turn began: nothing more will come for it
             if self.session_id is None:
                 self.ended.set()  # the session could not start
+        elif kind == "history":
+            self.show_history(data)
         elif kind == "session_end":
             self.unstarted.clear()
             if isinstance(data, dict) and data.get("reason"):

@@ -36,7 +36,11 @@
     // Following a session another tab or device holds (chatbot_session_watch): its frames stream here too,
     // and this page may post into it and stop it.
     watching: false,
+    // The session's messages as a tree (the "history" frame): the log shows its current branch, each message
+    // with ↻ (a reply: regenerate), ✎ (a message: edit in place) and ‹ 2/3 › (move between its versions).
+    tree: null, branchEl: null,
   };
+  const SAVED = "r2d2-session";  // sessionStorage: a reload resumes the session and rebuilds it from its history
 
   // Connection -----------------------------------------------------------------
 
@@ -117,6 +121,7 @@
       // A resumed session replays from the last seq this page had: skip anything older, or another session's.
       if (frame.session_id !== state.sessionId || frame.seq <= state.lastSeq) return;
       state.lastSeq = frame.seq;
+      save();
     }
     switch (frame.type) {
       case "session_resumed":
@@ -124,6 +129,7 @@
         notice("info", "Reconnected.", "connection");
         // A resend the server already has is refused (duplicate_message) and its frames come by replay or live.
         for (const post of state.unstarted) send(post);
+        askHistory();  // after a reload, the conversation is rebuilt from it
         break;
       case "session_start":
         state.starting = false;
@@ -138,6 +144,8 @@
         if (state.continuing) showEarlier(state.continuing);
         state.continuing = null;
         note(state.pendingSystem ? `Session started. System message: “${state.pendingSystem}”` : "Session started. Say hello.");
+        newBranch();
+        save();
         els.input.focus();
         break;
       case "processing_start":
@@ -163,6 +171,16 @@
       case "processing_end":
         finishReply();
         askUsage();
+        askHistory();
+        break;
+      case "history":
+        if (data.session_id === state.sessionId) {
+          state.tree = data;
+          renderBranch();
+        }
+        break;
+      case "branch_switched":
+        askHistory();
         break;
       case "error":
         state.starting = false;
@@ -354,11 +372,150 @@
 
   function endSessionLocally() {
     state.watching = false;
+    sessionStorage.removeItem(SAVED);
+    state.tree = null;
     state.sessionId = null;
     state.pendingSystem = null;
     state.resumeToken = null;
     state.lastSeq = 0;
     state.unstarted = [];
+  }
+
+  function save() {
+    if (state.sessionId && state.resumeToken) {
+      const saved = { sessionId: state.sessionId, resumeToken: state.resumeToken, lastSeq: state.lastSeq,
+        model: els.sessionModel.textContent };
+      sessionStorage.setItem(SAVED, JSON.stringify(saved));
+    }
+  }
+
+  function restore() {
+    let saved = null;
+    try { saved = JSON.parse(sessionStorage.getItem(SAVED) || "null"); } catch { saved = null; }
+    if (!saved || !saved.sessionId || !saved.resumeToken) return;
+    state.sessionId = saved.sessionId;
+    state.resumeToken = saved.resumeToken;
+    state.lastSeq = saved.lastSeq || 0;
+    els.sessionId.textContent = saved.sessionId;
+    els.sessionModel.textContent = saved.model || config.defaultModel;
+    newBranch();
+  }
+
+  // Branches (regenerate, edit, versions) -------------------------------------------
+
+  function newBranch() {
+    state.branchEl = document.createElement("div");
+    state.branchEl.id = "branch";
+    els.log.append(state.branchEl);
+  }
+
+  function askHistory() {
+    if (state.sessionId && state.connected) send({ action: "chatbot_history", session_id: state.sessionId });
+  }
+
+  // A turn asked for by a control: sent like a post (kept until it starts, resent after a resume). What it
+  // replaces (`from` on: the reply regenerated, or what followed the message edited) leaves the branch shown.
+  function turn(frame, from) {
+    if (!state.sessionId || state.generating) return;
+    while (from) {
+      const next = from.nextElementSibling;
+      from.remove();
+      from = next;
+    }
+    Object.assign(frame, { session_id: state.sessionId, stream: true, client_message_id: newMessageId() });
+    send(frame);
+    state.unstarted.push(frame);
+    state.generating = true;
+    render();
+  }
+
+  function renderBranch() {
+    const tree = state.tree;
+    if (!tree || !state.branchEl) return;
+    const byId = new Map(tree.messages.map((m) => [m.id, m]));
+    const path = [];
+    for (let m = byId.get(tree.leaf_id); m; m = byId.get(m.parent_id)) path.unshift(m);
+    // The bubbles of the turn just shown live become the end of the branch as they are (a reply is not rendered
+    // twice); anything else is replaced by the branch as the server has it.
+    let lives = [...els.log.querySelectorAll(".msg.live")];
+    const tail = path.slice(path.length - lives.length);
+    if (!lives.length || tail.length !== lives.length || tail.some((m, i) => !lives[i].classList.contains(`msg-${m.role}`))) {
+      for (const live of lives) live.remove();
+      lives = [];
+    }
+    state.branchEl.replaceChildren();
+    path.forEach((m, at) => {
+      const live = at >= path.length - lives.length ? lives[at - (path.length - lives.length)] : null;
+      let item = live;
+      if (live) {
+        live.classList.remove("live");
+        state.branchEl.append(live);
+      } else {
+        item = bubble(m.role, m.role === "assistant" ? "" : m.content, state.branchEl);
+        if (m.role === "assistant") R2D2Markdown.render(item.querySelector(".text"), m.content);
+      }
+      item.dataset.id = m.id;
+      if (!live && m.role === "assistant" && !m.content) item.querySelector(".text").textContent = `(no reply: ${m.status})`;
+      if (m.role === "assistant" && (m.status === "cancelled" || m.status === "interrupted")) {
+        item.classList.add("stopped");
+        item.querySelector(".meta").textContent = `R2D2 · ${m.status === "cancelled" ? "stopped" : "interrupted"}`;
+      }
+      const controls = document.createElement("div");
+      controls.className = "controls";
+      const versions = tree.messages.filter((o) => o.parent_id === m.parent_id && o.role === m.role && o.status !== "accepted");
+      if (versions.length > 1) {
+        const at = versions.findIndex((o) => o.id === m.id);
+        const move = (to, label, name) => control(label, name, to === undefined, () => {
+          send({ action: "chatbot_switch_branch", session_id: state.sessionId, message_id: to.id });
+        });
+        const count = document.createElement("span");
+        count.className = "version";
+        count.textContent = `${at + 1}/${versions.length}`;
+        controls.append(move(versions[at - 1], "‹", "Previous version"), count, move(versions[at + 1], "›", "Next version"));
+      }
+      if (m.role === "assistant") {
+        controls.append(control("↻", "Regenerate this reply", false, () => turn({ action: "chatbot_regenerate", message_id: m.id }, item)));
+      } else {
+        controls.append(control("✎", "Edit this message", false, () => edit(item, m)));
+      }
+      item.after(controls);  // beside the message, not in it: a reply's own content has no buttons
+    });
+    scrollDown();
+  }
+
+  function control(label, title, disabled, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "control";
+    button.textContent = label;
+    button.title = title;
+    button.setAttribute("aria-label", title);
+    button.disabled = disabled;
+    button.addEventListener("click", () => { if (!state.generating) onClick(); });
+    return button;
+  }
+
+  // ✎: the message becomes a text box where it stands; Enter (or Send) sends the new version, Esc keeps the old.
+  function edit(item, m) {
+    if (state.generating || item.querySelector("textarea")) return;
+    const text = item.querySelector(".text");
+    const box = document.createElement("textarea");
+    box.className = "edit";
+    box.value = m.content;
+    text.replaceWith(box);
+    box.focus();
+    box.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.stopPropagation();
+        box.replaceWith(text);
+      } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        if (!box.value.trim()) return;
+        text.textContent = box.value;
+        box.replaceWith(text);
+        turn({ action: "chatbot_edit_message", message_id: m.id, user_message: text.textContent }, item.nextElementSibling);  // its controls on
+      }
+    });
   }
 
   // Actions --------------------------------------------------------------------
@@ -455,7 +612,7 @@
     els.connection.textContent = text;
   }
 
-  function bubble(role, text) {
+  function bubble(role, text, into) {
     const item = document.createElement("article");
     item.className = `msg msg-${role}`;
     const meta = document.createElement("div");
@@ -466,7 +623,12 @@
     body.className = role === "assistant" ? "text md" : "text";
     body.textContent = text;
     item.append(meta, body);
-    els.log.append(item);
+    if (into) {
+      into.append(item);
+    } else {
+      item.classList.add("live");  // shown as it happens; the branch from the server replaces it
+      els.log.append(item);
+    }
     scrollDown();
     return item;
   }
@@ -474,7 +636,7 @@
   // The continued conversation's turns, shown as they were (the server gives the model the same).
   function showEarlier(earlier) {
     for (const m of earlier.messages) {
-      const item = bubble(m.role, m.role === "assistant" ? "" : m.content);
+      const item = bubble(m.role, m.role === "assistant" ? "" : m.content, els.log);
       item.classList.add("earlier");
       if (m.role === "assistant") R2D2Markdown.render(item.querySelector(".text"), m.content);
     }
@@ -531,6 +693,7 @@
   }
 
   if (state.continueFrom && els.model.tagName === "INPUT") els.model.value = state.continueFrom.model;
+  restore();
   R2D2Markdown.enableCopyButtons(els.log);
   render();
   connect();

@@ -6,7 +6,7 @@ import uuid
 import pytest
 
 from chat import protocol
-from chat.protocol import PostMessage, SessionStart
+from chat.protocol import PostMessage, SessionStart, watching
 from chat.protocol.errors import ClientError, ErrorCode
 
 SID = "41eb27a0-d382-40c4-ad38-fbd1cb629b7f"
@@ -123,16 +123,16 @@ def test_watch_actions_parse_and_their_answers_match_the_document():
     assert code_of({"action": "chatbot_session_watch"}) == ErrorCode.MISSING_SESSION_ID
     assert code_of({"action": "chatbot_session_watch", "session_id": "x"}) == ErrorCode.INVALID_SESSION_ID
     messages = [{"role": "user", "content": "hi", "status": "started"}]
-    watching = protocol.session_watching(uuid.UUID(SID), messages, "Hel")
-    assert json.loads(watching) == {
+    snapshot = watching.session_watching(uuid.UUID(SID), messages, "Hel")
+    assert json.loads(snapshot) == {
         "type": "session_watching",
         "data": {"session_id": SID, "messages": messages, "partial": "Hel"},
     }
-    assert match_frame(watching) == "sessionWatching"
-    assert match_frame(protocol.session_unwatched(uuid.UUID(SID))) == "sessionUnwatched"
+    assert match_frame(snapshot) == "sessionWatching"
+    assert match_frame(watching.session_unwatched(uuid.UUID(SID))) == "sessionUnwatched"
     moment = datetime(2026, 12, 6, 7, 0, tzinfo=UTC)
-    live = protocol.LiveSession(uuid.UUID(SID), "gpt-4o-mini", True, False, 2, moment, moment)
-    listed = protocol.sessions([live])
+    live = watching.LiveSession(uuid.UUID(SID), "gpt-4o-mini", True, False, 2, moment, moment)
+    listed = watching.sessions([live])
     assert json.loads(listed)["data"][0]["started_at"] == "2026-12-06T07:00:00Z"
     assert match_frame(listed) == "sessions"
     # A plain session's frame, as a watcher gets it: session_id and seq after type and data.
