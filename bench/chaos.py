@@ -70,7 +70,13 @@ from testkit.redis import PrivateRedis
 from testkit.server import free_port, wait_for_port
 
 SECRET_KEY = "bench-secret-key-not-for-production-0123456789abcdefghijklmnop"
-FAULT_KINDS = ("kill", "term", "redis", "pg", "cut", "kill+redis")
+FAULT_KINDS = ("kill", "term", "redis", "pg", "cut", "kill+redis", "redis-reset", "pg-outage")
+#: Faults of the storage (PostgreSQL, Redis): a `storage_unavailable` is only allowed in or just after one of these.
+STORAGE_FAULTS = {"redis", "pg", "kill+redis", "redis-reset", "pg-outage"}
+#: What may go on while PostgreSQL is out (a server started or killed then would test the launcher, not R2D2).
+DURING_OUTAGE = {"cut", "redis-reset", "redis"}
+#: Error codes every frame is watched for, wherever they come (a turn, a refusal, a resume, a watch).
+WATCHED_CODES = {"internal_error", "storage_unavailable"}
 WORDS = ("droid", "astromech", "hyperdrive", "moisture", "vaporator", "binary", "sunset", "dune", "sandcrawler")
 WORDS += ("hologram", "princess", "rebel", "base", "bantha", "scrap", "circuit", "beep", "whistle", "tractor", "beam")
 WORDS += ("cantina", "starship", "thermal", "exhaust", "port")
@@ -148,6 +154,13 @@ class Postgres:
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", self._options(), "-m", "fast", "-w", "restart"
         )
+
+    def down(self) -> None:
+        """The outage's start: a fast shutdown (clients' connections are terminated, as in a failover)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def up(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", self._options(), "-w", "start")
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -298,6 +311,7 @@ class Session:
     history: list[str] = field(default_factory=list)
     next_post: float = 0.0
     last_progress: float = 0.0
+    pause: float = 0.0  # seconds to wait before resuming it again (after session_end resume_failed)
 
     def note(self, t0: float, event: str) -> None:
         self.history.append(f"{now() - t0:6.1f}s {event}")
@@ -324,9 +338,10 @@ class Reconnect(Exception):
 class Link:
     """One client socket, and the close code the server sent on it."""
 
-    def __init__(self, ws: ClientConnection, server: int) -> None:
+    def __init__(self, ws: ClientConnection, server: int, client: Client) -> None:
         self.ws = ws
         self.server = server
+        self.client = client
         self.cut = False
 
     async def send(self, payload: dict[str, Any]) -> None:
@@ -337,7 +352,10 @@ class Link:
             text = await asyncio.wait_for(self.ws.recv(), timeout)  # cancelling recv() loses nothing
         except TimeoutError:
             return None
-        return text, json.loads(text)
+        frame = json.loads(text)
+        if frame.get("type") == "error":
+            self.client.error_seen(self, text, frame)
+        return text, frame
 
     def abort(self) -> None:
         """The fault: drop the TCP connection, no close frame (as a network loss does)."""
@@ -366,13 +384,34 @@ class Client:
         self.rng = random.Random(f"{soak.args.seed}-client-{index}")
         self.sessions: list[Session] = []
         self.link: Link | None = None
+        self.session: Session | None = None  # the session it holds or is resuming
         self.count = 0
+
+    def error_seen(self, link: Link, text: str, frame: dict[str, Any]) -> None:
+        """Every `error` frame on any of its sockets: those with a watched code are kept, with when and where."""
+        code = error_code(frame)
+        if code in WATCHED_CODES:
+            session = frame.get("session_id") or (self.session.id if self.session else None)
+            self.soak.coded.append(
+                {
+                    "t": round(now() - self.soak.t0, 2),
+                    "code": code,
+                    "client": self.index,
+                    "server": link.server,
+                    "session": session,
+                    "frame": text[:200],
+                }
+            )
 
     async def run(self) -> None:
         session: Session | None = None
         while not self.soak.hard_stop:
             if session is not None and session.outcome is not None:
                 session = None
+            self.session = session
+            if session is not None and session.pause:
+                await asyncio.sleep(session.pause)
+                session.pause = 0.0
             if session is None and self.soak.stopping:
                 return
             link = await self.open()
@@ -381,7 +420,7 @@ class Client:
             self.link = link
             try:
                 if session is None:
-                    session = await self.start(link)
+                    session = self.session = await self.start(link)
                     if session is None:
                         continue
                 elif not await self.resume(link, session):
@@ -433,7 +472,7 @@ class Client:
                     max_size=None,
                     compression=None,
                 )
-                return Link(ws, server)
+                return Link(ws, server, self)
             except (OSError, TimeoutError, WebSocketException):
                 self.soak.connect_failures += 1
                 attempt += 1
@@ -665,6 +704,17 @@ class Client:
             if reason == "resumed_elsewhere":
                 session.taken.append(f"t={now() - self.soak.t0:.1f}s session_end resumed_elsewhere")
                 raise Reconnect
+            if reason == "resume_failed":
+                # The take-over could not complete after session_resumed (storage down, or the log lacks a frame
+                # the client needs: never forwarded with a hole). The session is live: resume it again later.
+                self.soak.resume_failed += 1
+                session.resume_failures += 1
+                session.note(self.soak.t0, f"session_end (resume_failed), seq {seq}: resume again later")
+                if session.resume_failures >= 20:
+                    self.give_up(session, "resume failed 20 times")
+                    return
+                session.pause = self.rng.uniform(0.5, 2.0)
+                raise Reconnect
             if reason != "client" or not session.ending:
                 session.taken.append(f"t={now() - self.soak.t0:.1f}s session_end ({reason}) nobody asked for")
             session.note(self.soak.t0, f"session_end ({reason})")
@@ -775,6 +825,8 @@ VIOLATIONS = {
     "gauges": "r2d2_live_sessions / r2d2_open_sockets negative, or not 0 at the end",
     "ended_under_client": "sessions the server ended, or gave away, while their client held them",
     "no_progress": "clients that never got a whole reply (a run that tested nothing)",
+    "internal_error": "error frames with code internal_error (a turn's, a refusal's, any)",
+    "storage_unavailable": "storage_unavailable outside a storage fault and its retry window, or after a short one",
 }
 
 
@@ -786,6 +838,9 @@ class Observed:
     closes_1011: list[dict[str, Any]]
     gauges: list[dict[str, Any]]  # samples: server, t, name, value, final
     db: Snapshot
+    coded: list[dict[str, Any]] = field(default_factory=list)  # error frames with a WATCHED_CODES code
+    windows: list[dict[str, Any]] = field(default_factory=list)  # storage faults: kind, start, end
+    absorb: float = 10.0  # storage faults shorter than this must be invisible; after longer ones, this long to answer
 
 
 def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
@@ -947,7 +1002,31 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
     for sample in observed.gauges:
         if sample["value"] < 0 or (sample["final"] and sample["value"] != 0):
             found["gauges"].append(sample)
+    for error in observed.coded:
+        if error["code"] == "internal_error":
+            found["internal_error"].append(error)
+        elif error["code"] == "storage_unavailable":
+            problem = storage_problem(error["t"], observed.windows, observed.absorb)
+            if problem:
+                found["storage_unavailable"].append({**error, "problem": problem})
     return found
+
+
+def storage_problem(t: float, windows: list[dict[str, Any]], absorb: float) -> str | None:
+    """Why a `storage_unavailable` the client got at `t` should not have come; None if a storage fault explains it.
+
+    A storage fault explains it from its start to `absorb` (the retry window) plus 3 s after its end, and only if
+    it lasted longer than `absorb` - 1 s: a shorter one is to be waited out, unseen (issue 26).
+    """
+    covering = [w for w in windows if w["start"] - 1 <= t <= (w["end"] if w["end"] is not None else t) + absorb + 3]
+    if not covering:
+        return "no storage fault in progress nor just over"
+    longest = max(covering, key=lambda w: (w["end"] if w["end"] is not None else t) - w["start"])
+    lasted = (longest["end"] if longest["end"] is not None else t) - longest["start"]
+    if lasted < absorb - 1:
+        kind, start = longest["kind"], longest["start"]
+        return f"after a storage fault of {lasted:.1f} s ({kind} at t={start}s), shorter than the retry window"
+    return None
 
 
 def reply_problem(post: Post, turn: Turn, row: dict[str, Any] | None, stream: bool) -> str | None:
@@ -1005,7 +1084,9 @@ class Soak:
         self.faults: collections.Counter[str] = collections.Counter()
         self.timeline: list[str] = []
         self.gauge_samples: list[dict[str, Any]] = []
-        self.connect_failures = self.resumes = self.posts = self.turns_started = 0
+        self.coded: list[dict[str, Any]] = []  # error frames with a WATCHED_CODES code, as the clients got them
+        self.windows: list[dict[str, Any]] = []  # the storage faults: kind, start, end (seconds into the run)
+        self.connect_failures = self.resumes = self.posts = self.turns_started = self.resume_failed = 0
 
     def log(self, event: str) -> None:
         line = f"{now() - self.t0:7.1f}s {event}"
@@ -1047,6 +1128,8 @@ class Soak:
                 "R2D2_UPSTREAM_TIMEOUT": "20",
             }
         )
+        if a.storage_retry is not None:  # unset: the servers' default (10 s)
+            env["R2D2_STORAGE_RETRY_SECONDS"] = f"{a.storage_retry:g}"
         return env
 
     def start_model(self, port: int) -> subprocess.Popen:
@@ -1076,24 +1159,77 @@ class Soak:
 
     # Faults ------------------------------------------------------------------------------------
 
+    def outage_times(self) -> list[float]:
+        """When the PostgreSQL outages start (seconds into the run): a third of the way in, then every so often."""
+        a = self.args
+        if "pg-outage" not in a.faults:
+            return []
+        run, first = a.minutes * 60, min(a.pg_outage_first, a.minutes * 60 / 3)
+        times = [first]
+        while times[-1] + a.pg_outage_every + a.pg_outage_seconds + 10 < run:
+            times.append(times[-1] + a.pg_outage_every)
+        return times
+
     async def fault_loop(self) -> None:
-        kinds = self.args.faults
-        while kinds and not self.stopping:
+        kinds = [k for k in self.args.faults if k != "pg-outage"]  # outages come at set times, not at random
+        outages = self.outage_times()
+        outage: asyncio.Task | None = None
+        while (kinds or outages) and not self.stopping:
             wait = self.args.fault_every * self.rng.uniform(0.5, 1.5)
+            if outages:
+                wait = max(0.0, min(wait, outages[0] - (now() - self.t0)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), wait)
             if self.stopping:
-                return
-            kind = self.rng.choice(kinds)
+                break
+            if outages and now() - self.t0 >= outages[0]:
+                outages.pop(0)
+                outage = asyncio.create_task(self.fault("pg-outage"), name="pg-outage")
+                continue
+            # While PostgreSQL is out, only what the network and Redis do (no server starts nor restarts of it).
+            out = outage is not None and not outage.done()
+            choices = [k for k in kinds if k in DURING_OUTAGE] if out else kinds
+            if not choices:
+                continue
+            kind = self.rng.choice(choices)
             try:
                 await self.fault(kind)
             except Exception as exc:  # a fault that failed to apply is reported, the soak goes on
                 self.log(f"fault {kind} failed: {exc!r}")
                 self.faults[f"{kind} (failed)"] += 1
+        if outage is not None:
+            await outage  # PostgreSQL is up for the settling
+
+    @contextlib.asynccontextmanager
+    async def window(self, kind: str, **what: Any):
+        """Record a storage fault's window: from just before it starts to when the service answers again."""
+        record = {"kind": kind, "start": round(now() - self.t0, 2), "end": None, **what}
+        self.windows.append(record)
+        try:
+            yield record
+        finally:
+            record["end"] = round(now() - self.t0, 2)
 
     async def fault(self, kind: str) -> None:
         self.faults[kind] += 1
-        if kind == "cut":
+        if kind == "pg-outage":
+            try:
+                async with self.window(kind):
+                    self.log(f"PostgreSQL outage: stop it (pg_ctl stop -m fast) for {self.args.pg_outage_seconds:g} s")
+                    await asyncio.to_thread(self.pg.down)
+                    await asyncio.sleep(self.args.pg_outage_seconds)
+                    await asyncio.to_thread(self.pg.up)
+                self.log("PostgreSQL up after the outage")
+            except Exception as exc:
+                self.log(f"fault pg-outage failed: {exc!r}")
+                self.faults["pg-outage (failed)"] += 1
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.pg.up)
+        elif kind == "redis-reset":
+            async with self.window(kind) as record:
+                record["killed"] = await asyncio.to_thread(self.reset_redis)
+            self.log(f"Redis: CLIENT KILL of every client connection, no restart ({record['killed']} connections)")
+        elif kind == "cut":
             linked = [c for c in self.clients if c.link is not None]
             victims = self.rng.sample(linked, min(len(linked), self.rng.randint(1, 3)))
             for client in victims:
@@ -1101,13 +1237,15 @@ class Soak:
             self.log(f"cut the sockets of clients {[c.index for c in victims]}")
         elif kind == "redis":
             self.log("restart Redis")
-            await asyncio.to_thread(self.redis.stop)
-            await asyncio.sleep(self.rng.uniform(0.2, 1.5))
-            await asyncio.to_thread(self.redis.start)
+            async with self.window(kind):
+                await asyncio.to_thread(self.redis.stop)
+                await asyncio.sleep(self.rng.uniform(0.2, 1.5))
+                await asyncio.to_thread(self.redis.start)
             self.log("Redis up")
         elif kind == "pg":
             self.log("restart PostgreSQL (pg_ctl restart -m fast)")
-            await asyncio.to_thread(self.pg.restart)
+            async with self.window(kind):
+                await asyncio.to_thread(self.pg.restart)
             self.log("PostgreSQL up")
         elif kind in ("kill", "kill+redis"):
             server = self.rng.choice(self.servers)
@@ -1116,8 +1254,9 @@ class Soak:
             await asyncio.to_thread(server.wait, 10)
             if kind == "kill+redis":
                 self.log("restart Redis (its holder just died)")
-                await asyncio.to_thread(self.redis.stop)
-                await asyncio.to_thread(self.redis.start)
+                async with self.window(kind):
+                    await asyncio.to_thread(self.redis.stop)
+                    await asyncio.to_thread(self.redis.start)
             await asyncio.sleep(self.rng.uniform(0.5, 2.0))
             await self.restart(server)
         elif kind == "term":
@@ -1131,6 +1270,16 @@ class Soak:
                 await asyncio.to_thread(server.wait, 10)
             self.log(f"server {server.index} exited {server.process.returncode}")
             await self.restart(server)
+
+    def reset_redis(self) -> int:
+        """`CLIENT KILL TYPE normal`, then `TYPE pubsub`: every server connection dropped, Redis running on."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.redis.port, socket_timeout=5)
+        try:
+            return sum(client.client_kill_filter(_type=kind, skipme=True) for kind in ("normal", "pubsub"))
+        finally:
+            client.close()
 
     async def restart(self, server: Server) -> None:
         for attempt in range(3):
@@ -1250,7 +1399,9 @@ class Soak:
             db = await asyncio.to_thread(snapshot, self.pg.url)
             self.log("checked the database")
             sessions = [s for c in self.clients for s in c.sessions]
-            return Observed(sessions, self.closes_1011, self.gauge_samples, db)
+            return Observed(
+                sessions, self.closes_1011, self.gauge_samples, db, self.coded, self.windows, a.absorb_seconds
+            )
         finally:
             self.hard_stop = True
             for server in self.servers:
@@ -1292,7 +1443,29 @@ def figures(soak: Soak, observed: Observed) -> dict[str, Any]:
         "session_outcomes": dict(outcomes),
         "anomalies": sum(len(s.anomalies) for s in observed.sessions),
         "faults": dict(soak.faults),
+        "resume_failed": soak.resume_failed,
+        "error_codes_watched": dict(collections.Counter(e["code"] for e in observed.coded)),
+        "storage_faults": storage_figures(observed),
     }
+
+
+def storage_figures(observed: Observed) -> dict[str, Any]:
+    """Per kind of storage fault: how many, how long (s), and the storage_unavailable answers in their windows."""
+    out: dict[str, Any] = {}
+    for w in observed.windows:
+        entry = out.setdefault(w["kind"], {"count": 0, "seconds_max": 0.0, "seconds_total": 0.0})
+        lasted = (w["end"] or w["start"]) - w["start"]
+        entry["count"] += 1
+        entry["seconds_max"] = round(max(entry["seconds_max"], lasted), 2)
+        entry["seconds_total"] = round(entry["seconds_total"] + lasted, 2)
+    for error in observed.coded:
+        if error["code"] != "storage_unavailable":
+            continue
+        for w in observed.windows:
+            if w["start"] - 1 <= error["t"] <= (w["end"] or error["t"]) + observed.absorb + 3:
+                out[w["kind"]]["storage_unavailable"] = out[w["kind"]].get("storage_unavailable", 0) + 1
+                break
+    return out
 
 
 def print_report(args: argparse.Namespace, figs: dict[str, Any], found: dict[str, list], details: int) -> int:
@@ -1312,7 +1485,8 @@ def print_report(args: argparse.Namespace, figs: dict[str, Any], found: dict[str
         f"  sessions    {figs['sessions']} ({figs['resumable_sessions']} resumable), {figs['resumes']} resumes;"
         f" outcomes {figs['session_outcomes']}"
     )
-    print(f"  refusals    {figs['refusals'] or 0}")
+    print(f"  refusals    {figs['refusals'] or 0}; {figs['resume_failed']} session_end resume_failed")
+    print(f"  storage     {figs['storage_faults'] or 'no storage faults'}; codes seen {figs['error_codes_watched']}")
     print(f"  closes      {figs['closes_by_code']}; {figs['connect_failures']} failed connection attempts")
     total = 0
     print("violations:")
@@ -1387,6 +1561,16 @@ def inject(observed: Observed, kind: str) -> Observed | None:
                     turn.message = None
     elif kind == "gauges":
         o.gauges.append({"server": 0, "t": 0, "name": "r2d2_live_sessions", "value": -1.0, "final": False})
+    elif kind == "internal_error":
+        o.coded.append({"t": 1.0, "code": "internal_error", "client": 0, "server": 0, "session": None, "frame": "?"})
+    elif kind == "storage_unavailable":
+        # One with no storage fault near it, one after a fault the retries should have absorbed, one allowed.
+        o.windows += [
+            {"kind": "pg", "start": -100.0, "end": -99.7},
+            {"kind": "pg-outage", "start": -300.0, "end": -270.0},
+        ]
+        for t in (-50.0, -99.5, -275.0):
+            o.coded.append({"t": t, "code": "storage_unavailable", "client": 0, "server": 0, "session": None})
     else:
         return None
     return o
@@ -1403,6 +1587,8 @@ def self_check(observed: Observed, base: dict[str, list]) -> bool:
             continue
         after = check(tampered)
         caught = len(after[kind]) > len(base[kind])
+        if kind == "storage_unavailable":  # two to catch, one (in a 30 s outage) to let through
+            caught = len(after[kind]) == len(base[kind]) + 2
         ok &= caught
         print(f"  {kind:19s} {len(base[kind])} -> {len(after[kind])}  {'caught' if caught else 'MISSED'}")
     return ok
@@ -1413,7 +1599,26 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=3.0, help="how long the clients post (then they settle)")
     parser.add_argument("--clients", type=int, default=20, help="1-200; kinds in turn: resumable/plain x stream/whole")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--fault-every", type=float, default=6.0, help="mean seconds between faults")
+    parser.add_argument("--fault-every", type=float, default=5.0, help="mean seconds between faults")
+    parser.add_argument(
+        "--pg-outage-seconds", type=float, default=30.0, help="how long PostgreSQL stays down in a pg-outage fault"
+    )
+    parser.add_argument(
+        "--pg-outage-first", type=float, default=120.0, help="when the first outage starts (s; at most a third in)"
+    )
+    parser.add_argument("--pg-outage-every", type=float, default=600.0, help="seconds between PostgreSQL outages")
+    parser.add_argument(
+        "--storage-retry",
+        type=float,
+        default=None,
+        help="the servers' R2D2_STORAGE_RETRY_SECONDS (default: theirs, 10; 0 turns retrying off)",
+    )
+    parser.add_argument(
+        "--absorb-seconds",
+        type=float,
+        default=10.0,
+        help="the retry window the soak expects: shorter storage faults must be invisible (issue 26: 10)",
+    )
     parser.add_argument("--faults", default=",".join(FAULT_KINDS), help=f"comma-separated among {FAULT_KINDS}, or ''")
     parser.add_argument("--no-auth", dest="auth", action="store_false", help="anonymous clients (default: an API key)")
     parser.add_argument("--think", type=float, default=0.6, help="at most this many seconds between turns")
