@@ -331,6 +331,178 @@ class Session:
         return True
 
 
+@dataclass
+class WatchedTurn:
+    """A turn as a watcher assembled it: the snapshot's `partial` (if it joined mid-reply), then the deltas."""
+
+    text: str = ""
+    from_partial: bool = False
+    message: str | None = None
+    errors: list[str] = field(default_factory=list)
+    ended: bool = False
+
+
+@dataclass
+class Watch:
+    """One `chatbot_session_watch` of another client's session, from a socket on the other server."""
+
+    watcher: int
+    session: str
+    holder: int  # the client holding it
+    server: int  # the watching socket's server
+    started: float
+    snapshot: dict[str, Any] | None = None
+    frames: dict[int, str] = field(default_factory=dict)  # seq -> frame text
+    doubles: list[int] = field(default_factory=list)  # a seq received twice (any bytes: a watch never replays)
+    out_of_order: list[tuple[int, int]] = field(default_factory=list)
+    turns: list[WatchedTurn] = field(default_factory=list)
+    current: WatchedTurn | None = None
+    end: str | None = None  # session_end:<reason> | unwatched | socket closed <code> | refused:<code>
+    anomalies: list[str] = field(default_factory=list)
+
+    def joined(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot = snapshot
+        if snapshot.get("partial") is not None:  # a reply being written: the snapshot holds its beginning
+            self.current = WatchedTurn(text=snapshot["partial"], from_partial=True)
+            self.turns.append(self.current)
+
+    def frame(self, seq: int, text: str, frame: dict[str, Any]) -> None:
+        if seq in self.frames:
+            self.doubles.append(seq)
+            return
+        if self.frames and seq < max(self.frames):
+            self.out_of_order.append((seq, max(self.frames)))
+        self.frames[seq] = text
+        kind, data, current = frame.get("type"), frame.get("data"), self.current
+        if kind == "processing_start":
+            if current is not None:
+                self.anomalies.append(f"processing_start (seq {seq}) while a watched turn was open")
+            self.current = WatchedTurn()
+            self.turns.append(self.current)
+        elif kind == "session_end":
+            self.end = f"session_end:{data.get('reason') if isinstance(data, dict) else 'client'}"
+        elif kind in TURN_FRAMES and current is None:
+            self.anomalies.append(f"{kind} (seq {seq}) outside a watched turn")
+        elif kind == "message_delta":
+            current.text += data
+        elif kind == "message":
+            current.message = data
+        elif kind == "error":
+            current.errors.append(error_code(frame))
+        elif kind == "processing_end":
+            current.ended, self.current = True, None
+        else:
+            self.anomalies.append(f"unexpected watched frame {kind}")
+
+
+class Watcher:
+    """A socket of the same principal (the soak's one API key) that follows other clients' sessions in turn."""
+
+    def __init__(self, soak: Soak, index: int) -> None:
+        self.soak = soak
+        self.index = index
+        self.rng = random.Random(f"{soak.args.seed}-watcher-{index}")
+        self.watches: list[Watch] = []
+
+    def error_seen(self, link: Link, text: str, frame: dict[str, Any]) -> None:
+        code = error_code(frame)
+        if code in WATCHED_CODES:
+            self.soak.coded.append(
+                {
+                    "t": round(now() - self.soak.t0, 2),
+                    "code": code,
+                    "watcher": self.index,
+                    "server": link.server,
+                    "session": frame.get("session_id"),
+                    "frame": text[:200],
+                }
+            )
+
+    def pick(self) -> tuple[Client, Session] | None:
+        """A live session another client holds; one answering now, mostly (a watcher joins mid-reply)."""
+        held = [
+            (c, c.session)
+            for c in self.soak.clients
+            if c.link is not None and c.session is not None and c.session.outcome is None
+        ]
+        answering = [(c, s) for c, s in held if s.current is not None]
+        pool = answering if answering and self.rng.random() < 0.8 else held
+        return self.rng.choice(pool) if pool else None
+
+    async def run(self) -> None:
+        while not self.soak.stopping and not self.soak.hard_stop and not self.soak.watch_unsupported:
+            target = self.pick()
+            if target is None:
+                await asyncio.sleep(0.5)
+                continue
+            client, session = target
+            server = 1 - client.link.server  # the other process than the holder's (as far as the client knows)
+            try:
+                ws = await connect(
+                    self.soak.servers[server].url,
+                    additional_headers=self.soak.auth_headers,
+                    open_timeout=10,
+                    ping_interval=None,
+                    close_timeout=2,
+                    max_queue=None,
+                    max_size=None,
+                    compression=None,
+                )
+            except (OSError, TimeoutError, WebSocketException):
+                self.soak.connect_failures += 1
+                await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+                continue
+            link = Link(ws, server, self)
+            watch = Watch(self.index, session.id, client.index, server, now() - self.soak.t0)
+            self.watches.append(watch)
+            try:
+                await self.follow(link, watch)
+            except ConnectionClosed:
+                pass
+            finally:
+                code = await link.close()
+                self.soak.closes[code] += 1
+                if watch.end is None:
+                    watch.end = f"socket closed {code}"
+                if code == 1011:
+                    self.soak.closes_1011.append({"watcher": self.index, "server": server, "session": session.id})
+            self.soak.watch_ends[re.sub(r"refused:.*", "refused", watch.end)] += 1
+            await asyncio.sleep(self.rng.uniform(0, 1.0))
+
+    async def follow(self, link: Link, watch: Watch) -> None:
+        await link.send({"action": "chatbot_session_watch", "session_id": watch.session})
+        got = await link.recv(15)
+        frame = got[1] if got else None
+        if frame is None or frame.get("type") != "session_watching":
+            code = error_code(frame)
+            watch.end = f"refused:{code}"
+            self.soak.refusals[f"watch:{code}"] += 1
+            if code == "unknown_action":
+                self.soak.watch_unsupported = True
+            return
+        watch.joined(frame["data"])
+        deadline = now() + self.rng.uniform(5, 30)
+        while watch.end is None and not self.soak.stopping and now() < deadline:
+            self.receive(watch, await link.recv(0.5))
+        if watch.end is not None:
+            return
+        await link.send({"action": "chatbot_session_unwatch", "session_id": watch.session})
+        deadline = now() + 10
+        while watch.end is None and now() < deadline:
+            self.receive(watch, await link.recv(deadline - now()))
+
+    def receive(self, watch: Watch, got: tuple[str, dict[str, Any]] | None) -> None:
+        if got is None:
+            return
+        text, frame = got
+        if "seq" in frame and frame.get("session_id") == watch.session:
+            watch.frame(frame["seq"], text, frame)
+        elif frame.get("type") == "session_unwatched":
+            watch.end = "unwatched"
+        else:
+            watch.anomalies.append(f"unexpected frame on a watching socket: {text[:120]}")
+
+
 class Reconnect(Exception):
     """The socket no longer holds the session although it is live: resume it on a new socket."""
 
@@ -338,7 +510,7 @@ class Reconnect(Exception):
 class Link:
     """One client socket, and the close code the server sent on it."""
 
-    def __init__(self, ws: ClientConnection, server: int, client: Client) -> None:
+    def __init__(self, ws: ClientConnection, server: int, client: Client | Watcher) -> None:
         self.ws = ws
         self.server = server
         self.client = client
@@ -827,6 +999,7 @@ VIOLATIONS = {
     "no_progress": "clients that never got a whole reply (a run that tested nothing)",
     "internal_error": "error frames with code internal_error (a turn's, a refusal's, any)",
     "storage_unavailable": "storage_unavailable outside a storage fault and its retry window, or after a short one",
+    "watchers": "watched replies (partial + deltas) that differ from the saved ones; watched seq gaps or doubles",
 }
 
 
@@ -841,6 +1014,7 @@ class Observed:
     coded: list[dict[str, Any]] = field(default_factory=list)  # error frames with a WATCHED_CODES code
     windows: list[dict[str, Any]] = field(default_factory=list)  # storage faults: kind, start, end
     absorb: float = 10.0  # storage faults shorter than this must be invisible; after longer ones, this long to answer
+    watches: list[Watch] = field(default_factory=list)
 
 
 def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
@@ -1002,6 +1176,8 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
     for sample in observed.gauges:
         if sample["value"] < 0 or (sample["final"] and sample["value"] != 0):
             found["gauges"].append(sample)
+    for watch in observed.watches:
+        found["watchers"] += watch_problems(watch, followed.get(watch.session), rows_of, observed.db)
     for error in observed.coded:
         if error["code"] == "internal_error":
             found["internal_error"].append(error)
@@ -1010,6 +1186,66 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
             if problem:
                 found["storage_unavailable"].append({**error, "problem": problem})
     return found
+
+
+def watch_problems(watch: Watch, session: Session | None, rows_of: Any, db: Snapshot) -> list[dict[str, Any]]:
+    """What a watcher got wrong: seq gaps, doubles and disorder; replies it assembled that differ from the saved ones;
+    snapshot messages that are not saved."""
+    where = {"watcher": watch.watcher, "session": watch.session, "holder": watch.holder, "server": watch.server}
+    where["t"], where["end"] = round(watch.started, 1), watch.end
+    problems = []
+    seqs = sorted(watch.frames)
+    gaps = [seq for seq in range(seqs[0], seqs[-1]) if seq not in watch.frames] if seqs else []
+    for kind, items in (("gaps", gaps), ("doubles", watch.doubles), ("out of order", watch.out_of_order)):
+        if items:
+            problems.append({**where, kind: items[:10], "count": len(items)})
+    saved = [m for m in db.messages if m["session_id"] == watch.session]
+    for message in (watch.snapshot or {}).get("messages", []):
+        role, content, status = message.get("role"), message.get("content"), message.get("status")
+        if not any(m["role"] == role and m["content"] == content for m in saved) and status != "failed":
+            problems.append({**where, "problem": f"a snapshot {role} message ({status}) is not saved", "seen": content})
+    for turn in watch.turns:
+        if not turn.ended:
+            continue  # the watch ended first: nothing to judge
+        seen = turn.message if turn.message is not None else turn.text
+        match = TAG.match(seen)
+        problem = None
+        post = session.by_tag.get(match.group(1)) if match and session else None
+        if match is None:
+            if turn.message is not None or (len(seen) > 25 and not turn.errors):
+                problem = "the reply the watcher assembled does not begin as the model's replies do"
+        elif post is None:
+            problem = "a reply to a message its session never sent"
+        else:
+            replies = rows_of(session, post)[1]
+            row = replies[0] if replies else None
+            if turn.message is not None and turn.text and turn.text != turn.message:
+                problem = "the snapshot's partial and the deltas do not add up to the message"
+            elif turn.message is not None and (row is None or row["content"] != turn.message):
+                problem = "the message the watcher got is not the saved reply"
+            elif turn.message is None and not turn.errors:
+                problem = "processing_end with neither a message nor an error"
+            elif turn.message is None and not post.expected.startswith(turn.text):
+                problem = "the partial reply the watcher assembled is not a beginning of the model's reply"
+            elif (
+                turn.message is None
+                and row is not None
+                and not (row["content"].startswith(turn.text) or turn.text.startswith(row["content"]))
+            ):
+                problem = "the saved partial reply and the one the watcher assembled disagree"
+        if problem:
+            rows = rows_of(session, post)[1] if post else []
+            problems.append(
+                {
+                    **where,
+                    "problem": problem,
+                    "joined mid-reply": turn.from_partial,
+                    "seen": seen[:100],
+                    "errors": turn.errors,
+                    "saved": [(r["status"], r["content"][:100]) for r in rows],
+                }
+            )
+    return problems
 
 
 def storage_problem(t: float, windows: list[dict[str, Any]], absorb: float) -> str | None:
@@ -1087,6 +1323,9 @@ class Soak:
         self.coded: list[dict[str, Any]] = []  # error frames with a WATCHED_CODES code, as the clients got them
         self.windows: list[dict[str, Any]] = []  # the storage faults: kind, start, end (seconds into the run)
         self.connect_failures = self.resumes = self.posts = self.turns_started = self.resume_failed = 0
+        self.watchers: list[Watcher] = []
+        self.watch_ends: collections.Counter[str] = collections.Counter()
+        self.watch_unsupported = False  # the servers answer chatbot_session_watch unknown_action (before issue 28)
 
     def log(self, event: str) -> None:
         line = f"{now() - self.t0:7.1f}s {event}"
@@ -1118,6 +1357,7 @@ class Soak:
                 "R2D2_QUOTA_MAX_SESSIONS": "0",
                 "R2D2_RATE_LIMIT_PER_MINUTE": "0",
                 "R2D2_MAX_CONNECTIONS_PER_ADDRESS": "0",  # every client is 127.0.0.1
+                "R2D2_MAX_CONNECTIONS_PER_PRINCIPAL": "0",  # one key for all, and a killed process's sockets linger
                 "R2D2_LOG_LEVEL": "INFO",
                 # Liveness on the scale of the run (production: 10/45/60/300/30/60 s).
                 "R2D2_HEARTBEAT_SECONDS": "1",
@@ -1362,6 +1602,8 @@ class Soak:
             kinds = [(r, s) for r in (True, False) for s in (True, False)]
             self.clients = [Client(self, i, *kinds[i % 4]) for i in range(a.clients)]
             tasks = [asyncio.create_task(c.run(), name=f"client-{c.index}") for c in self.clients]
+            self.watchers = [Watcher(self, i) for i in range(a.watchers)]
+            watching = [asyncio.create_task(w.run(), name=f"watcher-{w.index}") for w in self.watchers]
             faults = asyncio.create_task(self.fault_loop(), name="faults")
             gauges = asyncio.create_task(self.gauge_loop(), name="gauges")
             done, _ = await asyncio.wait(tasks, timeout=a.minutes * 60, return_when=asyncio.FIRST_EXCEPTION)
@@ -1374,6 +1616,8 @@ class Soak:
             self.log("clients stop posting; faults stop")
             await faults
             await gauges
+            for task in watching:  # they unwatch when the clients stop posting
+                await task
             for server in self.servers:  # every service up for the settling
                 if not server.running:
                     await self.restart(server)
@@ -1399,8 +1643,9 @@ class Soak:
             db = await asyncio.to_thread(snapshot, self.pg.url)
             self.log("checked the database")
             sessions = [s for c in self.clients for s in c.sessions]
+            watches = [w for watcher in self.watchers for w in watcher.watches]
             return Observed(
-                sessions, self.closes_1011, self.gauge_samples, db, self.coded, self.windows, a.absorb_seconds
+                sessions, self.closes_1011, self.gauge_samples, db, self.coded, self.windows, a.absorb_seconds, watches
             )
         finally:
             self.hard_stop = True
@@ -1446,6 +1691,11 @@ def figures(soak: Soak, observed: Observed) -> dict[str, Any]:
         "resume_failed": soak.resume_failed,
         "error_codes_watched": dict(collections.Counter(e["code"] for e in observed.coded)),
         "storage_faults": storage_figures(observed),
+        "watches": len(observed.watches),
+        "watched_turns_judged": sum(t.ended for w in observed.watches for t in w.turns),
+        "watched_turns_joined_mid_reply": sum(t.ended and t.from_partial for w in observed.watches for t in w.turns),
+        "watched_frames": sum(len(w.frames) for w in observed.watches),
+        "watch_ends": dict(soak.watch_ends),
     }
 
 
@@ -1487,6 +1737,10 @@ def print_report(args: argparse.Namespace, figs: dict[str, Any], found: dict[str
     )
     print(f"  refusals    {figs['refusals'] or 0}; {figs['resume_failed']} session_end resume_failed")
     print(f"  storage     {figs['storage_faults'] or 'no storage faults'}; codes seen {figs['error_codes_watched']}")
+    print(
+        f"  watches     {figs['watches']} ({figs['watch_ends']}), {figs['watched_frames']} frames,"
+        f" {figs['watched_turns_judged']} turns judged ({figs['watched_turns_joined_mid_reply']} joined mid-reply)"
+    )
     print(f"  closes      {figs['closes_by_code']}; {figs['connect_failures']} failed connection attempts")
     total = 0
     print("violations:")
@@ -1561,6 +1815,11 @@ def inject(observed: Observed, kind: str) -> Observed | None:
                     turn.message = None
     elif kind == "gauges":
         o.gauges.append({"server": 0, "t": 0, "name": "r2d2_live_sessions", "value": -1.0, "final": False})
+    elif kind == "watchers" and any(t.ended and t.message for w in o.watches for t in w.turns):
+        # One watched delta lost (a gap in the watched text), one watched frame received twice.
+        watch, turn = next((w, t) for w in o.watches for t in w.turns if t.ended and t.message)
+        turn.text = turn.message[:10] + turn.message[12:]
+        watch.doubles.append(max(watch.frames))
     elif kind == "internal_error":
         o.coded.append({"t": 1.0, "code": "internal_error", "client": 0, "server": 0, "session": None, "frame": "?"})
     elif kind == "storage_unavailable":
@@ -1581,12 +1840,17 @@ def self_check(observed: Observed, base: dict[str, list]) -> bool:
     ok = True
     for kind in VIOLATIONS:
         tampered = inject(observed, kind)
+        if tampered is None and kind == "watchers" and not any(w.frames for w in observed.watches):
+            print(f"  {kind:19s} nothing watched: servers without chatbot_session_watch (issue 28), or --watchers 0")
+            continue
         if tampered is None:
             print(f"  {kind:19s} nothing to inject into (run longer)")
             ok = False
             continue
         after = check(tampered)
         caught = len(after[kind]) > len(base[kind])
+        if kind == "watchers":  # the hole and the double
+            caught = len(after[kind]) == len(base[kind]) + 2
         if kind == "storage_unavailable":  # two to catch, one (in a 30 s outage) to let through
             caught = len(after[kind]) == len(base[kind]) + 2
         ok &= caught
@@ -1599,6 +1863,9 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=3.0, help="how long the clients post (then they settle)")
     parser.add_argument("--clients", type=int, default=20, help="1-200; kinds in turn: resumable/plain x stream/whole")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--watchers", type=int, default=4, help="sockets watching other clients' sessions from the other server"
+    )
     parser.add_argument("--fault-every", type=float, default=5.0, help="mean seconds between faults")
     parser.add_argument(
         "--pg-outage-seconds", type=float, default=30.0, help="how long PostgreSQL stays down in a pg-outage fault"
