@@ -1223,8 +1223,9 @@ def watch_problems(watch: Watch, session: Session | None, rows_of: Any, db: Snap
                 problem = "the snapshot's partial and the deltas do not add up to the message"
             elif turn.message is not None and (row is None or row["content"] != turn.message):
                 problem = "the message the watcher got is not the saved reply"
-            elif turn.message is None and not turn.errors:
-                problem = "processing_end with neither a message nor an error"
+            elif turn.message is None and not turn.errors and row is not None and row["status"] != "cancelled":
+                # A cancelled turn (chatbot_cancel, or a plain session's holder socket gone) ends so; nothing else does.
+                problem = f"processing_end with neither a message nor an error, the reply saved {row['status']}"
             elif turn.message is None and not post.expected.startswith(turn.text):
                 problem = "the partial reply the watcher assembled is not a beginning of the model's reply"
             elif (
