@@ -62,22 +62,24 @@ def forget() -> None:
     _chosen.clear()
 
 
-def client(*, decode: bool = False):
-    """This event loop's Redis client (`decode`: replies as str), made at first use."""
+def client(*, decode: bool = False, url: str | None = None):
+    """This event loop's Redis client (`decode`: replies as str), made at first use; `url` another Redis than
+    REDIS_URL's (tests reach it through a proxy they cut), with the same policy."""
     import redis.asyncio as redis  # here: a deployment without Redis never imports it
 
+    url = url or settings.REDIS_URL
     per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
-    found = per_loop.get((settings.REDIS_URL, decode))
+    found = per_loop.get((url, decode))
     if found is None:
         pool = redis.BlockingConnectionPool.from_url(
-            settings.REDIS_URL,
+            url,
             max_connections=MAX_CONNECTIONS,
             timeout=POOL_WAIT,
             socket_timeout=TIMEOUT,
             socket_connect_timeout=TIMEOUT,
             decode_responses=decode,
         )
-        found = per_loop[(settings.REDIS_URL, decode)] = redis.Redis(connection_pool=pool)
+        found = per_loop[(url, decode)] = redis.Redis(connection_pool=pool)
     return found
 
 

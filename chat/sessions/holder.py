@@ -42,6 +42,7 @@ from chat.ops.tasks import Background
 from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, lifecycle
+from chat.sessions.frames import LocalFrames
 from chat.sessions.history import Memory
 from chat.sessions.socket import SessionSocket
 from chat.turns import messages
@@ -91,6 +92,7 @@ class Holder:
         "next_seq",
         "delivered",
         "frames",
+        "log",
         "leaving",
         "_lock",
         "_window",
@@ -118,8 +120,14 @@ class Holder:
             self.conversation.history = memory.history
         self.socket = socket
         self.next_seq = next_seq
-        self.delivered = next_seq - 1  # the last seq that went through `send` to its socket and the logs
-        self.frames = framelog.LocalFrames() if resumable else None
+        self.delivered = next_seq - 1  # the last seq that went through `send` to its socket (the log may lag)
+        self.frames = LocalFrames() if resumable else None
+        # Its writer to the shared log, with Redis: in seq order, fenced, retried (chat/sessions/framelog.py).
+        self.log = (
+            framelog.writer(session_id, fence, self.frames, logged=next_seq - 1, on_fenced=self._fenced)
+            if self.frames is not None
+            else None
+        )
         self.leaving = False  # ended, handed over, released or fenced: no longer this process's
         # A resumable session's socket writes and shared-log appends in seq order (asyncio.Lock wakes waiters
         # first come first served). A plain session's frames go straight to its socket: no lock to keep per
@@ -143,9 +151,8 @@ class Holder:
         self.frames.append(seq, text)
         assert self._lock is not None  # resumable
         async with self._lock:
-            log = framelog.shared()
-            if log is not None:
-                await log.append(self.session_id, seq, text)
+            if self.log is not None:  # back once the log holds it, or at once while the log lags
+                await self.log.wrote(seq, text)
             self.delivered = seq
             if self.socket is not None:
                 try:
@@ -255,6 +262,9 @@ class Holder:
         if not await self._leave(interrupt=interrupt):
             return
         self._let_go_of_socket()
+        if self.log is not None and not await self.log.flush(framelog.FLUSH_SECONDS, check=True):
+            # Whoever claims it next replays only what the log holds; the turns are saved all the same.
+            logger.warning("session released with its frame log behind", extra={"session_id": str(self.session_id)})
         await lifecycle.release(self.session_id, fence=self.lease.fence)
         logger.info("session released", extra={"session_id": str(self.session_id)})
 
@@ -282,6 +292,8 @@ class Holder:
     async def lose(self) -> None:
         """Another process took the session over: stop here, write nothing more, tell the socket."""
         socket, self.socket = self.socket, None
+        if self.log is not None:
+            self.log.close()  # its late frames would be refused by the log's fence anyway
         if not await self._leave():
             return
         extra = {"session_id": str(self.session_id)}
@@ -428,6 +440,9 @@ class Hub:
         elif kind == "session.fenced":
             if holder is not None and holder.lease.fence < int(event["fence"]):
                 await holder.lose()
+        elif kind == "frames.check":
+            if holder is not None and holder.log is not None:
+                holder.log.check()  # a reader found the shared log short: it may have lost what we wrote
         elif kind == "resume.handover":
             if holder is not None:
                 await holder.hand_over()

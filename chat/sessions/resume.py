@@ -8,14 +8,22 @@ one `error`.
 - Held by this process: the holder replays from its own memory and the socket
   takes over; the old socket, if still open, is told `resumed_elsewhere`.
 - Held elsewhere, or by nobody (released by a drain, or its process died): the
-  shared log (chat/sessions/framelog.py, Redis) must cover the frames after
-  last_seq, else `resume_unavailable`. The frames are replayed and the log tailed
+  shared log (chat/sessions/framelog.py, Redis) must hold every frame after
+  last_seq, else `resume_unavailable`. A log that ends before last_seq while its
+  holder lives (behind a Redis outage, or lost in a restart) is waited for, up to
+  CATCH_UP_SECONDS, the holder asked to check it (`frames.check`): it writes back
+  from its memory what the log lacks. The frames are replayed and the log tailed
   while the holder, asked over the channel layer, finishes the turns it accepted
   and releases the session; then this process claims it (the fence grows: the old
-  holder can write nothing more) and reconciles from the database: a reply left
+  holder can write nothing more, to the database or, once this process has fenced
+  the log, to the log) and reconciles from the database: a reply left
   streaming is marked interrupted (the client gets `turn_interrupted` and
   `processing_end` for the turn it saw start), and messages saved but not answered
   are answered here, in order. A holder that does not let go in time is fenced out.
+
+Every frame replayed or forwarded follows the one before it (`first_missing`):
+a hole found before `session_resumed` is `resume_unavailable`, after it `session_end`
+with reason `resume_failed` (the transcript stays in the database).
 
 Resumes of one session on this process run one at a time; across processes the
 claim is one conditional UPDATE, so exactly one wins.
@@ -39,6 +47,7 @@ from chat.models import ChatMessage, ChatSession, Role
 from chat.ops import throttle
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import framelog, holder, lifecycle, liveness
+from chat.sessions.frames import first_missing
 from chat.sessions.holder import Holder, unavailable
 from chat.sessions.socket import SessionSocket
 from chat.turns import messages
@@ -48,6 +57,10 @@ logger = logging.getLogger(__name__)
 
 #: How long a claimant waits for a live holder to finish its turns and let go before fencing it out.
 HANDOVER_SECONDS = 30.0
+#: How long a resume elsewhere waits for a live holder's frame log to hold what its client lacks (it lags
+#: behind a Redis outage, or Redis lost it) before `resume_unavailable`: the holder retries within a second
+#: of Redis coming back (chat/sessions/framelog.py's MAX_BACKOFF_SECONDS).
+CATCH_UP_SECONDS = 5.0
 
 _locks: weakref.WeakValueDictionary[uuid.UUID, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -87,9 +100,7 @@ async def resume(
 
 def _same_principal(principal: Principal, session: ChatSession) -> bool:
     """Only the principal a session was started for resumes it (it is charged for its turns)."""
-    return (principal.user_id, principal.api_key_id) == (session.user_id, session.api_key_id) or principal.owns(
-        session
-    )
+    return (principal.user_id, principal.api_key_id) == (session.user_id, session.api_key_id) or principal.owns(session)
 
 
 async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int) -> Holder | None:
@@ -98,13 +109,7 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
     if log is None:
         raise unavailable("This session is held by another server process that this one cannot reach.")
     session_id = session.id
-    frames = await log.after(session_id, last_seq)
-    last = frames[-1][0] if frames else await log.last_seq(session_id)
-    if last_seq > last:
-        # Beyond the last frame produced, or the log lost them (expired, or Redis restarted).
-        raise unavailable(f"last_seq {last_seq} is beyond the last frame this server has for it ({last}).")
-    if frames and frames[0][0] != last_seq + 1:
-        raise unavailable("The frames after that last_seq are no longer kept.")
+    frames = await _replay(log, session, last_seq)
     principal = await _principal_of(session)
     cursor = frames[-1][0] if frames else last_seq
     await socket.send_frame(protocol.session_resumed(session_id, cursor))
@@ -115,38 +120,65 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + HANDOVER_SECONDS
     asked = False
-    while True:
-        try:
-            row = await lifecycle.get(session_id)
-            if row is None or not row.is_live:
-                # Ended meanwhile (an operator, the window on the old holder): the client gets the
-                # rest, its end included.
-                await _forward(socket, log, session_id, cursor)
-                return None
-            late = loop.time() > deadline
-            if late or await _free(row):
-                channel = await holder.hub.channel()
-                fence = await lifecycle.claim(session_id, from_owner=row.owner_process, channel=channel)
-                if fence is not None:
-                    if row.owner_process and row.owner_process != liveness.PROCESS_ID:
+    fence: int | None = None
+    try:
+        while fence is None:
+            try:
+                row = await lifecycle.get(session_id)
+                if row is None or not row.is_live:
+                    # Ended meanwhile (an operator, the window on the old holder): the client gets the
+                    # rest, its end included.
+                    await _forward(socket, log, session_id, cursor)
+                    return None
+                late = loop.time() > deadline
+                if late or await _free(row):
+                    channel = await holder.hub.channel()
+                    fence = await lifecycle.claim(session_id, from_owner=row.owner_process, channel=channel)
+                    if fence is not None and row.owner_process and row.owner_process != liveness.PROCESS_ID:
                         await _tell_fenced(row, fence)
-                    break
-                continue  # another process claimed it first: ask that one
-            if not asked:
-                await _ask_to_hand_over(row)
-                asked = True
-            cursor = await _forward(socket, log, session_id, cursor, block_ms=250)
-        except Exception as exc:  # PostgreSQL or Redis blinked: try again, the client is already answered
-            logger.warning("take-over step failed", extra={"session_id": str(session_id), "error": type(exc).__name__})
-            if loop.time() > deadline + HANDOVER_SECONDS:
-                # Down for longer than any blink: the client is told, and may resume again later.
-                await socket.send_frame(protocol.session_ended_by_server(session_id, "resume_failed"))
-                return None
-            await asyncio.sleep(0.5)
+                    continue  # claimed; or another process claimed it first: ask that one
+                if not asked:
+                    await _ask(row, "resume.handover")
+                    asked = True
+                cursor = await _forward(socket, log, session_id, cursor, block_ms=250)
+            except _Hole:
+                raise
+            except Exception as exc:  # PostgreSQL or Redis blinked: try again, the client is already answered
+                _step_failed(session_id, exc)
+                if loop.time() > deadline + HANDOVER_SECONDS:
+                    # Down for longer than any blink: the client is told, and may resume again later.
+                    await socket.send_frame(protocol.session_ended_by_server(session_id, "resume_failed"))
+                    return None
+                await asyncio.sleep(0.5)
 
-    # This process holds it now: the last frames its old holder wrote, then its own.
-    cursor = await _forward(socket, log, session_id, cursor)
-    last = max(cursor, await log.last_seq(session_id))
+        # This process holds it now. The log is fenced first (the old holder's late appends are refused
+        # from here), then its last frames are forwarded, then this process's own follow.
+        while True:
+            try:
+                last = await log.fence(session_id, fence)
+                cursor = await _forward(socket, log, session_id, cursor)
+                break
+            except (_Hole, framelog.Fenced):
+                raise
+            except Exception as exc:
+                _step_failed(session_id, exc)
+                if loop.time() > deadline + HANDOVER_SECONDS:
+                    await lifecycle.release(session_id, fence=fence)
+                    await socket.send_frame(protocol.session_ended_by_server(session_id, "resume_failed"))
+                    return None
+                await asyncio.sleep(0.5)
+    except (_Hole, framelog.Fenced) as exc:
+        # The log lacks frames the client needs and no holder has them any more (or the session was
+        # claimed again meanwhile): never forward a hole; the client is told, its transcript is saved.
+        logger.warning("resume failed", extra={"session_id": str(session_id), "why": str(exc)})
+        await socket.send_frame(protocol.session_ended_by_server(session_id, "resume_failed"))
+        if fence is not None:  # let another resume claim it (from a seq past the hole)
+            try:
+                await lifecycle.release(session_id, fence=fence)
+            except Exception as error:  # left to the orphan sweep, as if this process had died
+                _step_failed(session_id, error)
+        return None
+
     new = Holder(
         session_id=session_id,
         fence=fence,
@@ -154,11 +186,45 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
         principal=principal,
         resumable=True,
         socket=socket,
-        next_seq=last + 1,
+        next_seq=max(cursor, last) + 1,
     )
     logger.info("session taken over", extra={"session_id": str(session_id), "from": row.owner_process or "released"})
     await _reconcile(new, log, row)
     return new
+
+
+async def _replay(log: framelog.SharedLog, session: ChatSession, last_seq: int) -> list[framelog.Frame]:
+    """The log's frames after last_seq, every one of them, or ClientError `resume_unavailable`. A log that
+    ends before last_seq while its holder lives (it lags, or Redis lost it) is waited for, up to
+    CATCH_UP_SECONDS: the holder is asked to check it, and writes back from its memory what it lacks."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CATCH_UP_SECONDS
+    asked = False
+    while True:
+        kept = await log.after(session.id, last_seq)
+        missing = first_missing(kept.frames, last_seq)
+        if kept.last >= last_seq and missing is None:
+            return kept.frames
+        if kept.start > last_seq + 1:
+            raise unavailable("The frames after that last_seq are no longer kept.")
+        if missing is not None:  # the holder appends only the seq after the log's last: no check mends this
+            raise unavailable(f"The frames after that last_seq are incomplete (seq {missing} is missing).")
+        why = f"last_seq {last_seq} is beyond the last frame this server has for it ({kept.last})."
+        if not asked:
+            if await _free(session):
+                raise unavailable(why)  # nobody has the frames the log lacks
+            try:
+                await _ask(session, "frames.check")
+            except Exception as exc:  # its next frame, or its pump, may still bring the log up to date
+                _step_failed(session.id, exc)
+            asked = True
+        elif loop.time() > deadline:
+            raise unavailable(why)
+        await asyncio.sleep(0.1)
+
+
+def _step_failed(session_id: uuid.UUID, exc: Exception) -> None:
+    logger.warning("take-over step failed", extra={"session_id": str(session_id), "error": type(exc).__name__})
 
 
 async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> None:
@@ -184,7 +250,7 @@ async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> 
 
 async def _turn_left_open(log: framelog.SharedLog, session_id: uuid.UUID) -> bool:
     """Whether the log's last turn has a processing_start and no processing_end (the client saw it start)."""
-    for _, text in reversed(await log.after(session_id, 0)):
+    for _, text in reversed((await log.after(session_id, 0)).frames):
         kind = protocol.frame_type(text)
         if kind in {"processing_start", "processing_end"}:
             return kind == "processing_start"
@@ -201,9 +267,10 @@ async def _free(row: ChatSession) -> bool:
     return not await _alive(owner)
 
 
-async def _ask_to_hand_over(row: ChatSession) -> None:
+async def _ask(row: ChatSession, event: str) -> None:
+    """Send the session's holder `event` (`resume.handover`, `frames.check`) on its process's hub."""
     if row.owner_channel:
-        await get_channel_layer().send(row.owner_channel, {"type": "resume.handover", "session_id": str(row.id)})
+        await get_channel_layer().send(row.owner_channel, {"type": event, "session_id": str(row.id)})
 
 
 async def _tell_fenced(row: ChatSession, fence: int) -> None:
@@ -219,13 +286,24 @@ async def _tell_fenced(row: ChatSession, fence: int) -> None:
 async def _forward(
     socket: SessionSocket, log: framelog.SharedLog, session_id: uuid.UUID, cursor: int, block_ms: int = 0
 ) -> int:
-    """Send the client the shared log's frames after `cursor` (waiting up to block_ms for one); the new cursor."""
-    frames = await (log.tail(session_id, cursor, block_ms) if block_ms else log.after(session_id, cursor))
-    for seq, text in frames:
-        if seq > cursor:
-            await socket.send_frame(text)
-            cursor = seq
+    """Send the client the shared log's frames after `cursor` (waiting up to block_ms for one); the new
+    cursor. Raises _Hole, having sent nothing after it, when a frame is missing."""
+    if block_ms:
+        frames = await log.tail(session_id, cursor, block_ms)
+    else:
+        frames = (await log.after(session_id, cursor)).frames
+    frames = [(seq, text) for seq, text in frames if seq > cursor]
+    missing = first_missing(frames, cursor)
+    for seq, text in frames if missing is None else frames[: missing - cursor - 1]:
+        await socket.send_frame(text)
+        cursor = seq
+    if missing is not None:
+        raise _Hole(f"seq {missing} is missing from the frame log")
     return cursor
+
+
+class _Hole(Exception):
+    """The shared log lacks a frame that the client needs next."""
 
 
 async def _history(lease: Lease, *, exclude: set[int]) -> list[tuple[str, str]]:
