@@ -5,11 +5,18 @@ ports) in production mode (DJANGO_DEBUG=0, an API key with no quotas) on a priva
 (initdb + pg_ctl in a temporary directory) and a private redis-server, with testkit/fake_llm.py streaming
 echoed replies of a few hundred milliseconds to a few seconds. `--clients` clients, resumable or not,
 streamed or not, post messages and follow every frame; resumable ones reconnect when their socket closes
-and resume (token + last_seq) on either server at random, the others start a new session. Meanwhile a
-fault loop SIGKILLs a server and restarts it, SIGTERMs one (a rolling deploy: drain, then restart),
-restarts Redis, restarts PostgreSQL (`pg_ctl restart -m fast`), and cuts client sockets (the TCP
-transport aborted). Then the clients stop posting, wait for their turns to settle and end their
-sessions, and after a sweep period the soak checks against the database:
+and resume (token + last_seq) on either server at random (again a moment later after `session_end`
+`resume_failed`), the others start a new session. `--watchers` sockets of the same API key follow other
+clients' sessions (`chatbot_session_watch`, issue 28) from the server the holder is not on, for 5-30 s each,
+mostly joining mid-reply. Meanwhile a fault loop (`--faults`, one every `--fault-every` s on average) SIGKILLs
+a server and restarts it (kill), SIGTERMs one (term: a rolling deploy, drain then restart), restarts Redis
+(redis), restarts PostgreSQL (pg: `pg_ctl restart -m fast`), cuts client sockets (cut: the TCP transport
+aborted), SIGKILLs a server and restarts Redis (kill+redis), drops every Redis connection without a restart
+(redis-reset: `CLIENT KILL TYPE normal` and `TYPE pubsub`), and, at set times (a third of the way in, then
+every `--pg-outage-every` s), stops PostgreSQL for `--pg-outage-seconds` (pg-outage, 30 s: a Multi-AZ
+failover; meanwhile only cuts and Redis faults). Each storage fault's window (start, end) is recorded. Then
+the clients stop posting, wait for their turns to settle and end their sessions, and after a sweep period
+the soak checks against the database:
 
 - lost: a message the client saw accepted (processing_start, or a post the server never refused
   on a socket that stayed open) is not saved;
@@ -18,7 +25,8 @@ sessions, and after a sweep period the soak checks against the database:
 - mismatched: a reply the client assembled (deltas, or the `message` frame) differs from the saved one
   (a reply saved `interrupted`/`cancelled` may be the partial the client saw; a `complete` one must be whole);
 - seq violations: per resumable session, a seq never received below the highest received (gap), a seq
-  received twice with different frames (reused), or one arriving after a higher one (out of order);
+  received twice with different frames (reused) or the same (doubled: a resume says last_seq, so nothing at or
+  below it comes again, replayed or forwarded during a take-over), or one arriving after a higher one (out of order);
 - 1011 closes: a socket the server closed with 1011;
 - sessions open: a session with no ended_at once the clients ended theirs and the sweep period passed;
 - incomplete: a reply row still `incomplete` at the end;
@@ -28,13 +36,23 @@ sessions, and after a sweep period the soak checks against the database:
 - ended under client: the server ended a session, or gave it to another socket, while its client held it
   (a post refused `session_ended`/`session_not_owned`, a `session_end` nobody asked for, a resume refused
   `session_ended`): nothing in the soak ends sessions but their clients;
-- no progress: a client never got a whole reply (a run that tested nothing).
+- no progress: a client never got a whole reply (a run that tested nothing);
+- internal_error: any `error` frame with code `internal_error` on any socket (a turn's, a post's, a resume's,
+  a watch's): it says R2D2 itself failed;
+- storage_unavailable: one the client got outside every storage fault's window (from its start to its end
+  plus `--absorb-seconds`, the retry window, plus 3 s), or where the only storage faults were shorter than
+  that window (a restart the retries should have made invisible);
+- watchers: per watch, a seq gap, a seq received twice or out of order; a watched reply (the snapshot's
+  `partial` and the deltas after it, or the `message`) that is not the saved reply; a snapshot message that
+  is not saved.
 
 Exit status 1 on any violation. `--self-check` runs a short soak whose only faults are client cuts (it
 should pass), then injects one fault of each kind into copies of what was observed and checks that each
 is caught (exit 1 if one is not).
 
-    .venv/bin/python bench/chaos.py [--minutes 3] [--clients 20] [--seed 1] [--fault-every 6]
+    .venv/bin/python bench/chaos.py [--minutes 3] [--clients 20] [--watchers 4] [--seed 1] [--fault-every 5]
+        [--faults kill,term,redis,pg,cut,kill+redis,redis-reset,pg-outage] [--pg-outage-seconds 30]
+        [--storage-retry SECONDS (the servers' R2D2_STORAGE_RETRY_SECONDS; 0: off)]
     .venv/bin/python bench/chaos.py --self-check
 """
 
@@ -294,7 +312,7 @@ class Session:
     max_seq: int = 0
     conflicts: list[tuple[int, str, str]] = field(default_factory=list)  # seq, first frame, second frame
     out_of_order: list[tuple[int, int]] = field(default_factory=list)  # seq, highest before it
-    replayed_twice: int = 0  # a seq received again with the same frame (harmless)
+    doubled: list[int] = field(default_factory=list)  # a seq received again, same bytes (a replay past last_seq)
     current: Turn | None = None
     awaiting: collections.deque = field(default_factory=collections.deque)  # posts not started yet, oldest first
     by_tag: dict[str, Post] = field(default_factory=dict)
@@ -320,7 +338,7 @@ class Session:
         """Record a sequenced frame; False when it is a seq already received (not to be applied again)."""
         if seq in self.frames:
             if self.frames[seq] == text:
-                self.replayed_twice += 1
+                self.doubled.append(seq)
             else:
                 self.conflicts.append((seq, self.frames[seq][:160], text[:160]))
             return False
@@ -988,7 +1006,7 @@ VIOLATIONS = {
     "silent": "messages saved but never answered to the client holding the session",
     "wedged": "turns started that never ended for the client",
     "mismatched": "replies the client assembled that differ from the saved ones",
-    "seq": "seq violations (gaps, reused, out of order)",
+    "seq": "seq violations (gaps, reused, doubled, out of order)",
     "closed_1011": "sockets the server closed with 1011",
     "open_sessions": "sessions still open after the clients ended and the sweep",
     "incomplete": "replies left `incomplete`",
@@ -1142,7 +1160,8 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
             )
         if session.resumable:
             gaps = [seq for seq in range(1, session.max_seq) if seq not in session.frames]
-            for kind, items in (("gaps", gaps), ("reused", session.conflicts), ("out of order", session.out_of_order)):
+            seqs = (("gaps", gaps), ("reused", session.conflicts), ("doubled", session.doubled))
+            for kind, items in (*seqs, ("out of order", session.out_of_order)):
                 if items:
                     found["seq"].append(
                         {**where(session), kind: items[:10], "count": len(items), "history": session.history}
