@@ -266,6 +266,7 @@ class Post:
     fate: str = "unknown"  # unknown | accepted | refused:<code> | dropped (never answered nor refused)
     in_doubt: bool = False  # the socket it was sent on was lost before the server answered it
     turn: Turn | None = None
+    regenerates: Post | None = None  # a `chatbot_regenerate` of that post's reply (issue 29), not a new message
 
     @property
     def expected(self) -> str:
@@ -779,7 +780,12 @@ class Client:
     async def maybe_post(self, link: Link, session: Session, t: float) -> None:
         current = session.current
         if current is None and not session.awaiting and t >= session.next_post:
-            await self.post(link, session)
+            last = session.posts[-1] if session.posts else None
+            answered = last is not None and last.turn is not None and last.turn.message is not None
+            if answered and not self.soak.regenerate_unsupported and self.rng.random() < self.soak.args.regenerate:
+                await self.regenerate(link, session, last.regenerates or last)
+            else:
+                await self.post(link, session)
         elif current is not None and current.queue_next and not current.queued and not session.awaiting:
             current.queued = True  # a second message, to wait behind the turn in progress
             await self.post(link, session)
@@ -796,6 +802,19 @@ class Client:
         self.soak.posts += 1
         payload = {"action": "chatbot_post_message", "session_id": session.id, "user_message": text}
         payload["client_message_id"] = tag  # ignored by servers that do not know it
+        if self.stream:
+            payload["stream"] = True
+        await link.send(payload)
+
+    async def regenerate(self, link: Link, session: Session, original: Post) -> None:
+        """Ask for the leaf's reply again: the model answers the same message, a new reply beside the first."""
+        post = Post(original.tag, original.text, now() - self.soak.t0, server=link.server, regenerates=original)
+        session.posts.append(post)
+        session.awaiting.append(post)
+        session.just_resumed = False
+        self.soak.regenerations += 1
+        session.note(self.soak.t0, f"regenerate the reply to {original.tag}")
+        payload = {"action": "chatbot_regenerate", "session_id": session.id}
         if self.stream:
             payload["stream"] = True
         await link.send(payload)
@@ -843,6 +862,8 @@ class Client:
             post = unknown[-1]
             post.fate = f"refused:{code}"
             session.awaiting.remove(post)
+            if post.regenerates is not None and code == "unknown_action":
+                self.soak.regenerate_unsupported = True  # servers before issue 29
             session.next_post = now() + self.rng.uniform(0.3, 1.0)  # not a hot loop when everything is refused
             self.soak.refusals[f"post:{code}"] += 1
             session.note(self.soak.t0, f"{post.tag} refused: {code}")
@@ -985,7 +1006,7 @@ def snapshot(database_url: str) -> Snapshot:
                 "SELECT column_name FROM information_schema.columns WHERE table_name = 'chat_chatmessage'"
             )
         }
-        optional = [c for c in ("reply_to_id", "client_message_id") if c in columns]
+        optional = [c for c in ("reply_to_id", "client_message_id", "parent_id") if c in columns]
         sessions = {
             r["id"]: r
             for r in conn.execute(
@@ -1018,6 +1039,7 @@ VIOLATIONS = {
     "internal_error": "error frames with code internal_error (a turn's, a refusal's, any)",
     "storage_unavailable": "storage_unavailable outside a storage fault and its retry window, or after a short one",
     "watchers": "watched replies (partial + deltas) that differ from the saved ones; watched seq gaps or doubles",
+    "tree": "saved replies whose parent is not a user message of the same session (issue 29's tree)",
 }
 
 
@@ -1086,8 +1108,23 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
         for post in session.posts:
             saved, replies = rows_of(session, post)
             sent = f"t={post.sent:.1f}s to server {post.server}"
-            if len(saved) > 1 or len(replies) > 1:
-                found["duplicated"].append({**where(session), "message": post.tag, "rows": brief(saved + replies)})
+            # A regeneration adds a reply to the same message: as many replies as were asked for, no more.
+            asked = 1 + sum(
+                1 for p in session.posts if p.regenerates is not None and p.text == post.text and p.fate == "accepted"
+            )
+            if post.regenerates is None and (len(saved) > 1 or len(replies) > asked):
+                same = [p for p in session.posts if p.tag == post.tag]
+                fates = [f"{'regenerate' if p.regenerates else 'post'} {p.fate}" for p in same]
+                found["duplicated"].append(
+                    {
+                        **where(session),
+                        "message": post.tag,
+                        "rows": brief(saved + replies),
+                        "sent": fates,
+                        "t": round(post.sent, 1),
+                        "history": session.history,
+                    }
+                )
             never_refused = post.fate == "dropped" and not post.in_doubt
             if not saved and (post.fate == "accepted" or never_refused):
                 found["lost"].append(
@@ -1113,7 +1150,7 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
                 )
             if post.turn is None:
                 continue
-            problem = reply_problem(post, post.turn, replies[0] if replies else None, session.stream)
+            problem = reply_problem(post, post.turn, closest(post.turn, replies), session.stream)
             if problem:
                 seen = post.turn.message if post.turn.message is not None else "".join(post.turn.deltas)
                 found["mismatched"].append(
@@ -1195,6 +1232,20 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
     for sample in observed.gauges:
         if sample["value"] < 0 or (sample["final"] and sample["value"] != 0):
             found["gauges"].append(sample)
+    by_id = {row["id"]: row for row in observed.db.messages}
+    for row in observed.db.messages:
+        if row["role"] != "assistant" or "parent_id" not in row:
+            continue  # servers before issue 29 keep no tree
+        parent = by_id.get(row["parent_id"])
+        if parent is None or parent["role"] != "user" or parent["session_id"] != row["session_id"]:
+            found["tree"].append(
+                {
+                    "session": row["session_id"],
+                    "row": row["id"],
+                    "parent": row["parent_id"],
+                    "parent is": f"{parent['role']} of session {parent['session_id']}" if parent else "missing",
+                }
+            )
     for watch in observed.watches:
         found["watchers"] += watch_problems(watch, followed.get(watch.session), rows_of, observed.db)
     for error in observed.coded:
@@ -1285,6 +1336,17 @@ def storage_problem(t: float, windows: list[dict[str, Any]], absorb: float) -> s
     return None
 
 
+def closest(turn: Turn, replies: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The saved reply that is this turn's (a regenerated message has several, of the same text)."""
+    if len(replies) < 2:
+        return replies[0] if replies else None
+    seen = turn.message if turn.message is not None else "".join(turn.deltas)
+    for row in replies:
+        if row["content"] == seen and (turn.message is None or row["status"] == "complete"):
+            return row
+    return next((r for r in replies if r["content"].startswith(seen) or seen.startswith(r["content"])), replies[0])
+
+
 def reply_problem(post: Post, turn: Turn, row: dict[str, Any] | None, stream: bool) -> str | None:
     """What is wrong between the reply the client assembled, the saved one and what the model said; None if nothing."""
     seen = "".join(turn.deltas)
@@ -1346,6 +1408,8 @@ class Soak:
         self.watchers: list[Watcher] = []
         self.watch_ends: collections.Counter[str] = collections.Counter()
         self.watch_unsupported = False  # the servers answer chatbot_session_watch unknown_action (before issue 28)
+        self.regenerate_unsupported = False  # chatbot_regenerate, likewise (before issue 29)
+        self.regenerations = 0
 
     def log(self, event: str) -> None:
         line = f"{now() - self.t0:7.1f}s {event}"
@@ -1711,6 +1775,12 @@ def figures(soak: Soak, observed: Observed) -> dict[str, Any]:
         "resume_failed": soak.resume_failed,
         "error_codes_watched": dict(collections.Counter(e["code"] for e in observed.coded)),
         "storage_faults": storage_figures(observed),
+        "regenerations": soak.regenerations,
+        "regenerations_answered": sum(
+            p.regenerates is not None and p.turn is not None and p.turn.message is not None
+            for s in observed.sessions
+            for p in s.posts
+        ),
         "watches": len(observed.watches),
         "watched_turns_judged": sum(t.ended for w in observed.watches for t in w.turns),
         "watched_turns_joined_mid_reply": sum(t.ended and t.from_partial for w in observed.watches for t in w.turns),
@@ -1756,6 +1826,7 @@ def print_report(args: argparse.Namespace, figs: dict[str, Any], found: dict[str
         f" outcomes {figs['session_outcomes']}"
     )
     print(f"  refusals    {figs['refusals'] or 0}; {figs['resume_failed']} session_end resume_failed")
+    print(f"  regenerate  {figs['regenerations']} asked, {figs['regenerations_answered']} answered whole")
     print(f"  storage     {figs['storage_faults'] or 'no storage faults'}; codes seen {figs['error_codes_watched']}")
     print(
         f"  watches     {figs['watches']} ({figs['watch_ends']}), {figs['watched_frames']} frames,"
@@ -1840,6 +1911,9 @@ def inject(observed: Observed, kind: str) -> Observed | None:
         watch, turn = next((w, t) for w in o.watches for t in w.turns if t.ended and t.message)
         turn.text = turn.message[:10] + turn.message[12:]
         watch.doubles.append(max(watch.frames))
+    elif kind == "tree" and any("parent_id" in m for m in o.db.messages):
+        replies = [m for m in o.db.messages if m["role"] == "assistant" and "parent_id" in m]
+        replies[0]["parent_id"] = replies[-1]["id"]  # a reply answering a reply
     elif kind == "internal_error":
         o.coded.append({"t": 1.0, "code": "internal_error", "client": 0, "server": 0, "session": None, "frame": "?"})
     elif kind == "storage_unavailable":
@@ -1860,6 +1934,9 @@ def self_check(observed: Observed, base: dict[str, list]) -> bool:
     ok = True
     for kind in VIOLATIONS:
         tampered = inject(observed, kind)
+        if tampered is None and kind == "tree":
+            print(f"  {kind:19s} no parent_id column: servers before issue 29")
+            continue
         if tampered is None and kind == "watchers" and not any(w.frames for w in observed.watches):
             print(f"  {kind:19s} nothing watched: servers without chatbot_session_watch (issue 28), or --watchers 0")
             continue
@@ -1883,6 +1960,9 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=3.0, help="how long the clients post (then they settle)")
     parser.add_argument("--clients", type=int, default=20, help="1-200; kinds in turn: resumable/plain x stream/whole")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--regenerate", type=float, default=0.05, help="the chance that an idle client regenerates its last reply"
+    )
     parser.add_argument(
         "--watchers", type=int, default=4, help="sockets watching other clients' sessions from the other server"
     )
