@@ -1109,9 +1109,8 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
             saved, replies = rows_of(session, post)
             sent = f"t={post.sent:.1f}s to server {post.server}"
             # A regeneration adds a reply to the same message: as many replies as were asked for, no more.
-            asked = 1 + sum(
-                1 for p in session.posts if p.regenerates is not None and p.text == post.text and not p.fate.startswith("refused")
-            )
+            regenerated = [p for p in session.posts if p.regenerates is not None and p.text == post.text]
+            asked = 1 + sum(not p.fate.startswith("refused") for p in regenerated)
             if post.regenerates is None and (len(saved) > 1 or len(replies) > asked):
                 same = [p for p in session.posts if p.tag == post.tag]
                 fates = [f"{'regenerate' if p.regenerates else 'post'} {p.fate}" for p in same]
