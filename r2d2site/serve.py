@@ -1,6 +1,6 @@
 """Run the Procfile's Daphne command as one server process per core, all on the same port.
 
-    python -m r2d2site.serve daphne -b 0.0.0.0 -p $PORT [daphne's other options] r2d2site.asgi:application
+    python -m r2d2site.serve daphne -b 127.0.0.1 -p $PORT [daphne's other options] r2d2site.asgi:application
 
 One Daphne process is one Python interpreter: it uses one core, so an instance with
 two cores and one process leaves half the machine idle. This launcher opens the

@@ -115,6 +115,11 @@ class Tally:
 #: (index of the counter past 80% of its money limit, its total) for each limit crossed now.
 Crossed = list[tuple[int, int]]
 
+#: A queued message's reservation as recorded in the shared counters: (its session's id, its row, the fence
+#: of the holder that may settle it). A process killed with messages queued leaves these; the holder that
+#: takes the session over adopts them under its own fence, so exactly one process settles each.
+Kept = tuple[str, int, int]
+
 
 class Counters(Protocol):
     async def admit(
@@ -124,12 +129,27 @@ class Counters(Protocol):
         index of the counter that refused, or None; the four counters before)."""
 
     async def adjust(
-        self, keys: tuple[str, ...], messages: int, tokens: int, nano: int, warn: tuple[int, int]
+        self,
+        keys: tuple[str, ...],
+        messages: int,
+        tokens: int,
+        nano: int,
+        warn: tuple[int, int],
+        kept: Kept | None = None,
     ) -> Crossed:
         """Add (or give back) amounts; the money counters that now passed 80% of `warn` (nano-dollars per
-        day, per month; 0: none) for the first time in their period."""
+        day, per month; 0: none) for the first time in their period. With `kept`: only if that record of a
+        reservation is still there under that fence, and it goes in the same step (settled exactly once)."""
 
     async def read(self, keys: tuple[str, ...]) -> list[int]: ...
+
+    async def keep(self, kept: Kept, record: str) -> bool:
+        """Record a queued message's reservation where another process can find it; False when these
+        counters die with this process (nothing to find)."""
+
+    async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int] | None) -> dict[int, str]:
+        """The records of those messages (None: all) an earlier holder kept (fence below `fence`), now under
+        `fence`."""
 
 
 _TTLS = (MINUTE_TTL, DAY_TTL, DAY_TTL, MONTH_TTL)
@@ -157,9 +177,15 @@ class MemoryCounters:
         return None, used
 
     async def adjust(
-        self, keys: tuple[str, ...], messages: int, tokens: int, nano: int, warn: tuple[int, int]
+        self,
+        keys: tuple[str, ...],
+        messages: int,
+        tokens: int,
+        nano: int,
+        warn: tuple[int, int],
+        kept: Kept | None = None,
     ) -> Crossed:
-        crossed: Crossed = []
+        crossed: Crossed = []  # `kept`: never, see `keep`
         with self._lock:
             totals = [self._add(keys[index], delta, _TTLS[index]) for index, delta in enumerate((messages, tokens))]
             totals += [self._add(keys[index], nano, _TTLS[index]) for index in (USD_DAY, USD_MONTH)]
@@ -172,6 +198,12 @@ class MemoryCounters:
     async def read(self, keys: tuple[str, ...]) -> list[int]:
         with self._lock:
             return [self._get(key) for key in keys[:4]]
+
+    async def keep(self, kept: Kept, record: str) -> bool:
+        return False  # no other process shares these counters: a reservation lives and dies with its turn
+
+    async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int] | None) -> dict[int, str]:
+        return {}
 
     def _get(self, key: str) -> int:
         value, expires = self._values.get(key, (0, 0.0))
@@ -220,10 +252,19 @@ return {0, used[1], used[2], used[3], used[4]}
 
 
 # Settlement or release: add the differences (never below 0); mark and report a money counter
-# that passed 80% of its limit, once a period. KEYS: the four counters, the two marks. ARGV: the
-# message, token and nano-dollar differences, the day's and month's limits to warn at (0: none),
-# then the three TTLs.
+# that passed 80% of its limit, once a period. KEYS: the four counters, the two marks (and, for a
+# kept reservation, its session's records). ARGV: the message, token and nano-dollar differences,
+# the day's and month's limits to warn at (0: none), then the three TTLs (and the record's field
+# and the fence it must be under: otherwise another holder adopted it, or it was settled already,
+# and nothing changes).
 _ADJUST = """
+if #KEYS > 6 then
+  local record = redis.call('HGET', KEYS[7], ARGV[9])
+  if not record or tonumber(string.sub(record, 1, string.find(record, ' ', 1, true) - 1)) ~= tonumber(ARGV[10]) then
+    return {}
+  end
+  redis.call('HDEL', KEYS[7], ARGV[9])
+end
 local delta = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[3])}
 local ttl = {ARGV[6], ARGV[7], ARGV[7], ARGV[8]}
 local limits = {tonumber(ARGV[4]), tonumber(ARGV[5])}
@@ -253,6 +294,36 @@ return crossed
 """
 
 
+# A queued message's reservation, recorded: one hash per session, a field per message, "<fence> <record>".
+# KEYS: the hash. ARGV: the field, the fence, the record, the hash's TTL.
+_KEEP = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+"""
+
+# A new holder adopts the records its predecessors left: those under an older fence move to its own.
+# KEYS: the hash. ARGV: the new fence, then the fields (none: all). Returns field, record, field, record...
+_ADOPT = """
+local fields = {}
+for i = 2, #ARGV do fields[i - 1] = ARGV[i] end
+if #ARGV == 1 then fields = redis.call('HKEYS', KEYS[1]) end
+local adopted = {}
+for _, field in ipairs(fields) do
+  local value = redis.call('HGET', KEYS[1], field)
+  if value then
+    local space = string.find(value, ' ', 1, true)
+    if tonumber(string.sub(value, 1, space - 1)) < tonumber(ARGV[1]) then
+      local record = string.sub(value, space + 1)
+      redis.call('HSET', KEYS[1], field, ARGV[1] .. ' ' .. record)
+      table.insert(adopted, field)
+      table.insert(adopted, record)
+    end
+  end
+end
+return adopted
+"""
+
+
 class RedisCounters:
     """Counters shared by every process on one Redis (chat/ops/store.py's client and key rule)."""
 
@@ -264,7 +335,8 @@ class RedisCounters:
         client = store.client()
         found = self._scripts.get(client)
         if found is None:
-            found = self._scripts[client] = (client, client.register_script(_ADMIT), client.register_script(_ADJUST))
+            scripts = (client.register_script(script) for script in (_ADMIT, _ADJUST, _KEEP, _ADOPT))
+            found = self._scripts[client] = (client, *scripts)
         return found
 
     def _names(self, keys: Sequence[str]) -> list[str]:
@@ -273,21 +345,49 @@ class RedisCounters:
     async def admit(
         self, keys: tuple[str, ...], limits: Sequence[int], messages: int, tokens: int, nano: int
     ) -> tuple[int | None, list[int]]:
-        _, admit, _ = self._redis()
+        admit = self._redis()[1]
         args = [*limits, messages, tokens, nano, *_TTLS[:2], MONTH_TTL]
         which, *used = await admit(keys=self._names(keys[:4]), args=args)
         return (int(which) - 1 if which else None), [int(n) for n in used]
 
     async def adjust(
-        self, keys: tuple[str, ...], messages: int, tokens: int, nano: int, warn: tuple[int, int]
+        self,
+        keys: tuple[str, ...],
+        messages: int,
+        tokens: int,
+        nano: int,
+        warn: tuple[int, int],
+        kept: Kept | None = None,
     ) -> Crossed:
-        _, _, adjust = self._redis()
-        found = await adjust(keys=self._names(keys), args=[messages, tokens, nano, *warn, *_TTLS[:2], MONTH_TTL])
+        adjust = self._redis()[2]
+        names, args = self._names(keys), [messages, tokens, nano, *warn, *_TTLS[:2], MONTH_TTL]
+        if kept is not None:
+            names.append(self._kept(kept[0]))
+            args += [kept[1], kept[2]]
+        found = await adjust(keys=names, args=args)
         return [(int(found[n]), int(found[n + 1])) for n in range(0, len(found), 2)]
 
     async def read(self, keys: tuple[str, ...]) -> list[int]:
-        client, _, _ = self._redis()
+        client = self._redis()[0]
         return [int(n or 0) for n in await client.mget(self._names(keys[:4]))]
+
+    async def keep(self, kept: Kept, record: str) -> bool:
+        session_id, row_id, fence = kept
+        await self._redis()[3](keys=[self._kept(session_id)], args=[row_id, fence, record, DAY_TTL])
+        return True
+
+    async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int] | None) -> dict[int, str]:
+        if row_ids is not None and not row_ids:
+            return {}
+        found = await self._redis()[4](keys=[self._kept(session_id)], args=[fence, *(row_ids or ())])
+        return {int(found[n]): _text(found[n + 1]) for n in range(0, len(found), 2)}
+
+    def _kept(self, session_id: str) -> str:
+        return f"{self.prefix}:quota:kept:{session_id}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def counters() -> Counters:

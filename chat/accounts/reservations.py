@@ -8,14 +8,24 @@ spend at most the limit (plus, for replies without a cap, what replies exceed th
 It travels with the message; when the turn ends it is **settled** with what the model reported
 (prompt + completion; an estimate where it reported nothing), or **released** when the message
 never reached the model. A refusal names the limit, what was used of it and when it resets.
+
+A queued message's reservation is also **kept** in the shared counters (Redis), under the fence of the
+session's holder: a process killed with messages queued leaves them there, and the process that takes the
+session over **adopts** them under its own fence (one Lua script), answers the messages and settles each
+with what the model reported. Settling or releasing a kept reservation is conditioned on that fence, in the
+same script as the counters' change: of the killed holder (if it was only judged dead), a drain's release
+and the new holder, exactly one settles it. The turn a killed process was answering keeps its reservation
+as its charge: the model's own count died with the process.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +36,7 @@ from chat.accounts.counters import (
     MESSAGES,
     TOKENS,
     USD_DAY,
+    Kept,
     Tally,
     counter_keys,
     counters,
@@ -99,9 +110,55 @@ def charge_only(principal: Principal, model: str) -> Reservation | None:
         return None
     cap = principal.limits.max_output_tokens or None
     price = chain_price(principal.limits, model)
-    return Reservation(
-        principal, model, cap, price, keys=counter_keys(principal, time.time()), limits=principal.limits
-    )
+    return Reservation(principal, model, cap, price, keys=counter_keys(principal, time.time()), limits=principal.limits)
+
+
+async def adopt(
+    principal: Principal, model: str, session_id: uuid.UUID, fence: int, row_ids: Sequence[int]
+) -> dict[int, Reservation]:
+    """The reservations an earlier holder kept for those queued messages (it died, drained or was fenced), now
+    this holder's (`fence`): each settled here, once. A message without one (its holder released it, or kept
+    none) is charged by `charge_only`."""
+    if principal.is_anonymous or not row_ids:
+        return {}
+    try:
+        records = await counters().adopt(str(session_id), fence, row_ids)
+    except Exception as exc:  # Redis blinked: those turns are charged in full (their reservations stay held)
+        logger.warning("reservations not adopted", extra={"session_id": str(session_id), "error": type(exc).__name__})
+        return {}
+    adopted = {}
+    for row_id, text in records.items():
+        record = json.loads(text)
+        adopted[row_id] = Reservation(
+            principal,
+            model,
+            principal.limits.max_output_tokens or None,
+            chain_price(principal.limits, model),
+            keys=tuple(record["keys"]),
+            prompt=record["prompt"],
+            tokens=record["tokens"],
+            nano=record["nano"],
+            limits=principal.limits,
+        )
+        adopted[row_id]._kept = (str(session_id), row_id, fence)
+    return adopted
+
+
+#: Above any session's fence: records adopted under it are settled by nobody but `release_left`.
+_SWEPT = 2**62
+
+
+async def release_left(session_ids: Sequence[uuid.UUID]) -> int:
+    """Sessions ended without a holder (their process died, or nobody resumed them in time): the reservations
+    of their queued messages, never to be answered, are given back, once. Returns how many."""
+    released = 0
+    for session_id in session_ids:
+        for row_id, text in (await counters().adopt(str(session_id), _SWEPT, None)).items():
+            record = json.loads(text)
+            kept = (str(session_id), row_id, _SWEPT)
+            await counters().adjust(tuple(record["keys"]), -1, -record["tokens"], -record["nano"], (0, 0), kept)
+            released += 1
+    return released
 
 
 class Reservation:
@@ -122,6 +179,7 @@ class Reservation:
         "_open",
         "_tally",
         "_limits",
+        "_kept",
     )
 
     def __init__(
@@ -149,11 +207,25 @@ class Reservation:
         self._open = True
         self._tally = tally
         self._limits = limits  # the principal's: which of a fallback chain's alternates it may use
+        self._kept: Kept | None = None  # recorded in the shared counters: settled under that fence only
 
     @property
     def reserved(self) -> tuple[int, int]:
         """(tokens, nano-dollars) held while open."""
         return (self._tokens, self._nano) if self._open else (0, 0)
+
+    async def keep(self, session_id: uuid.UUID, fence: int, row_id: int) -> None:
+        """The message is queued (saved, its turn not started): record the reservation where the process that
+        takes the session over finds it, should this one die first."""
+        if self.principal is None or not self._open or self._kept is not None:
+            return
+        kept = (str(session_id), row_id, fence)
+        record = json.dumps({"keys": self._keys, "prompt": self._prompt, "tokens": self._tokens, "nano": self._nano})
+        try:
+            if await counters().keep(kept, record):
+                self._kept = kept
+        except Exception as exc:  # settled all the same, as any other; only a take-over would charge it twice
+            logger.info("reservation not kept", extra={"session_id": str(session_id), "error": type(exc).__name__})
 
     async def cover(self, request: Sequence[dict[str, str]]) -> None:
         """The turn's request is built: reserve what its prompt needs beyond the estimate made at admission
@@ -220,7 +292,7 @@ class Reservation:
         # reserved); a release only gives back.
         watch = settling and limits.in_money
         warn = (usd_to_nano(limits.usd_per_day), usd_to_nano(limits.usd_per_month)) if watch else (0, 0)
-        crossed = await counters().adjust(self._keys, messages, tokens, nano, warn)
+        crossed = await counters().adjust(self._keys, messages, tokens, nano, warn, self._kept)
         for index, total in crossed:
             _warn(self.principal, index, total, self._keys)
 

@@ -21,7 +21,7 @@ from django.utils import timezone
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
 from chat.sessions import lifecycle, liveness
 from chat.sessions.liveness import PROCESS_ID
-from chat.turns import conversation
+from chat.turns import draft
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Heartbeat:
                 if sweep_every > 0 and loop_time - last_sweep >= sweep_every:
                     last_sweep = loop_time
                     await database_sync_to_async(lifecycle.end_orphaned)()
-                    await database_sync_to_async(interrupt_stale_replies)(conversation.streaming_rows())
+                    await database_sync_to_async(interrupt_stale_replies)(draft.streaming_rows())
             except Exception as exc:  # the database may be down: keep beating, the health check reports it
                 # `extra` never names a LogRecord attribute ("process" is one): logging would raise
                 # KeyError here and the heartbeat would die (tests/test_boundaries.py checks).

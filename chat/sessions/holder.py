@@ -224,8 +224,13 @@ class Holder:
         self._let_go_of_socket()
         logger.info("session ended", extra={"session_id": str(self.session_id), "reason": reason or "elsewhere"})
 
-    async def _leave(self, *, interrupt: bool = False) -> bool:
-        """Stop holding the session here (its conversation stopped, its socket let go); False if already."""
+    async def _leave(self, *, interrupt: bool = False, keep_queue: bool = False) -> bool:
+        """Stop holding the session here (its conversation stopped, its socket let go); False if already.
+
+        Every queued message a holder drops is dropped here: unless `keep_queue` (released or taken over:
+        the next holder answers them), the session is ending, whatever ended it (the client, its socket, an
+        operator, a revocation, the window), and they are marked `failed`: never answered, never `accepted`
+        in an ended session."""
         if self.leaving:
             return False
         self.leaving = True
@@ -233,8 +238,21 @@ class Holder:
         if _held.get(self.session_id) is self:
             del _held[self.session_id]
             metrics.LIVE_SESSIONS.dec()
-        await self.conversation.close(interrupt=interrupt)
+        dropped = await self.conversation.close(interrupt=interrupt)
+        if not keep_queue:
+            await self._fail(dropped)
         return True
+
+    async def _fail(self, dropped: list[int], refusal: str | None = None) -> None:
+        """Mark dropped queued messages `failed` (conditioned on the lease), after sending each `refusal` if given."""
+        for row_id in dropped:
+            if refusal is not None:
+                await self.send(refusal)
+            try:
+                await messages.set_status(self.lease, row_id, MessageStatus.FAILED)
+            except Exception as exc:  # fenced, or the database is down: the row stays `accepted`
+                extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
+                logger.info("queued message not marked", extra=extra)
 
     def _let_go_of_socket(self) -> None:
         socket, self.socket = self.socket, None
@@ -259,7 +277,7 @@ class Holder:
     async def release(self, *, interrupt: bool = False) -> None:
         """Stop holding the session without ending it: any process may claim it, and answers what
         is left in its queue (the messages stay saved as `accepted`)."""
-        if not await self._leave(interrupt=interrupt):
+        if not await self._leave(interrupt=interrupt, keep_queue=True):
             return
         self._let_go_of_socket()
         if self.log is not None and not await self.log.flush(framelog.FLUSH_SECONDS, check=True):
@@ -277,13 +295,7 @@ class Holder:
             return
         dropped = await self.conversation.close(interrupt=True)
         refusal = protocol.error(ErrorCode.SERVER_DRAINING, "This server restarted before answering; send it again.")
-        for row_id in dropped:
-            await self.send(refusal)
-            try:
-                await messages.set_status(self.lease, row_id, MessageStatus.FAILED)
-            except Exception as exc:  # the refusal was sent; the row stays `accepted` in an ended session
-                extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
-                logger.info("queued message not marked", extra=extra)
+        await self._fail(dropped, refusal)
 
     def _fenced(self) -> None:
         """The conversation found that another holder has the session (its write was refused)."""
@@ -294,7 +306,7 @@ class Holder:
         socket, self.socket = self.socket, None
         if self.log is not None:
             self.log.close()  # its late frames would be refused by the log's fence anyway
-        if not await self._leave():
+        if not await self._leave(keep_queue=True):  # the new holder answers them
             return
         extra = {"session_id": str(self.session_id)}
         throttle.warn_throttled(logger, "session taken over elsewhere", key=throttle.client(), extra=extra)
@@ -332,9 +344,12 @@ class Holder:
                 await self.end(None)
             raise
 
-    def charge_only(self) -> reservations.Reservation | None:
-        """What a message admitted by an earlier holder is charged to: the session's principal, here."""
-        return reservations.charge_only(self.principal, self.conversation.model)
+    async def charges(self, row_ids: list[int]) -> Callable[[int], reservations.Reservation | None]:
+        """What each message admitted by an earlier holder is charged to: the reservation that holder kept for it,
+        adopted under this lease (settled here, once), else the session's principal, charged what its turn costs."""
+        model = self.conversation.model
+        adopted = await reservations.adopt(self.principal, model, self.session_id, self.lease.fence, row_ids)
+        return lambda row_id: adopted.get(row_id) or reservations.charge_only(self.principal, model)
 
 
 def unavailable(why: str) -> ClientError:
@@ -344,6 +359,9 @@ def unavailable(why: str) -> ClientError:
 async def _tell_resumed_elsewhere(socket: SessionSocket, session_id: uuid.UUID) -> None:
     socket.dropped(session_id)
     await _send_quietly(socket, protocol.session_ended_by_server(session_id, "resumed_elsewhere"))
+
+
+tell_resumed_elsewhere = _tell_resumed_elsewhere  # also a waiting take-over's socket (chat/sessions/resume.py)
 
 
 async def _send_quietly(socket: SessionSocket, frame: str) -> None:

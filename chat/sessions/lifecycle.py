@@ -28,6 +28,7 @@ from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from chat.accounts import reservations
 from chat.accounts.principals import SessionLimit
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
 from chat.sessions import liveness
@@ -194,16 +195,16 @@ def end_orphaned(*, stale_after: float | None = None) -> int:
     Returns how many sessions ended."""
     stale_after = settings.R2D2_PROCESS_STALE_SECONDS if stale_after is None else stale_after
     candidates = liveness.orphaned_sessions(stale_after=stale_after)
-    _release_or_abandon(candidates.exclude(resume_token_hash=""))
+    abandoned = _release_or_abandon(candidates.exclude(resume_token_hash=""))
     orphaned = list(candidates.filter(resume_token_hash="").values_list("id", flat=True))
     # The fence grows too: a process judged gone by mistake (paused, cut off) can write nothing more.
-    ended = candidates.filter(id__in=orphaned).update(
-        ended_at=timezone.now(), end_reason=EndReason.ORPHANED, fence=F("fence") + 1
-    )
+    now = timezone.now()
+    ended = candidates.filter(id__in=orphaned).update(ended_at=now, end_reason=EndReason.ORPHANED, fence=F("fence") + 1)
     # A reply that was streaming when its process died stays as far as it got.
     ChatMessage.objects.filter(session_id__in=orphaned, status=MessageStatus.INCOMPLETE).update(
         status=MessageStatus.INTERRUPTED
     )
+    _drop_queued((_ended_at(now, EndReason.ORPHANED) if ended else []) + abandoned)
     # A gone process's row is kept a while so that `end_session` can say whose it was.
     liveness.forget_gone(stale_after=stale_after * 10)
     if ended:
@@ -211,10 +212,26 @@ def end_orphaned(*, stale_after: float | None = None) -> int:
     return ended
 
 
-def _release_or_abandon(resumable) -> None:
+def _drop_queued(session_ids: list[uuid.UUID]) -> None:
+    """Sessions ended with nobody holding them: their queued messages will never be answered. Each is marked
+    `failed` (as a holder marks those it drops), and what it reserved of its principal's quota, which its dead
+    holder kept in the shared counters, is given back once (chat/accounts/reservations.py)."""
+    if not session_ids:
+        return
+    ChatMessage.objects.filter(session_id__in=session_ids, status=MessageStatus.ACCEPTED).update(
+        status=MessageStatus.FAILED
+    )
+    try:
+        async_to_sync(reservations.release_left)(session_ids)
+    except Exception as exc:  # Redis is down: they stay held until their day's counter resets
+        logger.warning("reservations of ended sessions not released", extra={"error": type(exc).__name__})
+
+
+def _release_or_abandon(resumable) -> list[uuid.UUID]:
     """Resumable sessions nobody holds wait for their client to resume them elsewhere: those of a
     gone process are released (now, so the window starts now; a reply it was streaming is marked
-    interrupted), and those released longer than R2D2_RESUME_WINDOW_SECONDS ago end as abandoned."""
+    interrupted), and those released longer than R2D2_RESUME_WINDOW_SECONDS ago end as abandoned
+    (returned)."""
     now = timezone.now()
     held_by_the_gone = resumable.exclude(owner_process="")
     gone_ids = list(held_by_the_gone.values_list("id", flat=True))
@@ -233,6 +250,12 @@ def _release_or_abandon(resumable) -> None:
     count = abandoned.update(ended_at=now, end_reason=EndReason.ABANDONED)
     if count:
         logger.info("released resumable sessions abandoned", extra={"count": count})
+    return _ended_at(now, EndReason.ABANDONED) if count else []
+
+
+def _ended_at(moment, reason: EndReason) -> list[uuid.UUID]:
+    """The sessions one sweep's UPDATE ended (its moment is its own): not those a client claimed meanwhile."""
+    return list(ChatSession.objects.filter(ended_at=moment, end_reason=reason).values_list("id", flat=True))
 
 
 # Ending a session from outside its consumer ---------------------------------------

@@ -25,8 +25,12 @@ Every frame replayed or forwarded follows the one before it (`first_missing`):
 a hole found before `session_resumed` is `resume_unavailable`, after it `session_end`
 with reason `resume_failed` (the transcript stays in the database).
 
-Resumes of one session on this process run one at a time; across processes the
-claim is one conditional UPDATE, so exactly one wins.
+Resumes of one session on this process are answered one at a time; across processes
+the claim is one conditional UPDATE, so exactly one wins. The wait for a live holder
+elsewhere (up to HANDOVER_SECONDS) runs as a task (`TakeOver`) once the resume is
+answered, so the socket goes on handling frames meanwhile; its close, the client's end
+or another resume of the session stops the wait (the old holder still lets go: the
+session is released, for the next resume to claim).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import hmac
 import logging
 import uuid
 import weakref
+from collections.abc import Coroutine
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
@@ -65,6 +71,50 @@ CATCH_UP_SECONDS = 5.0
 _locks: weakref.WeakValueDictionary[uuid.UUID, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
+class TakeOver:
+    """A resume answered on `socket` whose session another process holds, while that process finishes the
+    session's turns and lets go: `task` waits, claims the session and returns its new holder here (None when
+    the wait was stopped, or the session ended meanwhile: the client got the rest of its frames)."""
+
+    def __init__(self, socket: SessionSocket, session_id: uuid.UUID) -> None:
+        self.socket = socket
+        self.session_id = session_id
+        self.claiming = False  # claiming it: too late to stop, the take-over completes
+        self.task: asyncio.Task[Holder | None] | None = None
+
+    def start(self, work: Coroutine[Any, Any, Holder | None]) -> None:
+        self.task = asyncio.get_running_loop().create_task(work, name=f"take-over-{self.session_id}")
+        _waiting[self.session_id] = self  # held until it ends (the loop keeps only a weak reference)
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if _waiting.get(self.session_id) is self:
+            del _waiting[self.session_id]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("take-over failed", exc_info=task.exception(), extra={"session_id": str(self.session_id)})
+
+    def stop(self) -> None:
+        """Stop waiting (the socket closed, the client ended the session or resumed it again), unless claiming."""
+        if self.task is not None and not self.claiming:
+            self.task.cancel()
+
+    async def result(self) -> Holder | None:
+        """The session's holder here once taken over; None if the wait was stopped or failed, or the session ended."""
+        assert self.task is not None
+        try:
+            return await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            if self.task.cancelled():
+                return None
+            raise
+        except Exception:  # logged when it ended
+            return None
+
+
+#: The take-overs this process is waiting on, by session.
+_waiting: dict[uuid.UUID, TakeOver] = {}
+
+
 def token_matches(session: ChatSession, token: str) -> bool:
     # Constant time: the comparison must not tell an attacker how much of a guess was right.
     return session.is_resumable and hmac.compare_digest(session.resume_token_hash, holder.token_hash(token))
@@ -72,9 +122,9 @@ def token_matches(session: ChatSession, token: str) -> bool:
 
 async def resume(
     socket: SessionSocket, principal: Principal, session_id: uuid.UUID, token: str, last_seq: int
-) -> Holder | None:
-    """Attach `socket` to a resumable session, wherever it is held; ClientError says why not. None when
-    the session ended while it was being taken over (the client was sent its end)."""
+) -> Holder | TakeOver:
+    """Attach `socket` to a resumable session, wherever it is held; ClientError says why not. Held elsewhere,
+    the resume is answered and a `TakeOver` waits for the session in the background."""
     lock = _locks.get(session_id)
     if lock is None:
         lock = _locks[session_id] = asyncio.Lock()
@@ -91,6 +141,12 @@ async def resume(
             raise ClientError(ErrorCode.RESUME_TOKEN_INVALID, "That resume_token does not resume this session.")
         if not session.is_live:
             raise ClientError(ErrorCode.SESSION_ENDED, "That session has ended; start a new one.")
+        waiting = _waiting.get(session_id)
+        if waiting is not None:  # resumed again meanwhile: this resume replaces that one
+            waiting.stop()
+            await waiting.result()
+            if waiting.socket is not socket and holder.local(session_id) is None:
+                await holder.tell_resumed_elsewhere(waiting.socket, session_id)
         held = holder.local(session_id)
         if held is not None:
             await held.attach(socket, last_seq)
@@ -103,8 +159,9 @@ def _same_principal(principal: Principal, session: ChatSession) -> bool:
     return (principal.user_id, principal.api_key_id) == (session.user_id, session.api_key_id) or principal.owns(session)
 
 
-async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int) -> Holder | None:
-    """Resume a session this process does not hold (see the module docstring)."""
+async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int) -> TakeOver:
+    """Resume a session this process does not hold (see the module docstring): answered here, taken over
+    in the background."""
     log = framelog.shared()
     if log is None:
         raise unavailable("This session is held by another server process that this one cannot reach.")
@@ -115,11 +172,27 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
     await socket.send_frame(protocol.session_resumed(session_id, cursor))
     for _, text in frames:
         await socket.send_frame(text)
+    # The holder is asked now, so that it lets go even if this socket closes before the wait begins.
+    asked = False
+    try:
+        if not await _free(session):
+            await _ask(session, "resume.handover")
+            asked = True
+    except Exception as exc:  # PostgreSQL or Redis blinked: the wait asks again
+        logger.info("hand-over not asked", extra={"session_id": str(session_id), "error": type(exc).__name__})
+    waiting = TakeOver(socket, session_id)
+    waiting.start(_hand_over(waiting, log, principal, cursor, asked))
+    return waiting
 
+
+async def _hand_over(
+    waiting: TakeOver, log: framelog.SharedLog, principal: Principal, cursor: int, asked: bool
+) -> Holder | None:
+    """Forward the holder's frames while it finishes and lets go (or is fenced out), then claim the session."""
+    socket, session_id = waiting.socket, waiting.session_id
     # Answered: whatever fails from here is retried, and never becomes a second answer.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + HANDOVER_SECONDS
-    asked = False
     fence: int | None = None
     try:
         while fence is None:
@@ -133,7 +206,9 @@ async def _take_over(socket: SessionSocket, session: ChatSession, last_seq: int)
                 late = loop.time() > deadline
                 if late or await _free(row):
                     channel = await holder.hub.channel()
+                    waiting.claiming = True  # too late to stop: the take-over completes
                     fence = await lifecycle.claim(session_id, from_owner=row.owner_process, channel=channel)
+                    waiting.claiming = fence is not None
                     if fence is not None and row.owner_process and row.owner_process != liveness.PROCESS_ID:
                         await _tell_fenced(row, fence)
                     continue  # claimed; or another process claimed it first: ask that one
@@ -242,7 +317,7 @@ async def _reconcile(new: Holder, log: framelog.SharedLog, row: ChatSession) -> 
     conversation = new.conversation
     conversation.system_message = row.system_message
     conversation.history = await _history(lease, exclude={p.row_id for p in pending})
-    conversation.requeue(pending, new.charge_only)
+    conversation.requeue(pending, await new.charges([p.row_id for p in pending]))
     if pending:
         extra = {"session_id": str(lease.session_id), "count": len(pending)}
         logger.info("unanswered messages taken over", extra=extra)

@@ -18,7 +18,6 @@ import collections
 import contextlib
 import logging
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -31,6 +30,7 @@ from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.protocol.text import TextRepair
 from chat.turns import messages, prompt
+from chat.turns.draft import Draft
 from chat.turns.messages import Fenced, Lease
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class Reservation(Protocol):
 
     max_output_tokens: int | None
 
+    async def keep(self, session_id: uuid.UUID, fence: int, row_id: int) -> None: ...
+
     async def cover(self, request: Sequence[dict[str, str]]) -> None: ...
     def settle_soon(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> None: ...
     def release(self) -> None: ...
@@ -49,16 +51,6 @@ class Reservation(Protocol):
 
 
 Send = Callable[[str], Awaitable[None]]
-
-#: The replies this process's turns are writing now (a draft lives as long as its turn): any
-#: other reply its sessions left `incomplete` (its last save failed: the database restarted
-#: mid-turn) is interrupted by the heartbeat (chat/sessions/heartbeat.py).
-_drafts: weakref.WeakSet[_Draft] = weakref.WeakSet()
-
-
-def streaming_rows() -> set[int]:
-    """The reply rows being written by a turn of this process."""
-    return {draft.row_id for draft in list(_drafts) if draft.row_id is not None}
 
 
 class _Queued:
@@ -180,6 +172,9 @@ class Conversation:
         except messages.Duplicate:
             await self.refuse_duplicate(post.client_message_id)
             raise  # the original vanished meanwhile: cannot happen, rows are not deleted while live
+        if reservation is not None and not starts_now:
+            # Queued: should this process die first, whoever takes the session over settles what it reserved.
+            await reservation.keep(self.lease.session_id, self.lease.fence, row_id)
         self._queue(
             _Queued(
                 post.user_message, post.system_message, post.stream, row_id, starts_now, reservation, post.report_model
@@ -209,11 +204,12 @@ class Conversation:
             return "queued"
         return "failed"  # its turn ended without a reply worth the name (an error, interrupted)
 
-    def requeue(self, saved: list[messages.Unanswered], charge: Callable[[], Reservation | None]) -> None:
+    def requeue(self, saved: list[messages.Unanswered], charge: Callable[[int], Reservation | None]) -> None:
         """Answer messages an earlier holder saved but did not answer, in order, as they were asked
-        (`charge()`: what their turns are charged to: they were admitted when first accepted)."""
+        (`charge(row_id)`: what each turn is charged to: they were admitted when first accepted)."""
         for message in saved:
-            self._queue(_Queued(message.content, None, message.stream, message.row_id, False, charge()))
+            reservation = charge(message.row_id)
+            self._queue(_Queued(message.content, None, message.stream, message.row_id, False, reservation))
 
     def _queue(self, item: _Queued) -> None:
         self._pending.append(item)
@@ -247,7 +243,8 @@ class Conversation:
 
     async def close(self, *, interrupt: bool = False) -> list[int]:
         """Stop for good: stop the generation (its partial reply is saved: cancelled, or interrupted)
-        and drop the queue, whose messages stay saved as `accepted`; returns the dropped messages' rows."""
+        and drop the queue; returns the dropped messages' rows (still saved as `accepted`: the holder marks them
+        `failed` when the session ends, chat/sessions/holder.py, and leaves them for the next holder otherwise)."""
         self._closed = True
         dropped = [queued.row_id for queued in self._pending]
         self._drop_pending()
@@ -341,7 +338,7 @@ class Conversation:
             await queued.reservation.cover(request)  # its prompt, with the replies before it, within quota
         self.history.append((Role.USER.value, queued.content))
         reply = llm.Reply()
-        draft = _Draft(self.lease, self.model, reply, queued.row_id)
+        draft = Draft(self.lease, self.model, reply, queued.row_id)
         repair = TextRepair()
         stopped: MessageStatus | None = None
         self._generating, self._stop = True, None
@@ -394,7 +391,7 @@ class Conversation:
         await self._send(frame)
         metrics.answered(reply)
 
-    async def _said(self, text: str, stream: bool, draft: _Draft) -> None:
+    async def _said(self, text: str, stream: bool, draft: Draft) -> None:
         if not text:
             return
         if stream and not draft.said:
@@ -419,82 +416,3 @@ class Conversation:
             await self._send(frame)
         except Exception:
             logger.exception("could not send a frame", extra={"session_id": str(self.session_id)})
-
-
-class _Draft:
-    """A reply as the client has seen it, saved at the end, and while it streams at most
-    R2D2_CHECKPOINT_SECONDS behind what was sent (marked incomplete until it is done)."""
-
-    def __init__(self, lease: Lease, model: str, reply: llm.Reply, reply_to: int) -> None:
-        self.lease = lease
-        self.reply_to = reply_to
-        self.model = model
-        self.reply = reply
-        self._parts: list[str] = []  # joined when saved: `+=` on a long reply copies it per chunk
-        self._text = ""
-        self.row_id: int | None = None
-        self._saved_chars = 0  # how much of `text` the row holds
-        self._loop = asyncio.get_running_loop()
-        self._saved_at = self._loop.time()
-        _drafts.add(self)
-
-    def add(self, text: str) -> None:
-        self._parts.append(text)
-
-    @property
-    def said(self) -> bool:
-        return bool(self._parts or self._text)
-
-    @property
-    def text(self) -> str:
-        """Everything said so far."""
-        if self._parts:
-            self._text += "".join(self._parts)
-            self._parts.clear()
-        return self._text
-
-    async def checkpoint(self) -> None:
-        interval = settings.R2D2_CHECKPOINT_SECONDS
-        if interval <= 0 or self._loop.time() - self._saved_at < interval:
-            return
-        self._saved_at = self._loop.time()
-        await self.save(MessageStatus.INCOMPLETE)
-
-    async def save(self, status: MessageStatus) -> None:
-        saving = asyncio.ensure_future(self._write(status, self.text))
-        try:
-            await asyncio.shield(saving)
-        except asyncio.CancelledError:
-            # Cancelled (Stop, or the socket closed) while a checkpoint was being written: let it
-            # finish, so the final save knows the row it wrote and appends to it.
-            await saving
-            raise
-
-    async def _write(self, status: MessageStatus, text: str) -> None:
-        usage = {
-            "prompt_tokens": self.reply.prompt_tokens,
-            "completion_tokens": self.reply.completion_tokens,
-            "latency_ms": self.reply.latency_ms,
-            "status": status,
-        }
-        if self.row_id is None:
-            # The model that answered (a fallback chain's member), and the one asked for.
-            self.row_id = await messages.save_reply(
-                self.lease,
-                reply_to=self.reply_to,
-                content=text,
-                model=self.reply.model or self.model,
-                requested_model=self.model,
-                **usage,
-            )
-        else:
-            await messages.extend_reply(self.lease, row_id=self.row_id, more=text[self._saved_chars :], **usage)
-        self._saved_chars = len(text)
-
-    async def abandon(self) -> None:
-        """The model failed midway (cut off, stalled, out of time): what it said is saved, marked
-        interrupted, whether or not a checkpoint had saved any of it yet; nothing said, the turn failed."""
-        if self.said or self.row_id is not None:
-            await self.save(MessageStatus.INTERRUPTED)
-        else:
-            await messages.set_status(self.lease, self.reply_to, MessageStatus.FAILED)

@@ -11,9 +11,10 @@ its holder let go of.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -46,6 +47,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         """Called when a WebSocket connection is opened (Origin and Host were already checked)."""
         self.sessions: dict[uuid.UUID, Holder] = {}
+        # Sessions resumed here while their holder elsewhere lets go, each with the posts that wait for it.
+        self.taking_over: dict[uuid.UUID, tuple[resume.TakeOver, list[PostMessage]]] = {}
         self.finished = self.counted = False
         if drain.draining:
             await self.close()  # the handshake is refused: this process is stopping
@@ -90,12 +93,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """Called with each frame; every refusal becomes one `error` frame and the socket stays open."""
         if self.refused:
             return  # closing: nothing more is done for this socket
-        try:
+        async with self.answering():
             if text_data is None:
                 raise ClientError(ErrorCode.BINARY_FRAME, "Binary frames are not supported; send JSON text.")
             request = protocol.parse_text(text_data, max_message_chars=settings.R2D2_MAX_MESSAGE_CHARS)
             handler = self.HANDLERS.get(type(request), ChatConsumer.unhandled)
             await handler(self, request)
+
+    @contextlib.asynccontextmanager
+    async def answering(self) -> AsyncIterator[None]:
+        """Around the handling of a request: every refusal becomes one `error` frame, a bug `internal_error`."""
+        try:
+            yield
         except ClientError as exc:
             metrics.rejected(exc.code)
             if not self.refused:  # a refused socket was sent its one `unauthorized` frame
@@ -129,6 +138,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def release_all(self) -> None:
         """Let go of every session: each ends, or carries on detached if resumable (the socket is closing)."""
+        for waiting, _ in getattr(self, "taking_over", {}).values():
+            waiting.stop()  # a take-over already claiming completes, and `hold` detaches its session
         held, self.sessions = list(getattr(self, "sessions", {}).values()), {}
         await asyncio.gather(*(h.detach(self) for h in held), return_exceptions=True)
 
@@ -139,6 +150,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     def dropped(self, session_id: uuid.UUID) -> None:
         """The holder let go of the session (ended, released, resumed elsewhere): it is not this socket's now."""
         self.sessions.pop(session_id, None)
+        waiting = self.taking_over.get(session_id)
+        if waiting is not None:
+            waiting[0].stop()
 
     # Actions ---------------------------------------------------------------
 
@@ -179,12 +193,24 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def post_message(self, request: PostMessage) -> None:
         drain.refuse_if_draining()  # first: a session this process just released is not "another's"
+        if request.session_id in self.taking_over:
+            self.taking_over[request.session_id][1].append(request)  # posted once it is held here, in order
+            return
+        await self.post_held(request)
+
+    async def post_held(self, request: PostMessage) -> None:
         held = await self.held(request.session_id)
         await self.still_authorized()
         # Nothing reaches the model over a quota: the holder admits the message, then accepts it.
         await held.post(request, tally=self.own_tally(), gate=self.message_gate())
 
     async def end_session(self, request: SessionEnd) -> None:
+        waiting = self.taking_over.get(request.session_id)
+        if waiting is not None:  # being taken over: its holder elsewhere ends it, as for another of our sockets
+            waiting[0].stop()
+            await lifecycle.request_end(request.session_id, EndReason.CLIENT, wait=2.0)
+            await self.send_frame(protocol.session_end())
+            return
         held = await self.held(request.session_id, or_mine=True)
         if isinstance(held, Holder):
             await held.end(EndReason.CLIENT, protocol.session_end())
@@ -212,8 +238,29 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def resume_session(self, request: Resume) -> None:
         drain.refuse_if_draining()
         resumed = await resume.resume(self, self.principal, request.session_id, request.resume_token, request.last_seq)
-        if resumed is not None and resumed.socket is self:
+        if isinstance(resumed, resume.TakeOver):
+            # Its holder elsewhere is letting go (up to 30 s): this socket goes on handling frames meanwhile.
+            earlier = self.taking_over.get(resumed.session_id)
+            self.taking_over[resumed.session_id] = (resumed, earlier[1] if earlier else [])
+            holder.spawn(self.hold(resumed))
+        elif resumed.socket is self:
             self.sessions[resumed.session_id] = resumed
+
+    async def hold(self, waiting: resume.TakeOver) -> None:
+        """A take-over ended: hold the session it claimed, then post what the client sent meanwhile, in order."""
+        taken = await waiting.result()
+        entry = self.taking_over.get(waiting.session_id)
+        posts = entry[1] if entry is not None and entry[0] is waiting else []
+        if taken is not None and taken.socket is self:
+            if self.finished:  # closed while it was claimed
+                await taken.detach(self)
+            else:
+                self.sessions[taken.session_id] = taken
+        while posts and not self.finished:
+            async with self.answering():
+                await self.post_held(posts.pop(0))
+        if entry is not None and self.taking_over.get(waiting.session_id) is entry:
+            del self.taking_over[waiting.session_id]
 
     async def usage(self, request: Usage) -> None:
         """The principal's use against its limits; an anonymous socket's own figures."""
@@ -266,7 +313,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise ClientError(ErrorCode.SESSION_NOT_FOUND, "No session has that session_id.")
         if not session.is_live:
             raise ClientError(ErrorCode.SESSION_ENDED, "That session has ended; start a new one.")
-        if self.principal.owns(session):
+        if self.principal.owns(session) or session_id in self.taking_over:  # or being taken over for this socket
             if or_mine:
                 return session
             raise ClientError(

@@ -1,0 +1,106 @@
+"""A reply as it is written: what the client has seen, saved at the end and at checkpoints while it streams.
+
+Every reply a turn of this process is writing is a `Draft` (chat/turns/conversation.py makes them); the heartbeat
+asks which rows they are (`streaming_rows`) so that it interrupts only replies nobody is writing any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+
+from django.conf import settings
+
+from chat import llm
+from chat.models import MessageStatus
+from chat.turns import messages
+from chat.turns.messages import Lease
+
+#: The replies this process's turns are writing now (a draft lives as long as its turn): any
+#: other reply its sessions left `incomplete` (its last save failed: the database restarted
+#: mid-turn) is interrupted by the heartbeat (chat/sessions/heartbeat.py).
+_drafts: weakref.WeakSet[Draft] = weakref.WeakSet()
+
+
+def streaming_rows() -> set[int]:
+    """The reply rows being written by a turn of this process."""
+    return {draft.row_id for draft in list(_drafts) if draft.row_id is not None}
+
+
+class Draft:
+    """A reply as the client has seen it, saved at the end, and while it streams at most
+    R2D2_CHECKPOINT_SECONDS behind what was sent (marked incomplete until it is done)."""
+
+    def __init__(self, lease: Lease, model: str, reply: llm.Reply, reply_to: int) -> None:
+        self.lease = lease
+        self.reply_to = reply_to
+        self.model = model
+        self.reply = reply
+        self._parts: list[str] = []  # joined when saved: `+=` on a long reply copies it per chunk
+        self._text = ""
+        self.row_id: int | None = None
+        self._saved_chars = 0  # how much of `text` the row holds
+        self._loop = asyncio.get_running_loop()
+        self._saved_at = self._loop.time()
+        _drafts.add(self)
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+
+    @property
+    def said(self) -> bool:
+        return bool(self._parts or self._text)
+
+    @property
+    def text(self) -> str:
+        """Everything said so far."""
+        if self._parts:
+            self._text += "".join(self._parts)
+            self._parts.clear()
+        return self._text
+
+    async def checkpoint(self) -> None:
+        interval = settings.R2D2_CHECKPOINT_SECONDS
+        if interval <= 0 or self._loop.time() - self._saved_at < interval:
+            return
+        self._saved_at = self._loop.time()
+        await self.save(MessageStatus.INCOMPLETE)
+
+    async def save(self, status: MessageStatus) -> None:
+        saving = asyncio.ensure_future(self._write(status, self.text))
+        try:
+            await asyncio.shield(saving)
+        except asyncio.CancelledError:
+            # Cancelled (Stop, or the socket closed) while a checkpoint was being written: let it
+            # finish, so the final save knows the row it wrote and appends to it.
+            await saving
+            raise
+
+    async def _write(self, status: MessageStatus, text: str) -> None:
+        usage = {
+            "prompt_tokens": self.reply.prompt_tokens,
+            "completion_tokens": self.reply.completion_tokens,
+            "latency_ms": self.reply.latency_ms,
+            "status": status,
+        }
+        if self.row_id is None:
+            # The model that answered (a fallback chain's member), and the one asked for.
+            self.row_id = await messages.save_reply(
+                self.lease,
+                reply_to=self.reply_to,
+                content=text,
+                model=self.reply.model or self.model,
+                requested_model=self.model,
+                **usage,
+            )
+        else:
+            await messages.extend_reply(self.lease, row_id=self.row_id, more=text[self._saved_chars :], **usage)
+        self._saved_chars = len(text)
+
+    async def abandon(self) -> None:
+        """The model failed midway (cut off, stalled, out of time): what it said is saved, marked
+        interrupted, whether or not a checkpoint had saved any of it yet; nothing said, the turn failed."""
+        if self.said or self.row_id is not None:
+            await self.save(MessageStatus.INTERRUPTED)
+        else:
+            await messages.set_status(self.lease, self.reply_to, MessageStatus.FAILED)
