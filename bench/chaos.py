@@ -2001,6 +2001,7 @@ def main() -> int:
         "--server-root", default=str(ROOT), help="the checkout whose servers to soak (e.g. a `git archive` export)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL cluster's directory")
+    parser.add_argument("--result", default="chaos", help="the result's name: bench/results/<name>.json")
     parser.add_argument("--verbose", "-v", action="store_true", help="print the fault timeline as it happens")
     parser.add_argument("--self-check", action="store_true", help="a short run (cuts only), then inject each violation")
     args = parser.parse_args()
@@ -2031,7 +2032,7 @@ def main() -> int:
     total = print_report(args, figs, found, args.details)
     anomalies = [f"{s.id} (client {s.client}): {a}" for s in observed.sessions for a in s.anomalies]
     write_result(
-        "chaos-self-check" if args.self_check else "chaos",
+        "chaos-self-check" if args.self_check else args.result,
         {
             "settings": {k: v for k, v in vars(args).items()},
             "figures": figs,
