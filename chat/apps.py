@@ -12,8 +12,10 @@ class ChatConfig(AppConfig):
         the one that ends a withdrawn principal's sessions (accounts announces it, sessions acts on it)."""
         from chat import checks  # noqa: F401 (registers the system checks)
         from chat.edge import daphne
+        from chat.ops import storage
 
         daphne.install()
+        storage.steady_reconnects()
 
         from django.contrib.auth import get_user_model
         from django.contrib.auth.signals import user_logged_out

@@ -139,6 +139,9 @@ def database_config() -> dict:
         # Async ORM calls run in threads, each holding a connection: a bounded
         # pool keeps hundreds of sockets from exhausting max_connections.
         config["CONN_MAX_AGE"] = 0
+        # The pool checks a connection before lending it (one empty round trip): after a restart or a
+        # failover its idle connections are dead, and each would otherwise fail one ORM call.
+        config["CONN_HEALTH_CHECKS"] = True
         config.setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("R2D2_DB_POOL_MIN", 2),
             "max_size": env_int("R2D2_DB_POOL_MAX", 10),
@@ -152,6 +155,9 @@ DATABASES = {"default": database_config()}
 # loop beside the ORM's pool (chat/turns/pgpool.py). Each statement takes well under a millisecond,
 # so a few connections serve hundreds of turns a second; more would only queue in the server.
 R2D2_DB_TURN_POOL_MAX = env_int("R2D2_DB_TURN_POOL_MAX", 4)
+# How long a turn or a frame waits for PostgreSQL or Redis to come back before its client is told
+# `storage_unavailable` (chat/ops/storage.py): a restart takes under a second; an RDS failover 20-60 s.
+R2D2_STORAGE_RETRY_SECONDS = env_float("R2D2_STORAGE_RETRY_SECONDS", 10.0)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 
@@ -407,5 +413,8 @@ LOGGING = {
         # django-axes says at INFO that it runs for every failed sign-in; its warnings (a failure,
         # a lockout) are the lines worth keeping, throttled per client.
         "axes": {"level": "WARNING"},
+        # psycopg's pool warns at every failed reconnect (once a second per missing connection while the
+        # database is down): chat/ops/storage.py logs an outage once when it starts and once when it ends.
+        "psycopg.pool": {"level": "ERROR"},
     },
 }

@@ -33,7 +33,9 @@ def test_only_the_bedrock_provider_creates_a_bedrock_client():
 
 
 def test_only_the_session_lifecycle_writes_ended_at():
-    writers = {name for name, text in sources().items() if re.search(r"ended_at\s*=\s*timezone", text)}
+    """An update (`ended_at=...`) or SQL (`SET ended_at`) anywhere else would end sessions behind the holder's back."""
+    writes = re.compile(r"update\([^)]*\bended_at\s*=[^=]|SET ended_at\b")
+    writers = {name for name, text in sources().items() if writes.search(text)}
     assert writers == {"chat/sessions/lifecycle.py"}
 
 

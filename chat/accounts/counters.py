@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from django.conf import settings
 
-from chat.ops import prices, store
+from chat.ops import prices, storage, store
 
 if TYPE_CHECKING:
     from chat.accounts.principals import Principal
@@ -347,7 +347,10 @@ class RedisCounters:
     ) -> tuple[int | None, list[int]]:
         admit = self._redis()[1]
         args = [*limits, messages, tokens, nano, *_TTLS[:2], MONTH_TTL]
-        which, *used = await admit(keys=self._names(keys[:4]), args=args)
+        # Retried only while Redis refuses the connection (the script was not sent): a script cut off after it
+        # was sent may have run, and running it again would reserve the message twice.
+        names = self._names(keys[:4])
+        which, *used = await storage.retry(lambda: admit(keys=names, args=args), unsent_only=True)
         return (int(which) - 1 if which else None), [int(n) for n in used]
 
     async def adjust(

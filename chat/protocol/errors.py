@@ -49,6 +49,12 @@ class ErrorCode(StrEnum):
     RESUME_UNAVAILABLE = "resume_unavailable"
     TURN_INTERRUPTED = "turn_interrupted"
     SERVER_DRAINING = "server_draining"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+
+
+def storage_unavailable() -> ClientError:
+    """PostgreSQL or Redis stayed unreachable past R2D2_STORAGE_RETRY_SECONDS (chat/ops/storage.py)."""
+    return ClientError(ErrorCode.STORAGE_UNAVAILABLE, "The service's storage is unavailable; send it again.")
 
 
 class ClientError(Exception):

@@ -19,6 +19,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
+from chat.ops import storage
 from chat.sessions import lifecycle, liveness
 from chat.sessions.liveness import PROCESS_ID
 from chat.turns import draft
@@ -51,6 +52,7 @@ class Heartbeat:
         last_beat: datetime | None = None  # the last beat that reached the database
         silent_since: datetime | None = None
         rechecks = 0
+        failures = 0  # beats in a row that met a connection error
         while True:
             try:
                 now = timezone.now()
@@ -59,7 +61,8 @@ class Heartbeat:
                     # staleness window: other processes may have ended our sessions as orphaned.
                     silent_since, rechecks = last_beat, 3
                 await database_sync_to_async(liveness.beat)()
-                last_beat = now
+                storage.answered()  # a database outage this process saw has ended
+                last_beat, failures = now, 0
                 release_free_memory()
                 if rechecks:
                     # A sweep that began before this beat may still land: look again on the next ticks.
@@ -71,6 +74,14 @@ class Heartbeat:
                     await database_sync_to_async(lifecycle.end_orphaned)()
                     await database_sync_to_async(interrupt_stale_replies)(draft.streaming_rows())
             except Exception as exc:  # the database may be down: keep beating, the health check reports it
+                if storage.connection_error(exc) is not None:
+                    # Logged once, as the outage (chat/ops/storage.py), when a second beat in a row fails:
+                    # the first after a restart may only have met a dead pooled connection.
+                    failures += 1
+                    if failures >= 2:
+                        storage.failed(exc)
+                    await asyncio.sleep(interval)
+                    continue
                 # `extra` never names a LogRecord attribute ("process" is one): logging would raise
                 # KeyError here and the heartbeat would die (tests/test_boundaries.py checks).
                 logger.warning("heartbeat failed", extra={"error": type(exc).__name__, "process_id": PROCESS_ID})

@@ -31,6 +31,7 @@ from django.utils import timezone
 from chat.accounts import reservations
 from chat.accounts.principals import SessionLimit
 from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus
+from chat.ops import storage
 from chat.sessions import liveness
 from chat.turns import pgpool
 
@@ -59,12 +60,21 @@ async def start(
         api_key_id=api_key_id,
         continued_from_id=continued_from_id,
     )
-    if within is not None:
-        await _insert_within(session, within)
-    elif pgpool.enabled():
-        await pgpool.insert(session)  # one per session, on the event loop like the turn's writes
-    else:
-        await session.asave(force_insert=True)
+
+    async def insert() -> None:
+        if within is not None:
+            await _insert_within(session, within)
+        elif pgpool.enabled():
+            await pgpool.insert(session)  # one per session, on the event loop like the turn's writes
+        else:
+            await session.asave(force_insert=True)
+
+    async def inserted() -> tuple[bool, None]:
+        # Its id is made here: a row with it is this INSERT's, committed before the connection dropped.
+        return await ChatSession.objects.filter(id=session.id).aexists(), None
+
+    await storage.retry(insert, recover=inserted, bounded=within is not None or not pgpool.enabled())
+    session._state.adding, session._state.db = False, "default"
     return session
 
 
@@ -95,7 +105,8 @@ async def release(session_id: uuid.UUID, *, fence: int | None = None) -> None:
     held = ChatSession.objects.filter(id=session_id, owner_process=liveness.PROCESS_ID, ended_at__isnull=True)
     if fence is not None:
         held = held.filter(fence=fence)
-    await held.aupdate(owner_process="", owner_channel="", released_at=timezone.now())
+    now = timezone.now()
+    await storage.retry(lambda: held.aupdate(owner_process="", owner_channel="", released_at=now))
 
 
 _CLAIM = (
@@ -108,7 +119,19 @@ async def claim(session_id: uuid.UUID, *, from_owner: str, channel: str) -> int 
     """Become the holder of a live session still held by `from_owner` (released: ""): returns the new
     fence, or None when another process claimed it first, or it ended. One UPDATE, so of two claimants
     exactly one wins, and the fence it returns is larger than any earlier holder's."""
-    return await sync_to_async(_claim)(session_id, from_owner, channel)
+    recover = None
+    if from_owner != liveness.PROCESS_ID:  # a claim that committed before the connection dropped left our name
+
+        async def recover() -> tuple[bool, int | None]:
+            row = (
+                await ChatSession.objects.filter(id=session_id)
+                .values("owner_process", "owner_channel", "fence")
+                .afirst()
+            )
+            ours = row is not None and (row["owner_process"], row["owner_channel"]) == (liveness.PROCESS_ID, channel)
+            return ours, row["fence"] if ours else None
+
+    return await storage.retry(lambda: sync_to_async(_claim)(session_id, from_owner, channel), recover=recover)
 
 
 def _claim(session_id: uuid.UUID, from_owner: str, channel: str) -> int | None:
@@ -120,7 +143,7 @@ def _claim(session_id: uuid.UUID, from_owner: str, channel: str) -> int | None:
 
 
 async def get(session_id: uuid.UUID) -> ChatSession | None:
-    return await ChatSession.objects.filter(id=session_id).afirst()
+    return await storage.retry(ChatSession.objects.filter(id=session_id).afirst)
 
 
 _END = f"UPDATE {ChatSession._meta.db_table} SET ended_at = %s, end_reason = %s WHERE id = ANY(%s) AND ended_at IS NULL"
@@ -133,21 +156,19 @@ async def _end_live(session_ids: list[uuid.UUID], reason: EndReason, *, on_loop:
     consumers end their sessions. Otherwise through the ORM's connection, which sees what
     the caller's own transaction wrote (an operator's request: the admin, a command).
     """
+    now = timezone.now()  # conditioned on `ended_at IS NULL`: a retry ends nothing twice
     if on_loop and pgpool.enabled():
-        return await pgpool.execute(_END, (timezone.now(), reason.value, session_ids))
-    return await ChatSession.objects.filter(id__in=session_ids, ended_at__isnull=True).aupdate(
-        ended_at=timezone.now(), end_reason=reason
-    )
+        return await storage.retry(lambda: pgpool.execute(_END, (now, reason.value, session_ids)), bounded=False)
+    live = ChatSession.objects.filter(id__in=session_ids, ended_at__isnull=True)
+    return await storage.retry(lambda: live.aupdate(ended_at=now, end_reason=reason))
 
 
 async def end(*, session_id: uuid.UUID, reason: EndReason, fence: int | None = None) -> bool:
     """Mark a live session ended; False if it had already ended (or, with `fence`, another holder has it)."""
     if fence is not None:
-        return bool(
-            await ChatSession.objects.filter(id=session_id, ended_at__isnull=True, fence=fence).aupdate(
-                ended_at=timezone.now(), end_reason=reason
-            )
-        )
+        held = ChatSession.objects.filter(id=session_id, ended_at__isnull=True, fence=fence)
+        now = timezone.now()
+        return bool(await storage.retry(lambda: held.aupdate(ended_at=now, end_reason=reason)))
     return bool(await _end_live([session_id], reason))
 
 

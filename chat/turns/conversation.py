@@ -25,9 +25,9 @@ from django.conf import settings
 
 from chat import llm, protocol
 from chat.models import MessageStatus, Role
-from chat.ops import metrics
+from chat.ops import metrics, storage
 from chat.protocol import PostMessage
-from chat.protocol.errors import ClientError, ErrorCode
+from chat.protocol.errors import ClientError, ErrorCode, storage_unavailable
 from chat.protocol.text import TextRepair
 from chat.turns import messages, prompt
 from chat.turns.draft import Draft
@@ -297,7 +297,10 @@ class Conversation:
             except Fenced:
                 self._lost()
                 return
-            except Exception as exc:  # the database is down: the turn runs, and will most likely fail
+            except storage.Unavailable:  # down past the retry window: the model is not called
+                await self._send_quietly(protocol.processing_start())
+                return await self._storage_failed(queued)
+            except Exception as exc:  # not recorded (a bug): the turn runs all the same
                 extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
                 logger.info("turn start not recorded", extra=extra)
         await self._send_quietly(protocol.processing_start())
@@ -309,7 +312,9 @@ class Conversation:
         except ClientError as exc:
             metrics.turn_failed(exc.code)
             await self._send_quietly(protocol.error(exc.code, exc.message))
-        except Exception:
+        except Exception as exc:
+            if storage.connection_error(exc) is not None:  # before the model was called (a quota's counters)
+                return await self._storage_failed(queued)
             metrics.turn_failed(ErrorCode.INTERNAL_ERROR)
             logger.exception("turn failed", extra={"session_id": str(self.session_id)})
             await self._mark_failed(queued.row_id)
@@ -336,9 +341,20 @@ class Conversation:
         )
         if queued.reservation is not None:
             await queued.reservation.cover(request)  # its prompt, with the replies before it, within quota
+        before = len(self.history)
         self.history.append((Role.USER.value, queued.content))
         reply = llm.Reply()
         draft = Draft(self.lease, self.model, reply, queued.row_id)
+        try:
+            await self._reply(queued, request, reply, draft)
+        except Exception as exc:
+            if storage.connection_error(exc) is None:
+                raise
+            del self.history[before:]  # down past the retry window: "send it again"; saved once it is back
+            storage.eventually(draft.abandon, what="failed turn")
+            raise storage_unavailable() from None
+
+    async def _reply(self, queued: _Queued, request: list[dict[str, str]], reply: llm.Reply, draft: Draft) -> None:
         repair = TextRepair()
         stopped: MessageStatus | None = None
         self._generating, self._stop = True, None
@@ -400,6 +416,14 @@ class Conversation:
         if stream:
             await self._send(protocol.message_delta(text))
             await draft.checkpoint()
+
+    async def _storage_failed(self, queued: _Queued) -> None:
+        """No storage past the window, before the model call: "send it again"; the message is marked failed later."""
+        metrics.turn_failed(ErrorCode.STORAGE_UNAVAILABLE)
+        lease, row_id, error = self.lease, queued.row_id, storage_unavailable()
+        storage.eventually(lambda: messages.set_status(lease, row_id, MessageStatus.FAILED), what="failed turn")
+        await self._send_quietly(protocol.error(error.code, error.message))
+        await self._send_quietly(protocol.processing_end())
 
     async def _mark_failed(self, row_id: int) -> None:
         """The turn failed on our side: its message says so (unless a reply was saved), so that no later

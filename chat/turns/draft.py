@@ -1,24 +1,28 @@
-"""A reply as it is written: what the client has seen, saved at the end and at checkpoints while it streams.
+"""A turn's reply as its client has seen it, saved as it goes (chat/turns/conversation.py's turns write it).
 
-Every reply a turn of this process is writing is a `Draft` (chat/turns/conversation.py makes them); the heartbeat
-asks which rows they are (`streaming_rows`) so that it interrupts only replies nobody is writing any more.
+A reply is saved at the end of its turn, and while it streams at most R2D2_CHECKPOINT_SECONDS behind what was
+sent (its row marked `incomplete` until it is done). Each save is safe to run again after a storage outage
+(chat/ops/storage.py): the row's first save keeps its `created_at`, by which a save that committed unanswered
+is found again, and each later one rewrites the text after what the row held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
+from datetime import datetime
 
 from django.conf import settings
+from django.utils import timezone
 
 from chat import llm
-from chat.models import MessageStatus
+from chat.models import MessageStatus, Role
 from chat.turns import messages
 from chat.turns.messages import Lease
 
-#: The replies this process's turns are writing now (a draft lives as long as its turn): any
-#: other reply its sessions left `incomplete` (its last save failed: the database restarted
-#: mid-turn) is interrupted by the heartbeat (chat/sessions/heartbeat.py).
+#: The replies this process's turns are writing now (a draft lives as long as its turn, or its deferred save
+#: after an outage): any other reply its sessions left `incomplete` (its last save failed: the database
+#: restarted mid-turn) is interrupted by the heartbeat (chat/sessions/heartbeat.py).
 _drafts: weakref.WeakSet[Draft] = weakref.WeakSet()
 
 
@@ -40,6 +44,7 @@ class Draft:
         self._text = ""
         self.row_id: int | None = None
         self._saved_chars = 0  # how much of `text` the row holds
+        self._created_at: datetime | None = None  # the row's, made at its first save (found again by it)
         self._loop = asyncio.get_running_loop()
         self._saved_at = self._loop.time()
         _drafts.add(self)
@@ -83,7 +88,10 @@ class Draft:
             "latency_ms": self.reply.latency_ms,
             "status": status,
         }
+        if self.row_id is None and self._created_at is not None:  # a first save failed unanswered: committed?
+            self.row_id = await messages.written(self.lease.session_id, Role.ASSISTANT, self._created_at)
         if self.row_id is None:
+            self._created_at = self._created_at or timezone.now()
             # The model that answered (a fallback chain's member), and the one asked for.
             self.row_id = await messages.save_reply(
                 self.lease,
@@ -91,10 +99,12 @@ class Draft:
                 content=text,
                 model=self.reply.model or self.model,
                 requested_model=self.model,
+                created_at=self._created_at,
                 **usage,
             )
         else:
-            await messages.extend_reply(self.lease, row_id=self.row_id, more=text[self._saved_chars :], **usage)
+            saved, more = self._saved_chars, text[self._saved_chars :]
+            await messages.extend_reply(self.lease, row_id=self.row_id, saved=saved, more=more, **usage)
         self._saved_chars = len(text)
 
     async def abandon(self) -> None:

@@ -7,6 +7,11 @@ call these. Every write of a turn is conditioned on the holder's fence
 In the usual turn (no new system message) each write is one statement: on
 PostgreSQL it runs on the event loop (chat/turns/pgpool.py), elsewhere on the ORM's
 database thread.
+
+Every call here is retried across a storage outage (chat/ops/storage.py), so each write is safe to run
+twice: an INSERT is looked for (by its session and its `created_at`, made once before the first attempt)
+before it is tried again, an append to a reply rewrites the text after what was saved (`substr`), and a
+status is set, not toggled.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 from asgiref.sync import sync_to_async
@@ -22,6 +28,7 @@ from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from chat.models import ChatMessage, ChatSession, MessageStatus, Role
+from chat.ops import storage
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.turns import pgpool
 
@@ -43,11 +50,15 @@ _INSERT_REPLY = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
     f"SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', FALSE, %s WHERE {_HELD} RETURNING id"
 )
+# The text after the `saved` characters the row held is rewritten, so a retried append (its first
+# attempt committed just before the connection dropped) does not add the text twice.
 _EXTEND_REPLY = (
-    f"UPDATE {_MESSAGES} SET content = content || %s, "
+    f"UPDATE {_MESSAGES} SET content = substr(content, 1, %s) || %s, "
     f"prompt_tokens = %s, completion_tokens = %s, latency_ms = %s, status = %s WHERE id = %s AND {_HELD}"
 )
 _SET_STATUS = f"UPDATE {_MESSAGES} SET status = %s WHERE id = %s AND {_HELD}"
+# An INSERT whose connection broke may have committed: before it is tried again, its row is looked for.
+_WRITTEN = f"SELECT id FROM {_MESSAGES} WHERE session_id = %s AND role = %s AND created_at = %s"
 
 
 class Fenced(Exception):
@@ -70,8 +81,23 @@ class Lease:
     fence: int
 
 
-async def _run(sql: str, params: Sequence[object], *, returning: bool) -> object | None:
-    """One statement: on the loop's own connection on PostgreSQL, else on the ORM's thread."""
+async def _run(
+    sql: str, params: Sequence[object], *, returning: bool, written: tuple[uuid.UUID, str, object] | None = None
+) -> object | None:
+    """One statement, retried across a storage outage: on the loop's own connection on PostgreSQL, else on
+    the ORM's thread. `written`: an INSERT's (session, role, created_at), looked for before it is retried."""
+    recover = None
+    if written is not None:
+
+        async def recover() -> tuple[bool, object | None]:
+            row_id = await _once(_WRITTEN, written, returning=True)
+            return row_id is not None, row_id
+
+    call = lambda: _once(sql, params, returning=returning)  # noqa: E731
+    return await storage.retry(call, recover=recover, bounded=not pgpool.enabled())
+
+
+async def _once(sql: str, params: Sequence[object], *, returning: bool) -> object | None:
     if pgpool.enabled():
         if returning:
             return await pgpool.fetch_value(sql, params)
@@ -99,7 +125,8 @@ def _prepare(value: object) -> object:
 
 async def _why_not(lease: Lease) -> Exception:
     """A conditioned write changed nothing: the session ended, or another holder has it."""
-    row = await ChatSession.objects.filter(id=lease.session_id).values("fence", "ended_at").afirst()
+    rows = ChatSession.objects.filter(id=lease.session_id).values("fence", "ended_at")
+    row = await storage.retry(rows.afirst)
     if row is not None and row["fence"] != lease.fence:
         return Fenced()
     return session_ended()
@@ -120,12 +147,24 @@ async def save_user_message(
     try:
         if system_message is None:
             status = MessageStatus.STARTED if started else MessageStatus.ACCEPTED
-            params = (lease.session_id, Role.USER.value, content, timezone.now(), status.value)
+            now = timezone.now()
+            params = (lease.session_id, Role.USER.value, content, now, status.value)
             params += (client_message_id, stream, lease.session_id, lease.fence)
-            row_id = await _run(_INSERT_USER, params, returning=True)
+            row_id = await _run(_INSERT_USER, params, returning=True, written=(lease.session_id, Role.USER.value, now))
         else:
+            since = timezone.now()
             save = sync_to_async(_save_with_system_message)
-            row_id = await save(lease, content, system_message, client_message_id, stream, started)
+
+            async def recover() -> tuple[bool, int | None]:
+                # Its transaction committed before the connection dropped: this holder's only user row since.
+                rows = ChatMessage.objects.filter(
+                    session_id=lease.session_id, role=Role.USER, content=content, created_at__gte=since
+                )
+                row = await rows.values_list("id", flat=True).afirst()
+                return row is not None, row
+
+            call = lambda: save(lease, content, system_message, client_message_id, stream, started)  # noqa: E731
+            row_id = await storage.retry(call, recover=recover)
     except (IntegrityError, psycopg.errors.UniqueViolation):
         # Two resends raced past `original()`: the unique index on (session, client_message_id) decides.
         raise Duplicate() from None
@@ -164,12 +203,19 @@ async def save_reply(
     latency_ms: int | None,
     status: MessageStatus = MessageStatus.COMPLETE,
     requested_model: str = "",
+    created_at: datetime | None = None,
 ) -> int:
     """Save the model's reply to the user message `reply_to` as a new row; returns its id. `model`: the
-    model that answered; `requested_model`: the one asked for (they differ when a fallback chain moved on)."""
-    params = (lease.session_id, Role.ASSISTANT.value, content, timezone.now(), status.value, model)
+    model that answered; `requested_model`: the one asked for (they differ when a fallback chain moved on).
+    `created_at`: the same for every attempt of one reply's first save, so that an attempt that committed
+    unanswered is found."""
+    now = created_at or timezone.now()
+    params = (lease.session_id, Role.ASSISTANT.value, content, now, status.value, model)
     usage = (prompt_tokens, completion_tokens, latency_ms, reply_to, requested_model)
-    row_id = await _run(_INSERT_REPLY, (*params, *usage, lease.session_id, lease.fence), returning=True)
+    written = (lease.session_id, Role.ASSISTANT.value, now)
+    row_id = await _run(
+        _INSERT_REPLY, (*params, *usage, lease.session_id, lease.fence), returning=True, written=written
+    )
     if row_id is None:
         raise Fenced()
     return int(row_id)
@@ -179,20 +225,23 @@ async def extend_reply(
     lease: Lease,
     *,
     row_id: int,
+    saved: int,
     more: str,
     prompt_tokens: int | None,
     completion_tokens: int | None,
     latency_ms: int | None,
     status: MessageStatus,
 ) -> None:
-    """Append `more` to a reply saved earlier (a checkpoint) and update its status.
+    """Append `more` to a reply saved earlier (a checkpoint) whose row holds `saved` characters, and update its
+    status (safe to retry: the row ends as its first `saved` characters and `more`, however often it runs).
 
     Appending in the database keeps each statement as small as the text added
     since the last save: rewriting a long reply once a second would send it
     whole each time (and the database driver keeps buffers the size of the
     largest statement it sent).
     """
-    params = (more, prompt_tokens, completion_tokens, latency_ms, status.value, row_id, lease.session_id, lease.fence)
+    params = (saved, more, prompt_tokens, completion_tokens, latency_ms, status.value, row_id)
+    params += (lease.session_id, lease.fence)
     if not await _run(_EXTEND_REPLY, params, returning=False):
         raise Fenced()
 
@@ -201,6 +250,13 @@ async def set_status(lease: Lease, row_id: int, status: MessageStatus) -> None:
     """A turn ended without a reply row (failed, cancelled or interrupted before a word): its user message says so."""
     if not await _run(_SET_STATUS, (status.value, row_id, lease.session_id, lease.fence), returning=False):
         raise Fenced()
+
+
+async def written(session_id: uuid.UUID, role: Role, created_at: datetime) -> int | None:
+    """The row an INSERT made with that `created_at` in that session, if it committed (its connection broke
+    before it said so, and the retries ran out of time)."""
+    row_id = await _run(_WRITTEN, (session_id, role.value, created_at), returning=True)
+    return int(row_id) if row_id is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,10 +271,11 @@ class Original:
 async def original(session_id: uuid.UUID, client_message_id: str) -> Original | None:
     """The session's message with that `client_message_id`, if any: one lookup on a unique index."""
     rows = ChatMessage.objects.filter(session_id=session_id, client_message_id=client_message_id)
-    row = await rows.values("id", "status").afirst()
+    row = await storage.retry(rows.values("id", "status").afirst)
     if row is None:
         return None
-    reply = await ChatMessage.objects.filter(reply_to_id=row["id"]).order_by("-id").values("status").afirst()
+    replies = ChatMessage.objects.filter(reply_to_id=row["id"]).order_by("-id").values("status")
+    reply = await storage.retry(replies.afirst)
     return Original(row["id"], row["status"], reply["status"] if reply else None)
 
 
@@ -249,7 +306,7 @@ async def interrupt_open_turns(lease: Lease) -> None:
             started = rows.filter(role=Role.USER, status=MessageStatus.STARTED).filter(~Exists(replies))
             started.update(status=MessageStatus.INTERRUPTED)
 
-    await sync_to_async(mark)()
+    await storage.retry(sync_to_async(mark))  # the same statements again change nothing more
 
 
 async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
@@ -258,4 +315,8 @@ async def unanswered(session_id: uuid.UUID) -> list[Unanswered]:
     rows = ChatMessage.objects.filter(session_id=session_id, role=Role.USER, status=MessageStatus.ACCEPTED).filter(
         ~Exists(replies)
     )
-    return [Unanswered(row_id=r.id, content=r.content, stream=r.stream) async for r in rows.order_by("id")]
+
+    async def read() -> list[Unanswered]:
+        return [Unanswered(row_id=r.id, content=r.content, stream=r.stream) async for r in rows.order_by("id")]
+
+    return await storage.retry(read)

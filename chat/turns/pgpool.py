@@ -47,6 +47,9 @@ def connection_params() -> dict[str, Any]:
     # give them (PGAPPNAME), or "r2d2", and "-turns".
     base = params.get("application_name") or os.environ.get("PGAPPNAME") or "r2d2"
     params["application_name"] = f"{base}-turns"
+    # A connect to an address that no longer answers (a failover's old primary) fails within this, not the
+    # system's TCP timeout (minutes): the turn's retries (chat/ops/storage.py) then try the new one.
+    params.setdefault("connect_timeout", 5)
     return params
 
 

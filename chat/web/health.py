@@ -11,7 +11,13 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from chat.edge.early import EarlyMiddleware
+from chat.ops import storage
 from chat.sessions import drain
+from chat.turns import pgpool
+
+#: Seconds each check may take: the load balancer waits 10 (HealthCheckTimeout, .ebextensions/01_r2d2.config),
+#: and an answer it gets says more than one it gives up on.
+CHECK_SECONDS = 3.0
 
 
 class HealthCheckMiddleware(EarlyMiddleware):
@@ -28,16 +34,32 @@ class HealthCheckMiddleware(EarlyMiddleware):
         return await self.get_response(request)
 
 
-def _check_database() -> None:
+def _check_database_on_orm() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
+
+
+async def _check_database_once() -> None:
+    # On PostgreSQL on the event loop's own connection: the ORM's pool would wait R2D2_DB_POOL_TIMEOUT for a
+    # connection while the database is down, holding the thread every async ORM call runs on.
+    if pgpool.enabled():
+        await pgpool.fetch_value("SELECT 1", ())
+    else:
+        await sync_to_async(_check_database_on_orm)()
+
+
+async def _check_database() -> None:
+    """`SELECT 1`, retried for CHECK_SECONDS at most (a dead pooled connection after a restart is no outage);
+    an outage it meets is logged once, as the turns' are (chat/ops/storage.py)."""
+    async with asyncio.timeout(CHECK_SECONDS + 0.5):
+        await storage.retry(_check_database_once, within=CHECK_SECONDS)
 
 
 async def healthz(request: HttpRequest) -> JsonResponse:
     """200 when the database and the channel layer answer, 503 otherwise (for the load balancer)."""
     checks: dict[str, str] = {}
     try:
-        await sync_to_async(_check_database)()
+        await _check_database()
         checks["database"] = "ok"
     except Exception as exc:  # any failure means unhealthy
         checks["database"] = type(exc).__name__
@@ -53,4 +75,10 @@ async def healthz(request: HttpRequest) -> JsonResponse:
     if drain.draining:  # stopping (SIGTERM): the load balancer should send new connections elsewhere
         checks["process"] = "draining"
     healthy = all(value == "ok" for value in checks.values())
-    return JsonResponse({"status": "ok" if healthy else "unhealthy", "checks": checks}, status=200 if healthy else 503)
+    response = JsonResponse(
+        {"status": "ok" if healthy else "unhealthy", "checks": checks}, status=200 if healthy else 503
+    )
+    # Not one ERROR line per check while the database is down (django.request logs every 5xx): the outage is
+    # logged once when it starts and once when it ends, and the load balancer counts the 503s.
+    response._has_been_logged = True
+    return response

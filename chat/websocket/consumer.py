@@ -24,9 +24,9 @@ from chat.accounts import auth, counters, principals, quotas
 from chat.accounts.limits import TokenBucket
 from chat.edge import flow
 from chat.models import ChatSession, EndReason
-from chat.ops import metrics, throttle
+from chat.ops import metrics, storage, throttle
 from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart, Usage
-from chat.protocol.errors import ClientError, ErrorCode
+from chat.protocol.errors import ClientError, ErrorCode, storage_unavailable
 from chat.sessions import drain, history, holder, lifecycle, resume
 from chat.sessions.holder import Holder
 
@@ -109,7 +109,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             metrics.rejected(exc.code)
             if not self.refused:  # a refused socket was sent its one `unauthorized` frame
                 await self.send_frame(protocol.error(exc.code, exc.message))
-        except Exception:
+        except Exception as exc:
+            if storage.failed(exc) is not None:
+                # The database or Redis stayed down past the retry window (chat/ops/storage.py): no bug of ours,
+                # and the outage is logged once, not with a traceback per frame.
+                refusal = storage_unavailable()
+                metrics.rejected(refusal.code)
+                await self.send_frame(protocol.error(refusal.code, refusal.message))
+                return
             # A bug must cost one frame, not the socket (Channels would close it with 1011).
             logger.exception("frame handling failed")
             await self.send_frame(protocol.error(ErrorCode.INTERNAL_ERROR, "R2D2 failed to handle that frame."))

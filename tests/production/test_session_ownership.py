@@ -146,6 +146,7 @@ async def test_every_write_is_conditioned_on_the_fence():
         await messages.extend_reply(
             stale,
             row_id=reply,
+            saved=1,
             more="!",
             prompt_tokens=1,
             completion_tokens=1,

@@ -71,6 +71,7 @@ async def test_a_write_cut_short_never_leaves_a_busy_connection_for_the_next() -
         await messages.extend_reply(
             Lease(session.id, session.fence),
             row_id=row_id,
+            saved=len("hello"),
             more=" there",
             prompt_tokens=3,
             completion_tokens=2,

@@ -1,0 +1,69 @@
+"""A TCP proxy on 127.0.0.1 that can be cut and restored: a database or Redis restarting, for the tests.
+
+Cutting it resets every connection through it (as when the server's process goes away) and refuses new ones
+(nothing listens); restoring it listens again on the same port. A test points a server at `port` instead of
+the real service's, so the service itself, shared by every test, is never stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from testkit.server import free_port
+
+
+class CutLink:
+    """A TCP proxy on 127.0.0.1 to `target` that can be cut (every connection reset, new ones refused) and
+    restored on the same port."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> CutLink:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+        return self
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()  # a reset, as when the server's process goes away
+        self._writers.clear()
+
+    async def restore(self) -> None:
+        await self.start()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self.cut()
+
+    async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        self._writers.update((client_writer, server_writer))
+        pumps = [
+            asyncio.create_task(_pump(client_reader, server_writer)),
+            asyncio.create_task(_pump(server_reader, client_writer)),
+        ]
+        with contextlib.suppress(asyncio.CancelledError):  # the test's loop ending
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for pump in pumps:
+            pump.cancel()
+        for writer in (client_writer, server_writer):
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
