@@ -1327,12 +1327,12 @@ def storage_problem(t: float, windows: list[dict[str, Any]], absorb: float) -> s
     covering = [w for w in windows if w["start"] - 1 <= t <= (w["end"] if w["end"] is not None else t) + absorb + 3]
     if not covering:
         return "no storage fault in progress nor just over"
-    longest = max(covering, key=lambda w: (w["end"] if w["end"] is not None else t) - w["start"])
-    lasted = (longest["end"] if longest["end"] is not None else t) - longest["start"]
-    if lasted < absorb - 1:
-        kind, start = longest["kind"], longest["start"]
-        return f"after a storage fault of {lasted:.1f} s ({kind} at t={start}s), shorter than the retry window"
-    return None
+    if max((w["end"] if w["end"] is not None else t) - w["start"] for w in covering) >= absorb - 1:
+        return None
+    latest = max(covering, key=lambda w: w["start"])  # the one that most likely caused it, to name
+    lasted = (latest["end"] if latest["end"] is not None else t) - latest["start"]
+    kind, start = latest["kind"], latest["start"]
+    return f"after a storage fault of {lasted:.1f} s ({kind} at t={start}s), shorter than the retry window"
 
 
 def closest(turn: Turn, replies: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -1800,10 +1800,11 @@ def storage_figures(observed: Observed) -> dict[str, Any]:
     for error in observed.coded:
         if error["code"] != "storage_unavailable":
             continue
-        for w in observed.windows:
-            if w["start"] - 1 <= error["t"] <= (w["end"] or error["t"]) + observed.absorb + 3:
-                out[w["kind"]]["storage_unavailable"] = out[w["kind"]].get("storage_unavailable", 0) + 1
-                break
+        t = error["t"]
+        near = [w for w in observed.windows if w["start"] - 1 <= t <= (w["end"] or t) + observed.absorb + 3]
+        if near:  # counted for the latest fault before it
+            kind = max(near, key=lambda w: w["start"])["kind"]
+            out[kind]["storage_unavailable"] = out[kind].get("storage_unavailable", 0) + 1
     return out
 
 
