@@ -27,7 +27,7 @@ from django.utils.timezone import localtime
 
 from chat.accounts import auth, principals, quotas, usage
 from chat.models import ApiKey, ChatMessage, ChatSession, Role, ServerProcess, UserLimits
-from chat.sessions import lifecycle
+from chat.sessions import lifecycle, watch
 from chat.web import markdown, transcripts
 
 admin.site.site_header = "R2D2 operations"
@@ -107,6 +107,7 @@ class ChatSessionAdmin(admin.ModelAdmin):
         "api_key",
         "continued_from",
         "system_message",
+        "watchers",
     ]
     readonly_fields = fields
     actions = ["end_selected_sessions"]
@@ -142,6 +143,12 @@ class ChatSessionAdmin(admin.ModelAdmin):
         if _HEX_OR_DASH.fullmatch(term):
             matches |= Q(id__icontains=term)  # Django drops the dashes where ids are stored as text
         return queryset.filter(matches), False
+
+    @admin.display(description="watchers")
+    def watchers(self, obj: ChatSession) -> int:
+        """Sockets following the live session from other tabs or devices (chatbot_session_watch; its holder's not
+        counted), asked of its holder wherever it runs (a second at most)."""
+        return async_to_sync(watch.watchers)(obj)
 
     @admin.display(description="session", ordering="id")
     def short_id(self, obj: ChatSession) -> str:

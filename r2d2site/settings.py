@@ -276,6 +276,8 @@ R2D2_MAX_CONTEXT_CHARS = env_int("R2D2_MAX_CONTEXT_CHARS", 48_000)
 R2D2_MAX_MESSAGE_CHARS = env_int("R2D2_MAX_MESSAGE_CHARS", 16_000)
 R2D2_MAX_QUEUED_MESSAGES = env_int("R2D2_MAX_QUEUED_MESSAGES", 4)
 R2D2_MAX_SESSIONS_PER_CONNECTION = env_int("R2D2_MAX_SESSIONS_PER_CONNECTION", 8)
+#: Sessions one socket may watch at once (chatbot_session_watch, chat/sessions/watch.py).
+R2D2_MAX_WATCHES_PER_SOCKET = env_int("R2D2_MAX_WATCHES_PER_SOCKET", 16)
 R2D2_RATE_LIMIT_PER_MINUTE = env_int("R2D2_RATE_LIMIT_PER_MINUTE", 30)
 # A model call's deadlines (chat/llm/base.py): its first chunk (connect, response headers and
 # first chunk, retries included), each gap between chunks, and the whole reply.

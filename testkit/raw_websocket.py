@@ -13,16 +13,17 @@ import struct
 
 
 class RawWebSocket:
-    def __init__(self, port: int, *, receive_buffer: int = 4096) -> None:
+    def __init__(self, port: int, *, receive_buffer: int = 4096, headers: dict[str, str] | None = None) -> None:
         self.sock = socket.socket()
         # A small receive buffer, so the kernel holds little on the client's side.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.sock.sendall(
             (
                 f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
             ).encode()
         )
         response = b""

@@ -68,7 +68,24 @@ class Usage:
     pass
 
 
-Request = SessionStart | PostMessage | SessionEnd | Cancel | ListModels | Resume | Usage
+@dataclass(frozen=True, slots=True)
+class Watch:
+    session_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Unwatch:
+    session_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class ListSessions:
+    pass
+
+
+Request = (
+    SessionStart | PostMessage | SessionEnd | Cancel | ListModels | Resume | Usage | Watch | Unwatch | ListSessions
+)
 
 
 def parse_text(text: str, *, max_message_chars: int) -> Request:
@@ -231,6 +248,18 @@ def _parse_usage(content: dict, max_message_chars: int) -> Usage:
     return Usage()
 
 
+def _parse_watch(content: dict, max_message_chars: int) -> Watch:
+    return Watch(session_id=_session_id(content))
+
+
+def _parse_unwatch(content: dict, max_message_chars: int) -> Unwatch:
+    return Unwatch(session_id=_session_id(content))
+
+
+def _parse_list_sessions(content: dict, max_message_chars: int) -> ListSessions:
+    return ListSessions()
+
+
 PARSERS = {
     "chatbot_session_start": _parse_session_start,
     "chatbot_post_message": _parse_post_message,
@@ -239,6 +268,9 @@ PARSERS = {
     "chatbot_models": _parse_list_models,
     "chatbot_session_resume": _parse_resume,
     "chatbot_usage": _parse_usage,
+    "chatbot_session_watch": _parse_watch,
+    "chatbot_session_unwatch": _parse_unwatch,
+    "chatbot_sessions": _parse_list_sessions,
 }
 
 
@@ -371,3 +403,49 @@ def cancelled(session_id: uuid.UUID) -> str:
 def frame_type(frame: str) -> str:
     """The `type` of an encoded frame (for reading the frame log back)."""
     return json.loads(frame)["type"]
+
+
+# Watching a session from another socket (chat/sessions/watch.py) ------------------------
+# The watched session's frames reach a watcher as its holder's socket gets them, with
+# `session_id` and `seq` appended (`sequenced`), for plain sessions too.
+
+
+def session_watching(session_id: uuid.UUID, messages: list[dict[str, Any]], partial: str | None) -> str:
+    """The answer to `chatbot_session_watch`: the conversation as saved so far, and the reply being written."""
+    return encode("session_watching", {"session_id": str(session_id), "messages": messages, "partial": partial})
+
+
+def session_unwatched(session_id: uuid.UUID) -> str:
+    return encode("session_unwatched", {"session_id": str(session_id)})
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSession:
+    """One of a principal's live sessions, as `chatbot_sessions` lists it."""
+
+    session_id: uuid.UUID
+    model: str
+    resumable: bool
+    answering: bool
+    watchers: int
+    started_at: datetime
+    last_activity: datetime
+
+
+def sessions(live: list[LiveSession]) -> str:
+    """The answer to `chatbot_sessions`: the principal's live sessions, newest first."""
+    return encode(
+        "sessions",
+        [
+            {
+                "session_id": str(s.session_id),
+                "model": s.model,
+                "resumable": s.resumable,
+                "answering": s.answering,
+                "watchers": s.watchers,
+                "started_at": _instant(s.started_at),
+                "last_activity": _instant(s.last_activity),
+            }
+            for s in live
+        ],
+    )

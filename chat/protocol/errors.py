@@ -50,6 +50,8 @@ class ErrorCode(StrEnum):
     TURN_INTERRUPTED = "turn_interrupted"
     SERVER_DRAINING = "server_draining"
     STORAGE_UNAVAILABLE = "storage_unavailable"
+    TOO_MANY_WATCHES = "too_many_watches"
+    HOLDER_UNREACHABLE = "holder_unreachable"
 
 
 def storage_unavailable() -> ClientError:

@@ -27,7 +27,7 @@ import hashlib
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -41,7 +41,7 @@ from chat.ops import metrics, throttle
 from chat.ops.tasks import Background
 from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
-from chat.sessions import framelog, lifecycle
+from chat.sessions import feed, framelog, lifecycle
 from chat.sessions.frames import LocalFrames
 from chat.sessions.history import Memory
 from chat.sessions.socket import SessionSocket
@@ -94,6 +94,8 @@ class Holder:
         "frames",
         "log",
         "leaving",
+        "marks",
+        "feed",
         "_lock",
         "_window",
     )
@@ -129,6 +131,10 @@ class Holder:
             else None
         )
         self.leaving = False  # ended, handed over, released or fenced: no longer this process's
+        # Every frame numbered (a resumable session's seq; a plain session's own count) and, once the
+        # session is watched, published to its watchers (chat/sessions/feed.py).
+        self.marks = feed.Marks(next_seq - 1)
+        self.feed: feed.Feed | None = None
         # A resumable session's socket writes and shared-log appends in seq order (asyncio.Lock wakes waiters
         # first come first served). A plain session's frames go straight to its socket: no lock to keep per
         # idle session (bench/memory.py).
@@ -141,7 +147,10 @@ class Holder:
 
     async def send(self, frame: str) -> None:
         """The conversation's `send`: to the socket attached; for a resumable session numbered and kept too."""
+        number = self.marks.note(frame)
         if self.frames is None:
+            if self.feed is not None:
+                self.feed.publish(number, protocol.sequenced(frame, self.session_id, number))
             if self.socket is not None:
                 await self.socket.send_frame(frame)
             return
@@ -154,11 +163,19 @@ class Holder:
             if self.log is not None:  # back once the log holds it, or at once while the log lags
                 await self.log.wrote(seq, text)
             self.delivered = seq
+            if self.feed is not None:
+                self.feed.publish(seq, text)
             if self.socket is not None:
                 try:
                     await self.socket.send_frame(text)
                 except Exception:  # the socket is going: the frame is kept for the resume
                     logger.info("frame not delivered", extra={"session_id": str(self.session_id), "seq": seq})
+
+    def partial(self) -> str:
+        return self.conversation.streamed
+
+    def answering(self) -> int | None:
+        return self.conversation.answering
 
     # The socket ----------------------------------------------------------------
 
@@ -171,6 +188,8 @@ class Holder:
         if not self.resumable:
             if await self._leave():
                 await lifecycle.end_many(session_ids=[self.session_id], reason=EndReason.DISCONNECT)
+                if self.feed is not None:  # its watchers are told (its socket is gone)
+                    await self.send(protocol.session_ended_by_server(self.session_id, EndReason.DISCONNECT.value))
                 logger.info("session ended", extra={"session_id": str(self.session_id), "reason": "disconnect"})
             return
         self._cancel_window()
@@ -466,6 +485,13 @@ class Hub:
                 await holder.hand_over()
             else:
                 await lifecycle.release(session_id)  # recorded as ours, but not held here: let it go
+        elif kind in events:
+            await events[kind](holder, event)
+
+
+#: More events the hub takes for the sessions held here: `type` → handler(the holder here or None, event).
+#: chat/sessions/watch.py registers its own (a watcher's snapshot, post, leave), so the holder needs no import of it.
+events: dict[str, Callable[[Holder | None, dict[str, Any]], Awaitable[None]]] = {}
 
 
 hub = Hub()

@@ -52,7 +52,7 @@ from chat.accounts.principals import Principal
 from chat.models import ChatMessage, ChatSession, Role
 from chat.ops import throttle
 from chat.protocol.errors import ClientError, ErrorCode
-from chat.sessions import framelog, holder, lifecycle, liveness
+from chat.sessions import feed, framelog, holder, lifecycle, liveness
 from chat.sessions.frames import first_missing
 from chat.sessions.holder import Holder, unavailable
 from chat.sessions.socket import SessionSocket
@@ -264,6 +264,7 @@ async def _hand_over(
         next_seq=max(cursor, last) + 1,
     )
     logger.info("session taken over", extra={"session_id": str(session_id), "from": row.owner_process or "released"})
+    await feed.announce(session_id, channel)  # its watchers join this holder (issue 28)
     await _reconcile(new, log, row)
     return new
 

@@ -104,6 +104,7 @@ class Conversation:
         "_stop",
         "_closed",
         "_current",
+        "_streamed",
     )
 
     def __init__(
@@ -132,6 +133,7 @@ class Conversation:
         self._stop: MessageStatus | None = None
         self._closed = False
         self._current: int | None = None  # the row of the message being answered
+        self._streamed: Draft | None = None  # the streamed reply being written (what its deltas said)
 
     @property
     def session_id(self) -> uuid.UUID:
@@ -241,6 +243,17 @@ class Conversation:
     def generating(self) -> bool:
         return self._generating
 
+    @property
+    def answering(self) -> int | None:
+        """The row of the message whose turn is running, if any."""
+        return self._current
+
+    @property
+    def streamed(self) -> str:
+        """What the running turn's deltas have said so far ("" when it does not stream): a watcher's `partial`.
+        A delta's text joins the draft and its frame is numbered in the same step, with no await between."""
+        return self._streamed.text if self._streamed is not None else ""
+
     async def close(self, *, interrupt: bool = False) -> list[int]:
         """Stop for good: stop the generation (its partial reply is saved: cancelled, or interrupted)
         and drop the queue; returns the dropped messages' rows (still saved as `accepted`: the holder marks them
@@ -277,11 +290,11 @@ class Conversation:
         try:
             while self._pending and not self._closed:
                 queued = self._pending.popleft()
-                self._in_turn, self._current = True, queued.row_id
+                self._in_turn, self._current, self._streamed = True, queued.row_id, None
                 try:
                     await self._turn(queued)
                 finally:
-                    self._in_turn, self._current = False, None
+                    self._in_turn, self._current, self._streamed = False, None, None
                     if queued.reservation is not None:
                         queued.reservation.release()  # the turn ended before the model call: no charge
         finally:
@@ -345,6 +358,8 @@ class Conversation:
         self.history.append((Role.USER.value, queued.content))
         reply = llm.Reply()
         draft = Draft(self.lease, self.model, reply, queued.row_id)
+        if queued.stream:
+            self._streamed = draft
         try:
             await self._reply(queued, request, reply, draft)
         except Exception as exc:

@@ -25,9 +25,21 @@ from chat.accounts.limits import TokenBucket
 from chat.edge import flow
 from chat.models import ChatSession, EndReason
 from chat.ops import metrics, storage, throttle
-from chat.protocol import Cancel, ListModels, PostMessage, Request, Resume, SessionEnd, SessionStart, Usage
+from chat.protocol import (
+    Cancel,
+    ListModels,
+    ListSessions,
+    PostMessage,
+    Request,
+    Resume,
+    SessionEnd,
+    SessionStart,
+    Unwatch,
+    Usage,
+    Watch,
+)
 from chat.protocol.errors import ClientError, ErrorCode, storage_unavailable
-from chat.sessions import drain, history, holder, lifecycle, resume
+from chat.sessions import drain, history, holder, lifecycle, resume, watch
 from chat.sessions.holder import Holder
 
 logger = logging.getLogger(__name__)
@@ -136,6 +148,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if getattr(self, "finished", True):
             return
         self.finished = True
+        watch.forget(self)
         await self.release_all()  # first: Redis may be down, and the sessions must not wait for it
         for group in auth.revocation_groups(getattr(self, "principal", principals.ANONYMOUS), self.scope):
             try:
@@ -203,6 +216,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if request.session_id in self.taking_over:
             self.taking_over[request.session_id][1].append(request)  # posted once it is held here, in order
             return
+        if request.session_id not in self.sessions and watch.watched_by(self, request.session_id):
+            await self.still_authorized()
+            return await watch.post(self, request)  # into a session this socket watches, held elsewhere
         await self.post_held(request)
 
     async def post_held(self, request: PostMessage) -> None:
@@ -227,6 +243,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.send_frame(protocol.session_end())
 
     async def cancel_turn(self, request: Cancel) -> None:
+        if request.session_id not in self.sessions and watch.watched_by(self, request.session_id):
+            return await watch.cancel(self, request)
         held = await self.held(request.session_id, or_mine=True)
         if isinstance(held, Holder):
             if not held.conversation.cancel():
@@ -274,6 +292,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         figures = await quotas.figures(self.principal, tally=self.own_tally(), socket_sessions=len(self.sessions))
         await self.send_frame(protocol.usage(figures))
 
+    async def watch_session(self, request: Watch) -> None:
+        await watch.watch(self, self.principal, request.session_id)
+
+    async def unwatch_session(self, request: Unwatch) -> None:
+        await watch.unwatch(self, request.session_id)
+
+    async def list_sessions(self, request: ListSessions) -> None:
+        await self.send_frame(protocol.sessions(await watch.sessions(self.principal)))
+
     async def unhandled(self, request: Request) -> None:
         raise ClientError(ErrorCode.UNKNOWN_ACTION, "This server does not handle that action.")
 
@@ -286,6 +313,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         ListModels: list_models,
         Resume: resume_session,
         Usage: usage,
+        Watch: watch_session,
+        Unwatch: unwatch_session,
+        ListSessions: list_sessions,
     }
 
     # Channel-layer events --------------------------------------------------

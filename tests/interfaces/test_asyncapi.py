@@ -55,7 +55,7 @@ def test_every_end_reason_is_documented():
 
 
 def test_every_action_is_documented_and_examples_validate():
-    """The seven actions are there, and each message's examples match its own payload schema."""
+    """The ten actions are there, and each message's examples match its own payload schema."""
     messages = document()["components"]["messages"]
     actions = {m["name"] for m in messages.values() if "action" in m["payload"].get("properties", {})}
     assert actions == {
@@ -66,6 +66,9 @@ def test_every_action_is_documented_and_examples_validate():
         "chatbot_models",
         "chatbot_session_resume",
         "chatbot_usage",
+        "chatbot_session_watch",
+        "chatbot_session_unwatch",
+        "chatbot_sessions",
     }
     for message_id, message in messages.items():
         check = validator(f"/components/messages/{message_id}/payload")
@@ -84,6 +87,9 @@ def test_every_action_is_documented_and_examples_validate():
         "cancelled",
         "models",
         "usage",
+        "sessionWatching",
+        "sessionUnwatched",
+        "sessions",
         "error",
     }
 
@@ -130,6 +136,8 @@ async def test_a_live_conversation_sends_every_documented_frame(daphne, fake_llm
     assert models["data"][0]["id"] == "gpt-3.5-turbo"
     [usage] = await exchange({"action": "chatbot_usage"})
     assert usage["data"]["sessions"] == {"used": 1, "limit": 8}
+    [sessions] = await exchange({"action": "chatbot_sessions"})
+    assert sessions["data"] == []  # an anonymous connection has no principal to list for
     post = {"action": "chatbot_post_message", "session_id": session_id}
     await exchange({**post, "user_message": "whole"}, "processing_end")
     await exchange({**post, "user_message": "streamed", "stream": True, "system_message": "Hi"}, "processing_end")
@@ -164,8 +172,9 @@ async def test_a_live_conversation_sends_every_documented_frame(daphne, fake_llm
     for text in client.received:
         frame = json.loads(text)
         seen.setdefault(match_frame(text), set()).add(frame["data"]["code"] if frame["type"] == "error" else "")
-    # Frames of other connections' sessions are checked where they are sent (tests/production/).
-    assert set(seen) == set(server_messages()) - {"sessionEndedByServer", "sessionResumed", "cancelled"}
+    # Frames of other connections' sessions are checked where they are sent (tests/production/, tests/e2e/).
+    others = {"sessionEndedByServer", "sessionResumed", "cancelled", "sessionWatching", "sessionUnwatched"}
+    assert set(seen) == set(server_messages()) - others
     assert {
         "invalid_json",
         "not_an_object",

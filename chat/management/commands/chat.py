@@ -9,7 +9,9 @@ each reply waited for, the session ended at end of input; replies go to stdout,
 everything else (banner, errors, notices) to stderr, so scripts read only answers.
 `--list-models` prints the models the server offers (id, tab, provider) and exits;
 `--usage` prints the server's `usage` frame (what this key or connection used, against
-its limits) and exits.
+its limits) and exits. `--follow <session_id>` watches a running session of the same
+principal (another device's): its replies are printed as they are written, until the
+session ends or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -50,12 +52,25 @@ class Command(BaseCommand):
             "--usage", action="store_true", help="print the server's usage frame (use against limits) and exit"
         )
         parser.add_argument(
+            "--follow", metavar="SESSION_ID", default=None, help="print a running session's replies as they are written"
+        )
+        parser.add_argument(
             "--api-key",
             default=os.environ.get("R2D2_API_KEY") or None,
             help="API key sent as 'Authorization: Bearer <key>' (default: $R2D2_API_KEY)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["follow"]:
+            try:
+                code = asyncio.run(follow(options["url"], options["api_key"], options["follow"]))
+            except (OSError, websockets.InvalidURI, websockets.InvalidHandshake) as exc:
+                raise CommandError(f"Could not talk to {options['url']}: {exc}") from None
+            except KeyboardInterrupt:
+                code = 0
+            if code:
+                sys.exit(code)
+            return
         if options["usage"]:
             try:
                 print(asyncio.run(usage_frame(options["url"], options["api_key"])))
@@ -358,6 +373,47 @@ async def usage_frame(url: str, api_key: str | None = None) -> str:
     if frame.get("type") != "usage":
         raise CommandError(f"The server did not give its usage: {frame.get('data')}")
     return text
+
+
+async def follow(url: str, api_key: str | None, session_id: str, *, out: Any = None, err: Any = None) -> int:
+    """Watch `session_id` (chatbot_session_watch): the reply being written, then each reply, as they come.
+    Replies go to `out` (stdout), notices and errors to `err` (stderr); 0 when the session ended, 1 if refused."""
+    out, err = out or sys.stdout, err or sys.stderr
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
+        await ws.send(json.dumps({"action": "chatbot_session_watch", "session_id": session_id}))
+        said = False  # this turn's text has been printed (deltas), so its `message` is not printed again
+        async for text in ws:
+            frame = json.loads(text)
+            kind, data = frame.get("type"), frame.get("data")
+            if kind == "session_watching":
+                turns = sum(1 for m in data["messages"] if m["role"] == "assistant")
+                print(f"[following {session_id}: {turns} replies so far]", file=err, flush=True)
+                if data["partial"] is not None:
+                    out.write(data["partial"])
+                    out.flush()
+                    said = True
+            elif kind == "message_delta":
+                out.write(data)
+                out.flush()
+                said = True
+            elif kind == "message":
+                if not said:
+                    out.write(data)
+                said = True
+            elif kind == "processing_end":
+                if said:
+                    out.write("\n")
+                    out.flush()
+                said = False
+            elif kind == "error":
+                print(f"[{data['code']}] {data['message']}", file=err, flush=True)
+                if frame.get("session_id") is None:  # the watch itself was refused
+                    return 1
+            elif kind == "session_end":
+                print("[session ended]", file=err, flush=True)
+                return 0
+    return 0
 
 
 async def _first(*aws) -> Any:

@@ -11,6 +11,7 @@
     sessionBar: $("session-bar"), sessionId: $("session-id"), sessionModel: $("session-model"), end: $("end"),
     notices: $("notices"), log: $("log"), composer: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
     spend: $("spend"),  // signed in only: today's spend against the principal's limits
+    running: $("running"), runningList: $("running-list"), runningRefresh: $("running-refresh"),
   };
   const END_REASONS = {
     operator: "An operator ended this session.",
@@ -32,6 +33,9 @@
     // Messages sent whose processing_start has not arrived: perhaps never received if the socket dropped,
     // so each is sent again, with the same client_message_id, after a resume (the server answers it once).
     unstarted: [],
+    // Following a session another tab or device holds (chatbot_session_watch): its frames stream here too,
+    // and this page may post into it and stop it.
+    watching: false,
   };
 
   // Connection -----------------------------------------------------------------
@@ -46,7 +50,9 @@
       state.connected = true;
       state.retryDelay = 1000;
       setConnection("ok", "Connected");
-      if (state.sessionId && state.resumeToken) {
+      if (state.sessionId && state.watching) {
+        send({ action: "chatbot_session_watch", session_id: state.sessionId });  // a fresh snapshot
+      } else if (state.sessionId && state.resumeToken) {
         state.resuming = true;
         send({ action: "chatbot_session_resume", session_id: state.sessionId, resume_token: state.resumeToken, last_seq: state.lastSeq });
       } else if (state.everConnected) {
@@ -58,6 +64,7 @@
       state.everConnected = true;
       send({ action: "chatbot_models" });  // fills the model picker (the "models" frame)
       askUsage();
+      askRunning();
       render();
     });
     ws.addEventListener("message", (event) => {
@@ -82,7 +89,7 @@
       state.starting = false;
       state.resuming = false;
       // A resumable session outlives the socket: the reply in progress carries on after the resume.
-      if (!state.resumeToken) {
+      if (!state.resumeToken && !state.watching) {
         if (state.sessionId) state.lostSession = true;  // the server ends a socket's sessions when it closes
         finishReply();
         endSessionLocally();
@@ -134,7 +141,8 @@
         els.input.focus();
         break;
       case "processing_start":
-        state.unstarted.shift();  // answered in order: the oldest message sent is being answered
+        // Answered in order: the oldest message sent is being answered; none: another tab or device sent it.
+        if (!state.unstarted.shift()) bubble("user", "(sent from another tab or device)").classList.add("earlier");
         state.generating = true;
         state.stopRequested = false;
         startReply();
@@ -185,12 +193,19 @@
       case "models":
         fillModels(data);
         break;
+      case "sessions":
+        showRunning(data);
+        break;
+      case "session_watching":
+        followed(data);
+        break;
       case "usage":
         showSpend(data);
         break;
       case "session_end":
         finishReply();
         endSessionLocally();
+        askRunning();
         note(data && data.reason ? (END_REASONS[data.reason] || `Session ended (${data.reason}).`) : "Session ended.");
         if (data && data.reason) notice("warn", END_REASONS[data.reason] || "The server ended this session.", "session");
         break;
@@ -284,7 +299,61 @@
     els.spend.hidden = false;
   }
 
+  // What of this person's is running (chatbot_sessions): sessions another tab or device holds, each to follow.
+  function askRunning() {
+    if (els.running && state.connected && !state.sessionId) send({ action: "chatbot_sessions" });
+  }
+
+  function showRunning(sessions) {
+    if (!els.running) return;
+    const items = sessions.map((s) => {
+      const item = document.createElement("li");
+      const follow = document.createElement("button");
+      follow.type = "button";
+      follow.className = "ghost follow";
+      follow.textContent = "Follow";
+      follow.dataset.sessionId = s.session_id;
+      follow.addEventListener("click", () => {
+        state.starting = true;
+        send({ action: "chatbot_session_watch", session_id: s.session_id });
+        render();
+      });
+      const label = document.createElement("span");
+      label.textContent = `${s.model} · started ${new Date(s.started_at).toLocaleTimeString()}`
+        + (s.answering ? " · answering now" : "") + (s.watchers ? ` · ${s.watchers} following` : "");
+      item.append(label, " ", follow);
+      return item;
+    });
+    els.runningList.replaceChildren(...items);
+    els.running.hidden = items.length === 0;
+  }
+
+  // The answer to chatbot_session_watch: the conversation so far, then its frames arrive as the holder's do.
+  function followed(data) {
+    state.starting = false;
+    finishReply();
+    state.sessionId = data.session_id;
+    state.watching = true;
+    state.resumeToken = null;
+    state.lastSeq = 0;
+    els.sessionId.textContent = data.session_id;
+    els.sessionModel.textContent = "following";
+    els.log.replaceChildren();
+    for (const m of data.messages) {
+      const item = bubble(m.role, m.role === "assistant" ? "" : m.content);
+      if (m.role === "assistant") R2D2Markdown.render(item.querySelector(".text"), m.content);
+    }
+    note("Following this conversation from another tab or device: its replies stream here, and you may type.");
+    if (data.partial !== null) {
+      state.generating = true;
+      startReply();
+      state.replyText = data.partial;
+      renderReply();
+    }
+  }
+
   function endSessionLocally() {
+    state.watching = false;
     state.sessionId = null;
     state.pendingSystem = null;
     state.resumeToken = null;
@@ -351,6 +420,8 @@
     render();
   });
 
+  if (els.runningRefresh) els.runningRefresh.addEventListener("click", askRunning);
+
   els.end.addEventListener("click", () => {
     if (state.sessionId) send({ action: "chatbot_session_end", session_id: state.sessionId });
   });
@@ -367,6 +438,7 @@
   function render() {
     const inSession = Boolean(state.sessionId);
     els.setup.hidden = inSession;
+    if (els.running && inSession) els.running.hidden = true;
     els.sessionBar.hidden = !inSession;
     els.start.disabled = !state.connected || state.starting || state.signedOut;
     els.start.textContent = state.starting ? "Starting…" : "Start session";

@@ -109,3 +109,31 @@ def test_turn_frames_are_byte_identical_to_json_dumps(text):
     assert protocol.message_delta(text) == json.dumps({"type": "message_delta", "data": text})
     assert protocol.processing_start() == json.dumps({"type": "processing_start", "data": None})
     assert protocol.processing_end() == json.dumps({"type": "processing_end", "data": None})
+
+
+def test_watch_actions_parse_and_their_answers_match_the_document():
+    """chatbot_session_watch / _unwatch name a session; chatbot_sessions nothing. Their answers are documented."""
+    from datetime import UTC, datetime
+
+    from testkit.contract import match_frame
+
+    assert parse({"action": "chatbot_session_watch", "session_id": SID}) == protocol.Watch(uuid.UUID(SID))
+    assert parse({"action": "chatbot_session_unwatch", "session_id": SID}) == protocol.Unwatch(uuid.UUID(SID))
+    assert parse({"action": "chatbot_sessions"}) == protocol.ListSessions()
+    assert code_of({"action": "chatbot_session_watch"}) == ErrorCode.MISSING_SESSION_ID
+    assert code_of({"action": "chatbot_session_watch", "session_id": "x"}) == ErrorCode.INVALID_SESSION_ID
+    messages = [{"role": "user", "content": "hi", "status": "started"}]
+    watching = protocol.session_watching(uuid.UUID(SID), messages, "Hel")
+    assert json.loads(watching) == {
+        "type": "session_watching",
+        "data": {"session_id": SID, "messages": messages, "partial": "Hel"},
+    }
+    assert match_frame(watching) == "sessionWatching"
+    assert match_frame(protocol.session_unwatched(uuid.UUID(SID))) == "sessionUnwatched"
+    moment = datetime(2026, 12, 6, 7, 0, tzinfo=UTC)
+    live = protocol.LiveSession(uuid.UUID(SID), "gpt-4o-mini", True, False, 2, moment, moment)
+    listed = protocol.sessions([live])
+    assert json.loads(listed)["data"][0]["started_at"] == "2026-12-06T07:00:00Z"
+    assert match_frame(listed) == "sessions"
+    # A plain session's frame, as a watcher gets it: session_id and seq after type and data.
+    assert match_frame(protocol.sequenced(protocol.processing_end(), uuid.UUID(SID), 3)) == "processingEnd"
