@@ -5,11 +5,18 @@ ports) in production mode (DJANGO_DEBUG=0, an API key with no quotas) on a priva
 (initdb + pg_ctl in a temporary directory) and a private redis-server, with testkit/fake_llm.py streaming
 echoed replies of a few hundred milliseconds to a few seconds. `--clients` clients, resumable or not,
 streamed or not, post messages and follow every frame; resumable ones reconnect when their socket closes
-and resume (token + last_seq) on either server at random, the others start a new session. Meanwhile a
-fault loop SIGKILLs a server and restarts it, SIGTERMs one (a rolling deploy: drain, then restart),
-restarts Redis, restarts PostgreSQL (`pg_ctl restart -m fast`), and cuts client sockets (the TCP
-transport aborted). Then the clients stop posting, wait for their turns to settle and end their
-sessions, and after a sweep period the soak checks against the database:
+and resume (token + last_seq) on either server at random (again a moment later after `session_end`
+`resume_failed`), the others start a new session. `--watchers` sockets of the same API key follow other
+clients' sessions (`chatbot_session_watch`, issue 28) from the server the holder is not on, for 5-30 s each,
+mostly joining mid-reply. Meanwhile a fault loop (`--faults`, one every `--fault-every` s on average) SIGKILLs
+a server and restarts it (kill), SIGTERMs one (term: a rolling deploy, drain then restart), restarts Redis
+(redis), restarts PostgreSQL (pg: `pg_ctl restart -m fast`), cuts client sockets (cut: the TCP transport
+aborted), SIGKILLs a server and restarts Redis (kill+redis), drops every Redis connection without a restart
+(redis-reset: `CLIENT KILL TYPE normal` and `TYPE pubsub`), and, at set times (a third of the way in, then
+every `--pg-outage-every` s), stops PostgreSQL for `--pg-outage-seconds` (pg-outage, 30 s: a Multi-AZ
+failover; meanwhile only cuts and Redis faults). Each storage fault's window (start, end) is recorded. Then
+the clients stop posting, wait for their turns to settle and end their sessions, and after a sweep period
+the soak checks against the database:
 
 - lost: a message the client saw accepted (processing_start, or a post the server never refused
   on a socket that stayed open) is not saved;
@@ -18,7 +25,8 @@ sessions, and after a sweep period the soak checks against the database:
 - mismatched: a reply the client assembled (deltas, or the `message` frame) differs from the saved one
   (a reply saved `interrupted`/`cancelled` may be the partial the client saw; a `complete` one must be whole);
 - seq violations: per resumable session, a seq never received below the highest received (gap), a seq
-  received twice with different frames (reused), or one arriving after a higher one (out of order);
+  received twice with different frames (reused) or the same (doubled: a resume says last_seq, so nothing at or
+  below it comes again, replayed or forwarded during a take-over), or one arriving after a higher one (out of order);
 - 1011 closes: a socket the server closed with 1011;
 - sessions open: a session with no ended_at once the clients ended theirs and the sweep period passed;
 - incomplete: a reply row still `incomplete` at the end;
@@ -28,13 +36,23 @@ sessions, and after a sweep period the soak checks against the database:
 - ended under client: the server ended a session, or gave it to another socket, while its client held it
   (a post refused `session_ended`/`session_not_owned`, a `session_end` nobody asked for, a resume refused
   `session_ended`): nothing in the soak ends sessions but their clients;
-- no progress: a client never got a whole reply (a run that tested nothing).
+- no progress: a client never got a whole reply (a run that tested nothing);
+- internal_error: any `error` frame with code `internal_error` on any socket (a turn's, a post's, a resume's,
+  a watch's): it says R2D2 itself failed;
+- storage_unavailable: one the client got outside every storage fault's window (from its start to its end
+  plus `--absorb-seconds`, the retry window, plus 3 s), or where the only storage faults were shorter than
+  that window (a restart the retries should have made invisible);
+- watchers: per watch, a seq gap, a seq received twice or out of order; a watched reply (the snapshot's
+  `partial` and the deltas after it, or the `message`) that is not the saved reply; a snapshot message that
+  is not saved.
 
 Exit status 1 on any violation. `--self-check` runs a short soak whose only faults are client cuts (it
 should pass), then injects one fault of each kind into copies of what was observed and checks that each
 is caught (exit 1 if one is not).
 
-    .venv/bin/python bench/chaos.py [--minutes 3] [--clients 20] [--seed 1] [--fault-every 6]
+    .venv/bin/python bench/chaos.py [--minutes 3] [--clients 20] [--watchers 4] [--seed 1] [--fault-every 5]
+        [--faults kill,term,redis,pg,cut,kill+redis,redis-reset,pg-outage] [--pg-outage-seconds 30]
+        [--storage-retry SECONDS (the servers' R2D2_STORAGE_RETRY_SECONDS; 0: off)]
     .venv/bin/python bench/chaos.py --self-check
 """
 
@@ -70,7 +88,13 @@ from testkit.redis import PrivateRedis
 from testkit.server import free_port, wait_for_port
 
 SECRET_KEY = "bench-secret-key-not-for-production-0123456789abcdefghijklmnop"
-FAULT_KINDS = ("kill", "term", "redis", "pg", "cut", "kill+redis")
+FAULT_KINDS = ("kill", "term", "redis", "pg", "cut", "kill+redis", "redis-reset", "pg-outage")
+#: Faults of the storage (PostgreSQL, Redis): a `storage_unavailable` is only allowed in or just after one of these.
+STORAGE_FAULTS = {"redis", "pg", "kill+redis", "redis-reset", "pg-outage"}
+#: What may go on while PostgreSQL is out (a server started or killed then would test the launcher, not R2D2).
+DURING_OUTAGE = {"cut", "redis-reset", "redis"}
+#: Error codes every frame is watched for, wherever they come (a turn, a refusal, a resume, a watch).
+WATCHED_CODES = {"internal_error", "storage_unavailable"}
 WORDS = ("droid", "astromech", "hyperdrive", "moisture", "vaporator", "binary", "sunset", "dune", "sandcrawler")
 WORDS += ("hologram", "princess", "rebel", "base", "bantha", "scrap", "circuit", "beep", "whistle", "tractor", "beam")
 WORDS += ("cantina", "starship", "thermal", "exhaust", "port")
@@ -148,6 +172,13 @@ class Postgres:
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", self._options(), "-m", "fast", "-w", "restart"
         )
+
+    def down(self) -> None:
+        """The outage's start: a fast shutdown (clients' connections are terminated, as in a failover)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def up(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", self._options(), "-w", "start")
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -235,6 +266,7 @@ class Post:
     fate: str = "unknown"  # unknown | accepted | refused:<code> | dropped (never answered nor refused)
     in_doubt: bool = False  # the socket it was sent on was lost before the server answered it
     turn: Turn | None = None
+    regenerates: Post | None = None  # a `chatbot_regenerate` of that post's reply (issue 29), not a new message
 
     @property
     def expected(self) -> str:
@@ -281,7 +313,7 @@ class Session:
     max_seq: int = 0
     conflicts: list[tuple[int, str, str]] = field(default_factory=list)  # seq, first frame, second frame
     out_of_order: list[tuple[int, int]] = field(default_factory=list)  # seq, highest before it
-    replayed_twice: int = 0  # a seq received again with the same frame (harmless)
+    doubled: list[int] = field(default_factory=list)  # a seq received again, same bytes (a replay past last_seq)
     current: Turn | None = None
     awaiting: collections.deque = field(default_factory=collections.deque)  # posts not started yet, oldest first
     by_tag: dict[str, Post] = field(default_factory=dict)
@@ -298,6 +330,7 @@ class Session:
     history: list[str] = field(default_factory=list)
     next_post: float = 0.0
     last_progress: float = 0.0
+    pause: float = 0.0  # seconds to wait before resuming it again (after session_end resume_failed)
 
     def note(self, t0: float, event: str) -> None:
         self.history.append(f"{now() - t0:6.1f}s {event}")
@@ -306,7 +339,7 @@ class Session:
         """Record a sequenced frame; False when it is a seq already received (not to be applied again)."""
         if seq in self.frames:
             if self.frames[seq] == text:
-                self.replayed_twice += 1
+                self.doubled.append(seq)
             else:
                 self.conflicts.append((seq, self.frames[seq][:160], text[:160]))
             return False
@@ -317,6 +350,178 @@ class Session:
         return True
 
 
+@dataclass
+class WatchedTurn:
+    """A turn as a watcher assembled it: the snapshot's `partial` (if it joined mid-reply), then the deltas."""
+
+    text: str = ""
+    from_partial: bool = False
+    message: str | None = None
+    errors: list[str] = field(default_factory=list)
+    ended: bool = False
+
+
+@dataclass
+class Watch:
+    """One `chatbot_session_watch` of another client's session, from a socket on the other server."""
+
+    watcher: int
+    session: str
+    holder: int  # the client holding it
+    server: int  # the watching socket's server
+    started: float
+    snapshot: dict[str, Any] | None = None
+    frames: dict[int, str] = field(default_factory=dict)  # seq -> frame text
+    doubles: list[int] = field(default_factory=list)  # a seq received twice (any bytes: a watch never replays)
+    out_of_order: list[tuple[int, int]] = field(default_factory=list)
+    turns: list[WatchedTurn] = field(default_factory=list)
+    current: WatchedTurn | None = None
+    end: str | None = None  # session_end:<reason> | unwatched | socket closed <code> | refused:<code>
+    anomalies: list[str] = field(default_factory=list)
+
+    def joined(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot = snapshot
+        if snapshot.get("partial") is not None:  # a reply being written: the snapshot holds its beginning
+            self.current = WatchedTurn(text=snapshot["partial"], from_partial=True)
+            self.turns.append(self.current)
+
+    def frame(self, seq: int, text: str, frame: dict[str, Any]) -> None:
+        if seq in self.frames:
+            self.doubles.append(seq)
+            return
+        if self.frames and seq < max(self.frames):
+            self.out_of_order.append((seq, max(self.frames)))
+        self.frames[seq] = text
+        kind, data, current = frame.get("type"), frame.get("data"), self.current
+        if kind == "processing_start":
+            if current is not None:
+                self.anomalies.append(f"processing_start (seq {seq}) while a watched turn was open")
+            self.current = WatchedTurn()
+            self.turns.append(self.current)
+        elif kind == "session_end":
+            self.end = f"session_end:{data.get('reason') if isinstance(data, dict) else 'client'}"
+        elif kind in TURN_FRAMES and current is None:
+            self.anomalies.append(f"{kind} (seq {seq}) outside a watched turn")
+        elif kind == "message_delta":
+            current.text += data
+        elif kind == "message":
+            current.message = data
+        elif kind == "error":
+            current.errors.append(error_code(frame))
+        elif kind == "processing_end":
+            current.ended, self.current = True, None
+        else:
+            self.anomalies.append(f"unexpected watched frame {kind}")
+
+
+class Watcher:
+    """A socket of the same principal (the soak's one API key) that follows other clients' sessions in turn."""
+
+    def __init__(self, soak: Soak, index: int) -> None:
+        self.soak = soak
+        self.index = index
+        self.rng = random.Random(f"{soak.args.seed}-watcher-{index}")
+        self.watches: list[Watch] = []
+
+    def error_seen(self, link: Link, text: str, frame: dict[str, Any]) -> None:
+        code = error_code(frame)
+        if code in WATCHED_CODES:
+            self.soak.coded.append(
+                {
+                    "t": round(now() - self.soak.t0, 2),
+                    "code": code,
+                    "watcher": self.index,
+                    "server": link.server,
+                    "session": frame.get("session_id"),
+                    "frame": text[:200],
+                }
+            )
+
+    def pick(self) -> tuple[Client, Session] | None:
+        """A live session another client holds; one answering now, mostly (a watcher joins mid-reply)."""
+        held = [
+            (c, c.session)
+            for c in self.soak.clients
+            if c.link is not None and c.session is not None and c.session.outcome is None
+        ]
+        answering = [(c, s) for c, s in held if s.current is not None]
+        pool = answering if answering and self.rng.random() < 0.8 else held
+        return self.rng.choice(pool) if pool else None
+
+    async def run(self) -> None:
+        while not self.soak.stopping and not self.soak.hard_stop and not self.soak.watch_unsupported:
+            target = self.pick()
+            if target is None:
+                await asyncio.sleep(0.5)
+                continue
+            client, session = target
+            server = 1 - client.link.server  # the other process than the holder's (as far as the client knows)
+            try:
+                ws = await connect(
+                    self.soak.servers[server].url,
+                    additional_headers=self.soak.auth_headers,
+                    open_timeout=10,
+                    ping_interval=None,
+                    close_timeout=2,
+                    max_queue=None,
+                    max_size=None,
+                    compression=None,
+                )
+            except (OSError, TimeoutError, WebSocketException):
+                self.soak.connect_failures += 1
+                await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+                continue
+            link = Link(ws, server, self)
+            watch = Watch(self.index, session.id, client.index, server, now() - self.soak.t0)
+            self.watches.append(watch)
+            try:
+                await self.follow(link, watch)
+            except ConnectionClosed:
+                pass
+            finally:
+                code = await link.close()
+                self.soak.closes[code] += 1
+                if watch.end is None:
+                    watch.end = f"socket closed {code}"
+                if code == 1011:
+                    self.soak.closes_1011.append({"watcher": self.index, "server": server, "session": session.id})
+            self.soak.watch_ends[re.sub(r"refused:.*", "refused", watch.end)] += 1
+            await asyncio.sleep(self.rng.uniform(0, 1.0))
+
+    async def follow(self, link: Link, watch: Watch) -> None:
+        await link.send({"action": "chatbot_session_watch", "session_id": watch.session})
+        got = await link.recv(15)
+        frame = got[1] if got else None
+        if frame is None or frame.get("type") != "session_watching":
+            code = error_code(frame)
+            watch.end = f"refused:{code}"
+            self.soak.refusals[f"watch:{code}"] += 1
+            if code == "unknown_action":
+                self.soak.watch_unsupported = True
+            return
+        watch.joined(frame["data"])
+        deadline = now() + self.rng.uniform(5, 30)
+        while watch.end is None and not self.soak.stopping and now() < deadline:
+            self.receive(watch, await link.recv(0.5))
+        if watch.end is not None:
+            return
+        await link.send({"action": "chatbot_session_unwatch", "session_id": watch.session})
+        deadline = now() + 10
+        while watch.end is None and now() < deadline:
+            self.receive(watch, await link.recv(deadline - now()))
+
+    def receive(self, watch: Watch, got: tuple[str, dict[str, Any]] | None) -> None:
+        if got is None:
+            return
+        text, frame = got
+        if "seq" in frame and frame.get("session_id") == watch.session:
+            watch.frame(frame["seq"], text, frame)
+        elif frame.get("type") == "session_unwatched":
+            watch.end = "unwatched"
+        else:
+            watch.anomalies.append(f"unexpected frame on a watching socket: {text[:120]}")
+
+
 class Reconnect(Exception):
     """The socket no longer holds the session although it is live: resume it on a new socket."""
 
@@ -324,9 +529,10 @@ class Reconnect(Exception):
 class Link:
     """One client socket, and the close code the server sent on it."""
 
-    def __init__(self, ws: ClientConnection, server: int) -> None:
+    def __init__(self, ws: ClientConnection, server: int, client: Client | Watcher) -> None:
         self.ws = ws
         self.server = server
+        self.client = client
         self.cut = False
 
     async def send(self, payload: dict[str, Any]) -> None:
@@ -337,7 +543,10 @@ class Link:
             text = await asyncio.wait_for(self.ws.recv(), timeout)  # cancelling recv() loses nothing
         except TimeoutError:
             return None
-        return text, json.loads(text)
+        frame = json.loads(text)
+        if frame.get("type") == "error":
+            self.client.error_seen(self, text, frame)
+        return text, frame
 
     def abort(self) -> None:
         """The fault: drop the TCP connection, no close frame (as a network loss does)."""
@@ -366,13 +575,34 @@ class Client:
         self.rng = random.Random(f"{soak.args.seed}-client-{index}")
         self.sessions: list[Session] = []
         self.link: Link | None = None
+        self.session: Session | None = None  # the session it holds or is resuming
         self.count = 0
+
+    def error_seen(self, link: Link, text: str, frame: dict[str, Any]) -> None:
+        """Every `error` frame on any of its sockets: those with a watched code are kept, with when and where."""
+        code = error_code(frame)
+        if code in WATCHED_CODES:
+            session = frame.get("session_id") or (self.session.id if self.session else None)
+            self.soak.coded.append(
+                {
+                    "t": round(now() - self.soak.t0, 2),
+                    "code": code,
+                    "client": self.index,
+                    "server": link.server,
+                    "session": session,
+                    "frame": text[:200],
+                }
+            )
 
     async def run(self) -> None:
         session: Session | None = None
         while not self.soak.hard_stop:
             if session is not None and session.outcome is not None:
                 session = None
+            self.session = session
+            if session is not None and session.pause:
+                await asyncio.sleep(session.pause)
+                session.pause = 0.0
             if session is None and self.soak.stopping:
                 return
             link = await self.open()
@@ -381,7 +611,7 @@ class Client:
             self.link = link
             try:
                 if session is None:
-                    session = await self.start(link)
+                    session = self.session = await self.start(link)
                     if session is None:
                         continue
                 elif not await self.resume(link, session):
@@ -433,7 +663,7 @@ class Client:
                     max_size=None,
                     compression=None,
                 )
-                return Link(ws, server)
+                return Link(ws, server, self)
             except (OSError, TimeoutError, WebSocketException):
                 self.soak.connect_failures += 1
                 attempt += 1
@@ -550,7 +780,12 @@ class Client:
     async def maybe_post(self, link: Link, session: Session, t: float) -> None:
         current = session.current
         if current is None and not session.awaiting and t >= session.next_post:
-            await self.post(link, session)
+            last = session.posts[-1] if session.posts else None
+            answered = last is not None and last.turn is not None and last.turn.message is not None
+            if answered and not self.soak.regenerate_unsupported and self.rng.random() < self.soak.args.regenerate:
+                await self.regenerate(link, session, last.regenerates or last)
+            else:
+                await self.post(link, session)
         elif current is not None and current.queue_next and not current.queued and not session.awaiting:
             current.queued = True  # a second message, to wait behind the turn in progress
             await self.post(link, session)
@@ -567,6 +802,19 @@ class Client:
         self.soak.posts += 1
         payload = {"action": "chatbot_post_message", "session_id": session.id, "user_message": text}
         payload["client_message_id"] = tag  # ignored by servers that do not know it
+        if self.stream:
+            payload["stream"] = True
+        await link.send(payload)
+
+    async def regenerate(self, link: Link, session: Session, original: Post) -> None:
+        """Ask for the leaf's reply again: the model answers the same message, a new reply beside the first."""
+        post = Post(original.tag, original.text, now() - self.soak.t0, server=link.server, regenerates=original)
+        session.posts.append(post)
+        session.awaiting.append(post)
+        session.just_resumed = False
+        self.soak.regenerations += 1
+        session.note(self.soak.t0, f"regenerate the reply to {original.tag}")
+        payload = {"action": "chatbot_regenerate", "session_id": session.id}
         if self.stream:
             payload["stream"] = True
         await link.send(payload)
@@ -614,6 +862,8 @@ class Client:
             post = unknown[-1]
             post.fate = f"refused:{code}"
             session.awaiting.remove(post)
+            if post.regenerates is not None and code == "unknown_action":
+                self.soak.regenerate_unsupported = True  # servers before issue 29
             session.next_post = now() + self.rng.uniform(0.3, 1.0)  # not a hot loop when everything is refused
             self.soak.refusals[f"post:{code}"] += 1
             session.note(self.soak.t0, f"{post.tag} refused: {code}")
@@ -664,6 +914,17 @@ class Client:
             reason = data.get("reason", "client") if isinstance(data, dict) else "client"
             if reason == "resumed_elsewhere":
                 session.taken.append(f"t={now() - self.soak.t0:.1f}s session_end resumed_elsewhere")
+                raise Reconnect
+            if reason == "resume_failed":
+                # The take-over could not complete after session_resumed (storage down, or the log lacks a frame
+                # the client needs: never forwarded with a hole). The session is live: resume it again later.
+                self.soak.resume_failed += 1
+                session.resume_failures += 1
+                session.note(self.soak.t0, f"session_end (resume_failed), seq {seq}: resume again later")
+                if session.resume_failures >= 20:
+                    self.give_up(session, "resume failed 20 times")
+                    return
+                session.pause = self.rng.uniform(0.5, 2.0)
                 raise Reconnect
             if reason != "client" or not session.ending:
                 session.taken.append(f"t={now() - self.soak.t0:.1f}s session_end ({reason}) nobody asked for")
@@ -745,7 +1006,7 @@ def snapshot(database_url: str) -> Snapshot:
                 "SELECT column_name FROM information_schema.columns WHERE table_name = 'chat_chatmessage'"
             )
         }
-        optional = [c for c in ("reply_to_id", "client_message_id") if c in columns]
+        optional = [c for c in ("reply_to_id", "client_message_id", "parent_id") if c in columns]
         sessions = {
             r["id"]: r
             for r in conn.execute(
@@ -766,7 +1027,7 @@ VIOLATIONS = {
     "silent": "messages saved but never answered to the client holding the session",
     "wedged": "turns started that never ended for the client",
     "mismatched": "replies the client assembled that differ from the saved ones",
-    "seq": "seq violations (gaps, reused, out of order)",
+    "seq": "seq violations (gaps, reused, doubled, out of order)",
     "closed_1011": "sockets the server closed with 1011",
     "open_sessions": "sessions still open after the clients ended and the sweep",
     "incomplete": "replies left `incomplete`",
@@ -775,6 +1036,10 @@ VIOLATIONS = {
     "gauges": "r2d2_live_sessions / r2d2_open_sockets negative, or not 0 at the end",
     "ended_under_client": "sessions the server ended, or gave away, while their client held them",
     "no_progress": "clients that never got a whole reply (a run that tested nothing)",
+    "internal_error": "error frames with code internal_error (a turn's, a refusal's, any)",
+    "storage_unavailable": "storage_unavailable outside a storage fault and its retry window, or after a short one",
+    "watchers": "watched replies (partial + deltas) that differ from the saved ones; watched seq gaps or doubles",
+    "tree": "saved replies whose parent is not a user message of the same session (issue 29's tree)",
 }
 
 
@@ -786,6 +1051,10 @@ class Observed:
     closes_1011: list[dict[str, Any]]
     gauges: list[dict[str, Any]]  # samples: server, t, name, value, final
     db: Snapshot
+    coded: list[dict[str, Any]] = field(default_factory=list)  # error frames with a WATCHED_CODES code
+    windows: list[dict[str, Any]] = field(default_factory=list)  # storage faults: kind, start, end
+    absorb: float = 10.0  # storage faults shorter than this must be invisible; after longer ones, this long to answer
+    watches: list[Watch] = field(default_factory=list)
 
 
 def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
@@ -839,8 +1108,22 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
         for post in session.posts:
             saved, replies = rows_of(session, post)
             sent = f"t={post.sent:.1f}s to server {post.server}"
-            if len(saved) > 1 or len(replies) > 1:
-                found["duplicated"].append({**where(session), "message": post.tag, "rows": brief(saved + replies)})
+            # A regeneration adds a reply to the same message: as many replies as were asked for, no more.
+            regenerated = [p for p in session.posts if p.regenerates is not None and p.text == post.text]
+            asked = 1 + sum(not p.fate.startswith("refused") for p in regenerated)
+            if post.regenerates is None and (len(saved) > 1 or len(replies) > asked):
+                same = [p for p in session.posts if p.tag == post.tag]
+                fates = [f"{'regenerate' if p.regenerates else 'post'} {p.fate}" for p in same]
+                found["duplicated"].append(
+                    {
+                        **where(session),
+                        "message": post.tag,
+                        "rows": brief(saved + replies),
+                        "sent": fates,
+                        "t": round(post.sent, 1),
+                        "history": session.history,
+                    }
+                )
             never_refused = post.fate == "dropped" and not post.in_doubt
             if not saved and (post.fate == "accepted" or never_refused):
                 found["lost"].append(
@@ -866,7 +1149,7 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
                 )
             if post.turn is None:
                 continue
-            problem = reply_problem(post, post.turn, replies[0] if replies else None, session.stream)
+            problem = reply_problem(post, post.turn, closest(post.turn, replies), session.stream)
             if problem:
                 seen = post.turn.message if post.turn.message is not None else "".join(post.turn.deltas)
                 found["mismatched"].append(
@@ -913,7 +1196,8 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
             )
         if session.resumable:
             gaps = [seq for seq in range(1, session.max_seq) if seq not in session.frames]
-            for kind, items in (("gaps", gaps), ("reused", session.conflicts), ("out of order", session.out_of_order)):
+            seqs = (("gaps", gaps), ("reused", session.conflicts), ("doubled", session.doubled))
+            for kind, items in (*seqs, ("out of order", session.out_of_order)):
                 if items:
                     found["seq"].append(
                         {**where(session), kind: items[:10], "count": len(items), "history": session.history}
@@ -947,7 +1231,119 @@ def check(observed: Observed) -> dict[str, list[dict[str, Any]]]:
     for sample in observed.gauges:
         if sample["value"] < 0 or (sample["final"] and sample["value"] != 0):
             found["gauges"].append(sample)
+    by_id = {row["id"]: row for row in observed.db.messages}
+    for row in observed.db.messages:
+        if row["role"] != "assistant" or "parent_id" not in row:
+            continue  # servers before issue 29 keep no tree
+        parent = by_id.get(row["parent_id"])
+        if parent is None or parent["role"] != "user" or parent["session_id"] != row["session_id"]:
+            found["tree"].append(
+                {
+                    "session": row["session_id"],
+                    "row": row["id"],
+                    "parent": row["parent_id"],
+                    "parent is": f"{parent['role']} of session {parent['session_id']}" if parent else "missing",
+                }
+            )
+    for watch in observed.watches:
+        found["watchers"] += watch_problems(watch, followed.get(watch.session), rows_of, observed.db)
+    for error in observed.coded:
+        if error["code"] == "internal_error":
+            found["internal_error"].append(error)
+        elif error["code"] == "storage_unavailable":
+            problem = storage_problem(error["t"], observed.windows, observed.absorb)
+            if problem:
+                found["storage_unavailable"].append({**error, "problem": problem})
     return found
+
+
+def watch_problems(watch: Watch, session: Session | None, rows_of: Any, db: Snapshot) -> list[dict[str, Any]]:
+    """What a watcher got wrong: seq gaps, doubles and disorder; replies it assembled that differ from the saved ones;
+    snapshot messages that are not saved."""
+    where = {"watcher": watch.watcher, "session": watch.session, "holder": watch.holder, "server": watch.server}
+    where["t"], where["end"] = round(watch.started, 1), watch.end
+    problems = []
+    seqs = sorted(watch.frames)
+    gaps = [seq for seq in range(seqs[0], seqs[-1]) if seq not in watch.frames] if seqs else []
+    for kind, items in (("gaps", gaps), ("doubles", watch.doubles), ("out of order", watch.out_of_order)):
+        if items:
+            problems.append({**where, kind: items[:10], "count": len(items)})
+    saved = [m for m in db.messages if m["session_id"] == watch.session]
+    for message in (watch.snapshot or {}).get("messages", []):
+        role, content, status = message.get("role"), message.get("content"), message.get("status")
+        if not any(m["role"] == role and m["content"] == content for m in saved) and status != "failed":
+            problems.append({**where, "problem": f"a snapshot {role} message ({status}) is not saved", "seen": content})
+    for turn in watch.turns:
+        if not turn.ended:
+            continue  # the watch ended first: nothing to judge
+        seen = turn.message if turn.message is not None else turn.text
+        match = TAG.match(seen)
+        problem = None
+        post = session.by_tag.get(match.group(1)) if match and session else None
+        if match is None:
+            if turn.message is not None or (len(seen) > 25 and not turn.errors):
+                problem = "the reply the watcher assembled does not begin as the model's replies do"
+        elif post is None:
+            problem = "a reply to a message its session never sent"
+        else:
+            replies = rows_of(session, post)[1]
+            row = replies[0] if replies else None
+            if turn.message is not None and turn.text and turn.text != turn.message:
+                problem = "the snapshot's partial and the deltas do not add up to the message"
+            elif turn.message is not None and (row is None or row["content"] != turn.message):
+                problem = "the message the watcher got is not the saved reply"
+            elif turn.message is None and not turn.errors and row is not None and row["status"] != "cancelled":
+                # A cancelled turn (chatbot_cancel, or a plain session's holder socket gone) ends so; nothing else does.
+                problem = f"processing_end with neither a message nor an error, the reply saved {row['status']}"
+            elif turn.message is None and not post.expected.startswith(turn.text):
+                problem = "the partial reply the watcher assembled is not a beginning of the model's reply"
+            elif (
+                turn.message is None
+                and row is not None
+                and not (row["content"].startswith(turn.text) or turn.text.startswith(row["content"]))
+            ):
+                problem = "the saved partial reply and the one the watcher assembled disagree"
+        if problem:
+            rows = rows_of(session, post)[1] if post else []
+            problems.append(
+                {
+                    **where,
+                    "problem": problem,
+                    "joined mid-reply": turn.from_partial,
+                    "seen": seen[:100],
+                    "errors": turn.errors,
+                    "saved": [(r["status"], r["content"][:100]) for r in rows],
+                }
+            )
+    return problems
+
+
+def storage_problem(t: float, windows: list[dict[str, Any]], absorb: float) -> str | None:
+    """Why a `storage_unavailable` the client got at `t` should not have come; None if a storage fault explains it.
+
+    A storage fault explains it from its start to `absorb` (the retry window) plus 3 s after its end, and only if
+    it lasted longer than `absorb` - 1 s: a shorter one is to be waited out, unseen (issue 26).
+    """
+    covering = [w for w in windows if w["start"] - 1 <= t <= (w["end"] if w["end"] is not None else t) + absorb + 3]
+    if not covering:
+        return "no storage fault in progress nor just over"
+    if max((w["end"] if w["end"] is not None else t) - w["start"] for w in covering) >= absorb - 1:
+        return None
+    latest = max(covering, key=lambda w: w["start"])  # the one that most likely caused it, to name
+    lasted = (latest["end"] if latest["end"] is not None else t) - latest["start"]
+    kind, start = latest["kind"], latest["start"]
+    return f"after a storage fault of {lasted:.1f} s ({kind} at t={start}s), shorter than the retry window"
+
+
+def closest(turn: Turn, replies: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The saved reply that is this turn's (a regenerated message has several, of the same text)."""
+    if len(replies) < 2:
+        return replies[0] if replies else None
+    seen = turn.message if turn.message is not None else "".join(turn.deltas)
+    for row in replies:
+        if row["content"] == seen and (turn.message is None or row["status"] == "complete"):
+            return row
+    return next((r for r in replies if r["content"].startswith(seen) or seen.startswith(r["content"])), replies[0])
 
 
 def reply_problem(post: Post, turn: Turn, row: dict[str, Any] | None, stream: bool) -> str | None:
@@ -1005,7 +1401,14 @@ class Soak:
         self.faults: collections.Counter[str] = collections.Counter()
         self.timeline: list[str] = []
         self.gauge_samples: list[dict[str, Any]] = []
-        self.connect_failures = self.resumes = self.posts = self.turns_started = 0
+        self.coded: list[dict[str, Any]] = []  # error frames with a WATCHED_CODES code, as the clients got them
+        self.windows: list[dict[str, Any]] = []  # the storage faults: kind, start, end (seconds into the run)
+        self.connect_failures = self.resumes = self.posts = self.turns_started = self.resume_failed = 0
+        self.watchers: list[Watcher] = []
+        self.watch_ends: collections.Counter[str] = collections.Counter()
+        self.watch_unsupported = False  # the servers answer chatbot_session_watch unknown_action (before issue 28)
+        self.regenerate_unsupported = False  # chatbot_regenerate, likewise (before issue 29)
+        self.regenerations = 0
 
     def log(self, event: str) -> None:
         line = f"{now() - self.t0:7.1f}s {event}"
@@ -1037,6 +1440,7 @@ class Soak:
                 "R2D2_QUOTA_MAX_SESSIONS": "0",
                 "R2D2_RATE_LIMIT_PER_MINUTE": "0",
                 "R2D2_MAX_CONNECTIONS_PER_ADDRESS": "0",  # every client is 127.0.0.1
+                "R2D2_MAX_CONNECTIONS_PER_PRINCIPAL": "0",  # one key for all, and a killed process's sockets linger
                 "R2D2_LOG_LEVEL": "INFO",
                 # Liveness on the scale of the run (production: 10/45/60/300/30/60 s).
                 "R2D2_HEARTBEAT_SECONDS": "1",
@@ -1047,6 +1451,8 @@ class Soak:
                 "R2D2_UPSTREAM_TIMEOUT": "20",
             }
         )
+        if a.storage_retry is not None:  # unset: the servers' default (10 s)
+            env["R2D2_STORAGE_RETRY_SECONDS"] = f"{a.storage_retry:g}"
         return env
 
     def start_model(self, port: int) -> subprocess.Popen:
@@ -1076,24 +1482,77 @@ class Soak:
 
     # Faults ------------------------------------------------------------------------------------
 
+    def outage_times(self) -> list[float]:
+        """When the PostgreSQL outages start (seconds into the run): a third of the way in, then every so often."""
+        a = self.args
+        if "pg-outage" not in a.faults:
+            return []
+        run, first = a.minutes * 60, min(a.pg_outage_first, a.minutes * 60 / 3)
+        times = [first]
+        while times[-1] + a.pg_outage_every + a.pg_outage_seconds + 10 < run:
+            times.append(times[-1] + a.pg_outage_every)
+        return times
+
     async def fault_loop(self) -> None:
-        kinds = self.args.faults
-        while kinds and not self.stopping:
+        kinds = [k for k in self.args.faults if k != "pg-outage"]  # outages come at set times, not at random
+        outages = self.outage_times()
+        outage: asyncio.Task | None = None
+        while (kinds or outages) and not self.stopping:
             wait = self.args.fault_every * self.rng.uniform(0.5, 1.5)
+            if outages:
+                wait = max(0.0, min(wait, outages[0] - (now() - self.t0)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), wait)
             if self.stopping:
-                return
-            kind = self.rng.choice(kinds)
+                break
+            if outages and now() - self.t0 >= outages[0]:
+                outages.pop(0)
+                outage = asyncio.create_task(self.fault("pg-outage"), name="pg-outage")
+                continue
+            # While PostgreSQL is out, only what the network and Redis do (no server starts nor restarts of it).
+            out = outage is not None and not outage.done()
+            choices = [k for k in kinds if k in DURING_OUTAGE] if out else kinds
+            if not choices:
+                continue
+            kind = self.rng.choice(choices)
             try:
                 await self.fault(kind)
             except Exception as exc:  # a fault that failed to apply is reported, the soak goes on
                 self.log(f"fault {kind} failed: {exc!r}")
                 self.faults[f"{kind} (failed)"] += 1
+        if outage is not None:
+            await outage  # PostgreSQL is up for the settling
+
+    @contextlib.asynccontextmanager
+    async def window(self, kind: str, **what: Any):
+        """Record a storage fault's window: from just before it starts to when the service answers again."""
+        record = {"kind": kind, "start": round(now() - self.t0, 2), "end": None, **what}
+        self.windows.append(record)
+        try:
+            yield record
+        finally:
+            record["end"] = round(now() - self.t0, 2)
 
     async def fault(self, kind: str) -> None:
         self.faults[kind] += 1
-        if kind == "cut":
+        if kind == "pg-outage":
+            try:
+                async with self.window(kind):
+                    self.log(f"PostgreSQL outage: stop it (pg_ctl stop -m fast) for {self.args.pg_outage_seconds:g} s")
+                    await asyncio.to_thread(self.pg.down)
+                    await asyncio.sleep(self.args.pg_outage_seconds)
+                    await asyncio.to_thread(self.pg.up)
+                self.log("PostgreSQL up after the outage")
+            except Exception as exc:
+                self.log(f"fault pg-outage failed: {exc!r}")
+                self.faults["pg-outage (failed)"] += 1
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.pg.up)
+        elif kind == "redis-reset":
+            async with self.window(kind) as record:
+                record["killed"] = await asyncio.to_thread(self.reset_redis)
+            self.log(f"Redis: CLIENT KILL of every client connection, no restart ({record['killed']} connections)")
+        elif kind == "cut":
             linked = [c for c in self.clients if c.link is not None]
             victims = self.rng.sample(linked, min(len(linked), self.rng.randint(1, 3)))
             for client in victims:
@@ -1101,13 +1560,15 @@ class Soak:
             self.log(f"cut the sockets of clients {[c.index for c in victims]}")
         elif kind == "redis":
             self.log("restart Redis")
-            await asyncio.to_thread(self.redis.stop)
-            await asyncio.sleep(self.rng.uniform(0.2, 1.5))
-            await asyncio.to_thread(self.redis.start)
+            async with self.window(kind):
+                await asyncio.to_thread(self.redis.stop)
+                await asyncio.sleep(self.rng.uniform(0.2, 1.5))
+                await asyncio.to_thread(self.redis.start)
             self.log("Redis up")
         elif kind == "pg":
             self.log("restart PostgreSQL (pg_ctl restart -m fast)")
-            await asyncio.to_thread(self.pg.restart)
+            async with self.window(kind):
+                await asyncio.to_thread(self.pg.restart)
             self.log("PostgreSQL up")
         elif kind in ("kill", "kill+redis"):
             server = self.rng.choice(self.servers)
@@ -1116,8 +1577,9 @@ class Soak:
             await asyncio.to_thread(server.wait, 10)
             if kind == "kill+redis":
                 self.log("restart Redis (its holder just died)")
-                await asyncio.to_thread(self.redis.stop)
-                await asyncio.to_thread(self.redis.start)
+                async with self.window(kind):
+                    await asyncio.to_thread(self.redis.stop)
+                    await asyncio.to_thread(self.redis.start)
             await asyncio.sleep(self.rng.uniform(0.5, 2.0))
             await self.restart(server)
         elif kind == "term":
@@ -1131,6 +1593,16 @@ class Soak:
                 await asyncio.to_thread(server.wait, 10)
             self.log(f"server {server.index} exited {server.process.returncode}")
             await self.restart(server)
+
+    def reset_redis(self) -> int:
+        """`CLIENT KILL TYPE normal`, then `TYPE pubsub`: every server connection dropped, Redis running on."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.redis.port, socket_timeout=5)
+        try:
+            return sum(client.client_kill_filter(_type=kind, skipme=True) for kind in ("normal", "pubsub"))
+        finally:
+            client.close()
 
     async def restart(self, server: Server) -> None:
         for attempt in range(3):
@@ -1213,6 +1685,8 @@ class Soak:
             kinds = [(r, s) for r in (True, False) for s in (True, False)]
             self.clients = [Client(self, i, *kinds[i % 4]) for i in range(a.clients)]
             tasks = [asyncio.create_task(c.run(), name=f"client-{c.index}") for c in self.clients]
+            self.watchers = [Watcher(self, i) for i in range(a.watchers)]
+            watching = [asyncio.create_task(w.run(), name=f"watcher-{w.index}") for w in self.watchers]
             faults = asyncio.create_task(self.fault_loop(), name="faults")
             gauges = asyncio.create_task(self.gauge_loop(), name="gauges")
             done, _ = await asyncio.wait(tasks, timeout=a.minutes * 60, return_when=asyncio.FIRST_EXCEPTION)
@@ -1225,6 +1699,8 @@ class Soak:
             self.log("clients stop posting; faults stop")
             await faults
             await gauges
+            for task in watching:  # they unwatch when the clients stop posting
+                await task
             for server in self.servers:  # every service up for the settling
                 if not server.running:
                     await self.restart(server)
@@ -1250,7 +1726,10 @@ class Soak:
             db = await asyncio.to_thread(snapshot, self.pg.url)
             self.log("checked the database")
             sessions = [s for c in self.clients for s in c.sessions]
-            return Observed(sessions, self.closes_1011, self.gauge_samples, db)
+            watches = [w for watcher in self.watchers for w in watcher.watches]
+            return Observed(
+                sessions, self.closes_1011, self.gauge_samples, db, self.coded, self.windows, a.absorb_seconds, watches
+            )
         finally:
             self.hard_stop = True
             for server in self.servers:
@@ -1292,7 +1771,41 @@ def figures(soak: Soak, observed: Observed) -> dict[str, Any]:
         "session_outcomes": dict(outcomes),
         "anomalies": sum(len(s.anomalies) for s in observed.sessions),
         "faults": dict(soak.faults),
+        "resume_failed": soak.resume_failed,
+        "error_codes_watched": dict(collections.Counter(e["code"] for e in observed.coded)),
+        "storage_faults": storage_figures(observed),
+        "regenerations": soak.regenerations,
+        "regenerations_answered": sum(
+            p.regenerates is not None and p.turn is not None and p.turn.message is not None
+            for s in observed.sessions
+            for p in s.posts
+        ),
+        "watches": len(observed.watches),
+        "watched_turns_judged": sum(t.ended for w in observed.watches for t in w.turns),
+        "watched_turns_joined_mid_reply": sum(t.ended and t.from_partial for w in observed.watches for t in w.turns),
+        "watched_frames": sum(len(w.frames) for w in observed.watches),
+        "watch_ends": dict(soak.watch_ends),
     }
+
+
+def storage_figures(observed: Observed) -> dict[str, Any]:
+    """Per kind of storage fault: how many, how long (s), and the storage_unavailable answers in their windows."""
+    out: dict[str, Any] = {}
+    for w in observed.windows:
+        entry = out.setdefault(w["kind"], {"count": 0, "seconds_max": 0.0, "seconds_total": 0.0})
+        lasted = (w["end"] or w["start"]) - w["start"]
+        entry["count"] += 1
+        entry["seconds_max"] = round(max(entry["seconds_max"], lasted), 2)
+        entry["seconds_total"] = round(entry["seconds_total"] + lasted, 2)
+    for error in observed.coded:
+        if error["code"] != "storage_unavailable":
+            continue
+        t = error["t"]
+        near = [w for w in observed.windows if w["start"] - 1 <= t <= (w["end"] or t) + observed.absorb + 3]
+        if near:  # counted for the latest fault before it
+            kind = max(near, key=lambda w: w["start"])["kind"]
+            out[kind]["storage_unavailable"] = out[kind].get("storage_unavailable", 0) + 1
+    return out
 
 
 def print_report(args: argparse.Namespace, figs: dict[str, Any], found: dict[str, list], details: int) -> int:
@@ -1312,7 +1825,13 @@ def print_report(args: argparse.Namespace, figs: dict[str, Any], found: dict[str
         f"  sessions    {figs['sessions']} ({figs['resumable_sessions']} resumable), {figs['resumes']} resumes;"
         f" outcomes {figs['session_outcomes']}"
     )
-    print(f"  refusals    {figs['refusals'] or 0}")
+    print(f"  refusals    {figs['refusals'] or 0}; {figs['resume_failed']} session_end resume_failed")
+    print(f"  regenerate  {figs['regenerations']} asked, {figs['regenerations_answered']} answered whole")
+    print(f"  storage     {figs['storage_faults'] or 'no storage faults'}; codes seen {figs['error_codes_watched']}")
+    print(
+        f"  watches     {figs['watches']} ({figs['watch_ends']}), {figs['watched_frames']} frames,"
+        f" {figs['watched_turns_judged']} turns judged ({figs['watched_turns_joined_mid_reply']} joined mid-reply)"
+    )
     print(f"  closes      {figs['closes_by_code']}; {figs['connect_failures']} failed connection attempts")
     total = 0
     print("violations:")
@@ -1387,6 +1906,24 @@ def inject(observed: Observed, kind: str) -> Observed | None:
                     turn.message = None
     elif kind == "gauges":
         o.gauges.append({"server": 0, "t": 0, "name": "r2d2_live_sessions", "value": -1.0, "final": False})
+    elif kind == "watchers" and any(t.ended and t.message for w in o.watches for t in w.turns):
+        # One watched delta lost (a gap in the watched text), one watched frame received twice.
+        watch, turn = next((w, t) for w in o.watches for t in w.turns if t.ended and t.message)
+        turn.text = turn.message[:10] + turn.message[12:]
+        watch.doubles.append(max(watch.frames))
+    elif kind == "tree" and any("parent_id" in m for m in o.db.messages):
+        replies = [m for m in o.db.messages if m["role"] == "assistant" and "parent_id" in m]
+        replies[0]["parent_id"] = replies[-1]["id"]  # a reply answering a reply
+    elif kind == "internal_error":
+        o.coded.append({"t": 1.0, "code": "internal_error", "client": 0, "server": 0, "session": None, "frame": "?"})
+    elif kind == "storage_unavailable":
+        # One with no storage fault near it, one after a fault the retries should have absorbed, one allowed.
+        o.windows += [
+            {"kind": "pg", "start": -100.0, "end": -99.7},
+            {"kind": "pg-outage", "start": -300.0, "end": -270.0},
+        ]
+        for t in (-50.0, -99.5, -275.0):
+            o.coded.append({"t": t, "code": "storage_unavailable", "client": 0, "server": 0, "session": None})
     else:
         return None
     return o
@@ -1397,12 +1934,22 @@ def self_check(observed: Observed, base: dict[str, list]) -> bool:
     ok = True
     for kind in VIOLATIONS:
         tampered = inject(observed, kind)
+        if tampered is None and kind == "tree":
+            print(f"  {kind:19s} no parent_id column: servers before issue 29")
+            continue
+        if tampered is None and kind == "watchers" and not any(w.frames for w in observed.watches):
+            print(f"  {kind:19s} nothing watched: servers without chatbot_session_watch (issue 28), or --watchers 0")
+            continue
         if tampered is None:
             print(f"  {kind:19s} nothing to inject into (run longer)")
             ok = False
             continue
         after = check(tampered)
         caught = len(after[kind]) > len(base[kind])
+        if kind == "watchers":  # the hole and the double
+            caught = len(after[kind]) == len(base[kind]) + 2
+        if kind == "storage_unavailable":  # two to catch, one (in a 30 s outage) to let through
+            caught = len(after[kind]) == len(base[kind]) + 2
         ok &= caught
         print(f"  {kind:19s} {len(base[kind])} -> {len(after[kind])}  {'caught' if caught else 'MISSED'}")
     return ok
@@ -1413,7 +1960,32 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=3.0, help="how long the clients post (then they settle)")
     parser.add_argument("--clients", type=int, default=20, help="1-200; kinds in turn: resumable/plain x stream/whole")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--fault-every", type=float, default=6.0, help="mean seconds between faults")
+    parser.add_argument(
+        "--regenerate", type=float, default=0.05, help="the chance that an idle client regenerates its last reply"
+    )
+    parser.add_argument(
+        "--watchers", type=int, default=4, help="sockets watching other clients' sessions from the other server"
+    )
+    parser.add_argument("--fault-every", type=float, default=5.0, help="mean seconds between faults")
+    parser.add_argument(
+        "--pg-outage-seconds", type=float, default=30.0, help="how long PostgreSQL stays down in a pg-outage fault"
+    )
+    parser.add_argument(
+        "--pg-outage-first", type=float, default=120.0, help="when the first outage starts (s; at most a third in)"
+    )
+    parser.add_argument("--pg-outage-every", type=float, default=600.0, help="seconds between PostgreSQL outages")
+    parser.add_argument(
+        "--storage-retry",
+        type=float,
+        default=None,
+        help="the servers' R2D2_STORAGE_RETRY_SECONDS (default: theirs, 10; 0 turns retrying off)",
+    )
+    parser.add_argument(
+        "--absorb-seconds",
+        type=float,
+        default=10.0,
+        help="the retry window the soak expects: shorter storage faults must be invisible (issue 26: 10)",
+    )
     parser.add_argument("--faults", default=",".join(FAULT_KINDS), help=f"comma-separated among {FAULT_KINDS}, or ''")
     parser.add_argument("--no-auth", dest="auth", action="store_false", help="anonymous clients (default: an API key)")
     parser.add_argument("--think", type=float, default=0.6, help="at most this many seconds between turns")
@@ -1430,6 +2002,7 @@ def main() -> int:
         "--server-root", default=str(ROOT), help="the checkout whose servers to soak (e.g. a `git archive` export)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL cluster's directory")
+    parser.add_argument("--result", default="chaos", help="the result's name: bench/results/<name>.json")
     parser.add_argument("--verbose", "-v", action="store_true", help="print the fault timeline as it happens")
     parser.add_argument("--self-check", action="store_true", help="a short run (cuts only), then inject each violation")
     args = parser.parse_args()
@@ -1460,7 +2033,7 @@ def main() -> int:
     total = print_report(args, figs, found, args.details)
     anomalies = [f"{s.id} (client {s.client}): {a}" for s in observed.sessions for a in s.anomalies]
     write_result(
-        "chaos-self-check" if args.self_check else "chaos",
+        "chaos-self-check" if args.self_check else args.result,
         {
             "settings": {k: v for k, v in vars(args).items()},
             "figures": figs,
