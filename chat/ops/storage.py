@@ -169,14 +169,17 @@ async def retry(
     limit = window() if within is None else within
     started = time.monotonic()  # the loop's clock, without asking for the loop on every call
     bounded = bounded and limit > 0
+    scope: asyncio.Timeout | None = None
     try:
         if bounded:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as scope:
                 result = await call()
         else:
             result = await call()
     except TimeoutError as exc:
-        if not bounded or time.monotonic() - started < limit:
+        # Ours when our scope expired (the loop may fire it a clock tick before `limit` has passed by
+        # time.monotonic(), so elapsed time cannot tell: an elapsed-time check let it out as a bare TimeoutError).
+        if scope is None or not scope.expired():
             raise
         outage = OUTAGES[DATABASE]  # only the database's calls can wait that long (Redis's time out after 5 s)
         _wait(outage, exc, False)

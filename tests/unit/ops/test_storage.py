@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from types import SimpleNamespace
 
 import psycopg
 import psycopg.errors
@@ -189,3 +190,11 @@ async def test_a_write_unsafe_to_repeat_is_retried_only_while_it_was_never_sent(
     with pytest.raises(storage.Unavailable):
         await storage.retry(reset, unsent_only=True)
     assert reset.calls == 1
+
+
+async def test_a_call_the_window_cuts_short_is_unavailable_whatever_the_clock_says(monkeypatch):
+    """The loop may fire the window's timer a clock tick before `within` has passed by time.monotonic(): a call
+    still waiting then is `Unavailable` all the same (the client gets storage_unavailable, never internal_error)."""
+    monkeypatch.setattr(storage, "time", SimpleNamespace(monotonic=lambda: 0.0))  # as if it fired early
+    with pytest.raises(storage.Unavailable):
+        await storage.retry(lambda: asyncio.sleep(10), within=0.05)
