@@ -31,7 +31,9 @@ def as_dict(session: ChatSession, messages: Iterable[ChatMessage]) -> dict[str, 
                 "content": m.content,
                 "time": _iso(m.created_at),
                 "status": m.status,
-                "model": m.model or None,
+                "model": m.model or None,  # the model that answered
+                # the one asked for: it differs when a fallback chain (R2D2_FALLBACKS) moved on
+                "requested_model": m.requested_model or None,
                 "prompt_tokens": m.prompt_tokens,
                 "completion_tokens": m.completion_tokens,
                 "latency_ms": m.latency_ms,
@@ -75,6 +77,8 @@ def as_markdown(session: ChatSession, messages: Iterable[ChatMessage]) -> str:
             facts.append(f"{m.prompt_tokens or 0} prompt + {m.completion_tokens or 0} completion tokens")
         if m.latency_ms is not None:
             facts.append(f"{m.latency_ms} ms")
+        if m.requested_model and m.model and m.requested_model != m.model:
+            facts.append(f"answered by {_one_line(m.model)} for {_one_line(m.requested_model)}")
         if m.status != MessageStatus.COMPLETE:
             facts.append(m.get_status_display().lower())
         if getattr(m, "other_versions", False):

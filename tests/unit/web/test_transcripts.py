@@ -70,3 +70,29 @@ def test_message_content_cannot_make_headings_or_turns():
     # Every message is there, whole and unchanged (line endings aside).
     normalise = lambda text: re.sub(r"\r\n|\r", "\n", text)  # noqa: E731
     assert bodies == [normalise(HOSTILE[0]), *[normalise(text) for text in HOSTILE]]
+
+
+def test_a_reply_served_by_a_fallback_says_which_model_answered_for_which():
+    """An operator reading an export can tell a reply answered by an alternate from one by the model asked for."""
+    from chat.web.transcripts import as_dict
+
+    session = ChatSession(id=uuid.uuid4(), model="gpt-4o", created_at=datetime.now(UTC))
+    served = ChatMessage(
+        id=2,
+        role=Role.ASSISTANT,
+        content="hi",
+        model="backup/gpt-4o",
+        requested_model="gpt-4o",
+        created_at=datetime.now(UTC),
+    )
+    direct = ChatMessage(
+        id=3, role=Role.ASSISTANT, content="hi", model="gpt-4o", requested_model="gpt-4o", created_at=datetime.now(UTC)
+    )
+    exported = as_dict(session, [served, direct])["messages"]
+    assert [(m["model"], m["requested_model"]) for m in exported] == [
+        ("backup/gpt-4o", "gpt-4o"),
+        ("gpt-4o", "gpt-4o"),
+    ]
+    headings, _ = blocks(as_markdown(session, [served, direct]))
+    assert "answered by backup/gpt-4o for gpt-4o" in headings[-2]
+    assert "answered by" not in headings[-1]
