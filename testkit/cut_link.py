@@ -38,6 +38,11 @@ class CutLink:
     async def restore(self) -> None:
         await self.start()
 
+    @property
+    def connections(self) -> int:
+        """How many connections go through it now."""
+        return len(self._writers) // 2  # each has its client's side and its server's
+
     async def stop(self) -> None:
         if self._server is not None:
             await self.cut()

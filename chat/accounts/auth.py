@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from chat.accounts.principals import ANONYMOUS, Principal, limits_for_key, limits_for_user
 from chat.models import ApiKey, ChatSession, UserLimits
+from chat.ops import storage
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +278,9 @@ async def still_valid(principal: Principal) -> bool:
     """Is the principal's key still unrevoked (a user's session cookie is checked at connect only)?"""
     if principal.api_key_id is None:
         return True
-    usable = ApiKey.objects.filter(id=principal.api_key_id, revoked_at__isnull=True)
-    return await usable.exclude(user__is_active=False).aexists()
+    usable = ApiKey.objects.filter(id=principal.api_key_id, revoked_at__isnull=True).exclude(user__is_active=False)
+    # Asked before a post is admitted: retried across a storage blip like the turn's own calls (chat/ops/storage.py).
+    return await storage.retry(usable.aexists)
 
 
 _find_key = sync_to_async(find_key)

@@ -127,13 +127,40 @@ RECONNECT_EVERY = 1.0
 def steady_reconnects() -> None:
     """The ORM's pool (psycopg_pool) tries to reconnect after 1, 2, 4, 8... s: after a 20 s failover its
     connections would come back up to 12 s later, and every ORM call waits that long in the pool. Once a
-    second instead, so that calls waiting within R2D2_STORAGE_RETRY_SECONDS get through as soon as it answers."""
+    second instead, so that calls waiting within R2D2_STORAGE_RETRY_SECONDS get through as soon as it answers.
+
+    And a connection that fails the pool's check before it is lent (CONN_HEALTH_CHECKS) drops every idle one:
+    the pool would otherwise check the next idle connection only after the same delay, so after a PostgreSQL
+    restart, which kills them all, the ORM's thread (one per process: every ORM call and the heartbeat) stalled
+    a second per pooled connection, up to R2D2_DB_POOL_MAX seconds: calls ran out of the retry window after a
+    0.3 s restart, and the other processes judged this one gone and took its sessions (bench/chaos.py)."""
     try:
+        from psycopg_pool import ConnectionPool
         from psycopg_pool.base import AttemptWithBackoff
     except ImportError:  # pragma: no cover (SQLite only)
         return
     AttemptWithBackoff.INITIAL_DELAY = RECONNECT_EVERY
     AttemptWithBackoff.DELAY_BACKOFF = 1.0
+    # Django reads it from the class when it makes its pool (after start-up), passing it as the pool's `check`.
+    if not getattr(ConnectionPool.check_connection, "drains", False):
+        ConnectionPool.check_connection = staticmethod(_draining(ConnectionPool.check_connection))
+
+
+def _draining(check: Callable[[psycopg.Connection], None]) -> Callable[[psycopg.Connection], None]:
+    """`check`, and when a connection being lent fails it, the pool's idle connections are replaced at once
+    (`drain()`: closed, new ones made; those lent out are replaced when they come back)."""
+
+    def check_connection(conn: psycopg.Connection) -> None:
+        try:
+            check(conn)
+        except Exception:
+            pool = getattr(conn, "_pool", None)  # the pool lending it (None during the pool's own `check()`)
+            if pool is not None:
+                pool.drain()
+            raise
+
+    check_connection.drains = True  # type: ignore[attr-defined]
+    return check_connection
 
 
 def unsent(exc: BaseException) -> bool:

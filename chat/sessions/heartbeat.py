@@ -72,7 +72,7 @@ class Heartbeat:
                 if sweep_every > 0 and loop_time - last_sweep >= sweep_every:
                     last_sweep = loop_time
                     await database_sync_to_async(lifecycle.end_orphaned)()
-                    await database_sync_to_async(interrupt_stale_replies)(draft.streaming_rows())
+                    await database_sync_to_async(interrupt_stale_replies)(*draft.streaming())
             except Exception as exc:  # the database may be down: keep beating, the health check reports it
                 if storage.connection_error(exc) is not None:
                     # Logged once, as the outage (chat/ops/storage.py), when a second beat in a row fails:
@@ -104,12 +104,20 @@ class Heartbeat:
             logger.warning("sessions found orphaned after a silence", extra={"count": len(orphaned)})
 
 
-def interrupt_stale_replies(streaming: set[int]) -> int:
+def interrupt_stale_replies(streaming: set[int], since: datetime | None = None) -> int:
     """Replies this process's sessions left `incomplete` that no turn here is writing (the last save of
-    their turn failed: PostgreSQL restarted mid-turn) are marked interrupted."""
-    stale = ChatMessage.objects.filter(
-        status=MessageStatus.INCOMPLETE, session__owner_process=PROCESS_ID, session__ended_at__isnull=True
-    ).exclude(id__in=streaming)
+    their turn failed: PostgreSQL restarted mid-turn) are marked interrupted. `streaming`, `since`: the rows
+    this process's turns are writing, and the moment from which rows made may be theirs (chat/turns/draft.py).
+
+    The status is a condition on the updated row itself, not in a subquery (as a filter across the session
+    would make it): a turn's final save that commits while this statement runs (it waits for the row's lock,
+    or its snapshot predates the commit) is re-checked against it, so a reply saved `complete`, which its
+    client then receives whole, stays complete."""
+    held = ChatSession.objects.filter(owner_process=PROCESS_ID, ended_at__isnull=True).values("id")
+    stale = ChatMessage.objects.filter(status=MessageStatus.INCOMPLETE, session_id__in=held)
+    if since is not None:
+        stale = stale.filter(created_at__lt=since)
+    stale = stale.exclude(id__in=streaming)
     count = stale.update(status=MessageStatus.INTERRUPTED)
     if count:
         logger.warning("replies left incomplete marked interrupted", extra={"count": count})

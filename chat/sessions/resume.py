@@ -50,7 +50,7 @@ from chat import protocol
 from chat.accounts import auth
 from chat.accounts.principals import Principal
 from chat.models import ChatSession
-from chat.ops import throttle
+from chat.ops import storage, throttle
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.sessions import feed, framelog, holder, lifecycle, liveness
 from chat.sessions.frames import first_missing
@@ -384,7 +384,7 @@ class _Hole(Exception):
 
 async def _principal_of(session: ChatSession) -> Principal:
     """Who the session is charged to, with that principal's limits today."""
-    return await sync_to_async(auth.principal_of_session)(session)
+    return await storage.retry(lambda: sync_to_async(auth.principal_of_session)(session))
 
 
 _alive = sync_to_async(liveness.is_alive)

@@ -26,9 +26,17 @@ from chat.turns.messages import Lease
 _drafts: weakref.WeakSet[Draft] = weakref.WeakSet()
 
 
-def streaming_rows() -> set[int]:
-    """The reply rows being written by a turn of this process."""
-    return {draft.row_id for draft in list(_drafts) if draft.row_id is not None}
+def streaming() -> tuple[set[int], datetime]:
+    """The reply rows being written by a turn of this process, and a moment from which any reply row may be one
+    too: a first save still in flight (its row id not known yet) made its row with an earlier `created_at`,
+    and a turn that starts after this was asked makes its row later."""
+    rows, since = set(), timezone.now()
+    for draft in list(_drafts):
+        if draft.row_id is not None:
+            rows.add(draft.row_id)
+        elif draft._created_at is not None:
+            since = min(since, draft._created_at)
+    return rows, since
 
 
 class Draft:

@@ -11,11 +11,14 @@ import asyncio
 import json
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from chat.accounts import auth
 from chat.models import ChatMessage
 from testkit.client import ProtocolClient
 from testkit.cut_link import CutLink
+from testkit.wait import async_wait_until
 from tests.production.conftest import http_get
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
@@ -81,6 +84,43 @@ async def test_a_sub_second_outage_is_invisible_to_clients(cut_link, daphne_fact
         await client.close()
     for server in (one, two):
         assert "Traceback" not in server.log() and "internal_error" not in server.log()
+
+
+async def test_a_restart_that_kills_every_pooled_connection_is_invisible(cut_link, daphne_factory):
+    """PostgreSQL restarts at once (every connection reset, new ones accepted) while the ORM's pool holds 8 idle
+    connections and its thread holds one more: the next post, whose key is re-checked and whose
+    `client_message_id` is looked up on the ORM, is answered, within the retry window, with no `error` frame. (The
+    pool waited a second before checking each next idle connection, so the ORM's thread stalled past the window;
+    and the key's re-check was not retried on the thread's own dead connection: `storage_unavailable` both.)"""
+    env = through(
+        cut_link,
+        R2D2_DB_POOL_MIN="8",
+        R2D2_STORAGE_RETRY_SECONDS="4",
+        R2D2_AUTH_RECHECK_SECONDS="0",  # every post re-checks the key on the ORM
+        R2D2_HEARTBEAT_SECONDS="60",  # nothing hands the thread's connection back to the pool between the posts
+    )
+    server = daphne_factory(**env)
+    _, key = await sync_to_async(auth.create_api_key)("restart")
+    client = await ProtocolClient.connect(server.url, additional_headers={"Authorization": f"Bearer {key}"})
+    session_id = await client.start_session()
+    before = await client.post(session_id, "before", client_message_id="m-1")
+    assert [f["type"] for f in before] == ["processing_start", "message", "processing_end"], before
+    # The pool's 8 idle connections, the thread's, the turns':
+    assert await async_wait_until(lambda: cut_link.connections >= 9, timeout=15), cut_link.connections
+
+    await cut_link.cut()
+    await cut_link.restore()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await post(client, session_id, "after the restart", client_message_id="m-2")
+    first = await client.recv(timeout=15)
+    assert first["type"] == "processing_start", first  # not refused `storage_unavailable`
+    after = [first, *await client.until("processing_end")]
+    assert [f["type"] for f in after] == ["processing_start", "message", "processing_end"], after
+    assert after[1]["data"] == "Echo: after the restart"
+    assert loop.time() - started < 4
+    await client.close()
+    assert "Traceback" not in server.log() and "internal_error" not in server.log()
 
 
 async def test_an_outage_past_the_window_answers_storage_unavailable_then_the_session_goes_on(cut_link, daphne_factory):
