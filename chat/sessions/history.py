@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 
 from chat.models import ChatMessage, ChatSession, Role
+from chat.ops import storage
 from chat.protocol import branches
 from chat.protocol.errors import ClientError, ErrorCode
 from chat.turns import tree
@@ -108,11 +109,15 @@ def _tree_frame(session_id: uuid.UUID, may_read: Callable[[ChatSession], bool]) 
     return branches.history(session.id, leaf, entries)
 
 
-#: The answer to `chatbot_history` (`may_read`: whether the asking socket may read that session), or ClientError.
-tree_frame = sync_to_async(_tree_frame)
+async def tree_frame(session_id: uuid.UUID, may_read: Callable[[ChatSession], bool]) -> str:
+    """The answer to `chatbot_history` (`may_read`: whether the asking socket may read that session), or
+    ClientError. A read: retried through a database blip like the turn's own calls."""
+    return await storage.retry(lambda: sync_to_async(_tree_frame)(session_id, may_read))
 
 
-load = sync_to_async(_load)
+async def load(session_id: uuid.UUID) -> Memory | None:
+    """`_load`, retried through a database blip (a continued session's start waits for it like a post)."""
+    return await storage.retry(lambda: sync_to_async(_load)(session_id))
 
 
 def past_conversations(*, user_id: int, limit: int = 50) -> list[ChatSession]:

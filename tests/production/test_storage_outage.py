@@ -123,6 +123,32 @@ async def test_a_restart_that_kills_every_pooled_connection_is_invisible(cut_lin
     assert "Traceback" not in server.log() and "internal_error" not in server.log()
 
 
+async def test_reads_a_client_asks_for_wait_out_a_sub_second_outage(cut_link, daphne_factory):
+    """`chatbot_history` and a session continuing another (`continue_session_id`), asked while PostgreSQL is
+    unreachable for half a second, are answered once it is back: reads are retried like the turn's writes."""
+    server = daphne_factory(**through(cut_link))
+    _, key = await sync_to_async(auth.create_api_key)("reader")  # an ended session is its principal's to read
+    client = await ProtocolClient.connect(server.url, additional_headers={"Authorization": f"Bearer {key}"})
+    first = await client.start_session()
+    await client.post(first, "remember me")
+    await client.send({"action": "chatbot_session_end", "session_id": first})
+    await client.until("session_end")
+
+    await cut_link.cut()
+    await client.send({"action": "chatbot_history", "session_id": first})
+    await client.send({"action": "chatbot_session_start", "continue_session_id": first})
+    await asyncio.sleep(0.5)
+    await cut_link.restore()
+
+    history = await client.recv(timeout=15)
+    assert history["type"] == "history", history  # not refused `storage_unavailable`
+    assert [m["content"] for m in history["data"]["messages"]] == ["remember me", "Echo: remember me"]
+    started = await client.recv(timeout=15)
+    assert started["type"] == "session_start", started
+    await client.close()
+    assert "Traceback" not in server.log() and "internal_error" not in server.log()
+
+
 async def test_an_outage_past_the_window_answers_storage_unavailable_then_the_session_goes_on(cut_link, daphne_factory):
     """PostgreSQL unreachable for 8 s, the window 1 s: the turn in progress ends with `storage_unavailable`
     and `processing_end`, a post is refused with it, /healthz says 503; once it is back /healthz says 200, both
