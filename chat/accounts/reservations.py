@@ -46,7 +46,7 @@ from chat.accounts.counters import (
     usd_to_nano,
     utc,
 )
-from chat.ops import metrics, prices
+from chat.ops import metrics, prices, storage
 from chat.ops.tasks import Background
 from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
@@ -292,7 +292,13 @@ class Reservation:
         # reserved); a release only gives back.
         watch = settling and limits.in_money
         warn = (usd_to_nano(limits.usd_per_day), usd_to_nano(limits.usd_per_month)) if watch else (0, 0)
-        crossed = await counters().adjust(self._keys, messages, tokens, nano, warn, self._kept)
+        try:
+            crossed = await counters().adjust(self._keys, messages, tokens, nano, warn, self._kept)
+        except storage.Unavailable:
+            # Redis did not answer within R2D2_STORAGE_RETRY_SECONDS (its outage is logged once, by
+            # chat/ops/storage.py): the reservation stays charged as reserved until its counters' period ends.
+            logger.info("quota reservation not settled", extra={"principal": self.principal.label})
+            return
         for index, total in crossed:
             _warn(self.principal, index, total, self._keys)
 

@@ -181,17 +181,6 @@ async def test_a_first_attempt_that_hangs_is_bounded_by_the_window(settings):
     assert loop.time() - started < 1.0
 
 
-async def test_a_write_unsafe_to_repeat_is_retried_only_while_it_was_never_sent():
-    """A quota's reservation (a Redis script) is tried again while Redis refuses connections, never after a
-    reset that may have come once it ran: that would reserve the message twice."""
-    refused = Flaky(failures=3, error=redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379."))
-    assert await storage.retry(refused, unsent_only=True) == "ok" and refused.calls == 4
-    reset = Flaky(failures=1, error=redis.exceptions.ConnectionError("Connection reset by peer"))
-    with pytest.raises(storage.Unavailable):
-        await storage.retry(reset, unsent_only=True)
-    assert reset.calls == 1
-
-
 async def test_a_call_the_window_cuts_short_is_unavailable_whatever_the_clock_says(monkeypatch):
     """The loop may fire the window's timer a clock tick before `within` has passed by time.monotonic(): a call
     still waiting then is `Unavailable` all the same (the client gets storage_unavailable, never internal_error)."""
