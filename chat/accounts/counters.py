@@ -406,8 +406,8 @@ class RedisCounters:
         return [(int(found[n]), int(found[n + 1])) for n in range(0, len(found), 2)]
 
     async def read(self, keys: tuple[str, ...]) -> list[int]:
-        client = self._redis()[0]
-        return [int(n or 0) for n in await client.mget(self._names(keys[:4]))]
+        client, names = self._redis()[0], self._names(keys[:4])
+        return [int(n or 0) for n in await storage.retry(lambda: client.mget(names))]
 
     async def keep(self, kept: Kept, record: str) -> bool:
         session_id, row_id, fence = kept

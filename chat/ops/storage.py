@@ -66,9 +66,23 @@ def connection_error(exc: BaseException) -> str | None:
         from redis import exceptions as redis_errors  # here: a deployment without Redis never imports it
     except ImportError:  # pragma: no cover
         return None
-    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) or _redis_closed_transport(exc):
         return REDIS
     return None
+
+
+def _redis_closed_transport(exc: BaseException) -> bool:
+    """A reset (`CLIENT KILL`) that lands while redis-py opens a connection, between the connect and its
+    handshake: uvloop refuses the write with RuntimeError("unable to perform operation on <TCPTransport
+    closed=True ...>; the handler is closed"), which redis-py lets out as it is, not as a ConnectionError."""
+    if not isinstance(exc, RuntimeError) or "handler is closed" not in str(exc):
+        return False
+    frames = exc.__traceback__
+    while frames is not None:  # raised inside redis-py (not, say, by a websocket's write)
+        if frames.tb_frame.f_globals.get("__name__", "").startswith("redis."):
+            return True
+        frames = frames.tb_next
+    return False
 
 
 class Outage:

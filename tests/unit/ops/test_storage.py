@@ -187,3 +187,17 @@ async def test_a_call_the_window_cuts_short_is_unavailable_whatever_the_clock_sa
     monkeypatch.setattr(storage, "time", SimpleNamespace(monotonic=lambda: 0.0))  # as if it fired early
     with pytest.raises(storage.Unavailable):
         await storage.retry(lambda: asyncio.sleep(10), within=0.05)
+
+
+def test_a_write_uvloop_refuses_on_a_reset_redis_connection_is_a_redis_connection_error():
+    """A `CLIENT KILL` landing while redis-py opens a connection: uvloop refuses its handshake's write with a
+    RuntimeError, which redis-py lets out as it is (a post answered internal_error before)."""
+    closed = "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+    scope = {"__name__": "redis.asyncio.connection"}
+    exec(f"def send():\n    raise RuntimeError({closed!r})", scope)
+    with pytest.raises(RuntimeError) as raised:
+        scope["send"]()
+    assert storage.connection_error(raised.value) == "redis"
+    with pytest.raises(RuntimeError) as elsewhere:  # a websocket's write, say: no storage's
+        raise RuntimeError(closed)
+    assert storage.connection_error(elsewhere.value) is None
