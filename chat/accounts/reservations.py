@@ -16,6 +16,10 @@ with what the model reported. Settling or releasing a kept reservation is condit
 same script as the counters' change: of the killed holder (if it was only judged dead), a drain's release
 and the new holder, exactly one settles it. The turn a killed process was answering keeps its reservation
 as its charge: the model's own count died with the process.
+
+On Redis, each of these steps is tried again on a connection error (a reset, a restart) within
+R2D2_STORAGE_RETRY_SECONDS and takes effect once however often it was sent (chat/accounts/counters.py): a
+Redis blip delays a post or a settlement, never refuses or double-counts it.
 """
 
 from __future__ import annotations
