@@ -1,14 +1,16 @@
 """A TCP proxy on 127.0.0.1 that can be cut and restored: a database or Redis restarting, for the tests.
 
 Cutting it resets every connection through it (as when the server's process goes away) and refuses new ones
-(nothing listens); restoring it listens again on the same port. A test points a server at `port` instead of
-the real service's, so the service itself, shared by every test, is never stopped.
+(nothing listens); restoring it listens again on the same port. `lose_reply` resets one connection after the
+server got a request, before its reply comes back: the request ran, and the client cannot tell. A test points a
+server at `port` instead of the real service's, so the service itself, shared by every test, is never stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from testkit.server import free_port
 
@@ -22,6 +24,13 @@ class CutLink:
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._lose: list[bytes] = []
+        self.lost = 0  # replies lost so far
+
+    def lose_reply(self, to: bytes) -> None:
+        """The next request whose bytes hold `to` reaches the server; its connection is reset when the server's
+        reply comes, which the client never gets (a reset just after a command ran)."""
+        self._lose.append(to)
 
     async def start(self) -> CutLink:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
@@ -54,9 +63,24 @@ class CutLink:
             client_writer.transport.abort()
             return
         self._writers.update((client_writer, server_writer))
+        doomed = False  # its next reply is lost
+
+        def request(data: bytes) -> bool:
+            nonlocal doomed
+            for marker in self._lose:
+                if marker in data:
+                    self._lose.remove(marker)
+                    doomed = True
+                    break
+            return True
+
+        def reply(data: bytes) -> bool:
+            self.lost += doomed
+            return not doomed
+
         pumps = [
-            asyncio.create_task(_pump(client_reader, server_writer)),
-            asyncio.create_task(_pump(server_reader, client_writer)),
+            asyncio.create_task(_pump(client_reader, server_writer, request)),
+            asyncio.create_task(_pump(server_reader, client_writer, reply)),
         ]
         with contextlib.suppress(asyncio.CancelledError):  # the test's loop ending
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -67,8 +91,11 @@ class CutLink:
             writer.transport.abort()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, relay: Callable[[bytes], bool]) -> None:
+    """Relay until either side closes, or until `relay` says no (then the connection is reset)."""
     with contextlib.suppress(ConnectionError, OSError):
         while data := await reader.read(65536):
+            if not relay(data):
+                return
             writer.write(data)
             await writer.drain()

@@ -1,5 +1,6 @@
 """A principal's quota counters and where they live: Redis (one Lua script to admit, one to adjust: atomic, one
-round trip each) when REDIS_URL is set, this process's memory otherwise; and an anonymous socket's own (`Tally`).
+round trip each, each run once per call however often a connection error makes it sent again) when REDIS_URL is
+set, this process's memory otherwise; and an anonymous socket's own (`Tally`).
 
 Money is counted in whole nano-dollars (chat/ops/prices.py). Admission and settlement are
 chat/accounts/reservations.py; what a principal used, chat/accounts/quotas.py.
@@ -8,8 +9,10 @@ chat/accounts/reservations.py; what a principal used, chat/accounts/quotas.py.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -227,38 +230,59 @@ class MemoryCounters:
 
 
 # Admission: check every limit against what is used, then add the message and its reservation, or
-# nothing. KEYS: the four counters. ARGV: their four limits (0: none), the messages (1, or 0 for a
-# reservation grown at its turn), tokens and nano-dollars to add, then the TTLs of a minute's, a
-# day's and a month's counter.
+# nothing. KEYS: the four counters, then the call's record. ARGV: their four limits (0: none), the messages
+# (1, or 0 for a reservation grown at its turn), tokens and nano-dollars to add, the TTLs of a minute's, a
+# day's and a month's counter, then the record's TTL. Run twice with the same record (a retry after the
+# reply was lost), it answers what it answered the first time and adds nothing (see `RedisCounters._once`).
 _ADMIT = """
-local used = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local done = redis.call('GET', KEYS[5])
+if done then
+  local found = {}
+  for n in string.gmatch(done, '%S+') do table.insert(found, n) end
+  return found
+end
+local raw = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 local need = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[7])}
 local ttl = {ARGV[8], ARGV[9], ARGV[9], ARGV[10]}
-for i = 1, 4 do used[i] = tonumber(used[i] or '0') end
+local used = {}
+for i = 1, 4 do raw[i] = raw[i] or '0'; used[i] = tonumber(raw[i]) end
+local refused = 0
 for i = 1, 4 do
   local limit = tonumber(ARGV[i])
   if limit > 0 and used[i] + need[i] > limit then
-    return {i, used[1], used[2], used[3], used[4]}
+    refused = i
+    break
   end
 end
-for i = 1, 4 do
-  if need[i] ~= 0 then
-    redis.call('INCRBY', KEYS[i], need[i])
-    if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl[i]) end
+if refused == 0 then
+  for i = 1, 4 do
+    if need[i] ~= 0 then
+      redis.call('INCRBY', KEYS[i], need[i])
+      if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl[i]) end
+    end
   end
 end
-return {0, used[1], used[2], used[3], used[4]}
+redis.call('SET', KEYS[5], refused .. ' ' .. table.concat(raw, ' '), 'EX', ARGV[11])
+return {refused, used[1], used[2], used[3], used[4]}
 """
 
 
 # Settlement or release: add the differences (never below 0); mark and report a money counter
 # that passed 80% of its limit, once a period. KEYS: the four counters, the two marks (and, for a
-# kept reservation, its session's records). ARGV: the message, token and nano-dollar differences,
-# the day's and month's limits to warn at (0: none), then the three TTLs (and the record's field
-# and the fence it must be under: otherwise another holder adopted it, or it was settled already,
-# and nothing changes).
+# kept reservation, its session's records), then the call's record. ARGV: the message, token and
+# nano-dollar differences, the day's and month's limits to warn at (0: none), the three TTLs (and the
+# record's field and the fence it must be under: otherwise another holder adopted it, or it was settled
+# already, and nothing changes), then the call's record's TTL. Run twice with the same record, it
+# answers what it answered the first time and changes nothing.
 _ADJUST = """
-if #KEYS > 6 then
+local once = KEYS[#KEYS]
+local done = redis.call('GET', once)
+if done then
+  local found = {}
+  for n in string.gmatch(done, '%S+') do table.insert(found, tonumber(n)) end
+  return found
+end
+if #KEYS > 7 then
   local record = redis.call('HGET', KEYS[7], ARGV[9])
   if not record or tonumber(string.sub(record, 1, string.find(record, ' ', 1, true) - 1)) ~= tonumber(ARGV[10]) then
     return {}
@@ -290,18 +314,27 @@ for j = 1, 2 do
     table.insert(crossed, total[i])
   end
 end
+local record = {}
+for k, n in ipairs(crossed) do record[k] = string.format('%d', n) end
+redis.call('SET', once, table.concat(record, ' '), 'EX', ARGV[#ARGV])
 return crossed
 """
 
 
 # A queued message's reservation, recorded: one hash per session, a field per message, "<fence> <record>".
-# KEYS: the hash. ARGV: the field, the fence, the record, the hash's TTL.
+# KEYS: the hash, then the call's record. ARGV: the field, the fence, the record, the hash's TTL, then the
+# call's record's TTL. Run twice with the same record, it writes nothing (the record it wrote may have been
+# settled, and so deleted, meanwhile).
 _KEEP = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+if redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[5]) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+end
 """
 
-# A new holder adopts the records its predecessors left: those under an older fence move to its own.
+# A new holder adopts the records its predecessors left: those under an older fence move to its own; those
+# already under its own come again (so a retry after the reply was lost finds what the first call took: each
+# is settled once all the same, `_ADJUST` deleting the record under that fence).
 # KEYS: the hash. ARGV: the new fence, then the fields (none: all). Returns field, record, field, record...
 _ADOPT = """
 local fields = {}
@@ -312,7 +345,7 @@ for _, field in ipairs(fields) do
   local value = redis.call('HGET', KEYS[1], field)
   if value then
     local space = string.find(value, ' ', 1, true)
-    if tonumber(string.sub(value, 1, space - 1)) < tonumber(ARGV[1]) then
+    if tonumber(string.sub(value, 1, space - 1)) <= tonumber(ARGV[1]) then
       local record = string.sub(value, space + 1)
       redis.call('HSET', KEYS[1], field, ARGV[1] .. ' ' .. record)
       table.insert(adopted, field)
@@ -322,6 +355,13 @@ for _, field in ipairs(fields) do
 end
 return adopted
 """
+
+
+#: Where each script is in `RedisCounters._redis()` (after the client).
+_ADMIT_AT, _ADJUST_AT, _KEEP_AT, _ADOPT_AT = range(1, 5)
+
+#: Seconds a script's record of a call outlives the storage window: a retry comes within the window.
+ONCE_SECONDS = 60
 
 
 class RedisCounters:
@@ -345,13 +385,9 @@ class RedisCounters:
     async def admit(
         self, keys: tuple[str, ...], limits: Sequence[int], messages: int, tokens: int, nano: int
     ) -> tuple[int | None, list[int]]:
-        admit = self._redis()[1]
         args = [*limits, messages, tokens, nano, *_TTLS[:2], MONTH_TTL]
-        # Retried only while Redis refuses the connection (the script was not sent): a script cut off after it
-        # was sent may have run, and running it again would reserve the message twice.
-        names = self._names(keys[:4])
-        which, *used = await storage.retry(lambda: admit(keys=names, args=args), unsent_only=True)
-        return (int(which) - 1 if which else None), [int(n) for n in used]
+        which, *used = await self._once(_ADMIT_AT, self._names(keys[:4]), args)
+        return (int(which) - 1 if int(which) else None), [int(n) for n in used]
 
     async def adjust(
         self,
@@ -362,28 +398,40 @@ class RedisCounters:
         warn: tuple[int, int],
         kept: Kept | None = None,
     ) -> Crossed:
-        adjust = self._redis()[2]
         names, args = self._names(keys), [messages, tokens, nano, *warn, *_TTLS[:2], MONTH_TTL]
         if kept is not None:
             names.append(self._kept(kept[0]))
             args += [kept[1], kept[2]]
-        found = await adjust(keys=names, args=args)
+        found = await self._once(_ADJUST_AT, names, args)
         return [(int(found[n]), int(found[n + 1])) for n in range(0, len(found), 2)]
 
     async def read(self, keys: tuple[str, ...]) -> list[int]:
-        client = self._redis()[0]
-        return [int(n or 0) for n in await client.mget(self._names(keys[:4]))]
+        client, names = self._redis()[0], self._names(keys[:4])
+        return [int(n or 0) for n in await storage.retry(lambda: client.mget(names))]
 
     async def keep(self, kept: Kept, record: str) -> bool:
         session_id, row_id, fence = kept
-        await self._redis()[3](keys=[self._kept(session_id)], args=[row_id, fence, record, DAY_TTL])
+        await self._once(_KEEP_AT, [self._kept(session_id)], [row_id, fence, record, DAY_TTL])
         return True
 
     async def adopt(self, session_id: str, fence: int, row_ids: Sequence[int] | None) -> dict[int, str]:
         if row_ids is not None and not row_ids:
             return {}
-        found = await self._redis()[4](keys=[self._kept(session_id)], args=[fence, *(row_ids or ())])
+        adopt, keys, args = self._redis()[_ADOPT_AT], [self._kept(session_id)], [fence, *(row_ids or ())]
+        found = await storage.retry(lambda: adopt(keys=keys, args=args))  # run again, it finds the same
         return {int(found[n]): _text(found[n + 1]) for n in range(0, len(found), 2)}
+
+    async def _once(self, script: int, keys: list[str], args: list) -> list:
+        """Run a script that changes counters, tried again on a connection error within R2D2_STORAGE_RETRY_SECONDS
+        (chat/ops/storage.py): a reset may cut it off after Redis ran it, so the call carries an id of its own,
+        made once here, under which the script records what it answered (for ONCE_SECONDS); run again with it,
+        the script answers the same and changes nothing, so a message is reserved, and a reservation settled,
+        once. A Redis restarted empty has lost that record, and the counters with it: the retry then counts in
+        the new, empty counters (what was used before the restart is forgotten, as on any restart of a cache)."""
+        run = self._redis()[script]
+        keys = [*keys, f"{self.prefix}:quota:once:{uuid.uuid4().hex}"]
+        args = [*args, ONCE_SECONDS + math.ceil(storage.window())]
+        return await storage.retry(lambda: run(keys=keys, args=args))
 
     def _kept(self, session_id: str) -> str:
         return f"{self.prefix}:quota:kept:{session_id}"

@@ -16,6 +16,10 @@ with what the model reported. Settling or releasing a kept reservation is condit
 same script as the counters' change: of the killed holder (if it was only judged dead), a drain's release
 and the new holder, exactly one settles it. The turn a killed process was answering keeps its reservation
 as its charge: the model's own count died with the process.
+
+On Redis, each of these steps is tried again on a connection error (a reset, a restart) within
+R2D2_STORAGE_RETRY_SECONDS and takes effect once however often it was sent (chat/accounts/counters.py): a
+Redis blip delays a post or a settlement, never refuses or double-counts it.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from chat.accounts.counters import (
     usd_to_nano,
     utc,
 )
-from chat.ops import metrics, prices
+from chat.ops import metrics, prices, storage
 from chat.ops.tasks import Background
 from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
@@ -292,7 +296,13 @@ class Reservation:
         # reserved); a release only gives back.
         watch = settling and limits.in_money
         warn = (usd_to_nano(limits.usd_per_day), usd_to_nano(limits.usd_per_month)) if watch else (0, 0)
-        crossed = await counters().adjust(self._keys, messages, tokens, nano, warn, self._kept)
+        try:
+            crossed = await counters().adjust(self._keys, messages, tokens, nano, warn, self._kept)
+        except storage.Unavailable:
+            # Redis did not answer within R2D2_STORAGE_RETRY_SECONDS (its outage is logged once, by
+            # chat/ops/storage.py): the reservation stays charged as reserved until its counters' period ends.
+            logger.info("quota reservation not settled", extra={"principal": self.principal.label})
+            return
         for index, total in crossed:
             _warn(self.principal, index, total, self._keys)
 

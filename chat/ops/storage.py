@@ -10,7 +10,8 @@ Past it the call raises `Unavailable`, which the turn and the consumer answer wi
 
 A retried write must be safe to run twice: the caller passes `recover`, asked before every retry
 whether the attempt that broke took effect after all (an INSERT that committed just before the
-connection dropped), or the write is conditional or idempotent by its own statement.
+connection dropped), or the write is conditional or idempotent by its own statement (the quota's Redis
+scripts record each call under an id of their own: chat/accounts/counters.py).
 
 An outage is logged once when it starts and once when it ends (how long it lasted, how many calls
 waited for it, how many gave up): `Outage`, one per storage, shared by every caller in the process.
@@ -27,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import psycopg
-import psycopg.errors
 from django.conf import settings
 from django.db import DatabaseError as DjangoDatabaseError
 
@@ -66,9 +66,23 @@ def connection_error(exc: BaseException) -> str | None:
         from redis import exceptions as redis_errors  # here: a deployment without Redis never imports it
     except ImportError:  # pragma: no cover
         return None
-    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
+    if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) or _redis_closed_transport(exc):
         return REDIS
     return None
+
+
+def _redis_closed_transport(exc: BaseException) -> bool:
+    """A reset (`CLIENT KILL`) that lands while redis-py opens a connection, between the connect and its
+    handshake: uvloop refuses the write with RuntimeError("unable to perform operation on <TCPTransport
+    closed=True ...>; the handler is closed"), which redis-py lets out as it is, not as a ConnectionError."""
+    if not isinstance(exc, RuntimeError) or "handler is closed" not in str(exc):
+        return False
+    frames = exc.__traceback__
+    while frames is not None:  # raised inside redis-py (not, say, by a websocket's write)
+        if frames.tb_frame.f_globals.get("__name__", "").startswith("redis."):
+            return True
+        frames = frames.tb_next
+    return False
 
 
 class Outage:
@@ -163,15 +177,6 @@ def _draining(check: Callable[[psycopg.Connection], None]) -> Callable[[psycopg.
     return check_connection
 
 
-def unsent(exc: BaseException) -> bool:
-    """The connection error happened before the command reached the server: a connect refused or timed out."""
-    if isinstance(exc, DjangoDatabaseError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    if isinstance(exc, psycopg.OperationalError) and not isinstance(exc, psycopg.errors.AdminShutdown):
-        return str(exc).startswith("connection failed")  # psycopg's words for a connect that failed
-    return "connecting to" in str(exc)  # redis-py: "Error 111 connecting to host:port. Connection refused."
-
-
 def window() -> float:
     return max(0.0, float(settings.R2D2_STORAGE_RETRY_SECONDS))
 
@@ -182,7 +187,6 @@ async def retry(
     recover: Callable[[], Awaitable[tuple[bool, T | None]]] | None = None,
     within: float | None = None,
     bounded: bool = True,
-    unsent_only: bool = False,
 ) -> T:
     """`await call()`, tried again on a connection error for up to `within` seconds (R2D2_STORAGE_RETRY_SECONDS).
 
@@ -191,8 +195,7 @@ async def retry(
     any other error at once. `bounded`: the first attempt too is bounded by the window, as the ORM's calls
     must be (its pool waits R2D2_DB_POOL_TIMEOUT for a connection while the database is down); the turn's
     own connections (chat/turns/pgpool.py) fail at once or within their connect timeout, and a timer per
-    statement would cost the turn's path about 8 µs each. `unsent_only`: a write that is not safe to run twice
-    and has no `recover` is tried again only after errors that say it was never sent (a refused connect)."""
+    statement would cost the turn's path about 8 µs each."""
     limit = window() if within is None else within
     started = time.monotonic()  # the loop's clock, without asking for the loop on every call
     bounded = bounded and limit > 0
@@ -216,7 +219,7 @@ async def retry(
         storage = connection_error(exc)
         if storage is None:
             raise
-        return await _again(call, recover, storage, exc, limit - (time.monotonic() - started), unsent_only)
+        return await _again(call, recover, storage, exc, limit - (time.monotonic() - started))
     if _OUTAGE_DB.since is not None or _OUTAGE_REDIS.since is not None:
         _answered_any()
     return result
@@ -235,7 +238,6 @@ async def _again(
     storage: str,
     exc: Exception,
     within: float,
-    unsent_only: bool = False,
 ) -> T:
     outage = OUTAGES[storage]
     waiting = False  # counted in the outage: the immediate retry failed too (one stale connection is no outage)
@@ -244,8 +246,6 @@ async def _again(
     delay = 0.0
     while True:
         remaining = deadline - loop.time()
-        if unsent_only and not unsent(exc):
-            remaining = 0  # it may have run: not again
         if remaining <= 0:
             _wait(outage, exc, waiting)
             outage.gave_up += 1

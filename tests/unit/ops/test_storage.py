@@ -181,20 +181,23 @@ async def test_a_first_attempt_that_hangs_is_bounded_by_the_window(settings):
     assert loop.time() - started < 1.0
 
 
-async def test_a_write_unsafe_to_repeat_is_retried_only_while_it_was_never_sent():
-    """A quota's reservation (a Redis script) is tried again while Redis refuses connections, never after a
-    reset that may have come once it ran: that would reserve the message twice."""
-    refused = Flaky(failures=3, error=redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379."))
-    assert await storage.retry(refused, unsent_only=True) == "ok" and refused.calls == 4
-    reset = Flaky(failures=1, error=redis.exceptions.ConnectionError("Connection reset by peer"))
-    with pytest.raises(storage.Unavailable):
-        await storage.retry(reset, unsent_only=True)
-    assert reset.calls == 1
-
-
 async def test_a_call_the_window_cuts_short_is_unavailable_whatever_the_clock_says(monkeypatch):
     """The loop may fire the window's timer a clock tick before `within` has passed by time.monotonic(): a call
     still waiting then is `Unavailable` all the same (the client gets storage_unavailable, never internal_error)."""
     monkeypatch.setattr(storage, "time", SimpleNamespace(monotonic=lambda: 0.0))  # as if it fired early
     with pytest.raises(storage.Unavailable):
         await storage.retry(lambda: asyncio.sleep(10), within=0.05)
+
+
+def test_a_write_uvloop_refuses_on_a_reset_redis_connection_is_a_redis_connection_error():
+    """A `CLIENT KILL` landing while redis-py opens a connection: uvloop refuses its handshake's write with a
+    RuntimeError, which redis-py lets out as it is (a post answered internal_error before)."""
+    closed = "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+    scope = {"__name__": "redis.asyncio.connection"}
+    exec(f"def send():\n    raise RuntimeError({closed!r})", scope)
+    with pytest.raises(RuntimeError) as raised:
+        scope["send"]()
+    assert storage.connection_error(raised.value) == "redis"
+    with pytest.raises(RuntimeError) as elsewhere:  # a websocket's write, say: no storage's
+        raise RuntimeError(closed)
+    assert storage.connection_error(elsewhere.value) is None
