@@ -1,6 +1,11 @@
 """A principal's quota counters and where they live: Redis (one Lua script to admit, one to adjust: atomic, one
-round trip each, each run once per call however often a connection error makes it sent again) when REDIS_URL is
-set, this process's memory otherwise; and an anonymous socket's own (`Tally`).
+round trip each, each run once per call however often a connection error makes it sent again; the scripts are
+chat/accounts/scripts.py) when REDIS_URL is set, this process's memory otherwise; and an anonymous socket's own
+(`Tally`).
+
+Redis is a cache of what the database records: counters it lost (a restart with nothing kept, a failover to a
+replica that lagged) are rebuilt from the database before the principal is admitted or told its usage again
+(`Unseeded`, chat/accounts/seeding.py), so a budget holds across a Redis restart.
 
 Money is counted in whole nano-dollars (chat/ops/prices.py). Admission and settlement are
 chat/accounts/reservations.py; what a principal used, chat/accounts/quotas.py.
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from django.conf import settings
 
+from chat.accounts import scripts
 from chat.ops import prices, storage, store
 
 if TYPE_CHECKING:
@@ -123,13 +129,40 @@ Crossed = list[tuple[int, int]]
 #: takes the session over adopts them under its own fence, so exactly one process settles each.
 Kept = tuple[str, int, int]
 
+#: The epochs of a principal's counters for a day and a month, as an admission found them (the tokens of their
+#: seed markers, chat/accounts/scripts.py): a settlement that finds others knows its reservation was lost with
+#: its Redis. ("", ""): none (the in-memory counters, which die with their reservations).
+Epochs = tuple[str, str]
+NO_EPOCHS: Epochs = ("", "")
+
+
+class Unseeded(Exception):
+    """The counters of a day (`day`, with its minute) or a month (`month`) were not rebuilt from the database
+    in this Redis: a new period, or a Redis that lost them. chat/accounts/seeding.py rebuilds them (`seed`)."""
+
+    def __init__(self, day: bool, month: bool) -> None:
+        super().__init__(f"quota counters unseeded (day: {day}, month: {month})")
+        self.day, self.month = day, month
+
 
 class Counters(Protocol):
     async def admit(
-        self, keys: tuple[str, ...], limits: Sequence[int], messages: int, tokens: int, nano: int
-    ) -> tuple[int | None, list[int]]:
+        self,
+        keys: tuple[str, ...],
+        limits: Sequence[int],
+        messages: int,
+        tokens: int,
+        nano: int,
+        *,
+        force: bool = False,
+    ) -> tuple[int | None, list[int], Epochs]:
         """Add `messages`, `tokens` and `nano` unless one would pass its limit (0: none); returns (the
-        index of the counter that refused, or None; the four counters before)."""
+        index of the counter that refused, or None; the four counters before; their epochs). Raises
+        `Unseeded`, changing nothing, when the counters of `keys`' periods were not rebuilt (unless `force`)."""
+
+    async def seed(self, keys: tuple[str, ...], figures: Sequence[int], *, day: bool, month: bool) -> None:
+        """The counters of the day (and its minute) and of the month, unless already seeded: raised to `figures`
+        (the database's four), their epochs begun; two processes seeding at once count them once."""
 
     async def adjust(
         self,
@@ -139,12 +172,18 @@ class Counters(Protocol):
         nano: int,
         warn: tuple[int, int],
         kept: Kept | None = None,
+        *,
+        epochs: Epochs = NO_EPOCHS,
+        full: tuple[int, int] = (0, 0),
     ) -> Crossed:
         """Add (or give back) amounts; the money counters that now passed 80% of `warn` (nano-dollars per
         day, per month; 0: none) for the first time in their period. With `kept`: only if that record of a
-        reservation is still there under that fence, and it goes in the same step (settled exactly once)."""
+        reservation is still there under that fence, and it goes in the same step (settled exactly once).
+        `epochs`: the admission's; counters of a later epoch are added `full` (tokens, nano-dollars: what the
+        turn cost in all) instead, unseeded ones nothing."""
 
-    async def read(self, keys: tuple[str, ...]) -> list[int]: ...
+    async def read(self, keys: tuple[str, ...], *, force: bool = False) -> list[int]:
+        """The four counters; `Unseeded` when they were not rebuilt (unless `force`)."""
 
     async def keep(self, kept: Kept, record: str) -> bool:
         """Record a queued message's reservation where another process can find it; False when these
@@ -166,18 +205,28 @@ class MemoryCounters:
         self._lock = threading.Lock()  # event loops of other threads (tests, the admin) share them
 
     async def admit(
-        self, keys: tuple[str, ...], limits: Sequence[int], messages: int, tokens: int, nano: int
-    ) -> tuple[int | None, list[int]]:
+        self,
+        keys: tuple[str, ...],
+        limits: Sequence[int],
+        messages: int,
+        tokens: int,
+        nano: int,
+        *,
+        force: bool = False,
+    ) -> tuple[int | None, list[int], Epochs]:
         need = (messages, tokens, nano, nano)
         with self._lock:
             used = [self._get(key) for key in keys[:4]]
             for index in range(4):
                 if limits[index] > 0 and used[index] + need[index] > limits[index]:
-                    return index, used
+                    return index, used, NO_EPOCHS
             for index in range(4):
                 if need[index]:
                     self._add(keys[index], need[index], _TTLS[index])
-        return None, used
+        return None, used, NO_EPOCHS
+
+    async def seed(self, keys: tuple[str, ...], figures: Sequence[int], *, day: bool, month: bool) -> None:
+        pass  # never unseeded: these counters and the reservations in them end with the process
 
     async def adjust(
         self,
@@ -187,8 +236,11 @@ class MemoryCounters:
         nano: int,
         warn: tuple[int, int],
         kept: Kept | None = None,
+        *,
+        epochs: Epochs = NO_EPOCHS,
+        full: tuple[int, int] = (0, 0),
     ) -> Crossed:
-        crossed: Crossed = []  # `kept`: never, see `keep`
+        crossed: Crossed = []  # `kept`: never, see `keep`; `epochs`: always NO_EPOCHS
         with self._lock:
             totals = [self._add(keys[index], delta, _TTLS[index]) for index, delta in enumerate((messages, tokens))]
             totals += [self._add(keys[index], nano, _TTLS[index]) for index in (USD_DAY, USD_MONTH)]
@@ -198,7 +250,7 @@ class MemoryCounters:
                     crossed.append((index, totals[index]))
         return crossed
 
-    async def read(self, keys: tuple[str, ...]) -> list[int]:
+    async def read(self, keys: tuple[str, ...], *, force: bool = False) -> list[int]:
         with self._lock:
             return [self._get(key) for key in keys[:4]]
 
@@ -229,136 +281,8 @@ class MemoryCounters:
             self._values = {k: v for k, v in self._values.items() if v[1] > now}
 
 
-# Admission: check every limit against what is used, then add the message and its reservation, or
-# nothing. KEYS: the four counters, then the call's record. ARGV: their four limits (0: none), the messages
-# (1, or 0 for a reservation grown at its turn), tokens and nano-dollars to add, the TTLs of a minute's, a
-# day's and a month's counter, then the record's TTL. Run twice with the same record (a retry after the
-# reply was lost), it answers what it answered the first time and adds nothing (see `RedisCounters._once`).
-_ADMIT = """
-local done = redis.call('GET', KEYS[5])
-if done then
-  local found = {}
-  for n in string.gmatch(done, '%S+') do table.insert(found, n) end
-  return found
-end
-local raw = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-local need = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[7])}
-local ttl = {ARGV[8], ARGV[9], ARGV[9], ARGV[10]}
-local used = {}
-for i = 1, 4 do raw[i] = raw[i] or '0'; used[i] = tonumber(raw[i]) end
-local refused = 0
-for i = 1, 4 do
-  local limit = tonumber(ARGV[i])
-  if limit > 0 and used[i] + need[i] > limit then
-    refused = i
-    break
-  end
-end
-if refused == 0 then
-  for i = 1, 4 do
-    if need[i] ~= 0 then
-      redis.call('INCRBY', KEYS[i], need[i])
-      if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl[i]) end
-    end
-  end
-end
-redis.call('SET', KEYS[5], refused .. ' ' .. table.concat(raw, ' '), 'EX', ARGV[11])
-return {refused, used[1], used[2], used[3], used[4]}
-"""
-
-
-# Settlement or release: add the differences (never below 0); mark and report a money counter
-# that passed 80% of its limit, once a period. KEYS: the four counters, the two marks (and, for a
-# kept reservation, its session's records), then the call's record. ARGV: the message, token and
-# nano-dollar differences, the day's and month's limits to warn at (0: none), the three TTLs (and the
-# record's field and the fence it must be under: otherwise another holder adopted it, or it was settled
-# already, and nothing changes), then the call's record's TTL. Run twice with the same record, it
-# answers what it answered the first time and changes nothing.
-_ADJUST = """
-local once = KEYS[#KEYS]
-local done = redis.call('GET', once)
-if done then
-  local found = {}
-  for n in string.gmatch(done, '%S+') do table.insert(found, tonumber(n)) end
-  return found
-end
-if #KEYS > 7 then
-  local record = redis.call('HGET', KEYS[7], ARGV[9])
-  if not record or tonumber(string.sub(record, 1, string.find(record, ' ', 1, true) - 1)) ~= tonumber(ARGV[10]) then
-    return {}
-  end
-  redis.call('HDEL', KEYS[7], ARGV[9])
-end
-local delta = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[3])}
-local ttl = {ARGV[6], ARGV[7], ARGV[7], ARGV[8]}
-local limits = {tonumber(ARGV[4]), tonumber(ARGV[5])}
-local total = {0, 0, 0, 0}
-for i = 1, 4 do
-  if delta[i] ~= 0 then
-    local n = redis.call('INCRBY', KEYS[i], delta[i])
-    if n < 0 then
-      redis.call('SET', KEYS[i], 0, 'KEEPTTL')
-      n = 0
-    end
-    if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ttl[i]) end
-    total[i] = n
-  elseif i > 2 and limits[i - 2] > 0 then
-    total[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-  end
-end
-local crossed = {}
-for j = 1, 2 do
-  local i = j + 2
-  if limits[j] > 0 and total[i] * 5 >= limits[j] * 4 and redis.call('SET', KEYS[4 + j], 1, 'NX', 'EX', ttl[i]) then
-    table.insert(crossed, i - 1)
-    table.insert(crossed, total[i])
-  end
-end
-local record = {}
-for k, n in ipairs(crossed) do record[k] = string.format('%d', n) end
-redis.call('SET', once, table.concat(record, ' '), 'EX', ARGV[#ARGV])
-return crossed
-"""
-
-
-# A queued message's reservation, recorded: one hash per session, a field per message, "<fence> <record>".
-# KEYS: the hash, then the call's record. ARGV: the field, the fence, the record, the hash's TTL, then the
-# call's record's TTL. Run twice with the same record, it writes nothing (the record it wrote may have been
-# settled, and so deleted, meanwhile).
-_KEEP = """
-if redis.call('SET', KEYS[2], 1, 'NX', 'EX', ARGV[5]) then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-end
-"""
-
-# A new holder adopts the records its predecessors left: those under an older fence move to its own; those
-# already under its own come again (so a retry after the reply was lost finds what the first call took: each
-# is settled once all the same, `_ADJUST` deleting the record under that fence).
-# KEYS: the hash. ARGV: the new fence, then the fields (none: all). Returns field, record, field, record...
-_ADOPT = """
-local fields = {}
-for i = 2, #ARGV do fields[i - 1] = ARGV[i] end
-if #ARGV == 1 then fields = redis.call('HKEYS', KEYS[1]) end
-local adopted = {}
-for _, field in ipairs(fields) do
-  local value = redis.call('HGET', KEYS[1], field)
-  if value then
-    local space = string.find(value, ' ', 1, true)
-    if tonumber(string.sub(value, 1, space - 1)) <= tonumber(ARGV[1]) then
-      local record = string.sub(value, space + 1)
-      redis.call('HSET', KEYS[1], field, ARGV[1] .. ' ' .. record)
-      table.insert(adopted, field)
-      table.insert(adopted, record)
-    end
-  end
-end
-return adopted
-"""
-
-
 #: Where each script is in `RedisCounters._redis()` (after the client).
-_ADMIT_AT, _ADJUST_AT, _KEEP_AT, _ADOPT_AT = range(1, 5)
+_ADMIT_AT, _ADJUST_AT, _KEEP_AT, _ADOPT_AT, _SEED_AT = range(1, 6)
 
 #: Seconds a script's record of a call outlives the storage window: a retry comes within the window.
 ONCE_SECONDS = 60
@@ -375,19 +299,40 @@ class RedisCounters:
         client = store.client()
         found = self._scripts.get(client)
         if found is None:
-            scripts = (client.register_script(script) for script in (_ADMIT, _ADJUST, _KEEP, _ADOPT))
-            found = self._scripts[client] = (client, *scripts)
+            lua = (scripts.ADMIT, scripts.ADJUST, scripts.KEEP, scripts.ADOPT, scripts.SEED)
+            found = self._scripts[client] = (client, *(client.register_script(source) for source in lua))
         return found
 
     def _names(self, keys: Sequence[str]) -> list[str]:
         return [f"{self.prefix}:quota:{key}" for key in keys]
 
+    def _marks(self, keys: Sequence[str]) -> list[str]:
+        """The seed markers of `keys`' day and month (named from the counters, so that a reservation recorded
+        with its counters' names finds them too)."""
+        who, _, day = keys[TOKENS].rsplit(":", 2)
+        return self._names((f"{who}:sd:{day}", f"{who}:sM:{keys[USD_MONTH].rsplit(':', 1)[1]}"))
+
     async def admit(
-        self, keys: tuple[str, ...], limits: Sequence[int], messages: int, tokens: int, nano: int
-    ) -> tuple[int | None, list[int]]:
-        args = [*limits, messages, tokens, nano, *_TTLS[:2], MONTH_TTL]
-        which, *used = await self._once(_ADMIT_AT, self._names(keys[:4]), args)
-        return (int(which) - 1 if int(which) else None), [int(n) for n in used]
+        self,
+        keys: tuple[str, ...],
+        limits: Sequence[int],
+        messages: int,
+        tokens: int,
+        nano: int,
+        *,
+        force: bool = False,
+    ) -> tuple[int | None, list[int], Epochs]:
+        args = [*limits, messages, tokens, nano, *_TTLS[:2], MONTH_TTL, int(force)]
+        which, *found = await self._once(_ADMIT_AT, [*self._names(keys[:4]), *self._marks(keys)], args)
+        if int(which) < 0:
+            raise Unseeded(day=int(found[0]) == 1, month=int(found[1]) == 1)
+        used, epochs = [int(n) for n in found[:4]], (_text(found[4]), _text(found[5]))
+        return (int(which) - 1 if int(which) else None), used, epochs
+
+    async def seed(self, keys: tuple[str, ...], figures: Sequence[int], *, day: bool, month: bool) -> None:
+        seed, names = self._redis()[_SEED_AT], [*self._names(keys[:4]), *self._marks(keys)]
+        args = [*figures, int(day), int(month), *_TTLS[:2], MONTH_TTL, uuid.uuid4().hex[:12]]
+        await storage.retry(lambda: seed(keys=names, args=args))  # run again, it finds the markers set
 
     async def adjust(
         self,
@@ -397,17 +342,24 @@ class RedisCounters:
         nano: int,
         warn: tuple[int, int],
         kept: Kept | None = None,
+        *,
+        epochs: Epochs = NO_EPOCHS,
+        full: tuple[int, int] = (0, 0),
     ) -> Crossed:
-        names, args = self._names(keys), [messages, tokens, nano, *warn, *_TTLS[:2], MONTH_TTL]
+        names = [*self._names(keys[:6]), *self._marks(keys)]
+        args = [messages, tokens, nano, *warn, *_TTLS[:2], MONTH_TTL, *epochs, *full]
         if kept is not None:
             names.append(self._kept(kept[0]))
             args += [kept[1], kept[2]]
         found = await self._once(_ADJUST_AT, names, args)
         return [(int(found[n]), int(found[n + 1])) for n in range(0, len(found), 2)]
 
-    async def read(self, keys: tuple[str, ...]) -> list[int]:
-        client, names = self._redis()[0], self._names(keys[:4])
-        return [int(n or 0) for n in await storage.retry(lambda: client.mget(names))]
+    async def read(self, keys: tuple[str, ...], *, force: bool = False) -> list[int]:
+        client, names = self._redis()[0], [*self._names(keys[:4]), *self._marks(keys)]
+        found = await storage.retry(lambda: client.mget(names))
+        if not force and (found[4] is None or found[5] is None):
+            raise Unseeded(day=found[4] is None, month=found[5] is None)
+        return [int(n or 0) for n in found[:4]]
 
     async def keep(self, kept: Kept, record: str) -> bool:
         session_id, row_id, fence = kept
@@ -426,8 +378,8 @@ class RedisCounters:
         (chat/ops/storage.py): a reset may cut it off after Redis ran it, so the call carries an id of its own,
         made once here, under which the script records what it answered (for ONCE_SECONDS); run again with it,
         the script answers the same and changes nothing, so a message is reserved, and a reservation settled,
-        once. A Redis restarted empty has lost that record, and the counters with it: the retry then counts in
-        the new, empty counters (what was used before the restart is forgotten, as on any restart of a cache)."""
+        once. A Redis restarted empty has lost that record, and the counters with it: the retry then finds them
+        unseeded (`Unseeded`), and they are rebuilt from the database before it counts."""
         run = self._redis()[script]
         keys = [*keys, f"{self.prefix}:quota:once:{uuid.uuid4().hex}"]
         args = [*args, ONCE_SECONDS + math.ceil(storage.window())]

@@ -24,7 +24,8 @@ Nothing here knows about sockets.
 
 Where each part lives: this module, the checks at session start and what a principal used;
 chat/accounts/reservations.py, admission, reservations and the refusals; chat/accounts/counters.py,
-the counters, their Lua scripts and backends (Redis or memory).
+the counters and their backends (Redis or memory); chat/accounts/scripts.py, their Lua scripts;
+chat/accounts/seeding.py, the counters rebuilt from the database where Redis lost them.
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
+from chat.accounts import seeding
 from chat.accounts.counters import (
     MESSAGES,
     TOKENS,
     USD_DAY,
     USD_MONTH,
     Tally,
-    counter_keys,
-    counters,
     next_day,
     next_month,
     utc,
@@ -90,7 +90,7 @@ async def usage(principal: Principal, *, now: float | None = None) -> dict[str, 
     """Use so far (the admin shows it against the limits): messages this minute, tokens today, dollars
     today and this month (reservations of turns in progress included)."""
     now = time.time() if now is None else now
-    used = await counters().read(counter_keys(principal, now))
+    used = await seeding.read(principal, now)
     return {
         "messages_this_minute": used[MESSAGES],
         "tokens_today": used[TOKENS],
@@ -137,7 +137,7 @@ async def figures(
         )
     from chat.models import ChatSession
 
-    used = await counters().read(counter_keys(principal, now))
+    used = await seeding.read(principal, now)
     limits = principal.limits
     return UsageFigures(
         messages_this_minute=used[MESSAGES],

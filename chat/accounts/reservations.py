@@ -19,7 +19,9 @@ as its charge: the model's own count died with the process.
 
 On Redis, each of these steps is tried again on a connection error (a reset, a restart) within
 R2D2_STORAGE_RETRY_SECONDS and takes effect once however often it was sent (chat/accounts/counters.py): a
-Redis blip delays a post or a settlement, never refuses or double-counts it.
+Redis blip delays a post or a settlement, never refuses or double-counts it. A Redis that lost the counters
+(restarted empty, failed over) has them rebuilt from the database before it admits again
+(chat/accounts/seeding.py); a reservation it lost is settled with what its turn cost in all.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 
 from chat import llm
+from chat.accounts import seeding
 from chat.accounts.counters import (
     MESSAGES,
+    NO_EPOCHS,
     TOKENS,
     USD_DAY,
+    Epochs,
     Kept,
     Tally,
     counter_keys,
@@ -99,11 +104,21 @@ async def admit(
     tokens = prompt_tokens_estimate + output
     nano = prices.nano_dollars(price, prompt_tokens_estimate, output) if price is not None else 0
     keys = counter_keys(principal, now)
-    refused, used = await counters().admit(keys, limits_of(principal), 1, tokens, nano)
+    refused, used, epochs = await seeding.admit(principal, now, keys, limits_of(principal), 1, tokens, nano)
     if refused is not None:
         raise exceeded(_refusal(refused, used, limits_of(principal), tokens, nano, now))
     return Reservation(
-        principal, model, cap, price, keys=keys, prompt=prompt_tokens_estimate, tokens=tokens, nano=nano, limits=limits
+        principal,
+        model,
+        cap,
+        price,
+        keys=keys,
+        prompt=prompt_tokens_estimate,
+        tokens=tokens,
+        nano=nano,
+        limits=limits,
+        epochs=epochs,
+        at=now,
     )
 
 
@@ -143,6 +158,8 @@ async def adopt(
             tokens=record["tokens"],
             nano=record["nano"],
             limits=principal.limits,
+            epochs=_epochs(record),
+            at=record.get("at"),
         )
         adopted[row_id]._kept = (str(session_id), row_id, fence)
     return adopted
@@ -159,8 +176,10 @@ async def release_left(session_ids: Sequence[uuid.UUID]) -> int:
     for session_id in session_ids:
         for row_id, text in (await counters().adopt(str(session_id), _SWEPT, None)).items():
             record = json.loads(text)
-            kept = (str(session_id), row_id, _SWEPT)
-            await counters().adjust(tuple(record["keys"]), -1, -record["tokens"], -record["nano"], (0, 0), kept)
+            kept, epochs = (str(session_id), row_id, _SWEPT), _epochs(record)
+            await counters().adjust(
+                tuple(record["keys"]), -1, -record["tokens"], -record["nano"], (0, 0), kept, epochs=epochs
+            )
             released += 1
     return released
 
@@ -184,6 +203,8 @@ class Reservation:
         "_tally",
         "_limits",
         "_kept",
+        "_epochs",
+        "_at",
     )
 
     def __init__(
@@ -199,6 +220,8 @@ class Reservation:
         nano: int = 0,
         tally: Tally | None = None,
         limits: Limits | None = None,
+        epochs: Epochs = NO_EPOCHS,
+        at: float | None = None,
     ) -> None:
         self.principal = principal  # None: anonymous, nothing reserved
         self.model = model
@@ -212,6 +235,8 @@ class Reservation:
         self._tally = tally
         self._limits = limits  # the principal's: which of a fallback chain's alternates it may use
         self._kept: Kept | None = None  # recorded in the shared counters: settled under that fence only
+        self._epochs = epochs  # of the counters it is held in: other epochs lost it (chat/accounts/seeding.py)
+        self._at = time.time() if at is None else at  # when it was admitted: its counters' periods
 
     @property
     def reserved(self) -> tuple[int, int]:
@@ -224,7 +249,16 @@ class Reservation:
         if self.principal is None or not self._open or self._kept is not None:
             return
         kept = (str(session_id), row_id, fence)
-        record = json.dumps({"keys": self._keys, "prompt": self._prompt, "tokens": self._tokens, "nano": self._nano})
+        record = json.dumps(
+            {
+                "keys": self._keys,
+                "prompt": self._prompt,
+                "tokens": self._tokens,
+                "nano": self._nano,
+                "epochs": self._epochs,
+                "at": self._at,
+            }
+        )
         try:
             if await counters().keep(kept, record):
                 self._kept = kept
@@ -244,9 +278,11 @@ class Reservation:
         nano = prices.nano_dollars(self._price, more, 0) if self._price is not None else 0
         now = time.time()
         limits = limits_of(self.principal)
-        refused, used = await counters().admit(self._keys, limits, 0, more, nano)
+        refused, used, epochs = await seeding.admit(self.principal, self._at, self._keys, limits, 0, more, nano)
         if refused is not None:
             raise exceeded(_refusal(refused, used, limits, more, nano, now, grown=True))
+        if epochs != self._epochs:  # the counters were lost since admission, and rebuilt: they hold only `more`
+            self._tokens, self._nano, self._epochs = 0, 0, epochs
         self._prompt, self._tokens, self._nano = prompt, self._tokens + more, self._nano + nano
 
     async def settle(self, reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> None:
@@ -267,7 +303,7 @@ class Reservation:
             return
         self._open = False
         if self.principal is not None:
-            _spawn(self._adjust(-1, -self._tokens, -self._nano, settling=False))
+            _spawn(self._adjust(-1, -self._tokens, -self._nano, (0, 0), settling=False))
         elif self._tally is not None:
             self._tally.unmessage()
 
@@ -287,9 +323,12 @@ class Reservation:
             if self._tally is not None:
                 self._tally.spent(prompt + completion, nano, time.time())
             return None
-        return self._adjust(0, prompt + completion - self._tokens, nano - self._nano, settling=True)
+        tokens = prompt + completion
+        return self._adjust(0, tokens - self._tokens, nano - self._nano, (tokens, nano), settling=True)
 
-    async def _adjust(self, messages: int, tokens: int, nano: int, *, settling: bool) -> None:
+    async def _adjust(self, messages: int, tokens: int, nano: int, full: tuple[int, int], *, settling: bool) -> None:
+        """Add the differences to the counters the reservation is held in; `full`: what the turn cost in all,
+        added instead to counters rebuilt since they lost the reservation."""
         assert self.principal is not None
         limits = self.principal.limits
         # Spend is judged against 80% as turns are settled (whether they cost more or less than they
@@ -297,7 +336,9 @@ class Reservation:
         watch = settling and limits.in_money
         warn = (usd_to_nano(limits.usd_per_day), usd_to_nano(limits.usd_per_month)) if watch else (0, 0)
         try:
-            crossed = await counters().adjust(self._keys, messages, tokens, nano, warn, self._kept)
+            crossed = await counters().adjust(
+                self._keys, messages, tokens, nano, warn, self._kept, epochs=self._epochs, full=full
+            )
         except storage.Unavailable:
             # Redis did not answer within R2D2_STORAGE_RETRY_SECONDS (its outage is logged once, by
             # chat/ops/storage.py): the reservation stays charged as reserved until its counters' period ends.
@@ -305,6 +346,12 @@ class Reservation:
             return
         for index, total in crossed:
             _warn(self.principal, index, total, self._keys)
+
+
+def _epochs(record: dict) -> Epochs:
+    """A kept record's epochs (none in one a version before them kept: its differences are added as they were)."""
+    found = record.get("epochs")
+    return (str(found[0]), str(found[1])) if found else NO_EPOCHS
 
 
 def tokens_used(reply: llm.Reply, request: Sequence[dict[str, str]], text: str) -> tuple[int, int]:

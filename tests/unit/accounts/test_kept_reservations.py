@@ -11,7 +11,7 @@ from chat import llm
 from chat.accounts import reservations
 from tests.unit.accounts.test_reservations import REQUEST, admit, principal, used
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.django_db]  # a first admission reads the database
 
 REPLY = llm.Reply(prompt_tokens=12, completion_tokens=3, sent=True)
 

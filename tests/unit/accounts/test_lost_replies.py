@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from chat import llm
-from chat.accounts import counters, reservations
+from chat.accounts import counters, reservations, scripts
 from testkit.cut_link import CutLink
 from tests.unit.accounts.test_reservations import REQUEST, admit, principal, used
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.django_db]  # a first admission reads the database
 
 REPLY = llm.Reply(prompt_tokens=12, completion_tokens=3, sent=True)
 
@@ -50,13 +50,13 @@ async def lossy(settings):
 
 async def test_an_admission_whose_reply_is_lost_is_reserved_once(lossy, caplog):
     who = principal(tokens_per_day=1000)
-    lossy.lose_reply(script(counters._ADMIT))
+    lossy.lose_reply(script(scripts.ADMIT))
     reservation = await admit(who, prompt=10, cap=50)  # no storage_unavailable: tried again, answered
     assert lossy.lost == 1
     assert reservation.reserved == (60, 0)
     assert await used(who) == (1, 60)  # one message, one reservation
     # A refusal, too, is answered the same the second time.
-    lossy.lose_reply(script(counters._ADMIT))
+    lossy.lose_reply(script(scripts.ADMIT))
     with pytest.raises(Exception, match="Tokens per day: 60 of 1000 used"):
         await admit(who, prompt=900, cap=50)
     assert lossy.lost == 2 and await used(who) == (1, 60)
@@ -65,7 +65,7 @@ async def test_an_admission_whose_reply_is_lost_is_reserved_once(lossy, caplog):
 async def test_a_settlement_whose_reply_is_lost_is_settled_once(lossy, caplog):
     who = principal(tokens_per_day=1000)
     reservation = await admit(who, prompt=10, cap=50)
-    lossy.lose_reply(script(counters._ADJUST))
+    lossy.lose_reply(script(scripts.ADJUST))
     await reservation.settle(REPLY, REQUEST, "abc")
     assert lossy.lost == 1
     assert await used(who) == (1, 15)  # 60 reserved, 15 used: given back once (twice would leave 0)
@@ -75,7 +75,7 @@ async def test_a_settlement_whose_reply_is_lost_is_settled_once(lossy, caplog):
 async def test_a_release_whose_reply_is_lost_gives_back_once(lossy, caplog):
     who = principal(tokens_per_day=1000)
     kept, released = await admit(who, prompt=10, cap=50), await admit(who, prompt=10, cap=50)
-    lossy.lose_reply(script(counters._ADJUST))
+    lossy.lose_reply(script(scripts.ADJUST))
     released.release()
     await reservations.settled()
     assert lossy.lost == 1
@@ -90,7 +90,7 @@ async def test_an_adoption_whose_reply_is_lost_still_finds_what_it_took(lossy):
     who, session = principal(tokens_per_day=1000), uuid.uuid4()
     old = await admit(who, prompt=10, cap=50)
     await old.keep(session, 1, 7)
-    lossy.lose_reply(script(counters._ADOPT))
+    lossy.lose_reply(script(scripts.ADOPT))
     adopted = await reservations.adopt(who, "m", session, 2, [7])
     assert lossy.lost == 1
     assert list(adopted) == [7]  # not charged again in full by `charge_only`

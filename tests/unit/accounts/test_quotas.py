@@ -22,6 +22,9 @@ from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError, ErrorCode
 from testkit.server import ROOT, server_env
 
+#: With REDIS_URL, a principal's first admission rebuilds its counters from the database (chat/accounts/seeding.py).
+pytestmark = pytest.mark.django_db
+
 NOON = datetime(2026, 11, 26, 12, 0, 10, tzinfo=UTC).timestamp()
 REQUEST = [{"role": "user", "content": "x" * 40}]  # 10 tokens, estimated
 
@@ -237,9 +240,12 @@ async def test_redis_admission_is_atomic_across_processes_and_keys_expire(settin
     second = counters.RedisCounters(prefix)
     keys = counters.counter_keys(principal(), NOON)
     limits = (0, 1000, 0, 0)
+    with pytest.raises(counters.Unseeded):  # nothing rebuilt from the database yet: nothing admitted
+        await first.admit(keys, limits, 1, 60, 0)
+    await second.seed(keys, (0, 0, 0, 0), day=True, month=True)
     outcomes = await asyncio.gather(*((first, second)[n % 2].admit(keys, limits, 1, 60, 0) for n in range(40)))
-    assert sum(refused is None for refused, _ in outcomes) == 16
-    assert {refused for refused, _ in outcomes} == {None, counters.TOKENS}
+    assert sum(refused is None for refused, _, _ in outcomes) == 16
+    assert {refused for refused, _, _ in outcomes} == {None, counters.TOKENS}
     assert (await second.read(keys))[: counters.USD_DAY] == [16, 960]
     assert await first.adjust(keys, 0, -60, 700, (1000, 0)) == []  # 70%
     assert await second.adjust(keys, 0, 0, 0, (1000, 0)) == []

@@ -13,6 +13,9 @@ from chat.accounts.counters import Tally
 from chat.accounts.principals import Principal
 from chat.protocol.errors import ClientError, ErrorCode
 
+#: With REDIS_URL, a principal's first admission rebuilds its counters from the database (chat/accounts/seeding.py).
+pytestmark = pytest.mark.django_db
+
 REQUEST = [{"role": "user", "content": "x" * 40}]  # 10 tokens, estimated
 
 

@@ -10,6 +10,9 @@ from chat.llm import upstreams
 from chat.ops import prices
 from tests.unit.accounts.test_quotas import NOON, admit, principal
 
+#: With REDIS_URL, a principal's first admission rebuilds its counters from the database (chat/accounts/seeding.py).
+pytestmark = pytest.mark.django_db
+
 PRICES = "cheap=1:2,alt/dear=10:20,alt/dearest=100:200"
 
 

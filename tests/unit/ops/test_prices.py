@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
+
 from chat import llm
 from chat.accounts import counters, principals, reservations
 from chat.accounts.principals import Principal
@@ -14,6 +16,7 @@ from chat.ops import metrics, prices
 MODEL = "priced-model"
 
 
+@pytest.mark.django_db  # with REDIS_URL, the first admission reads the database (chat/accounts/seeding.py)
 async def test_quotas_metrics_and_the_admin_agree_on_a_turns_cost(settings):
     """7 prompt and 3 completion tokens at 0.0015/0.0006 $ per million: 13 nano-dollars, to the nano-dollar,
     wherever it is counted (as floats, /metrics and the admin could disagree with the quota)."""
