@@ -327,6 +327,9 @@ async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> En
     if isinstance(get_channel_layer(), InMemoryChannelLayer) and not here:
         return Ended.OWNER_UNREACHABLE
     if not here and not await _alive(session.owner_process):
+        if not liveness.own_view.clear():
+            # Its beats may have stopped with ours (an outage this process saw): if it is alive, it tells its client.
+            await tell_holder(session, reason)
         return Ended.OWNER_GONE
     await tell_holder(session, reason)
     if wait <= 0:
@@ -338,7 +341,7 @@ async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> En
         if await ChatSession.objects.filter(id=session.id, ended_at__isnull=False).aexists():
             return Ended.BY_OWNER
         # Killed after it was asked: judged by its heartbeat, so this ends as soon as it goes stale.
-        if not here and not await _alive(session.owner_process):
+        if not here and liveness.own_view.clear() and not await _alive(session.owner_process):
             return Ended.OWNER_GONE
     return Ended.NO_CONFIRMATION
 
