@@ -8,9 +8,10 @@ sessions, which nobody can answer or end any more, are ended as `orphaned`.
 
 The heartbeat task starts with the process's first request (Daphne has no
 start-up hook; on Elastic Beanstalk the load balancer's health check is that
-first request) and sweeps for orphans at once and then every
-`R2D2_ORPHAN_SWEEP_SECONDS`, so with several live processes each one cleans up
-after the dead, and `manage.py end_orphaned_sessions` does it on demand.
+first request) and sweeps for orphans every `R2D2_ORPHAN_SWEEP_SECONDS` (the
+first time once its own beats are steady, below), so with several live processes
+each one cleans up after the dead, and `manage.py end_orphaned_sessions` does it
+on demand.
 
 Correct with several live processes because a process is judged only by its
 own heartbeat, never by "not me": a session is orphaned when its owner has no
