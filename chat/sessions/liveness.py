@@ -63,7 +63,7 @@ class OwnView:
     Another process's row goes stale when that process stops beating, and also when nobody could
     write: the same outage (or the same frozen host) that stopped its beats stopped ours. So after
     any gap in our own beats (a beat that failed, or one that came more than half the staleness
-    window after the last) we wait until ours have reached the database without a gap for the
+    window, and two heartbeats, after the last) we wait until ours have reached the database without a gap for the
     staleness window: by then every live process has beaten again. A process without a heartbeat
     (a management command, R2D2_HEARTBEAT_SECONDS=0) reads the rows once, as they are: `clear`.
     """
@@ -76,7 +76,8 @@ class OwnView:
     def reached(self, now: float | None = None) -> None:
         """A beat reached the database."""
         now = time.monotonic() if now is None else now
-        if self.last is not None and now - self.last > settings.R2D2_PROCESS_STALE_SECONDS / 2:
+        late = max(settings.R2D2_PROCESS_STALE_SECONDS / 2, 2 * settings.R2D2_HEARTBEAT_SECONDS)
+        if self.last is not None and now - self.last > late:
             self.missed()  # frozen, or the event loop stalled: everyone's rows may have aged with ours
         if self.since is None:
             self.since = now

@@ -301,9 +301,10 @@ async def start_turn(lease: Lease, row_id: int, parent_id: int | None, status: M
 
 
 async def fail_turn(lease: Lease, row_id: int) -> None:
-    """A message whose turn could not start (the storage was down past the retry window; its client was told
-    `storage_unavailable`, "send it again") is marked `failed`, so that nobody answers it later: also after
-    the session changed hands meanwhile, unless the new holder had already started it."""
+    """A message whose turn failed before the model was called, the storage down past the retry window (its
+    client was told `storage_unavailable`, "send it again"), is marked `failed`, so that nobody answers it
+    later: under the lease whatever its status; without it (the session changed hands before the database
+    came back) only while nobody has started it."""
     await _run(_FAIL, (row_id, lease.session_id, lease.session_id, lease.fence), returning=False)
 
 

@@ -14,7 +14,7 @@ from chat.sessions.liveness import OwnView
 
 @pytest.fixture
 def view(monkeypatch, settings) -> OwnView:
-    settings.R2D2_PROCESS_STALE_SECONDS = 2
+    settings.R2D2_PROCESS_STALE_SECONDS, settings.R2D2_HEARTBEAT_SECONDS = 2, 0.3
     fresh = OwnView()
     monkeypatch.setattr(liveness, "own_view", fresh)
     return fresh
@@ -36,7 +36,7 @@ def test_a_late_beat_is_a_gap(view):
     """Frozen (SIGSTOP, a paused VM) or stalled for more than half the window: everyone's rows aged with ours."""
     view.reached(now=100)
     view.reached(now=101)
-    view.reached(now=102.5)  # 1.5 s after the last: more than half of 2 s
+    view.reached(now=102.5)  # 1.5 s after the last: more than half of 2 s, and two heartbeats
     assert not view.steady(now=104) and not view.clear(now=104)
     assert view.steady(now=104.5)
 
