@@ -146,3 +146,21 @@ async def test_a_message_failed_by_an_outage_is_not_answered_by_the_next_holder(
     assert not await ChatMessage.objects.filter(reply_to=failed).aexists()
     for each in (client, watcher, moved):
         await each.close()
+
+
+async def test_a_session_whose_socket_closed_during_an_outage_ends_once_the_database_is_back(cut_link, daphne_factory):
+    """A plain session's socket closes while PostgreSQL is unreachable for longer than the retry window: its end
+    (`disconnect`) is written once the database answers, not dropped. Its process lives, so no sweep would ever
+    end it: it would stay live, held by nobody, and count against its principal's live sessions."""
+    server = daphne_factory(**through(cut_link, R2D2_STORAGE_RETRY_SECONDS="1", **FAST_LIVENESS))
+    client = await ProtocolClient.connect(server.url)
+    session_id = await client.start_session()
+    await cut_link.cut()
+    await client.close()
+    await asyncio.sleep(4)  # past the retry window, and past Daphne's wait for the consumer to finish closing
+    await cut_link.restore()
+
+    async def ended() -> bool:
+        return (await session_row(session_id)).end_reason == EndReason.DISCONNECT
+
+    await wait_for(ended, timeout=15)
