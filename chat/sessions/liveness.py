@@ -23,9 +23,11 @@ explain it (`OwnView`): a database outage stops every process's beats at once, s
 the first process whose beat gets through afterwards sees every other process
 stale, though they are alive and beat again a moment later. A process judges
 others gone only once its own beats have reached the database without a gap for
-the staleness window (`steady`: the sweep), or when nothing has cut it off since
-it started (`clear`: one resume's or one end's judgement). Liveness lives in the
-database only: a Redis outage makes nobody look gone.
+the staleness window (`steady`: the sweep, which ends or releases every session of
+the processes it judges gone), or for two heartbeats, by which time every live
+process has beaten again (`clear`: one resume's or one end's judgement, which a
+client is waiting for). Liveness lives in the database only: a Redis outage makes
+nobody look gone.
 """
 
 from __future__ import annotations
@@ -94,9 +96,12 @@ class OwnView:
         now = time.monotonic() if now is None else now
         return self.since is not None and now - self.since >= stale_after
 
-    def clear(self, stale_after: float | None = None, now: float | None = None) -> bool:
-        """Nothing has cut us off since we started, or we have been steady since: a stale row is not our doing."""
-        return not self.troubled or self.steady(stale_after, now)
+    def clear(self, now: float | None = None) -> bool:
+        """Nothing has cut us off since we started, or our beats have gone through for two heartbeats since (a
+        live process beats within one of the database answering again): a stale row is not our doing. Shorter
+        than `steady`: a client waits on this judgement (its resume of a dead process's session)."""
+        window = min(settings.R2D2_PROCESS_STALE_SECONDS, 2 * settings.R2D2_HEARTBEAT_SECONDS)
+        return not self.troubled or self.steady(window, now)
 
 
 #: This process's own view, kept by its heartbeat (chat/sessions/heartbeat.py).

@@ -337,9 +337,8 @@ async def _free(row: ChatSession) -> bool:
     """Whether nobody holds the session: released, or its process is gone (or was this one and let go).
 
     A holder whose heartbeat looks stale while this process's own view of the database is not `clear`
-    (its beats failed or stopped within the staleness window: the same outage stopped everyone's) is
-    taken for alive: it is asked to hand over, and the wait claims the session once this process can
-    tell (or at the hand-over's deadline)."""
+    (its own beats came back less than two heartbeats ago: the same outage stopped everyone's) is taken
+    for alive: it is asked to hand over, and the wait claims the session once this process can tell."""
     owner = row.owner_process
     if not owner:
         return True

@@ -37,7 +37,7 @@ def test_a_late_beat_is_a_gap(view):
     view.reached(now=100)
     view.reached(now=101)
     view.reached(now=102.5)  # 1.5 s after the last: more than half of 2 s, and two heartbeats
-    assert not view.steady(now=104) and not view.clear(now=104)
+    assert not view.steady(now=103) and not view.clear(now=102.9)
     assert view.steady(now=104.5)
 
 
@@ -47,8 +47,9 @@ def test_one_judgement_is_clear_unless_something_cut_this_process_off(view):
     assert view.clear(now=100), "started, never cut off"
     view.missed()
     view.reached(now=105)
-    assert not view.clear(now=106)
-    assert view.clear(now=107)
+    assert not view.clear(now=105.5)
+    assert view.clear(now=105.7), "two heartbeats (0.3 s) of beats since: a live process has beaten again"
+    assert not view.steady(now=105.7), "the sweep waits the whole staleness window"
 
 
 @pytest.mark.django_db(transaction=True)
