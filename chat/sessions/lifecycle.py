@@ -333,9 +333,20 @@ async def request_end(
     if not session.is_live:
         return Ended.ALREADY
     outcome = await _ask_owner(session, reason, wait)
-    if outcome.in_database and not await _end_live([session_id], reason, on_loop=False):
-        return Ended.ALREADY  # its owner ended it meanwhile
+    if outcome.in_database:
+        if not await _end_live([session_id], reason, on_loop=False):
+            return Ended.ALREADY  # its owner ended it meanwhile
+        await sync_to_async(_left_open)([session_id])
     return outcome
+
+
+def _left_open(session_ids: list[uuid.UUID]) -> None:
+    """Sessions ended in the database, their holder gone or silent: a reply it left streaming stays as far as it
+    got, marked interrupted (never `incomplete` in an ended session), and its queued messages are failed."""
+    ChatMessage.objects.filter(session_id__in=session_ids, status=MessageStatus.INCOMPLETE).update(
+        status=MessageStatus.INTERRUPTED
+    )
+    _drop_queued(session_ids)
 
 
 async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> Ended:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from chat.models import ChatSession, EndReason
+from chat.models import ChatMessage, ChatSession, EndReason, MessageStatus, Role
 from chat.sessions import lifecycle, liveness, resume
 from chat.sessions.lifecycle import Ended
 from chat.sessions.liveness import OwnView
@@ -76,3 +76,21 @@ async def test_an_end_also_tells_a_stale_holder_while_this_process_was_cut_off(v
     maybe = await ChatSession.objects.acreate(model="m", owner_process="dead-host:1:abc", owner_channel="c!1")
     assert await lifecycle.request_end(maybe.id) == Ended.OWNER_GONE  # ended in the database all the same
     assert told == [str(maybe.id)]  # and its holder, if alive, tells its client
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_session_ended_in_the_database_leaves_nothing_open(view, settings):
+    """Ended by its client or an operator while its holder is gone (or cannot tell whether it is): the reply it
+    left streaming is interrupted, its queued message failed, as the orphan sweep would have left them."""
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    row = await ChatSession.objects.acreate(model="m", owner_process="dead-host:1:abc")
+    asked = await ChatMessage.objects.acreate(session=row, role=Role.USER, content="q", status=MessageStatus.STARTED)
+    streaming = await ChatMessage.objects.acreate(
+        session=row, role=Role.ASSISTANT, content="half", status=MessageStatus.INCOMPLETE, reply_to=asked
+    )
+    queued = await ChatMessage.objects.acreate(
+        session=row, role=Role.USER, content="next", status=MessageStatus.ACCEPTED
+    )
+    assert (await lifecycle.request_end(row.id, EndReason.CLIENT)).in_database
+    assert (await ChatMessage.objects.aget(id=streaming.id)).status == MessageStatus.INTERRUPTED
+    assert (await ChatMessage.objects.aget(id=queued.id)).status == MessageStatus.FAILED
