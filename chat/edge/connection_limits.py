@@ -25,7 +25,10 @@ across processes) sums only the fields of processes whose key still exists and
 deletes the others: a SIGKILLed process's sockets stop counting within
 PROCESS_TTL seconds, without anyone having to clean up after it. The refresher
 also renews the hashes this process holds, which otherwise expire, so
-names never seen again do not stay in Redis.
+names never seen again do not stay in Redis. A live process's key is also gone
+after Redis was out of its reach for PROCESS_TTL, or restarted without it: other
+processes then drop its counts as a dead one's, and the refresher that finds its
+key gone writes them back (its sockets count again within REFRESH_SECONDS).
 """
 
 from __future__ import annotations
@@ -130,13 +133,27 @@ class RedisCounter(LocalCounter):
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.set(self._process_key(), 1, ex=PROCESS_TTL)
-                    for name in list(self.open):
-                        pipe.expire(self._key(name), PROCESS_TTL * 2)
-                    await pipe.execute()
+                await self.refresh()
             except Exception as exc:  # Redis away for a moment: the next round tries again.
                 logger.warning("connection-count refresh failed", extra={"error": type(exc).__name__})
+
+    async def refresh(self) -> None:
+        """Renew this process's key and its hashes; its counts written back if its key was gone (see above)."""
+        names = list(self.open)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self._process_key())
+            pipe.set(self._process_key(), 1, ex=PROCESS_TTL)
+            for name in names:
+                pipe.expire(self._key(name), PROCESS_TTL * 2)
+            existed, *_ = await pipe.execute()
+        if existed or not self.open:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for name, count in list(self.open.items()):
+                pipe.hset(self._key(name), self.process_id, count)
+                pipe.expire(self._key(name), PROCESS_TTL * 2)
+            await pipe.execute()
+        logger.warning("connection counts written back", extra={"names": len(self.open)})
 
     async def acquire(self, name: str, cap: int) -> bool:
         redis = await self._client()

@@ -293,9 +293,12 @@ async def _reset_orm_connection() -> None:
         logger.debug("ORM connection not closed", extra={"error": type(exc).__name__})
 
 
-def eventually(call: Callable[[], Awaitable[object]], *, what: str, give_up_after: float = 3600.0) -> asyncio.Task:
+def eventually(
+    call: Callable[[], Awaitable[object]], *, what: str, give_up_after: float = 3600.0, key: object = None
+) -> asyncio.Task:
     """Run a write that must land once the storage is back (a failed turn's state), in the background:
-    retried with backoff for up to `give_up_after` seconds. Returns its task (held until it ends)."""
+    retried with backoff for up to `give_up_after` seconds. Returns its task (held until it ends).
+    `key`: what it belongs to (a session), for `settled`."""
 
     async def run() -> None:
         try:
@@ -306,10 +309,23 @@ def eventually(call: Callable[[], Awaitable[object]], *, what: str, give_up_afte
     task = asyncio.get_running_loop().create_task(run(), name=f"r2d2-deferred-{what}")
     _deferred.add(task)
     task.add_done_callback(_deferred.discard)
+    if key is not None:
+        _keys[task] = key
+        task.add_done_callback(_keys.pop)
     return task
 
 
 _deferred: set[asyncio.Task] = set()
+_keys: dict[asyncio.Task, object] = {}
+
+
+async def settled(key: object, timeout: float) -> None:
+    """Wait, up to `timeout` seconds, for the deferred writes of `key` (a session handed to another process
+    carries its failed turns' state with it: the next holder must not answer a message its client was told
+    failed)."""
+    tasks = [task for task, of in list(_keys.items()) if of == key]
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
 
 
 async def deferred_done() -> None:

@@ -2,8 +2,11 @@
 and sweeps for orphaned sessions (see chat/sessions/liveness.py for what those are).
 
 It starts with the process's first request (Daphne has no start-up hook; on
-Elastic Beanstalk the load balancer's health check is that first request) and
-sweeps at once and then every `R2D2_ORPHAN_SWEEP_SECONDS`.
+Elastic Beanstalk the load balancer's health check is that first request). It
+sweeps every `R2D2_ORPHAN_SWEEP_SECONDS`, but only once its own beats have reached
+the database without a gap for `R2D2_PROCESS_STALE_SECONDS` (`liveness.own_view`):
+after start-up, and after any outage or freeze of its own, the other processes'
+rows may be stale for the same reason its own was, and they are alive.
 """
 
 from __future__ import annotations
@@ -60,7 +63,12 @@ class Heartbeat:
                     # Frozen (SIGSTOP, a paused VM) or cut off from the database for longer than the
                     # staleness window: other processes may have ended our sessions as orphaned.
                     silent_since, rechecks = last_beat, 3
-                await database_sync_to_async(liveness.beat)()
+                try:
+                    await database_sync_to_async(liveness.beat)()
+                except Exception:
+                    liveness.own_view.missed()
+                    raise
+                liveness.own_view.reached()
                 storage.answered()  # a database outage this process saw has ended
                 last_beat, failures = now, 0
                 release_free_memory()
@@ -69,7 +77,8 @@ class Heartbeat:
                     rechecks -= 1
                     await self._close_orphaned_here(silent_since)
                 loop_time = asyncio.get_running_loop().time()
-                if sweep_every > 0 and loop_time - last_sweep >= sweep_every:
+                # Never at once after a gap in our own beats: the sweep stays due until they have been steady.
+                if sweep_every > 0 and loop_time - last_sweep >= sweep_every and liveness.own_view.steady():
                     last_sweep = loop_time
                     await database_sync_to_async(lifecycle.end_orphaned)()
                     await database_sync_to_async(interrupt_stale_replies)(*draft.streaming())

@@ -35,7 +35,7 @@ from chat import protocol
 from chat.accounts import counters, quotas, reservations
 from chat.accounts.principals import Principal
 from chat.models import EndReason, MessageStatus
-from chat.ops import metrics, throttle
+from chat.ops import metrics, storage, throttle
 from chat.ops.tasks import Background
 from chat.protocol import EditMessage, PostMessage, Regenerate, Turn, branches
 from chat.protocol.errors import ClientError, ErrorCode
@@ -301,6 +301,8 @@ class Holder:
         if self.log is not None and not await self.log.flush(framelog.FLUSH_SECONDS, check=True):
             # Whoever claims it next replays only what the log holds; the turns are saved all the same.
             logger.warning("session released with its frame log behind", extra={"session_id": str(self.session_id)})
+        # A turn failed for want of storage is marked failed before the next holder looks for messages to answer.
+        await storage.settled(self.session_id, timeout=settings.R2D2_STORAGE_RETRY_SECONDS)
         await lifecycle.release(self.session_id, fence=self.lease.fence)
         logger.info("session released", extra={"session_id": str(self.session_id)})
 

@@ -18,7 +18,7 @@ import asyncio
 import enum
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -106,7 +106,22 @@ async def release(session_id: uuid.UUID, *, fence: int | None = None) -> None:
     if fence is not None:
         held = held.filter(fence=fence)
     now = timezone.now()
-    await storage.retry(lambda: held.aupdate(owner_process="", owner_channel="", released_at=now))
+    write = lambda: storage.retry(lambda: held.aupdate(owner_process="", owner_channel="", released_at=now))  # noqa: E731
+    await _now_or_later(write, "session release")
+
+
+async def _now_or_later(write: Callable[[], Awaitable[int]], what: str) -> int:
+    """A session's end or release, made by a holder that has already let go of the session here: past the
+    retry window it is written once the database answers (storage.eventually, conditioned like the first try),
+    never dropped. A live process's sessions are never swept, so one it let go of while the database was down
+    would stay live, held by nobody, for as long as the process lives. Returns the rows changed (0 if deferred)."""
+    try:
+        return await write()
+    except Exception as exc:
+        if storage.connection_error(exc) is None:
+            raise
+        storage.eventually(write, what=what)
+        return 0
 
 
 _CLAIM = (
@@ -168,8 +183,9 @@ async def end(*, session_id: uuid.UUID, reason: EndReason, fence: int | None = N
     if fence is not None:
         held = ChatSession.objects.filter(id=session_id, ended_at__isnull=True, fence=fence)
         now = timezone.now()
-        return bool(await storage.retry(lambda: held.aupdate(ended_at=now, end_reason=reason)))
-    return bool(await _end_live([session_id], reason))
+        write = lambda: storage.retry(lambda: held.aupdate(ended_at=now, end_reason=reason))  # noqa: E731
+        return bool(await _now_or_later(write, "session end"))
+    return bool(await _now_or_later(lambda: _end_live([session_id], reason), "session end"))
 
 
 async def end_many(*, session_ids: Sequence[uuid.UUID], reason: EndReason) -> None:
@@ -202,7 +218,7 @@ async def _end_batch(loop: asyncio.AbstractEventLoop, reason: EndReason) -> None
     await asyncio.sleep(0)  # let the other sockets closing in this loop turn join
     session_ids, done = _end_batches.pop((loop, reason))
     try:
-        await _end_live(list(session_ids), reason)
+        await _now_or_later(lambda: _end_live(list(session_ids), reason), "session end")
     except Exception as exc:
         done.set_exception(exc)
         done.exception()  # retrieved here too, so an unawaited failure is not reported twice
@@ -317,9 +333,20 @@ async def request_end(
     if not session.is_live:
         return Ended.ALREADY
     outcome = await _ask_owner(session, reason, wait)
-    if outcome.in_database and not await _end_live([session_id], reason, on_loop=False):
-        return Ended.ALREADY  # its owner ended it meanwhile
+    if outcome.in_database:
+        if not await _end_live([session_id], reason, on_loop=False):
+            return Ended.ALREADY  # its owner ended it meanwhile
+        await sync_to_async(_left_open)([session_id])
     return outcome
+
+
+def _left_open(session_ids: list[uuid.UUID]) -> None:
+    """Sessions ended in the database, their holder gone or silent: a reply it left streaming stays as far as it
+    got, marked interrupted (never `incomplete` in an ended session), and its queued messages are failed."""
+    ChatMessage.objects.filter(session_id__in=session_ids, status=MessageStatus.INCOMPLETE).update(
+        status=MessageStatus.INTERRUPTED
+    )
+    _drop_queued(session_ids)
 
 
 async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> Ended:
@@ -327,6 +354,9 @@ async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> En
     if isinstance(get_channel_layer(), InMemoryChannelLayer) and not here:
         return Ended.OWNER_UNREACHABLE
     if not here and not await _alive(session.owner_process):
+        if not liveness.own_view.clear():
+            # Its beats may have stopped with ours (an outage this process saw): if it is alive, it tells its client.
+            await tell_holder(session, reason)
         return Ended.OWNER_GONE
     await tell_holder(session, reason)
     if wait <= 0:
@@ -338,7 +368,7 @@ async def _ask_owner(session: ChatSession, reason: EndReason, wait: float) -> En
         if await ChatSession.objects.filter(id=session.id, ended_at__isnull=False).aexists():
             return Ended.BY_OWNER
         # Killed after it was asked: judged by its heartbeat, so this ends as soon as it goes stale.
-        if not here and not await _alive(session.owner_process):
+        if not here and liveness.own_view.clear() and not await _alive(session.owner_process):
             return Ended.OWNER_GONE
     return Ended.NO_CONFIRMATION
 

@@ -334,13 +334,17 @@ async def _turn_left_open(log: framelog.SharedLog, session_id: uuid.UUID) -> boo
 
 
 async def _free(row: ChatSession) -> bool:
-    """Whether nobody holds the session: released, or its process is gone (or was this one and let go)."""
+    """Whether nobody holds the session: released, or its process is gone (or was this one and let go).
+
+    A holder whose heartbeat looks stale while this process's own view of the database is not `clear`
+    (its own beats came back less than two heartbeats ago: the same outage stopped everyone's) is taken
+    for alive: it is asked to hand over, and the wait claims the session once this process can tell."""
     owner = row.owner_process
     if not owner:
         return True
     if owner == liveness.PROCESS_ID:
         return holder.local(row.id) is None
-    return not await _alive(owner)
+    return liveness.own_view.clear() and not await _alive(owner)
 
 
 async def _ask(row: ChatSession, event: str) -> None:

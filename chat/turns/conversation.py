@@ -314,10 +314,11 @@ class Conversation:
             queued.parent = self.leaf  # a post continues the current branch as it is when its turn starts
         status = MessageStatus.INCOMPLETE if queued.regenerates else MessageStatus.STARTED
         try:
-            if not queued.started:
-                # Recorded before the client sees the turn start: a holder that takes the session over never
-                # answers it again, whatever becomes of this turn.
-                await messages.start_turn(self.lease, queued.row_id, parent_id=queued.parent, status=status)
+            # Recorded before the client sees the turn start: a holder that takes the session over never
+            # answers it again, whatever becomes of this turn (nor one an earlier holder failed: not waiting).
+            started = queued.started or await messages.start_turn(self.lease, queued.row_id, queued.parent, status)
+            if not started:
+                return
             if queued.placed:  # a new version: the current branch is now the one it starts
                 await messages.move_anchor(self.lease, queued.row_id)
         except Fenced:
@@ -397,7 +398,7 @@ class Conversation:
                 raise
             # Down past the retry window: "send it again" (the message stays the leaf, unanswered: a regenerate
             # retries it); its state is saved once the database is back.
-            storage.eventually(draft.abandon, what="failed turn")
+            storage.eventually(draft.abandon, what="failed turn", key=self.session_id)
             raise storage_unavailable() from None
 
     async def _reply(self, queued: Queued, request: list[dict[str, str]], reply: llm.Reply, draft: Draft) -> None:
@@ -475,7 +476,7 @@ class Conversation:
         """No storage past the window, before the model call: "send it again"; the message is marked failed later."""
         metrics.turn_failed(ErrorCode.STORAGE_UNAVAILABLE)
         lease, row_id, error = self.lease, queued.row_id, storage_unavailable()
-        storage.eventually(lambda: messages.set_status(lease, row_id, MessageStatus.FAILED), what="failed turn")
+        storage.eventually(lambda: messages.fail_turn(lease, row_id), what="failed turn", key=self.session_id)
         await self._send_quietly(protocol.error(error.code, error.message))
         await self._send_quietly(protocol.processing_end())
 

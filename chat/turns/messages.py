@@ -60,7 +60,17 @@ _SET_STATUS = f"UPDATE {_MESSAGES} SET status = %s WHERE id = %s AND {_HELD}"
 # An INSERT whose connection broke may have committed: before it is tried again, its row is looked for.
 _WRITTEN = f"SELECT id FROM {_MESSAGES} WHERE session_id = %s AND role = %s AND created_at = %s"
 # A turn starts: its message takes its place in the tree (a post's parent is the leaf now; an edit's was set).
-_START = f"UPDATE {_MESSAGES} SET status = %s, parent_id = COALESCE(parent_id, %s) WHERE id = %s AND {_HELD}"
+# Only a message still waiting (or started by this same statement, retried): one an earlier holder failed is not.
+_START = (
+    f"UPDATE {_MESSAGES} SET status = %s, parent_id = COALESCE(parent_id, %s) "
+    f"WHERE id = %s AND status IN ('{MessageStatus.ACCEPTED.value}', %s) AND {_HELD}"
+)
+# A turn that failed for want of storage: under the lease as any status; without it (the session changed hands
+# before the database came back) only while nobody has started the message.
+_FAIL = (
+    f"UPDATE {_MESSAGES} SET status = '{MessageStatus.FAILED.value}' "
+    f"WHERE id = %s AND session_id = %s AND (status = '{MessageStatus.ACCEPTED.value}' OR {_HELD})"
+)
 # A regeneration waits as an empty reply row (so that it is queued, resent and taken over as a post is).
 _INSERT_REGENERATION = (
     f"INSERT INTO {_MESSAGES} {_COLUMNS} "
@@ -276,11 +286,26 @@ async def written(session_id: uuid.UUID, role: Role, created_at: datetime) -> in
     before it said so, and the retries ran out of time)."""
     row_id = await _run(_WRITTEN, (session_id, role.value, created_at), returning=True)
     return int(row_id) if row_id is not None else None
-async def start_turn(lease: Lease, row_id: int, *, parent_id: int | None, status: MessageStatus) -> None:
+async def start_turn(lease: Lease, row_id: int, parent_id: int | None, status: MessageStatus) -> bool:
     """A waiting message's turn begins: recorded as `status` (a user message `started`, a regeneration
-    `incomplete`), and placed in the tree under `parent_id` unless it was placed when saved (an edit)."""
-    if not await _run(_START, (status.value, parent_id, row_id, lease.session_id, lease.fence), returning=False):
+    `incomplete`), and placed in the tree under `parent_id` unless it was placed when saved (an edit).
+    False when the message no longer waits: an earlier holder told its client that its turn failed
+    (`storage_unavailable`) and marked it so (`fail_turn`); it is never answered after that."""
+    params = (status.value, parent_id, row_id, status.value, lease.session_id, lease.fence)
+    if await _run(_START, params, returning=False):
+        return True
+    rows = ChatSession.objects.filter(id=lease.session_id, fence=lease.fence)
+    if not await storage.retry(rows.aexists):
         raise Fenced()
+    return False
+
+
+async def fail_turn(lease: Lease, row_id: int) -> None:
+    """A message whose turn failed before the model was called, the storage down past the retry window (its
+    client was told `storage_unavailable`, "send it again"), is marked `failed`, so that nobody answers it
+    later: under the lease whatever its status; without it (the session changed hands before the database
+    came back) only while nobody has started it."""
+    await _run(_FAIL, (row_id, lease.session_id, lease.session_id, lease.fence), returning=False)
 
 
 async def save_regeneration(
