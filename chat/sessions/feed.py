@@ -35,7 +35,7 @@ from channels.layers import get_channel_layer
 
 from chat import protocol
 from chat.models import ChatMessage, Role
-from chat.ops import store
+from chat.ops import storage, store
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +125,24 @@ class Feed:
         return [(s, text) for s, text in self.recent if seq < s <= upto]
 
     async def _drain(self) -> None:
-        """Publish what is queued, in order: one PUBLISH per frame, those queued together in one round trip."""
+        """Publish what is queued, in order: one PUBLISH per frame, those queued together in one round trip; a
+        batch that fails (Redis restarting, the connection killed) is sent again within the storage retry window,
+        later frames waiting behind it (a frame published twice is dropped by its watchers)."""
         name = channel(self.session_id)
+
+        async def publish(batch: list[tuple[int, str]]) -> None:
+            async with store.client(decode=True).pipeline(transaction=False) as pipe:
+                for seq, text in batch:
+                    pipe.publish(name, f"{seq} {text}")
+                await pipe.execute()
+
         try:
             while self._queue:
                 batch = list(self._queue)
                 self._queue.clear()
                 try:
-                    async with store.client(decode=True).pipeline(transaction=False) as pipe:
-                        for seq, text in batch:
-                            pipe.publish(name, f"{seq} {text}")
-                        await pipe.execute()
-                except Exception as exc:  # Redis blinked: a watcher that finds a gap asks for the frames again
+                    await storage.retry(lambda batch=batch: publish(batch))
+                except Exception as exc:  # past the window: each watcher asks for what it missed (watch.replay)
                     extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
                     logger.info("watch frames not published", extra=extra)
         finally:
