@@ -377,7 +377,8 @@ async def take_snapshot(new: Watch, session: ChatSession, watcher: str) -> feed.
             new.owner = session.owner_channel
             return await feed.snapshot(here, watcher)
         event = {"type": "watch.snapshot", "session_id": str(session.id), "watcher": watcher}
-        answer = await storage.retry(lambda owner=session.owner_channel, event=event: ask(owner, event))
+        # Bounded by its own wait for the answer (a killed holder's is its whole length), not the retry window's.
+        answer = await storage.retry(lambda owner=session.owner_channel, event=event: ask(owner, event), bounded=False)
         if answer is not None and "seq" in answer:
             new.owner = session.owner_channel
             return feed.Snapshot(messages=answer["messages"], partial=answer["partial"], seq=answer["seq"])
