@@ -350,6 +350,11 @@ class Session:
         return True
 
 
+#: A watched turn still open for its watcher this long after it began, when the watcher unwatched, never ended for
+#: it (replies take 0.3-3 s, a take-over a few more): counted (`watched_turns_left_open`), not judged.
+LEFT_OPEN_SECONDS = 15.0
+
+
 @dataclass
 class WatchedTurn:
     """A turn as a watcher assembled it: the snapshot's `partial` (if it joined mid-reply), then the deltas."""
@@ -359,6 +364,7 @@ class WatchedTurn:
     message: str | None = None
     errors: list[str] = field(default_factory=list)
     ended: bool = False
+    opened: float = field(default_factory=lambda: now())  # when the watcher saw it start (or joined it)
 
 
 @dataclass
@@ -381,6 +387,13 @@ class Watch:
     snapshots: list[dict[str, Any]] = field(default_factory=list)  # the first, then one per start-over
     excused: set[int] = field(default_factory=set)  # seqs a start-over told the watcher it would not get
     restarting: bool = False  # a start-over's snapshot came: the next frame's seq says what it skipped
+    unwatching: float | None = None  # when the watcher sent chatbot_session_unwatch (its own end of the watch)
+
+    def left_open(self, after: float = LEFT_OPEN_SECONDS) -> int:
+        """Turns the watcher saw start that had not ended for it `after` seconds later, when it unwatched."""
+        if self.unwatching is None:
+            return 0
+        return sum(not t.ended and self.unwatching - t.opened > after for t in self.turns)
 
     def joined(self, snapshot: dict[str, Any]) -> None:
         self.snapshot = snapshot
@@ -521,6 +534,7 @@ class Watcher:
             self.receive(watch, await link.recv(0.5))
         if watch.end is not None:
             return
+        watch.unwatching = now()
         await link.send({"action": "chatbot_session_unwatch", "session_id": watch.session})
         deadline = now() + 10
         while watch.end is None and now() < deadline:
@@ -1808,6 +1822,7 @@ def figures(soak: Soak, observed: Observed) -> dict[str, Any]:
         "watched_frames": sum(len(w.frames) for w in observed.watches),
         "watch_ends": dict(soak.watch_ends),
         "watch_restarts": soak.watch_restarts,
+        "watched_turns_left_open": sum(w.left_open() for w in observed.watches),
     }
 
 
@@ -1854,7 +1869,7 @@ def print_report(args: argparse.Namespace, figs: dict[str, Any], found: dict[str
     print(
         f"  watches     {figs['watches']} ({figs['watch_ends']}), {figs['watched_frames']} frames,"
         f" {figs['watched_turns_judged']} turns judged ({figs['watched_turns_joined_mid_reply']} joined mid-reply),"
-        f" {figs['watch_restarts']} started over"
+        f" {figs['watch_restarts']} started over, {figs['watched_turns_left_open']} turns left open"
     )
     print(f"  closes      {figs['closes_by_code']}; {figs['connect_failures']} failed connection attempts")
     total = 0
