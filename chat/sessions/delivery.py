@@ -25,8 +25,9 @@ import uuid
 from typing import Any, Protocol
 
 from channels.layers import get_channel_layer
+from django.conf import settings
 
-from chat.models import ChatSession
+from chat.models import ChatSession, MessageStatus
 from chat.ops import storage
 from chat.protocol import watching as watch_frames
 from chat.protocol.errors import ClientError, ErrorCode, storage_unavailable
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 ASK_HOLDER_SECONDS = 2.0
 #: What `Watch.catch_up` asks for when where the holder stands is not known: as far as the log goes.
 FAR = 2**62
+#: What `Watch.gone` asks for: every frame there is, the session having ended (its `session_end` last).
+GONE = FAR + 1
 
 
 class WatchingSocket(Protocol):
@@ -56,7 +59,8 @@ class Watch:
     """One socket watching one session: `session_watching`, then the frames numbered above it, in order, once each."""
 
     __slots__ = (
-        "socket", "session_id", "resumable", "last", "owner", "_early", "_queue", "_task", "closed", "_restarted"
+        "socket", "session_id", "resumable", "last", "owner", "_early", "_queue", "_task", "closed", "_restarted",
+        "ending",
     )  # fmt: skip
 
     def __init__(self, socket: WatchingSocket, session_id: uuid.UUID, resumable: bool) -> None:
@@ -70,6 +74,7 @@ class Watch:
         self._task: asyncio.Task[None] | None = None
         self.closed = False
         self._restarted = -1  # the frame a fresh snapshot was last sent for (`_start_over`)
+        self.ending = False  # the session ended without its `session_end` reaching this watch (`gone`)
 
     def begin(self, snapshot: feed.Snapshot) -> None:
         """The holder's snapshot: the socket gets it first, then what came meanwhile above it."""
@@ -97,6 +102,14 @@ class Watch:
         while this process heard nothing: the socket gets those it lacks, in turn with the live frames."""
         self.offer(FAR if at is None else at + 1, None)
 
+    def gone(self) -> None:
+        """The session has ended, and its `session_end` has not reached this watch (its holder's process died,
+        or the frame was lost): the socket gets the frames it lacks, that one last, or is told the session ended
+        (`_start_over`)."""
+        if not self.ending:
+            self.ending = True
+            self.offer(GONE, None)
+
     def _wake(self) -> None:
         if self._task is None and self._queue:
             self._task = asyncio.get_running_loop().create_task(self._deliver(), name="r2d2-watch")
@@ -111,7 +124,7 @@ class Watch:
                     continue
                 if seq <= self.last:
                     continue  # the snapshot covers it, or it came twice (a holder that moved, a catch-up)
-                if seq > self.last + 1 and not await self._fill(seq) and seq != FAR:
+                if seq > self.last + 1 and not await self._fill(seq) and seq != FAR and not self.closed:
                     if not await self._start_over(seq):
                         return
                     self._queue.appendleft((seq, text))  # judged again against the fresh snapshot
@@ -168,7 +181,7 @@ class Watch:
         if log is not None:
             frames = _running_on((await log.after(self.session_id, self.last)).frames, self.last, upto)
         after = frames[-1][0] if frames else self.last
-        if after >= upto - 1 or upto == FAR:
+        if after >= upto - 1 or upto == FAR:  # (GONE: all the holder has, though it has likely gone too)
             return frames, True
         if not self.owner:
             self.owner = await _owner(self.session_id)
@@ -241,6 +254,10 @@ def _running_on(frames: list[Frame], after: int, upto: int) -> list[Frame]:
     return run
 
 
+async def _listed(query: Any) -> list[Any]:
+    return [row async for row in query]
+
+
 async def _owner(session_id: uuid.UUID) -> str:
     """The process channel of the session's holder now, from the database ("": ended, or nobody holds it)."""
     session = await lifecycle.get(session_id)
@@ -260,11 +277,39 @@ class Watching:
         self._inbox = ProcessChannel("watch control", self._handle, fresh=self._fresh)
         self._catching_up: asyncio.Task[None] | None = None
         self._again = False
+        self._checking: asyncio.Task[None] | None = None
 
     def _fresh(self) -> None:
         self.by_session.clear()  # a new loop (tests): the old one's watches went with it
         self.subscription.forget()
-        self._catching_up = None
+        self._catching_up = self._checking = None
+
+    def keep_checking(self) -> None:
+        """While this process has watches, look their sessions up now and then (`_check`)."""
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.get_running_loop().create_task(self._check_all(), name="r2d2-watch-check")
+
+    async def _check_all(self) -> None:
+        """A safety net under the messages a watch waits for: a plain session whose holder's process died ends
+        (the orphan sweep) with no `session_end` published, and a take-over's `moved` is lost if Redis is away
+        when it is announced. Every R2D2_ORPHAN_SWEEP_SECONDS (at least 1 s), one query: each watch of a session
+        that ended is told (`Watch.gone`), each of a session held elsewhere than it knows catches up."""
+        while self.by_session:
+            await asyncio.sleep(max(1.0, float(settings.R2D2_ORPHAN_SWEEP_SECONDS)))
+            ids = list(self.by_session)
+            query = ChatSession.objects.filter(id__in=ids).values_list("id", "ended_at", "owner_channel")
+            try:
+                rows = await storage.retry(lambda query=query: _listed(query))
+            except Exception as exc:
+                logger.info("watched sessions not checked", extra={"error": type(exc).__name__})
+                continue
+            for session_id, ended_at, owner in rows:
+                watches = [w for w in self.by_session.get(session_id, {}).values() if w.last is not None]
+                if ended_at is not None:
+                    for watch in watches:
+                        watch.gone()
+                elif owner and watches and all(w.owner != owner for w in watches):
+                    holder.spawn(_catch_up(session_id, owner))
 
     def deliver(self, session_id: uuid.UUID, seq: int, text: str) -> None:
         """A frame of a watched session: each of this process's watches of it queues it (never waits)."""
@@ -390,7 +435,9 @@ async def take_snapshot(new: Watch, session: ChatSession, watcher: str) -> feed.
         session = refreshed
     log = framelog.shared()
     seq = (await log.after(session.id, 2**62)).last if (log is not None and session.is_resumable) else 0
-    rows = await feed.saved_messages(session.id)
+    # Without the reply a holder was writing (`incomplete`: its text is its last checkpoint, not what was said,
+    # and whoever takes the session over settles it): `messages` is only ever what is saved for good.
+    rows = [r for r in await feed.saved_messages(session.id) if r["status"] != MessageStatus.INCOMPLETE]
     messages = [{"role": r["role"], "content": r["content"], "status": r["status"]} for r in rows]
     return feed.Snapshot(messages=messages, partial=None, seq=seq)
 

@@ -95,6 +95,7 @@ async def watch(socket: WatchingSocket, principal: Principal, session_id: uuid.U
         forget_watch(new)
         raise
     new.begin(snapshot)
+    watching.keep_checking()
 
 
 def unwatch_quietly(socket: WatchingSocket, session_id: uuid.UUID) -> bool:
