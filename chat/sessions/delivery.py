@@ -204,7 +204,6 @@ class Watch:
         refusal = unreachable()  # a fresh snapshot did not help: its holder does not answer
         if self._restarted != seq:
             self._restarted = seq
-            logger.warning("watch started over", extra=extra)
             try:
                 fresh = await self._fresh_snapshot()
             except Exception as exc:
@@ -214,6 +213,7 @@ class Watch:
                 else:
                     fresh = storage_unavailable()
             if isinstance(fresh, feed.Snapshot):
+                logger.warning("watch started over", extra=extra)
                 self.last = fresh.seq
                 await self.socket.send_frame(
                     watch_frames.session_watching(self.session_id, fresh.messages, fresh.partial)
