@@ -350,6 +350,11 @@ class Session:
         return True
 
 
+#: A watched turn still open for its watcher this long after it began, when the watcher unwatched, never ended for
+#: it (replies take 0.3-3 s, a take-over a few more): counted (`watched_turns_left_open`), not judged.
+LEFT_OPEN_SECONDS = 15.0
+
+
 @dataclass
 class WatchedTurn:
     """A turn as a watcher assembled it: the snapshot's `partial` (if it joined mid-reply), then the deltas."""
@@ -359,6 +364,7 @@ class WatchedTurn:
     message: str | None = None
     errors: list[str] = field(default_factory=list)
     ended: bool = False
+    opened: float = field(default_factory=lambda: now())  # when the watcher saw it start (or joined it)
 
 
 @dataclass
@@ -376,14 +382,34 @@ class Watch:
     out_of_order: list[tuple[int, int]] = field(default_factory=list)
     turns: list[WatchedTurn] = field(default_factory=list)
     current: WatchedTurn | None = None
-    end: str | None = None  # session_end:<reason> | unwatched | socket closed <code> | refused:<code>
+    end: str | None = None  # session_end:<reason> | unwatched | socket closed <code> | refused:<code> | lost:<code>
     anomalies: list[str] = field(default_factory=list)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # the first, then one per start-over
+    excused: set[int] = field(default_factory=set)  # seqs a start-over told the watcher it would not get
+    restarting: bool = False  # a start-over's snapshot came: the next frame's seq says what it skipped
+    unwatching: float | None = None  # when the watcher sent chatbot_session_unwatch (its own end of the watch)
+
+    def left_open(self, after: float = LEFT_OPEN_SECONDS) -> int:
+        """Turns the watcher saw start that had not ended for it `after` seconds later, when it unwatched."""
+        if self.unwatching is None:
+            return 0
+        return sum(not t.ended and self.unwatching - t.opened > after for t in self.turns)
 
     def joined(self, snapshot: dict[str, Any]) -> None:
         self.snapshot = snapshot
+        self.snapshots.append(snapshot)
         if snapshot.get("partial") is not None:  # a reply being written: the snapshot holds its beginning
             self.current = WatchedTurn(text=snapshot["partial"], from_partial=True)
             self.turns.append(self.current)
+
+    def started_over(self, snapshot: dict[str, Any]) -> None:
+        """A second `session_watching`: frames it missed could not be had, so it shows the conversation afresh.
+        The turn it was putting together is not judged (it is told it lacks some of it)."""
+        if self.current is not None:
+            self.turns.remove(self.current)
+            self.current = None
+        self.restarting = True
+        self.joined(snapshot)
 
     def frame(self, seq: int, text: str, frame: dict[str, Any]) -> None:
         if seq in self.frames:
@@ -391,6 +417,9 @@ class Watch:
             return
         if self.frames and seq < max(self.frames):
             self.out_of_order.append((seq, max(self.frames)))
+        if self.restarting:
+            self.restarting = False
+            self.excused.update(range(max(self.frames, default=seq) + 1, seq))
         self.frames[seq] = text
         kind, data, current = frame.get("type"), frame.get("data"), self.current
         if kind == "processing_start":
@@ -505,6 +534,7 @@ class Watcher:
             self.receive(watch, await link.recv(0.5))
         if watch.end is not None:
             return
+        watch.unwatching = now()
         await link.send({"action": "chatbot_session_unwatch", "session_id": watch.session})
         deadline = now() + 10
         while watch.end is None and now() < deadline:
@@ -518,6 +548,11 @@ class Watcher:
             watch.frame(frame["seq"], text, frame)
         elif frame.get("type") == "session_unwatched":
             watch.end = "unwatched"
+        elif frame.get("type") == "session_watching" and frame["data"].get("session_id") == watch.session:
+            watch.started_over(frame["data"])
+            self.soak.watch_restarts += 1
+        elif frame.get("type") == "error" and frame.get("session_id") == watch.session:
+            watch.end = f"lost:{error_code(frame)}"  # the watch could not go on; session_unwatched follows
         else:
             watch.anomalies.append(f"unexpected frame on a watching socket: {text[:120]}")
 
@@ -1264,12 +1299,12 @@ def watch_problems(watch: Watch, session: Session | None, rows_of: Any, db: Snap
     where["t"], where["end"] = round(watch.started, 1), watch.end
     problems = []
     seqs = sorted(watch.frames)
-    gaps = [seq for seq in range(seqs[0], seqs[-1]) if seq not in watch.frames] if seqs else []
+    gaps = [s for s in range(seqs[0], seqs[-1]) if s not in watch.frames and s not in watch.excused] if seqs else []
     for kind, items in (("gaps", gaps), ("doubles", watch.doubles), ("out of order", watch.out_of_order)):
         if items:
             problems.append({**where, kind: items[:10], "count": len(items)})
     saved = [m for m in db.messages if m["session_id"] == watch.session]
-    for message in (watch.snapshot or {}).get("messages", []):
+    for message in (m for snapshot in watch.snapshots for m in snapshot.get("messages", [])):
         role, content, status = message.get("role"), message.get("content"), message.get("status")
         if not any(m["role"] == role and m["content"] == content for m in saved) and status != "failed":
             problems.append({**where, "problem": f"a snapshot {role} message ({status}) is not saved", "seen": content})
@@ -1407,6 +1442,7 @@ class Soak:
         self.watchers: list[Watcher] = []
         self.watch_ends: collections.Counter[str] = collections.Counter()
         self.watch_unsupported = False  # the servers answer chatbot_session_watch unknown_action (before issue 28)
+        self.watch_restarts = 0  # watches that started over (a second session_watching: frames lost, and told)
         self.regenerate_unsupported = False  # chatbot_regenerate, likewise (before issue 29)
         self.regenerations = 0
 
@@ -1785,6 +1821,8 @@ def figures(soak: Soak, observed: Observed) -> dict[str, Any]:
         "watched_turns_joined_mid_reply": sum(t.ended and t.from_partial for w in observed.watches for t in w.turns),
         "watched_frames": sum(len(w.frames) for w in observed.watches),
         "watch_ends": dict(soak.watch_ends),
+        "watch_restarts": soak.watch_restarts,
+        "watched_turns_left_open": sum(w.left_open() for w in observed.watches),
     }
 
 
@@ -1830,7 +1868,8 @@ def print_report(args: argparse.Namespace, figs: dict[str, Any], found: dict[str
     print(f"  storage     {figs['storage_faults'] or 'no storage faults'}; codes seen {figs['error_codes_watched']}")
     print(
         f"  watches     {figs['watches']} ({figs['watch_ends']}), {figs['watched_frames']} frames,"
-        f" {figs['watched_turns_judged']} turns judged ({figs['watched_turns_joined_mid_reply']} joined mid-reply)"
+        f" {figs['watched_turns_judged']} turns judged ({figs['watched_turns_joined_mid_reply']} joined mid-reply),"
+        f" {figs['watch_restarts']} started over, {figs['watched_turns_left_open']} turns left open"
     )
     print(f"  closes      {figs['closes_by_code']}; {figs['connect_failures']} failed connection attempts")
     total = 0

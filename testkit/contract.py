@@ -61,12 +61,12 @@ def match_frame(text: str) -> str:
         frame = json.loads(text)
     except ValueError:
         raise AssertionError(f"server frame is not JSON: {text!r}") from None
-    # Frames about a resumable session carry `session_id` and `seq` after those two.
+    # Frames about a resumable session carry `session_id` and `seq` after those two (a watch's end, `session_id`).
     # A turn asked for `with_ids` names its messages (message_id, reply_id) between those and them.
     if not isinstance(frame, dict) or not _in_order(list(frame)):
         raise AssertionError(
             "server frame must be an object with keys type, data (in that order), then maybe message_id, reply_id, "
-            f"then maybe session_id, seq: {text!r}"
+            f"then maybe session_id (and seq): {text!r}"
         )
     problems = []
     for message_id, (types, check) in server_messages().items():
@@ -91,4 +91,6 @@ def _in_order(keys: list[str]) -> bool:
     rest = keys[2:]
     if rest[-2:] == ["session_id", "seq"]:
         rest = rest[:-2]
+    elif rest[-1:] == ["session_id"]:  # the `error` that ends a watch names its session, and has no seq
+        rest = rest[:-1]
     return rest in ([], ["message_id"], ["reply_id"], ["message_id", "reply_id"])

@@ -51,3 +51,9 @@ def sessions(live: list[LiveSession]) -> str:
             for s in live
         ],
     )
+
+
+def watch_ended(session_id: uuid.UUID, code: str, message: str) -> str:
+    """A watch that cannot go on (frames it missed cannot be had, and neither can a fresh snapshot): one `error`
+    naming the session, its `session_id` beside `data` as on the watched frames (`session_unwatched` follows)."""
+    return f'{encode("error", {"code": code, "message": message})[:-1]}, "session_id": "{session_id}"}}'

@@ -34,14 +34,15 @@ from typing import Any, Protocol
 from channels.layers import get_channel_layer
 
 from chat import protocol
-from chat.models import ChatMessage, Role
-from chat.ops import store
+from chat.models import ChatMessage, MessageStatus, Role
+from chat.ops import storage, store
 
 logger = logging.getLogger(__name__)
 
-#: Frames that open and close a turn's reply, as the conversation sends them (chat/protocol/__init__.py).
-_START = protocol.processing_start()
-_END = protocol.processing_end()
+#: How the frames that open and close a turn's reply begin, as the conversation sends them (chat/protocol/__init__.py):
+#: by their beginning, for a turn asked `with_ids` and a `processing_end` naming its model carry more keys.
+_START = protocol.processing_start()[:-15]  # '{"type": "processing_start"'
+_END = protocol.processing_end()[:-15]  # '{"type": "processing_end"'
 _MESSAGE = protocol.message("")[:-3]  # '{"type": "message", "data": '
 
 
@@ -80,11 +81,11 @@ class Marks:
     def note(self, frame: str) -> int:
         """Number `frame` (the next one) and note whether it opens or closes a reply; returns its number."""
         self.sent += 1
-        if frame == _START:
+        if frame.startswith(_START):
             self.open, self.epoch = True, self.epoch + 1
-        elif self.open and (frame == _END or frame.startswith(_MESSAGE)):
+        elif self.open and (frame.startswith(_END) or frame.startswith(_MESSAGE)):
             self.open, self.epoch = False, self.epoch + 1
-        elif frame == _END:
+        elif frame.startswith(_END):
             self.epoch += 1
         return self.sent
 
@@ -125,18 +126,24 @@ class Feed:
         return [(s, text) for s, text in self.recent if seq < s <= upto]
 
     async def _drain(self) -> None:
-        """Publish what is queued, in order: one PUBLISH per frame, those queued together in one round trip."""
+        """Publish what is queued, in order: one PUBLISH per frame, those queued together in one round trip; a
+        batch that fails (Redis restarting, the connection killed) is sent again within the storage retry window,
+        later frames waiting behind it (a frame published twice is dropped by its watchers)."""
         name = channel(self.session_id)
+
+        async def publish(batch: list[tuple[int, str]]) -> None:
+            async with store.client(decode=True).pipeline(transaction=False) as pipe:
+                for seq, text in batch:
+                    pipe.publish(name, f"{seq} {text}")
+                await pipe.execute()
+
         try:
             while self._queue:
                 batch = list(self._queue)
                 self._queue.clear()
                 try:
-                    async with store.client(decode=True).pipeline(transaction=False) as pipe:
-                        for seq, text in batch:
-                            pipe.publish(name, f"{seq} {text}")
-                        await pipe.execute()
-                except Exception as exc:  # Redis blinked: a watcher that finds a gap asks for the frames again
+                    await storage.retry(lambda batch=batch: publish(batch))
+                except Exception as exc:  # past the window: each watcher asks for what it missed (watch.replay)
                     extra = {"session_id": str(self.session_id), "error": type(exc).__name__}
                     logger.info("watch frames not published", extra=extra)
         finally:
@@ -182,6 +189,9 @@ async def snapshot(held: Watched, watcher: str) -> Snapshot:
         answering = held.answering()
         rows = [row for row in rows if row["reply_to"] is None or row["reply_to"] != answering]
         partial = held.partial()
+    # Never a reply still being written: a regeneration's row is `incomplete` (and empty) from just before its
+    # processing_start, which the live frames bring.
+    rows = [row for row in rows if row["status"] != MessageStatus.INCOMPLETE]
     messages = [{"role": row["role"], "content": row["content"], "status": row["status"]} for row in rows]
     return Snapshot(messages=messages, partial=partial, seq=held.marks.sent)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
+from chat.ops import storage
 from chat.protocol import PostMessage
 from chat.protocol.errors import ClientError
 from chat.sessions import feed, hub
@@ -39,7 +40,10 @@ def figures(held: Holder) -> tuple[bool, int]:
 
 
 async def _answer(event: dict[str, Any], answer: dict[str, Any]) -> None:
-    await get_channel_layer().send(event["reply_to"], {"session_id": event["session_id"], **answer})
+    """Send the asking process its answer; tried again within the storage retry window (a channel layer's pooled
+    connection that Redis's restart broke fails once)."""
+    message = {"session_id": event["session_id"], **answer}
+    await storage.retry(lambda: get_channel_layer().send(event["reply_to"], message))
 
 
 async def _on_snapshot(held: Holder | None, event: dict[str, Any]) -> None:
@@ -87,7 +91,11 @@ async def _on_post(held: Holder | None, event: dict[str, Any]) -> None:
 
 
 async def _on_replay(held: Holder | None, event: dict[str, Any]) -> None:
-    frames = held.feed.after(event["after"], event["upto"]) if held is not None and held.feed is not None else []
+    """A watcher's gap: the frames kept for watchers in it (those a plain session's watchers have no log for)."""
+    if held is None:
+        await _answer(event, {"type": "watch.replay", "moved": True})
+        return
+    frames = held.feed.after(event["after"], event["upto"]) if held.feed is not None else []
     await _answer(event, {"type": "watch.replay", "frames": frames})
 
 

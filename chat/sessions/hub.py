@@ -5,7 +5,6 @@ this module needs no import of the holder's)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -14,8 +13,10 @@ from typing import Any
 from channels.layers import get_channel_layer
 
 from chat.models import EndReason
+from chat.ops import storage
 from chat.ops.tasks import Background
 from chat.sessions import lifecycle
+from chat.sessions.receiver import ProcessChannel
 
 logger = logging.getLogger(__name__)
 
@@ -30,31 +31,11 @@ class Hub:
 
     def __init__(self, find: Callable[[uuid.UUID], Any]) -> None:
         self._find = find  # the holder here of a session, or None (chat/sessions/holder.py's `local`)
-        self._channel: str | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # A hand-over waits for turns to finish: each event is handled in a task of its own, never blocking the others.
+        self._inbox = ProcessChannel("session hub", lambda event: spawn(self._handle(event)))
 
     async def channel(self) -> str:
-        loop = asyncio.get_running_loop()
-        if self._channel is None or self._loop is not loop or self._task is None or self._task.done():
-            name = await get_channel_layer().new_channel()
-            if self._loop is not loop or self._task is None or self._task.done():  # nobody started it meanwhile
-                self._channel, self._loop = name, loop
-                self._task = loop.create_task(self._run(name), name="r2d2-session-hub")
-        return self._channel
-
-    async def _run(self, channel: str) -> None:
-        layer = get_channel_layer()
-        while True:
-            try:
-                event = await layer.receive(channel)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("session hub receive failed", extra={"error": type(exc).__name__})
-                await asyncio.sleep(1)
-                continue
-            spawn(self._handle(event))  # a hand-over waits for turns to finish: never block the others
+        return await self._inbox.name()
 
     async def _handle(self, event: dict[str, Any]) -> None:
         session_id = uuid.UUID(event["session_id"])
@@ -67,7 +48,7 @@ class Hub:
             cancelled = holder is not None and holder.conversation.cancel()
             if event.get("reply_to"):
                 answer = {"type": "session.cancelled", "session_id": str(session_id), "cancelled": cancelled}
-                await get_channel_layer().send(event["reply_to"], answer)
+                await storage.retry(lambda: get_channel_layer().send(event["reply_to"], answer))
         elif kind == "session.fenced":
             if holder is not None and holder.lease.fence < int(event["fence"]):
                 await holder.lose()

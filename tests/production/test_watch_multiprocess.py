@@ -176,3 +176,31 @@ async def test_a_watcher_on_the_other_process_cancels_and_unwatches(daphne_facto
             await client.recv(timeout=1.0)
     for client in (holder, watcher, stranger):
         await client.close()
+
+
+async def test_a_watcher_of_a_plain_session_whose_holder_is_killed_is_told_it_ended(daphne_factory, fake_llm):
+    """The holder's process dies mid-reply: nobody publishes the plain session's end (the other process's sweep
+    ends it), yet the watcher is not left waiting for the rest of the reply: one `error` `session_ended` naming
+    the session, then `session_unwatched`."""
+    server_a = daphne_factory(**FAST_LIVENESS)
+    server_b = daphne_factory(**FAST_LIVENESS)
+    _, key = await make_key("killed plain")
+    holder = await connect(server_a.url, key)
+    session_id = await holder.start_session()
+    watcher = await connect(server_b.url, key)
+    await watch(watcher, session_id)
+    await holder.send(
+        {"action": "chatbot_post_message", "session_id": session_id, "user_message": SLOW, "stream": True}
+    )
+    live = [await watcher.recv() for _ in range(4)]
+    server_a.kill()
+    while (frame := await watcher.recv(timeout=30))["type"] == "message_delta":
+        live.append(frame)  # those already on their way
+    check_numbered(live, session_id)
+    assert frame == {
+        "type": "error",
+        "data": {"code": "session_ended", "message": "That session has ended; start a new one."},
+        "session_id": session_id,
+    }
+    assert await watcher.recv() == {"type": "session_unwatched", "data": {"session_id": session_id}}
+    await watcher.close()

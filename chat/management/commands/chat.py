@@ -412,7 +412,8 @@ async def usage_frame(url: str, api_key: str | None = None) -> str:
 
 async def follow(url: str, api_key: str | None, session_id: str, *, out: Any = None, err: Any = None) -> int:
     """Watch `session_id` (chatbot_session_watch): the reply being written, then each reply, as they come.
-    Replies go to `out` (stdout), notices and errors to `err` (stderr); 0 when the session ended, 1 if refused."""
+    Replies go to `out` (stdout), notices and errors to `err` (stderr); 0 when the session ended, 1 if refused
+    or the watch could not go on."""
     out, err = out or sys.stdout, err or sys.stderr
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
@@ -421,7 +422,11 @@ async def follow(url: str, api_key: str | None, session_id: str, *, out: Any = N
         async for text in ws:
             frame = json.loads(text)
             kind, data = frame.get("type"), frame.get("data")
-            if kind == "session_watching":
+            if kind == "session_watching":  # a second one: the watch started over (frames were lost)
+                if said:
+                    out.write("\n")
+                    out.flush()
+                said = False
                 turns = sum(1 for m in data["messages"] if m["role"] == "assistant")
                 print(f"[following {session_id}: {turns} replies so far]", file=err, flush=True)
                 if data["partial"] is not None:
@@ -448,6 +453,9 @@ async def follow(url: str, api_key: str | None, session_id: str, *, out: Any = N
             elif kind == "session_end":
                 print("[session ended]", file=err, flush=True)
                 return 0
+            elif kind == "session_unwatched":  # the watch could not go on (its error came just before)
+                print("[no longer following]", file=err, flush=True)
+                return 1
     return 0
 
 

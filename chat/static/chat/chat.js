@@ -215,7 +215,14 @@
         showRunning(data);
         break;
       case "session_watching":
-        followed(data);
+        followed(data);  // a second one (the watch started over: frames were lost) replaces what was shown
+        break;
+      case "session_unwatched":
+        // The watch could not go on (its error came just before): this tab no longer follows the session.
+        finishReply();
+        endSessionLocally();
+        askRunning();
+        note("No longer following this conversation.");
         break;
       case "usage":
         showSpend(data);

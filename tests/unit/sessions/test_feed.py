@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from chat import protocol
+from chat.protocol.branches import with_ids
 from chat.sessions.feed import Marks, group
 
 
@@ -31,6 +32,14 @@ def test_a_reply_is_open_from_processing_start_to_its_message_or_processing_end(
     assert marks.open
     marks.note(protocol.processing_end())
     assert not marks.open and marks.sent == 8
+
+
+def test_a_turn_asked_with_ids_or_naming_its_model_opens_and_closes_its_reply_too():
+    marks = Marks()
+    marks.note(with_ids(protocol.processing_start(), message_id=4))
+    assert marks.open
+    marks.note(with_ids(protocol.processing_end_with_model("gpt-4o"), message_id=4, reply_id=5))
+    assert not marks.open and marks.epoch == 2
 
 
 def test_one_group_per_session():
