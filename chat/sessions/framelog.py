@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from chat.ops import store, throttle
+from chat.ops import storage, store, throttle
 from chat.ops.tasks import Background
 from chat.sessions.frames import MAX_FRAMES, Frame, LocalFrames
 
@@ -238,7 +238,11 @@ class SharedLog:
         return await answer(self.append(session_id, fence, []))
 
     async def after(self, session_id: uuid.UUID, seq: int) -> Kept:
-        """Every kept frame with a seq above `seq`, in order, with where the log starts and ends."""
+        """Every kept frame with a seq above `seq`, in order, with where the log starts and ends. A read: retried
+        through a Redis blip (a resume asked while Redis restarts is answered once it is back)."""
+        return await storage.retry(lambda: self._after(session_id, seq))
+
+    async def _after(self, session_id: uuid.UUID, seq: int) -> Kept:
         key = self.key(session_id)
         async with self._redis().pipeline(transaction=True) as pipe:
             pipe.hget(self._meta(session_id), "start")
@@ -252,8 +256,10 @@ class SharedLog:
         return Kept(start=first, last=last, frames=[_frame(entry) for entry in entries])
 
     async def tail(self, session_id: uuid.UUID, seq: int, block_ms: int) -> list[Frame]:
-        """Frames above `seq`, waiting up to `block_ms` for the first one."""
-        found = await self._redis().xread({self.key(session_id): f"{seq}-0"}, block=block_ms)
+        """Frames above `seq`, waiting up to `block_ms` for the first one (retried through a Redis blip)."""
+        read = lambda: self._redis().xread({self.key(session_id): f"{seq}-0"}, block=block_ms)  # noqa: E731
+        window = storage.window()  # the blocking read's own wait on top (none at all: retries off)
+        found = await storage.retry(read, within=window + block_ms / 1000 + 1 if window else 0)
         return [_frame(entry) for _, entries in found for entry in entries]
 
     async def close(self) -> None:

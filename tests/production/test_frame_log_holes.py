@@ -151,3 +151,30 @@ async def test_a_reader_refuses_a_log_with_a_hole(daphne_factory, fake_llm):
     assert (await resume(client, session_id, token, 2))["type"] == "session_resumed"
     assert [await client.recv() for _ in range(len(seen) - 2)] == seen[2:]
     await client.close()
+
+
+@needs_redis_server
+async def test_a_resume_asked_while_redis_restarts_is_answered(daphne_factory, fake_llm, kept_redis):
+    """The client of a detached session resumes it on the other process while Redis is down for a second (a
+    restart that keeps its data): the resume waits Redis out and replays the frames after its last seq, rather
+    than being refused `storage_unavailable` (the log's reads were not retried)."""
+    server_a = daphne_factory(REDIS_URL=kept_redis.url, **FAST_LIVENESS)
+    server_b = daphne_factory(REDIS_URL=kept_redis.url, **FAST_LIVENESS)
+    client = await ProtocolClient.connect(server_a.url)
+    session_id, token = await start(client)
+    seen = await client.post(session_id, "[[token_delay=0.01 text=one_two_three_four]] count", stream=True)
+    check_sequence(seen, session_id)
+    await client.connection.close()
+    other = await ProtocolClient.connect(server_b.url)
+
+    kept_redis.stop()
+    await other.send(
+        {"action": "chatbot_session_resume", "session_id": session_id, "resume_token": token, "last_seq": 1}
+    )
+    await asyncio.sleep(1.0)
+    kept_redis.start()
+
+    resumed = await other.recv(timeout=15)
+    assert resumed == {"type": "session_resumed", "data": {"session_id": session_id, "last_seq": seen[-1]["seq"]}}
+    assert [await other.recv() for _ in range(len(seen) - 1)] == seen[1:]
+    await other.close()
