@@ -200,7 +200,8 @@ class Watch:
         it, as a watch begun now would; when that cannot be had either (or a fresh one did not help), one `error`
         naming the session, then `session_unwatched`: the watch ends. Whether it goes on."""
         assert self.last is not None
-        extra = {"session_id": str(self.session_id), "missing": seq - self.last - 1}
+        # How many frames are missing, when known (FAR and GONE stand for "up to wherever the holder is").
+        extra = {"session_id": str(self.session_id), "missing": seq - self.last - 1 if seq < FAR else None}
         refusal = unreachable()  # a fresh snapshot did not help: its holder does not answer
         if self._restarted != seq:
             self._restarted = seq
