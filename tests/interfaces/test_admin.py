@@ -200,6 +200,7 @@ def test_exports_json_and_markdown(admin_client):
         "time": None,
         "status": "complete",
         "model": "gpt-4o-mini",
+        "requested_model": None,  # rows made by hand name no requested model
         "prompt_tokens": 10,
         "completion_tokens": 5,
         "latency_ms": 120,
