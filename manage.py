@@ -4,8 +4,17 @@
 import os
 import sys
 
-#: The development server, and the quick start's other commands run on a developer's machine.
-DEVELOPMENT_COMMANDS = {"runserver", "migrate", "makemigrations", "createsuperuser", "chat"}
+#: The development server, and the quick start's other commands run on a developer's machine (making an API key
+#: for the local server too: docs/accounts.md). On Elastic Beanstalk DJANGO_DEBUG=0 is set, and wins.
+DEVELOPMENT_COMMANDS = {
+    "runserver",
+    "migrate",
+    "makemigrations",
+    "createsuperuser",
+    "chat",
+    "create_api_key",
+    "revoke_api_key",
+}
 
 
 def main() -> None:

@@ -110,3 +110,18 @@ def test_quick_start_migrate_needs_no_key(fake_llm, tmp_path):
         [sys.executable, "manage.py", "migrate"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_local_api_key_needs_no_secret_key(fake_llm, tmp_path):
+    """docs/accounts.md's `create_api_key`, run on a fresh clone as the quick start's commands are, makes a key
+    (it stopped with "DJANGO_SECRET_KEY is not set"); the key is alone on the last line."""
+    env = without(server_env(fake_llm), "DJANGO_DEBUG", "DJANGO_SECRET_KEY", "DATABASE_URL")
+    env["R2D2_SQLITE_PATH"] = str(tmp_path / "fresh.sqlite3")
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run("migrate").returncode == 0
+    made = run("create_api_key", "laptop")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip().splitlines()[-1].startswith("r2d2_")
+    assert run("revoke_api_key", "laptop").returncode == 0
